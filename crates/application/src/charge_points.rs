@@ -1,0 +1,386 @@
+//! Charge points to a user's account.
+//!
+//! Outside the lock: the user must exist (a cheap read that turns away unknown ids before
+//! they queue for a lock). Under `lock:point:{userId}`, waiting: read the account with its
+//! row locked, apply the domain rule, write the balance only if it is still the one read,
+//! and append the history row, all in one transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::point::{Balance, ChargeAmount, PointError, PointRepository, PointRepositoryError};
+use domain::unit_of_work::TxError;
+use domain::user::{UserId, UserRepository};
+
+use crate::clock;
+use crate::lock::{DistributedLock, LockError, LockKey, WaitPolicy};
+use crate::tx::{TransactionManager, locked_tx};
+
+/// How long a charge waits for `lock:point:{userId}` by default. A holder keeps it for a
+/// few milliseconds, so three seconds is hundreds of turns; beyond that the client is
+/// better told to retry than kept hanging.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(3);
+
+#[derive(Clone)]
+pub struct ChargePoints {
+    users: Arc<dyn UserRepository>,
+    points: Arc<dyn PointRepository>,
+    lock: Arc<dyn DistributedLock>,
+    txm: Arc<dyn TransactionManager>,
+    lock_wait: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChargePointsError {
+    #[error("user {0} not found")]
+    UserNotFound(UserId),
+    #[error("charging {amount} points to a balance of {balance} would pass the limit")]
+    BalanceLimitExceeded { balance: i64, amount: i64 },
+    /// Too many concurrent changes to this account: the lock stayed held for the whole
+    /// wait. Nothing was changed; the client may retry.
+    #[error("the account of user {0} is busy")]
+    Contended(UserId),
+    /// The lock store cannot be reached; locks fail closed, so nothing was changed.
+    #[error("the lock service is unavailable")]
+    LockUnavailable(#[source] anyhow::Error),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl std::fmt::Debug for ChargePoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChargePoints").finish_non_exhaustive()
+    }
+}
+
+impl ChargePoints {
+    #[must_use]
+    pub fn new(
+        users: Arc<dyn UserRepository>,
+        points: Arc<dyn PointRepository>,
+        lock: Arc<dyn DistributedLock>,
+        txm: Arc<dyn TransactionManager>,
+        lock_wait: Duration,
+    ) -> Self {
+        Self { users, points, lock, txm, lock_wait }
+    }
+
+    /// Adds `amount` to the balance of `user_id`, exactly once, and returns the new balance.
+    ///
+    /// # Errors
+    /// [`ChargePointsError::UserNotFound`], [`ChargePointsError::BalanceLimitExceeded`],
+    /// [`ChargePointsError::Contended`], [`ChargePointsError::LockUnavailable`]; on every
+    /// error nothing is changed.
+    #[tracing::instrument(name = "charge_points", skip(self), fields(%user_id, amount = amount.points()))]
+    pub async fn execute(&self, user_id: UserId, amount: ChargeAmount) -> Result<Balance, ChargePointsError> {
+        let user = self
+            .users
+            .find(user_id)
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("failed to read the user"))?;
+        if user.is_none() {
+            return Err(ChargePointsError::UserNotFound(user_id));
+        }
+
+        let points = Arc::clone(&self.points);
+        let key = LockKey::point(user_id);
+        let balance = locked_tx(
+            self.lock.as_ref(),
+            self.txm.as_ref(),
+            &key,
+            WaitPolicy::WaitUpTo(self.lock_wait),
+            move |tx| {
+                Box::pin(async move {
+                    // Re-checked inside: the account may have gone since the read above.
+                    let mut account = points
+                        .lock_account(tx, user_id)
+                        .await?
+                        .ok_or(ChargePointsError::UserNotFound(user_id))?;
+                    let previous = account.balance();
+                    let entry = account.charge(amount, clock::now_utc())?;
+                    points.save_balance(tx, &account, previous).await?;
+                    points.append_history(tx, &entry).await?;
+                    Ok::<_, ChargePointsError>(account.balance())
+                })
+            },
+        )
+        .await?;
+        tracing::info!(balance = balance.points(), "points charged");
+        Ok(balance)
+    }
+}
+
+impl From<PointError> for ChargePointsError {
+    fn from(error: PointError) -> Self {
+        match error {
+            PointError::BalanceLimitExceeded { balance, amount } => {
+                Self::BalanceLimitExceeded { balance, amount }
+            }
+            other => Self::Unexpected(anyhow::Error::new(other).context("point rule violated in storage")),
+        }
+    }
+}
+
+impl From<PointRepositoryError> for ChargePointsError {
+    fn from(error: PointRepositoryError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("failed to charge points"))
+    }
+}
+
+impl From<TxError> for ChargePointsError {
+    fn from(error: TxError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("charge transaction failed"))
+    }
+}
+
+impl From<LockError> for ChargePointsError {
+    fn from(error: LockError) -> Self {
+        match error {
+            LockError::Busy { key } | LockError::Timeout { key, .. } | LockError::LeaseLost { key } => {
+                tracing::warn!(%key, "point lock contended");
+                // The key names the user; recover it for the answer.
+                let user = key.as_str().rsplit(':').next().and_then(|id| id.parse().ok());
+                user.map_or_else(
+                    || Self::Unexpected(anyhow::anyhow!("lock key {key} does not name a user")),
+                    |id| Self::Contended(UserId::from_uuid(id)),
+                )
+            }
+            LockError::Unavailable(source) => Self::LockUnavailable(source),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::point::{MAX_BALANCE, MockPointRepository, PointAccount, PointHistoryKind};
+    use domain::unit_of_work::MockUnitOfWork;
+    use domain::user::{MockUserRepository, User, UserName};
+
+    use super::*;
+    use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard};
+    use crate::tx::MockTransactionManager;
+
+    struct Harness {
+        users: MockUserRepository,
+        points: MockPointRepository,
+        lock: MockDistributedLock,
+        txm: MockTransactionManager,
+    }
+
+    impl Harness {
+        /// A known user whose lock and transaction succeed; `commit` says whether the
+        /// transaction is expected to commit or to roll back.
+        fn new(user_id: UserId, commit: bool) -> Self {
+            let mut users = MockUserRepository::new();
+            users.expect_find().returning(move |_| {
+                Ok(Some(User::restore(user_id, UserName::new("kim").unwrap(), clock::now_utc())))
+            });
+            let mut guard = MockLockGuard::new();
+            guard.expect_is_lost().return_const(false);
+            guard.expect_key().return_const(LockKey::point(user_id));
+            guard.expect_fencing_token().return_const(FencingToken(1));
+            guard.expect_release().times(1).returning(|| Ok(()));
+            let mut lock = MockDistributedLock::new();
+            lock.expect_acquire()
+                .withf(move |key, wait| {
+                    key.as_str() == format!("lock:point:{user_id}")
+                        && *wait == WaitPolicy::WaitUpTo(DEFAULT_LOCK_WAIT)
+                })
+                .times(1)
+                .return_once(move |_, _| Ok(Box::new(guard)));
+            let mut uow = MockUnitOfWork::new();
+            if commit {
+                uow.expect_commit().times(1).returning(|| Ok(()));
+            } else {
+                uow.expect_commit().never();
+                uow.expect_rollback().times(1).returning(|| Ok(()));
+            }
+            let mut txm = MockTransactionManager::new();
+            txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
+            Self { users, points: MockPointRepository::new(), lock, txm }
+        }
+
+        fn build(self) -> ChargePoints {
+            ChargePoints::new(
+                Arc::new(self.users),
+                Arc::new(self.points),
+                Arc::new(self.lock),
+                Arc::new(self.txm),
+                DEFAULT_LOCK_WAIT,
+            )
+        }
+    }
+
+    fn amount(points: i64) -> ChargeAmount {
+        ChargeAmount::new(points).unwrap()
+    }
+
+    fn account(user_id: UserId, points: i64) -> PointAccount {
+        PointAccount::restore(user_id, Balance::new(points).unwrap())
+    }
+
+    #[tokio::test]
+    async fn charge_adds_the_amount_and_records_a_charge_under_the_point_lock() {
+        let user_id = UserId::generate();
+        let mut harness = Harness::new(user_id, true);
+        harness.points.expect_lock_account().times(1).returning(move |_, u| Ok(Some(account(u, 500))));
+        harness
+            .points
+            .expect_save_balance()
+            .withf(|_, account, previous| account.balance().points() == 1_500 && previous.points() == 500)
+            .times(1)
+            .returning(|_, _, _| Ok(()));
+        harness
+            .points
+            .expect_append_history()
+            .withf(|_, entry| {
+                entry.kind() == PointHistoryKind::Charge
+                    && entry.amount().points() == 1_000
+                    && entry.balance_after().points() == 1_500
+            })
+            .times(1)
+            .returning(|_, _| Ok(()));
+
+        let balance = harness.build().execute(user_id, amount(1_000)).await.unwrap();
+
+        assert_eq!(balance.points(), 1_500);
+    }
+
+    #[tokio::test]
+    async fn unknown_user_is_turned_away_before_any_lock() {
+        let mut users = MockUserRepository::new();
+        users.expect_find().times(1).returning(|_| Ok(None));
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire().never();
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().never();
+        let charge = ChargePoints::new(
+            Arc::new(users),
+            Arc::new(MockPointRepository::new()),
+            Arc::new(lock),
+            Arc::new(txm),
+            DEFAULT_LOCK_WAIT,
+        );
+
+        let result = charge.execute(UserId::generate(), amount(10)).await;
+
+        assert!(matches!(result, Err(ChargePointsError::UserNotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn charge_past_the_ceiling_is_refused_and_rolled_back() {
+        let user_id = UserId::generate();
+        let mut harness = Harness::new(user_id, false);
+        harness
+            .points
+            .expect_lock_account()
+            .times(1)
+            .returning(move |_, u| Ok(Some(account(u, MAX_BALANCE - 5))));
+        harness.points.expect_save_balance().never();
+        harness.points.expect_append_history().never();
+
+        let result = harness.build().execute(user_id, amount(6)).await;
+
+        assert!(matches!(
+            result,
+            Err(ChargePointsError::BalanceLimitExceeded { balance, amount: 6 }) if balance == MAX_BALANCE - 5
+        ));
+    }
+
+    #[tokio::test]
+    async fn account_gone_inside_the_lock_is_not_found() {
+        let user_id = UserId::generate();
+        let mut harness = Harness::new(user_id, false);
+        harness.points.expect_lock_account().times(1).returning(|_, _| Ok(None));
+
+        let result = harness.build().execute(user_id, amount(6)).await;
+
+        assert!(matches!(result, Err(ChargePointsError::UserNotFound(id)) if id == user_id));
+    }
+
+    #[tokio::test]
+    async fn a_stale_balance_rolls_back_and_writes_no_history() {
+        let user_id = UserId::generate();
+        let mut harness = Harness::new(user_id, false);
+        harness.points.expect_lock_account().times(1).returning(move |_, u| Ok(Some(account(u, 0))));
+        harness
+            .points
+            .expect_save_balance()
+            .times(1)
+            .returning(move |_, _, _| Err(PointRepositoryError::StaleBalance { user_id }));
+        harness.points.expect_append_history().never();
+
+        let result = harness.build().execute(user_id, amount(6)).await;
+
+        assert!(matches!(result, Err(ChargePointsError::Unexpected(_))));
+    }
+
+    #[tokio::test]
+    async fn a_failed_history_insert_rolls_the_balance_back() {
+        let user_id = UserId::generate();
+        let mut harness = Harness::new(user_id, false);
+        harness.points.expect_lock_account().times(1).returning(move |_, u| Ok(Some(account(u, 0))));
+        harness.points.expect_save_balance().times(1).returning(|_, _, _| Ok(()));
+        harness
+            .points
+            .expect_append_history()
+            .times(1)
+            .returning(|_, _| Err(PointRepositoryError::Unexpected(anyhow::anyhow!("lost connection"))));
+
+        let result = harness.build().execute(user_id, amount(6)).await;
+
+        assert!(matches!(result, Err(ChargePointsError::Unexpected(_))));
+    }
+
+    #[tokio::test]
+    async fn a_lock_wait_that_runs_out_is_contention_not_failure() {
+        let user_id = UserId::generate();
+        let mut users = MockUserRepository::new();
+        users.expect_find().returning(move |_| {
+            Ok(Some(User::restore(user_id, UserName::new("kim").unwrap(), clock::now_utc())))
+        });
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire()
+            .times(1)
+            .returning(|key, _| Err(LockError::Timeout { key: key.clone(), waited: DEFAULT_LOCK_WAIT }));
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().never();
+        let charge = ChargePoints::new(
+            Arc::new(users),
+            Arc::new(MockPointRepository::new()),
+            Arc::new(lock),
+            Arc::new(txm),
+            DEFAULT_LOCK_WAIT,
+        );
+
+        let result = charge.execute(user_id, amount(6)).await;
+
+        assert!(matches!(result, Err(ChargePointsError::Contended(id)) if id == user_id));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_lock_store_fails_closed() {
+        let user_id = UserId::generate();
+        let mut users = MockUserRepository::new();
+        users.expect_find().returning(move |_| {
+            Ok(Some(User::restore(user_id, UserName::new("kim").unwrap(), clock::now_utc())))
+        });
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire()
+            .times(1)
+            .returning(|_, _| Err(LockError::Unavailable(anyhow::anyhow!("connection refused"))));
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().never();
+        let charge = ChargePoints::new(
+            Arc::new(users),
+            Arc::new(MockPointRepository::new()),
+            Arc::new(lock),
+            Arc::new(txm),
+            DEFAULT_LOCK_WAIT,
+        );
+
+        let result = charge.execute(user_id, amount(6)).await;
+
+        assert!(matches!(result, Err(ChargePointsError::LockUnavailable(_))));
+    }
+}

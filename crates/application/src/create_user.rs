@@ -1,0 +1,142 @@
+//! Register a user, with the empty point account every user has.
+
+use std::sync::Arc;
+
+use domain::point::{PointAccount, PointRepository, PointRepositoryError};
+use domain::unit_of_work::TxError;
+use domain::user::{User, UserName, UserRepository, UserRepositoryError};
+
+use crate::clock;
+use crate::lock::LockError;
+use crate::tx::{TransactionManager, in_tx};
+
+/// Creates users. No lock: a fresh v7 id collides with nothing, and the user row and its
+/// account are written in one transaction so neither exists without the other.
+#[derive(Clone)]
+pub struct CreateUser {
+    users: Arc<dyn UserRepository>,
+    points: Arc<dyn PointRepository>,
+    txm: Arc<dyn TransactionManager>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateUserError {
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl std::fmt::Debug for CreateUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateUser").finish_non_exhaustive()
+    }
+}
+
+impl CreateUser {
+    #[must_use]
+    pub fn new(
+        users: Arc<dyn UserRepository>,
+        points: Arc<dyn PointRepository>,
+        txm: Arc<dyn TransactionManager>,
+    ) -> Self {
+        Self { users, points, txm }
+    }
+
+    /// # Errors
+    /// [`CreateUserError::Unexpected`] when storage fails; nothing is then stored.
+    #[tracing::instrument(name = "create_user", skip_all)]
+    pub async fn execute(&self, name: UserName) -> Result<User, CreateUserError> {
+        let user = User::register(name, clock::now_utc());
+        let (users, points, stored) = (Arc::clone(&self.users), Arc::clone(&self.points), user.clone());
+        in_tx(self.txm.as_ref(), move |tx| {
+            Box::pin(async move {
+                users.insert(tx, &stored).await?;
+                points.open_account(tx, &PointAccount::open(stored.id())).await?;
+                Ok::<_, CreateUserError>(())
+            })
+        })
+        .await?;
+        tracing::info!(user_id = %user.id(), "user created");
+        Ok(user)
+    }
+}
+
+impl From<UserRepositoryError> for CreateUserError {
+    fn from(error: UserRepositoryError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("failed to store the user"))
+    }
+}
+
+impl From<PointRepositoryError> for CreateUserError {
+    fn from(error: PointRepositoryError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("failed to open the point account"))
+    }
+}
+
+impl From<TxError> for CreateUserError {
+    fn from(error: TxError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("user transaction failed"))
+    }
+}
+
+// `in_tx` shares its error bound with `locked_tx`; no lock is taken here, so this never runs.
+impl From<LockError> for CreateUserError {
+    fn from(error: LockError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::point::MockPointRepository;
+    use domain::unit_of_work::MockUnitOfWork;
+    use domain::user::MockUserRepository;
+
+    use super::*;
+    use crate::tx::MockTransactionManager;
+
+    fn txm(commit: bool) -> MockTransactionManager {
+        let mut uow = MockUnitOfWork::new();
+        if commit {
+            uow.expect_commit().times(1).returning(|| Ok(()));
+        } else {
+            uow.expect_commit().never();
+            uow.expect_rollback().times(1).returning(|| Ok(()));
+        }
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
+        txm
+    }
+
+    #[tokio::test]
+    async fn user_and_empty_account_are_stored_in_one_transaction() {
+        let mut users = MockUserRepository::new();
+        users.expect_insert().withf(|_, u| u.name().as_str() == "kim").times(1).returning(|_, _| Ok(()));
+        let mut points = MockPointRepository::new();
+        points
+            .expect_open_account()
+            .withf(|_, account| account.balance().points() == 0)
+            .times(1)
+            .returning(|_, _| Ok(()));
+        let create = CreateUser::new(Arc::new(users), Arc::new(points), Arc::new(txm(true)));
+
+        let user = create.execute(UserName::new("kim").unwrap()).await.unwrap();
+
+        assert_eq!(user.name().as_str(), "kim");
+    }
+
+    #[tokio::test]
+    async fn a_failed_account_insert_rolls_the_user_back() {
+        let mut users = MockUserRepository::new();
+        users.expect_insert().times(1).returning(|_, _| Ok(()));
+        let mut points = MockPointRepository::new();
+        points
+            .expect_open_account()
+            .times(1)
+            .returning(|_, _| Err(PointRepositoryError::Unexpected(anyhow::anyhow!("disk full"))));
+        let create = CreateUser::new(Arc::new(users), Arc::new(points), Arc::new(txm(false)));
+
+        let result = create.execute(UserName::new("kim").unwrap()).await;
+
+        assert!(matches!(result, Err(CreateUserError::Unexpected(_))));
+    }
+}

@@ -1,0 +1,23 @@
+//! Use cases of the concert service and the ports they need from the outside world.
+//!
+//! This crate depends on `domain` and on no infrastructure: no sea-orm, fred or actix.
+//! It is where the order **acquire lock -> begin transaction -> commit -> release lock**
+//! lives ([`tx::locked_tx`]); every use case that writes under a lock goes through it.
+//!
+//! - [`lock`]: the [`lock::DistributedLock`] port, its keys and wait policies.
+//! - [`tx`]: the [`tx::TransactionManager`] port and the helpers that order lock and
+//!   transaction.
+//! - [`cache`]: the [`cache::CachePort`] port and typed JSON helpers over it.
+//! - one module per use case: [`create_user`], [`charge_points`], [`get_balance`],
+//!   [`point_history`].
+
+pub mod cache;
+pub mod charge_points;
+pub mod clock;
+pub mod create_user;
+pub mod get_balance;
+pub mod lock;
+pub mod point_history;
+pub mod tx;
+
+pub use domain;

@@ -1,0 +1,359 @@
+//! Transactions, and the one place that orders them with locks.
+//!
+//! **Acquire the lock, begin the transaction, commit, then release the lock.**
+//! - A lock released before commit lets the next holder read the rows as they were before
+//!   this holder's commit, and overwrite them.
+//! - A transaction begun before the lock reads a snapshot from before the previous holder
+//!   committed, and holds a pooled connection all the while it waits.
+//!
+//! [`locked_tx`] is that order, written once. It also releases the lock on every path:
+//! when the work fails (rollback, then release), when it panics (rollback, release, then
+//! the panic goes on), and when the caller's future is dropped mid-way (the guard's and
+//! the unit of work's `Drop` release and roll back). Before committing it checks that the
+//! lease is still held; a lost lease rolls the work back, since another holder may already
+//! be writing.
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, resume_unwind};
+
+use async_trait::async_trait;
+use domain::unit_of_work::{Tx, TxError};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use crate::lock::{DistributedLock, LockError, LockGuard, LockKey, WaitPolicy};
+
+/// Begins transactions. The adapter decides what a transaction is.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait TransactionManager: Send + Sync {
+    /// Begins a transaction on a pooled connection.
+    ///
+    /// # Errors
+    /// [`TxError::Unexpected`] when no connection can be had or the database refuses.
+    async fn begin(&self) -> Result<Box<Tx>, TxError>;
+}
+
+/// Runs `work` inside a transaction: begin, work, then commit on `Ok` or roll back on
+/// `Err` (or panic). For writes that need no lock, such as inserting a fresh row.
+///
+/// # Errors
+/// `work`'s own error, or a [`TxError`] from begin or commit, converted into `E`.
+pub async fn in_tx<T, E, F>(txm: &dyn TransactionManager, work: F) -> Result<T, E>
+where
+    F: for<'u> FnOnce(&'u mut Tx) -> BoxFuture<'u, Result<T, E>> + Send,
+    E: From<TxError> + From<LockError>,
+{
+    match transaction(txm, None, work).await {
+        Ended::Returned(result) => result,
+        Ended::Panicked(panic) => resume_unwind(panic),
+    }
+}
+
+/// Runs `work` as: acquire `key` under `wait` -> begin -> work -> commit (or roll back) ->
+/// release. See the module documentation for why this order, and for what happens on
+/// each failure path.
+///
+/// A release that fails after a commit is logged, not returned: the work is durable and
+/// the caller must hear so; the lease frees the key.
+///
+/// # Errors
+/// [`LockError`] from acquiring (or a lease lost before commit), [`TxError`] from the
+/// transaction, or `work`'s own error.
+pub async fn locked_tx<T, E, F>(
+    lock: &dyn DistributedLock,
+    txm: &dyn TransactionManager,
+    key: &LockKey,
+    wait: WaitPolicy,
+    work: F,
+) -> Result<T, E>
+where
+    F: for<'u> FnOnce(&'u mut Tx) -> BoxFuture<'u, Result<T, E>> + Send,
+    E: From<TxError> + From<LockError>,
+{
+    let guard = lock.acquire(key, wait).await?;
+    let ended = transaction(txm, Some(guard.as_ref()), work).await;
+    match guard.release().await {
+        Ok(()) => {}
+        Err(LockError::LeaseLost { key }) => {
+            tracing::warn!(%key, "lease ran out before release; the SQL guards kept the write safe");
+        }
+        Err(error) => {
+            tracing::warn!(%key, error = %error, "lock release failed; the lease will free the key");
+        }
+    }
+    match ended {
+        Ended::Returned(result) => result,
+        Ended::Panicked(panic) => resume_unwind(panic),
+    }
+}
+
+enum Ended<T, E> {
+    Returned(Result<T, E>),
+    Panicked(Box<dyn Any + Send>),
+}
+
+async fn transaction<T, E, F>(
+    txm: &dyn TransactionManager,
+    lease: Option<&dyn LockGuard>,
+    work: F,
+) -> Ended<T, E>
+where
+    F: for<'u> FnOnce(&'u mut Tx) -> BoxFuture<'u, Result<T, E>> + Send,
+    E: From<TxError> + From<LockError>,
+{
+    let mut tx = match txm.begin().await {
+        Ok(tx) => tx,
+        Err(error) => return Ended::Returned(Err(error.into())),
+    };
+    let worked = AssertUnwindSafe(work(tx.as_mut())).catch_unwind().await;
+    match worked {
+        Ok(Ok(value)) => {
+            if let Some(guard) = lease.filter(|guard| guard.is_lost()) {
+                roll_back(tx).await;
+                let key = guard.key().clone();
+                return Ended::Returned(Err(LockError::LeaseLost { key }.into()));
+            }
+            Ended::Returned(tx.commit().await.map(|()| value).map_err(E::from))
+        }
+        Ok(Err(error)) => {
+            roll_back(tx).await;
+            Ended::Returned(Err(error))
+        }
+        Err(panic) => {
+            roll_back(tx).await;
+            Ended::Panicked(panic)
+        }
+    }
+}
+
+async fn roll_back(tx: Box<Tx>) {
+    if let Err(error) = tx.rollback().await {
+        // The database rolls back by itself when the connection drops; nothing is lost.
+        tracing::warn!(error = %error, "rollback failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use domain::unit_of_work::MockUnitOfWork;
+    use mockall::Sequence;
+
+    use super::*;
+    use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard};
+
+    /// A step of the work, so the work takes its place in a mockall `Sequence`.
+    #[mockall::automock]
+    trait Step: Send + Sync {
+        fn run(&self);
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum TestError {
+        #[error("work failed")]
+        Work,
+        #[error(transparent)]
+        Lock(#[from] LockError),
+        #[error(transparent)]
+        Tx(#[from] TxError),
+    }
+
+    fn key() -> LockKey {
+        LockKey::new("test", "k")
+    }
+
+    const WAIT: WaitPolicy = WaitPolicy::WaitUpTo(Duration::from_secs(3));
+
+    /// A guard whose `is_lost` answers `lost`, released exactly once.
+    fn guard(lost: bool) -> MockLockGuard {
+        let mut guard = MockLockGuard::new();
+        guard.expect_is_lost().return_const(lost);
+        guard.expect_key().return_const(key());
+        guard.expect_fencing_token().return_const(FencingToken(1));
+        guard.expect_release().times(1).returning(|| Ok(()));
+        guard
+    }
+
+    fn lock_handing_out(guard: MockLockGuard) -> MockDistributedLock {
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire().times(1).return_once(move |_, _| Ok(Box::new(guard)));
+        lock
+    }
+
+    fn txm_handing_out(uow: MockUnitOfWork) -> MockTransactionManager {
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
+        txm
+    }
+
+    #[tokio::test]
+    async fn lock_then_begin_then_work_then_commit_then_release() {
+        let mut seq = Sequence::new();
+        // The guard and the unit of work are made before their expectations are all set,
+        // so they reach the `returning` closures through shared slots.
+        let guard_slot: Arc<Mutex<Option<MockLockGuard>>> = Arc::default();
+        let uow_slot: Arc<Mutex<Option<MockUnitOfWork>>> = Arc::default();
+
+        let mut lock = MockDistributedLock::new();
+        let slot = Arc::clone(&guard_slot);
+        lock.expect_acquire()
+            .withf(|k, w| k.as_str() == "lock:test:k" && *w == WAIT)
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(move |_, _| Ok(Box::new(slot.lock().unwrap().take().unwrap())));
+
+        let mut txm = MockTransactionManager::new();
+        let slot = Arc::clone(&uow_slot);
+        txm.expect_begin()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(move || Ok(Box::new(slot.lock().unwrap().take().unwrap())));
+
+        let mut step = MockStep::new();
+        step.expect_run().times(1).in_sequence(&mut seq).return_const(());
+
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+        uow.expect_rollback().never();
+
+        let mut guard = MockLockGuard::new();
+        guard.expect_is_lost().return_const(false);
+        guard.expect_key().return_const(key());
+        guard.expect_release().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+
+        *guard_slot.lock().unwrap() = Some(guard);
+        *uow_slot.lock().unwrap() = Some(uow);
+
+        let result: Result<u32, TestError> = locked_tx(&lock, &txm, &key(), WAIT, move |_tx| {
+            Box::pin(async move {
+                step.run();
+                Ok(7)
+            })
+        })
+        .await;
+
+        assert_eq!(result.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn failed_work_is_rolled_back_and_the_lock_released() {
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().never();
+        uow.expect_rollback().times(1).returning(|| Ok(()));
+        let lock = lock_handing_out(guard(false));
+        let txm = txm_handing_out(uow);
+
+        let result: Result<(), TestError> =
+            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Err(TestError::Work) })).await;
+
+        assert!(matches!(result, Err(TestError::Work)));
+    }
+
+    #[tokio::test]
+    async fn panicking_work_is_rolled_back_and_the_lock_released_before_the_panic_goes_on() {
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().never();
+        uow.expect_rollback().times(1).returning(|| Ok(()));
+        let lock = lock_handing_out(guard(false));
+        let txm = txm_handing_out(uow);
+
+        let outcome = AssertUnwindSafe(locked_tx::<(), TestError, _>(&lock, &txm, &key(), WAIT, |_tx| {
+            Box::pin(async { panic!("work exploded") })
+        }))
+        .catch_unwind()
+        .await;
+
+        let panic = outcome.expect_err("the panic reaches the caller");
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"work exploded"));
+        // Dropping the mocks here verifies rollback and release were each called once.
+    }
+
+    #[tokio::test]
+    async fn a_lease_lost_during_the_work_rolls_back_instead_of_committing() {
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().never();
+        uow.expect_rollback().times(1).returning(|| Ok(()));
+        let lock = lock_handing_out(guard(true));
+        let txm = txm_handing_out(uow);
+
+        let result: Result<(), TestError> =
+            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Ok(()) })).await;
+
+        assert!(matches!(result, Err(TestError::Lock(LockError::LeaseLost { .. }))));
+    }
+
+    #[tokio::test]
+    async fn a_lock_that_cannot_be_had_begins_no_transaction() {
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire().times(1).returning(|key, _| Err(LockError::Busy { key: key.clone() }));
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().never();
+
+        let result: Result<(), TestError> =
+            locked_tx(&lock, &txm, &key(), WaitPolicy::FailFast, |_tx| Box::pin(async { Ok(()) })).await;
+
+        assert!(matches!(result, Err(TestError::Lock(LockError::Busy { .. }))));
+    }
+
+    #[tokio::test]
+    async fn a_transaction_that_cannot_begin_still_releases_the_lock() {
+        let lock = lock_handing_out(guard(false));
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().times(1).returning(|| Err(TxError::Unexpected(anyhow::anyhow!("pool exhausted"))));
+
+        let result: Result<(), TestError> =
+            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Ok(()) })).await;
+
+        assert!(matches!(result, Err(TestError::Tx(_))));
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_reported_and_the_lock_still_released() {
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().times(1).returning(|| Err(TxError::Unexpected(anyhow::anyhow!("deadlock"))));
+        let lock = lock_handing_out(guard(false));
+        let txm = txm_handing_out(uow);
+
+        let result: Result<(), TestError> =
+            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Ok(()) })).await;
+
+        assert!(matches!(result, Err(TestError::Tx(_))));
+    }
+
+    #[tokio::test]
+    async fn a_release_that_fails_after_commit_does_not_undo_the_answer() {
+        let mut guard = MockLockGuard::new();
+        guard.expect_is_lost().return_const(false);
+        guard.expect_key().return_const(key());
+        guard.expect_release().times(1).returning(|| Err(LockError::LeaseLost { key: key() }));
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().times(1).returning(|| Ok(()));
+        let lock = lock_handing_out(guard);
+        let txm = txm_handing_out(uow);
+
+        let result: Result<&str, TestError> =
+            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Ok("committed") })).await;
+
+        assert_eq!(result.unwrap(), "committed");
+    }
+
+    #[tokio::test]
+    async fn in_tx_commits_on_success_and_rolls_back_on_failure() {
+        let mut committed = MockUnitOfWork::new();
+        committed.expect_commit().times(1).returning(|| Ok(()));
+        let txm = txm_handing_out(committed);
+        let ok: Result<i32, TestError> = in_tx(&txm, |_tx| Box::pin(async { Ok(1) })).await;
+        assert_eq!(ok.unwrap(), 1);
+
+        let mut rolled_back = MockUnitOfWork::new();
+        rolled_back.expect_commit().never();
+        rolled_back.expect_rollback().times(1).returning(|| Ok(()));
+        let txm = txm_handing_out(rolled_back);
+        let failed: Result<i32, TestError> =
+            in_tx(&txm, |_tx| Box::pin(async { Err(TestError::Work) })).await;
+        assert!(matches!(failed, Err(TestError::Work)));
+    }
+}

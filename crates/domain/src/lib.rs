@@ -1,0 +1,15 @@
+//! The concert service's business core: entities, value objects, the rules they enforce and
+//! the repository ports that persist them.
+//!
+//! This crate knows nothing of sea-orm, fred, actix or serde. Everything here is built
+//! through constructors that validate, so a value of a domain type is always a valid one:
+//! a [`point::ChargeAmount`] is always within 1..=10,000,000, a [`point::Balance`] never
+//! negative and never above [`point::MAX_BALANCE`].
+//!
+//! - [`user`]: users and their repository port.
+//! - [`point`]: point accounts, history entries and their repository port.
+//! - [`unit_of_work`]: the handle of a live transaction that repository ports write through.
+
+pub mod point;
+pub mod unit_of_work;
+pub mod user;
