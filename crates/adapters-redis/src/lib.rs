@@ -1,1 +1,12 @@
-//! placeholder
+//! Redis adapters, on fred: the distributed lock family and the cache.
+//!
+//! - [`connection`]: connecting a command pool and a pub/sub subscriber.
+//! - [`lock`]: [`lock::RedisLock`], the `DistributedLock` port: owner tokens, leases
+//!   renewed by a watchdog, fencing numbers, and three ways of waiting.
+//! - [`cache`]: [`cache::RedisCache`], the `CachePort` port.
+//!
+//! This crate never decides *what* to lock or cache; application use cases do.
+
+pub mod cache;
+pub mod connection;
+pub mod lock;

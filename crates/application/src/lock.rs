@@ -96,7 +96,7 @@ pub trait DistributedLock: Send + Sync {
 /// still releases the lock, in the background; the lease bounds the rest.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
-pub trait LockGuard: Send + Sync {
+pub trait LockGuard: Send + Sync + std::fmt::Debug {
     fn key(&self) -> &LockKey;
 
     /// This acquisition's fencing number.

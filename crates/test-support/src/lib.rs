@@ -1,1 +1,93 @@
-//! placeholder
+//! Where the tests' MySQL and Redis are, and per-test isolation on them.
+//!
+//! `TEST_DATABASE_URL` (a server URL, no database: `mysql://root@127.0.0.1:3306`) and
+//! `TEST_REDIS_URL` name running services. When one is unset, a container is started with
+//! testcontainers (needs a Docker engine) and shared by every test of the binary. Each test
+//! then gets its own database ([`fresh_database`]) or key namespace ([`unique_prefix`]), so
+//! tests run in parallel without seeing each other's rows or keys.
+
+use anyhow::Context as _;
+use sea_orm::{ConnectionTrait, Database};
+use testcontainers_modules::mariadb::Mariadb;
+use testcontainers_modules::redis::Redis;
+use testcontainers_modules::testcontainers::ContainerAsync;
+use testcontainers_modules::testcontainers::runners::AsyncRunner;
+use tokio::sync::OnceCell;
+
+/// Containers started for this test binary, kept alive until it exits.
+static MARIADB: OnceCell<(ContainerAsync<Mariadb>, String)> = OnceCell::const_new();
+static REDIS: OnceCell<(ContainerAsync<Redis>, String)> = OnceCell::const_new();
+
+/// The URL of a MySQL/MariaDB server (no database part).
+///
+/// # Panics
+/// When `TEST_DATABASE_URL` is unset and no container can be started; the message says
+/// what to set.
+pub async fn mysql_server_url() -> String {
+    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+        return url.trim_end_matches('/').to_owned();
+    }
+    let (_, url) = MARIADB
+        .get_or_try_init(|| async {
+            let container = Mariadb::default().start().await?;
+            let port = container.get_host_port_ipv4(3306).await?;
+            anyhow::Ok((container, format!("mysql://root@127.0.0.1:{port}")))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("set TEST_DATABASE_URL (no Docker for testcontainers: {e:#})"));
+    url.clone()
+}
+
+/// The URL of a Redis server.
+///
+/// # Panics
+/// When `TEST_REDIS_URL` is unset and no container can be started.
+pub async fn redis_url() -> String {
+    if let Ok(url) = std::env::var("TEST_REDIS_URL") {
+        return url;
+    }
+    let (_, url) = REDIS
+        .get_or_try_init(|| async {
+            let container = Redis::default().start().await?;
+            let port = container.get_host_port_ipv4(6379).await?;
+            anyhow::Ok((container, format!("redis://127.0.0.1:{port}")))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("set TEST_REDIS_URL (no Docker for testcontainers: {e:#})"));
+    url.clone()
+}
+
+/// A database of its own for one test: created empty, named `t_<label>_<random>`, and
+/// returned as a full URL. Databases left by failed runs are removed by `make clean-test-dbs`.
+///
+/// # Errors
+/// When the server cannot be reached or refuses `CREATE DATABASE`.
+pub async fn fresh_database(label: &str) -> anyhow::Result<String> {
+    let server = mysql_server_url().await;
+    let name = format!("t_{label}_{}", uuid::Uuid::new_v4().simple());
+    let admin = Database::connect(server.as_str()).await.context("connect to the test MySQL server")?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"))
+        .await
+        .with_context(|| format!("create database {name}"))?;
+    admin.close().await.ok();
+    Ok(format!("{server}/{name}"))
+}
+
+/// Drops a database made by [`fresh_database`].
+///
+/// # Errors
+/// When the server cannot be reached.
+pub async fn drop_database(url: &str) -> anyhow::Result<()> {
+    let (server, name) = url.rsplit_once('/').context("a database URL ends in /<name>")?;
+    let admin = Database::connect(server).await?;
+    admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS `{name}`")).await?;
+    admin.close().await.ok();
+    Ok(())
+}
+
+/// A key prefix no other test uses: `t:<label>:<random>:`.
+#[must_use]
+pub fn unique_prefix(label: &str) -> String {
+    format!("t:{label}:{}:", uuid::Uuid::new_v4().simple())
+}

@@ -1,1 +1,12 @@
-//! x
+//! Integration tests of the Redis adapters against a real Redis (`TEST_REDIS_URL`, or a
+//! testcontainers Redis). Every test uses keys under its own random prefix.
+
+mod cache;
+mod lock;
+
+use adapters_redis::connection::RedisConnections;
+
+async fn connect() -> RedisConnections {
+    let url = test_support::redis_url().await;
+    RedisConnections::connect(&url, 4).await.expect("Redis is reachable")
+}

@@ -1,0 +1,279 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use adapters_redis::lock::{LockOptions, RedisLock, WaitStrategy};
+use application::lock::{DistributedLock, LockError, LockKey, WaitPolicy};
+use fred::prelude::{Expiration, KeysInterface};
+use tokio::time::Instant;
+
+use super::connect;
+
+const PUBSUB: WaitStrategy = WaitStrategy::PubSub { fallback_poll: Duration::from_millis(250) };
+const SPIN: WaitStrategy =
+    WaitStrategy::Spin { initial: Duration::from_millis(2), max: Duration::from_millis(50) };
+
+fn key() -> LockKey {
+    LockKey::new("test", test_support::unique_prefix("lock"))
+}
+
+async fn lock_with(options: LockOptions) -> RedisLock {
+    let redis = connect().await;
+    RedisLock::new(redis.pool.clone(), Some(&redis.subscriber), options).await.expect("lock is built")
+}
+
+async fn lock(wait: WaitStrategy) -> RedisLock {
+    lock_with(LockOptions { wait, ..LockOptions::default() }).await
+}
+
+fn short_lease(wait: WaitStrategy) -> LockOptions {
+    LockOptions { lease: Duration::from_millis(400), renew_every: Duration::from_millis(100), wait }
+}
+
+/// Polls `check` until it holds or `within` passes.
+async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+async fn mutual_exclusion_holds(wait: WaitStrategy) {
+    // Two locks on two separate sets of connections: two "instances".
+    let locks = [lock(wait).await, lock(wait).await];
+    let key = key();
+    let inside = Arc::new(AtomicUsize::new(0));
+    let entered = Arc::new(AtomicUsize::new(0));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let (lock, key) = (locks[i % 2].clone(), key.clone());
+            let (inside, entered, overlaps) = (inside.clone(), entered.clone(), overlaps.clone());
+            tokio::spawn(async move {
+                let guard = lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(20))).await?;
+                if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+                    overlaps.fetch_add(1, Ordering::SeqCst);
+                }
+                // Hold across real awaits, so that a broken lock would let others in.
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                entered.fetch_add(1, Ordering::SeqCst);
+                guard.release().await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task ran").expect("acquired and released");
+    }
+
+    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two holders were inside at once");
+    assert_eq!(entered.load(Ordering::SeqCst), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_of_many_tasks_on_two_clients_holds_the_lock_at_a_time_pubsub() {
+    mutual_exclusion_holds(PUBSUB).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_of_many_tasks_on_two_clients_holds_the_lock_at_a_time_spin() {
+    mutual_exclusion_holds(SPIN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_fast_answers_busy_while_held_and_succeeds_after_release() {
+    let (first, second) = (lock(PUBSUB).await, lock(PUBSUB).await);
+    let key = key();
+
+    let guard = first.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+    let refused = second.acquire(&key, WaitPolicy::FailFast).await;
+    assert!(matches!(refused, Err(LockError::Busy { .. })), "got {refused:?}");
+
+    guard.release().await.expect("ours to release");
+    let again = second.acquire(&key, WaitPolicy::FailFast).await.expect("free again");
+    again.release().await.expect("released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_owner_cannot_release_and_the_old_holder_learns_its_lease_is_lost() {
+    let redis = connect().await;
+    let lock = lock_with(short_lease(PUBSUB)).await;
+    let key = key();
+    let guard = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+    let lost = guard.lease_lost();
+
+    // Someone else now owns the key (as after our lease ran out during a pause).
+    let _: () = redis
+        .pool
+        .set(key.as_str(), "someone-else", Some(Expiration::PX(30_000)), None, false)
+        .await
+        .expect("set");
+
+    tokio::time::timeout(Duration::from_secs(5), lost).await.expect("lease_lost resolves");
+    assert!(guard.is_lost());
+    let released = guard.release().await;
+    assert!(matches!(released, Err(LockError::LeaseLost { .. })), "got {released:?}");
+    let value: Option<String> = redis.pool.get(key.as_str()).await.expect("get");
+    assert_eq!(value.as_deref(), Some("someone-else"), "the other owner's lock was left alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_lets_the_next_holder_in_without_any_release() {
+    let redis = connect().await;
+    let lock = lock(PUBSUB).await;
+    let key = key();
+    // A holder that crashed: its lock stays for 300 ms and is never released.
+    let _: () = redis
+        .pool
+        .set(key.as_str(), "crashed-holder", Some(Expiration::PX(300)), None, false)
+        .await
+        .expect("set");
+    assert!(matches!(lock.acquire(&key, WaitPolicy::FailFast).await, Err(LockError::Busy { .. })));
+
+    let guard =
+        lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(5))).await.expect("lease expired");
+
+    assert!(!guard.is_lost());
+    guard.release().await.expect("released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_keeps_a_holder_that_outlives_its_lease() {
+    let lock = lock_with(short_lease(PUBSUB)).await;
+    let other = lock_with(short_lease(PUBSUB)).await;
+    let key = key();
+    let guard = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+
+    // Long work: three leases' worth.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    assert!(!guard.is_lost(), "the watchdog renewed the lease");
+    assert!(matches!(other.acquire(&key, WaitPolicy::FailFast).await, Err(LockError::Busy { .. })));
+    guard.release().await.expect("still ours");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubsub_waiter_is_woken_by_the_release_before_a_sleeping_spin_waiter_retries() {
+    let holder_lock = lock(PUBSUB).await;
+    // A spin waiter whose first pause is long: it will be asleep when the release comes.
+    let spin =
+        lock(WaitStrategy::Spin { initial: Duration::from_secs(4), max: Duration::from_secs(4) }).await;
+    // Its fallback poll is as long, so only the release announcement can wake it early.
+    let pubsub = lock(WaitStrategy::PubSub { fallback_poll: Duration::from_secs(4) }).await;
+    let key = key();
+    let holder = holder_lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let spin_task = {
+        let (spin, key, order) = (spin.clone(), key.clone(), order.clone());
+        tokio::spawn(async move {
+            let guard =
+                spin.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(20))).await.expect("spin");
+            order.lock().unwrap().push("spin");
+            guard.release().await.expect("released");
+        })
+    };
+    let pubsub_task = {
+        let (pubsub, key, order) = (pubsub.clone(), key.clone(), order.clone());
+        tokio::spawn(async move {
+            let guard =
+                pubsub.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(20))).await.expect("pubsub");
+            order.lock().unwrap().push("pubsub");
+            guard.release().await.expect("released");
+        })
+    };
+    // Release only once both waiters have tried, failed and gone to sleep.
+    let both_asleep =
+        eventually(Duration::from_secs(5), || async { spin.waiting() == 1 && pubsub.waiting() == 1 }).await;
+    assert!(both_asleep, "the waiters never went to sleep");
+    holder.release().await.expect("released");
+
+    pubsub_task.await.expect("pubsub waiter");
+    spin_task.await.expect("spin waiter");
+    assert_eq!(*order.lock().unwrap(), vec!["pubsub", "spin"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_gives_up_at_its_deadline() {
+    for wait in [PUBSUB, SPIN] {
+        let (holder_lock, waiter) = (lock(wait).await, lock(wait).await);
+        let key = key();
+        let holder = holder_lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+
+        let started = Instant::now();
+        let result = waiter.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_millis(300))).await;
+        let took = started.elapsed();
+
+        match result {
+            Err(LockError::Timeout { waited, .. }) => assert!(waited >= Duration::from_millis(300)),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(took >= Duration::from_millis(300), "gave up early: {took:?}");
+        assert!(took < Duration::from_secs(3), "overran the deadline: {took:?}");
+        holder.release().await.expect("released");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_numbers_strictly_increase_across_holders() {
+    let locks = [lock(PUBSUB).await, lock(SPIN).await];
+    let key = key();
+    let mut fences = Vec::new();
+    for i in 0..20 {
+        let guard = locks[i % 2].acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+        fences.push(guard.fencing_token());
+        guard.release().await.expect("released");
+    }
+    assert!(fences.windows(2).all(|pair| pair[0] < pair[1]), "not strictly increasing: {fences:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_guard_is_released_in_the_background() {
+    let (lock, other) = (lock(PUBSUB).await, lock(PUBSUB).await);
+    let key = key();
+    let guard = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+
+    drop(guard); // a panic or a cancelled request
+
+    let freed = eventually(Duration::from_secs(2), || async {
+        match other.acquire(&key, WaitPolicy::FailFast).await {
+            Ok(guard) => guard.release().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(freed, "the key was not released long before its 10 s lease");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_waiter_leaves_no_trace_and_later_waiters_still_get_the_lock() {
+    let (holder_lock, waiter) = (lock(PUBSUB).await, lock(PUBSUB).await);
+    let key = key();
+    let holder = holder_lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        waiter.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(10))),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the waiter was still waiting when cancelled");
+    holder.release().await.expect("released");
+
+    let guard = waiter.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(2))).await.expect("free");
+    guard.release().await.expect("released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_an_unreachable_redis_fails_instead_of_hanging() {
+    let result = adapters_redis::connection::RedisConnections::connect("redis://127.0.0.1:1", 1).await;
+    assert!(result.is_err());
+}
