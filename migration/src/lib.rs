@@ -1,1 +1,21 @@
-//! placeholder
+//! Schema migrations of the concert service, applied at start-up by every instance
+//! (`adapters_mysql::database::prepare` serialises concurrent runs with a MySQL named lock).
+//!
+//! Migrations are plain MySQL DDL: the constraints are part of the design (money columns
+//! that cannot go negative or pass the ceiling), and DDL states them most plainly.
+
+pub use sea_orm_migration::MigratorTrait;
+use sea_orm_migration::prelude::*;
+
+mod m20261121_000001_users_and_points;
+
+/// Every migration, oldest first.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261121_000001_users_and_points::Migration)]
+    }
+}

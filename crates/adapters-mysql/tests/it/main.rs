@@ -1,1 +1,42 @@
-//! x
+//! Integration tests of the MySQL adapters against a real MariaDB/MySQL
+//! (`TEST_DATABASE_URL`, or a testcontainers MariaDB). Every test gets a database of its own.
+
+mod points;
+mod schema;
+mod users;
+
+use std::sync::Arc;
+
+use adapters_mysql::points::MySqlPointRepository;
+use adapters_mysql::tx::MySqlTransactionManager;
+use adapters_mysql::users::MySqlUserRepository;
+use adapters_mysql::{DatabaseConnection, database};
+
+/// A migrated database of its own, with the adapters on it; dropped by [`Db::drop_now`].
+struct Db {
+    url: String,
+    conn: DatabaseConnection,
+    users: Arc<MySqlUserRepository>,
+    points: Arc<MySqlPointRepository>,
+    txm: Arc<MySqlTransactionManager>,
+}
+
+impl Db {
+    async fn fresh(label: &str) -> Self {
+        let url = test_support::fresh_database(label).await.expect("test database");
+        database::prepare(&url).await.expect("migrations apply");
+        let conn = database::connect(&url, 16).await.expect("pool");
+        Self {
+            users: Arc::new(MySqlUserRepository::new(conn.clone())),
+            points: Arc::new(MySqlPointRepository::new(conn.clone())),
+            txm: Arc::new(MySqlTransactionManager::new(conn.clone())),
+            url,
+            conn,
+        }
+    }
+
+    async fn drop_now(self) {
+        self.conn.close().await.ok();
+        test_support::drop_database(&self.url).await.expect("drop test database");
+    }
+}

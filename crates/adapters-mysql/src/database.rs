@@ -1,0 +1,126 @@
+//! Connecting to MySQL, creating the database, migrating.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use migration::{Migrator, MigratorTrait as _};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+
+/// The named lock that lets one instance at a time run migrations.
+const MIGRATION_LOCK: &str = "concert-server:migrations";
+/// How long an instance waits for another one's migrations.
+const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
+
+/// Connects a pool of up to `max_connections` to `url`.
+///
+/// # Errors
+/// When the database cannot be reached within a few seconds.
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(url);
+    options
+        .max_connections(max_connections)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        // A request that cannot get a connection soon is better failed than queued for ever.
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    Database::connect(options).await.context("failed to connect to MySQL")
+}
+
+/// Makes the database at `url` ready: creates it when missing, then applies pending
+/// migrations. Safe when many instances start at once: creation is `IF NOT EXISTS`, and
+/// migrations run under a MySQL named lock on a dedicated single connection, so the
+/// others wait and then find nothing left to do.
+///
+/// # Errors
+/// When the server cannot be reached, the database name is not plain, or a migration fails.
+pub async fn prepare(url: &str) -> anyhow::Result<()> {
+    ensure_database(url).await?;
+    let conn = connect(url, 1).await?;
+    let result = migrate_exclusively(&conn).await;
+    conn.close().await.ok();
+    result
+}
+
+async fn migrate_exclusively(conn: &DatabaseConnection) -> anyhow::Result<()> {
+    let locked = conn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::MySql,
+            "SELECT GET_LOCK(?, ?) AS locked",
+            [MIGRATION_LOCK.into(), MIGRATION_LOCK_WAIT_SECONDS.into()],
+        ))
+        .await
+        .context("failed to take the migration lock")?
+        .and_then(|row| row.try_get::<Option<i64>>("", "locked").ok().flatten());
+    anyhow::ensure!(
+        locked == Some(1),
+        "another instance held the migration lock for {MIGRATION_LOCK_WAIT_SECONDS} s"
+    );
+    let migrated = Migrator::up(conn, None).await.context("failed to apply migrations");
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::MySql,
+        "DO RELEASE_LOCK(?)",
+        [MIGRATION_LOCK.into()],
+    ))
+    .await
+    .context("failed to release the migration lock")?;
+    migrated
+}
+
+/// Creates the database named in `url` when it does not exist yet, so `make run` works on
+/// a server that has never seen this service.
+async fn ensure_database(url: &str) -> anyhow::Result<()> {
+    let (server, name) = split_database_url(url)?;
+    if Database::connect(url).await.map(|db| drop(db.close())).is_ok() {
+        return Ok(());
+    }
+    let admin = Database::connect(server.as_str()).await.context("failed to connect to the MySQL server")?;
+    admin
+        .execute_unprepared(&format!(
+            "CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .await
+        .with_context(|| format!("failed to create database {name}"))?;
+    admin.close().await.ok();
+    tracing::info!(database = %name, "database created");
+    Ok(())
+}
+
+/// Splits `mysql://user@host:port/name?options` into the server URL (options kept) and
+/// the database name, which must be plain (letters, digits, `_`, `$`) since it is spliced
+/// into DDL.
+fn split_database_url(url: &str) -> anyhow::Result<(String, String)> {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let after_scheme = base.split_once("://").map_or(base, |(_, rest)| rest);
+    let (_, name) =
+        after_scheme.split_once('/').context("DATABASE_URL must name a database: mysql://host/name")?;
+    anyhow::ensure!(
+        !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$'),
+        "the database name in DATABASE_URL must be 1..=64 letters, digits, '_' or '$'"
+    );
+    let server_base = &base[..base.len() - name.len() - 1];
+    let server = query.map_or_else(|| server_base.to_owned(), |q| format!("{server_base}?{q}"));
+    Ok((server, name.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_database_url;
+
+    #[test]
+    fn a_database_url_splits_into_server_and_name() {
+        let (server, name) = split_database_url("mysql://root@127.0.0.1:3306/concert").unwrap();
+        assert_eq!((server.as_str(), name.as_str()), ("mysql://root@127.0.0.1:3306", "concert"));
+        let (server, name) = split_database_url("mysql://u:p@db/concert_1?ssl-mode=disabled").unwrap();
+        assert_eq!((server.as_str(), name.as_str()), ("mysql://u:p@db?ssl-mode=disabled", "concert_1"));
+    }
+
+    #[test]
+    fn a_url_without_a_plain_database_name_is_refused() {
+        assert!(split_database_url("mysql://root@127.0.0.1:3306").is_err());
+        assert!(split_database_url("mysql://root@127.0.0.1:3306/").is_err());
+        assert!(split_database_url("mysql://root@h/x`; DROP TABLE users").is_err());
+    }
+}

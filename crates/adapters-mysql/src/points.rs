@@ -1,0 +1,155 @@
+//! `PointRepository` on MySQL.
+//!
+//! A balance changes only through [`MySqlPointRepository::save_balance`], an `UPDATE ...
+//! WHERE user_id = ? AND balance = ?` whose affected rows are checked, inside a
+//! transaction that read the row with `SELECT ... FOR UPDATE`; the table's CHECK keeps the
+//! balance in range whatever the code does. Together these keep every balance exact even
+//! with the distributed lock gone.
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use domain::point::{
+    Balance, HistoryLimit, PointAccount, PointAmount, PointHistoryEntry, PointHistoryKind, PointRepository,
+    PointRepositoryError,
+};
+use domain::unit_of_work::Tx;
+use domain::user::UserId;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+
+use crate::entities::{point_account, point_history};
+use crate::tx::connection;
+use crate::{from_db_time, to_db_time};
+
+#[derive(Clone, Debug)]
+pub struct MySqlPointRepository {
+    db: DatabaseConnection,
+}
+
+impl MySqlPointRepository {
+    #[must_use]
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+}
+
+fn account_from(row: point_account::Model) -> anyhow::Result<PointAccount> {
+    let balance = Balance::new(row.balance).context("a stored balance is out of range")?;
+    Ok(PointAccount::restore(UserId::from_uuid(row.user_id), balance))
+}
+
+fn entry_from(row: point_history::Model) -> anyhow::Result<PointHistoryEntry> {
+    let kind = PointHistoryKind::parse(&row.kind)
+        .with_context(|| format!("unknown point history kind {:?}", row.kind))?;
+    Ok(PointHistoryEntry::restore(
+        row.id,
+        UserId::from_uuid(row.user_id),
+        kind,
+        PointAmount::new(row.amount).context("a stored history amount is out of range")?,
+        Balance::new(row.balance_after).context("a stored balance_after is out of range")?,
+        from_db_time(row.created_at),
+    ))
+}
+
+#[async_trait]
+impl PointRepository for MySqlPointRepository {
+    #[tracing::instrument(name = "points.open_account", skip_all, fields(user_id = %account.user_id()))]
+    async fn open_account(&self, tx: &mut Tx, account: &PointAccount) -> Result<(), PointRepositoryError> {
+        let row = point_account::ActiveModel {
+            user_id: Set(*account.user_id().as_uuid()),
+            balance: Set(account.balance().points()),
+            updated_at: Set(to_db_time(application::clock::now_utc())),
+        };
+        point_account::Entity::insert(row)
+            .exec_without_returning(connection(tx)?)
+            .await
+            .context("failed to insert the point account")?;
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "points.lock_account", skip(self, tx))]
+    async fn lock_account(
+        &self,
+        tx: &mut Tx,
+        user_id: UserId,
+    ) -> Result<Option<PointAccount>, PointRepositoryError> {
+        let row = point_account::Entity::find_by_id(*user_id.as_uuid())
+            .lock_exclusive()
+            .one(connection(tx)?)
+            .await
+            .context("failed to lock the point account")?;
+        Ok(row.map(account_from).transpose()?)
+    }
+
+    #[tracing::instrument(name = "points.save_balance", skip_all, fields(user_id = %account.user_id()))]
+    async fn save_balance(
+        &self,
+        tx: &mut Tx,
+        account: &PointAccount,
+        previous: Balance,
+    ) -> Result<(), PointRepositoryError> {
+        let updated = point_account::Entity::update_many()
+            .col_expr(point_account::Column::Balance, Expr::value(account.balance().points()))
+            .col_expr(
+                point_account::Column::UpdatedAt,
+                Expr::value(to_db_time(application::clock::now_utc())),
+            )
+            .filter(point_account::Column::UserId.eq(*account.user_id().as_uuid()))
+            .filter(point_account::Column::Balance.eq(previous.points()))
+            .exec(connection(tx)?)
+            .await
+            .context("failed to update the balance")?;
+        match updated.rows_affected {
+            1 => Ok(()),
+            0 => Err(PointRepositoryError::StaleBalance { user_id: account.user_id() }),
+            n => Err(anyhow::anyhow!("a balance update matched {n} accounts").into()),
+        }
+    }
+
+    #[tracing::instrument(name = "points.append_history", skip_all, fields(user_id = %entry.user_id()))]
+    async fn append_history(
+        &self,
+        tx: &mut Tx,
+        entry: &PointHistoryEntry,
+    ) -> Result<(), PointRepositoryError> {
+        let row = point_history::ActiveModel {
+            id: Set(entry.id()),
+            user_id: Set(*entry.user_id().as_uuid()),
+            kind: Set(entry.kind().as_str().to_owned()),
+            amount: Set(entry.amount().points()),
+            balance_after: Set(entry.balance_after().points()),
+            created_at: Set(to_db_time(entry.created_at())),
+        };
+        point_history::Entity::insert(row)
+            .exec_without_returning(connection(tx)?)
+            .await
+            .context("failed to insert the point history entry")?;
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "points.balance", skip(self))]
+    async fn balance(&self, user_id: UserId) -> Result<Option<Balance>, PointRepositoryError> {
+        let row = point_account::Entity::find_by_id(*user_id.as_uuid())
+            .one(&self.db)
+            .await
+            .context("failed to read the balance")?;
+        Ok(row.map(|row| account_from(row).map(|account| account.balance())).transpose()?)
+    }
+
+    #[tracing::instrument(name = "points.history", skip(self), fields(limit = limit.get()))]
+    async fn history(
+        &self,
+        user_id: UserId,
+        limit: HistoryLimit,
+    ) -> Result<Vec<PointHistoryEntry>, PointRepositoryError> {
+        let rows = point_history::Entity::find()
+            .filter(point_history::Column::UserId.eq(*user_id.as_uuid()))
+            .order_by_desc(point_history::Column::CreatedAt)
+            .order_by_desc(point_history::Column::Id)
+            .limit(u64::from(limit.get()))
+            .all(&self.db)
+            .await
+            .context("failed to read the point history")?;
+        Ok(rows.into_iter().map(entry_from).collect::<anyhow::Result<_>>()?)
+    }
+}

@@ -1,0 +1,133 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use application::charge_points::ChargePoints;
+use application::clock;
+use application::create_user::CreateUser;
+use application::lock::{DistributedLock, FencingToken, LockError, LockGuard, LockKey, WaitPolicy};
+use application::tx::TransactionManager;
+use async_trait::async_trait;
+use domain::point::{
+    Balance, ChargeAmount, HistoryLimit, PointHistoryKind, PointRepository, PointRepositoryError,
+};
+use domain::user::{User, UserName};
+use futures::future::BoxFuture;
+
+use super::Db;
+
+/// A lock that never excludes anyone: what the database alone must survive.
+#[derive(Debug)]
+struct NoLock;
+
+#[derive(Debug)]
+struct NoGuard(LockKey);
+
+#[async_trait]
+impl DistributedLock for NoLock {
+    async fn acquire(&self, key: &LockKey, _wait: WaitPolicy) -> Result<Box<dyn LockGuard>, LockError> {
+        Ok(Box::new(NoGuard(key.clone())))
+    }
+}
+
+#[async_trait]
+impl LockGuard for NoGuard {
+    fn key(&self) -> &LockKey {
+        &self.0
+    }
+    fn fencing_token(&self) -> FencingToken {
+        FencingToken(0)
+    }
+    fn is_lost(&self) -> bool {
+        false
+    }
+    fn lease_lost(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::pending())
+    }
+    async fn release(self: Box<Self>) -> Result<(), LockError> {
+        Ok(())
+    }
+}
+
+async fn registered_user(db: &Db) -> User {
+    CreateUser::new(db.users.clone(), db.points.clone(), db.txm.clone())
+        .execute(UserName::new("kim").expect("valid"))
+        .await
+        .expect("user created")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_charges_stay_exact_with_the_distributed_lock_removed() {
+    let db = Db::fresh("points_nolock").await;
+    let user = registered_user(&db).await;
+    let charge = ChargePoints::new(
+        db.users.clone(),
+        db.points.clone(),
+        Arc::new(NoLock),
+        db.txm.clone(),
+        Duration::from_secs(3),
+    );
+
+    let results = futures::future::join_all(
+        (0..40).map(|_| charge.execute(user.id(), ChargeAmount::new(1_000).expect("valid"))),
+    )
+    .await;
+
+    for result in &results {
+        assert!(result.is_ok(), "a charge failed: {result:?}");
+    }
+    assert_eq!(db.points.balance(user.id()).await.expect("balance"), Some(Balance::new(40_000).unwrap()));
+    let history = db.points.history(user.id(), HistoryLimit::new(1000).unwrap()).await.expect("history");
+    assert_eq!(history.len(), 40);
+    let mut afters: Vec<i64> = history.iter().map(|e| e.balance_after().points()).collect();
+    afters.sort_unstable();
+    assert_eq!(afters, (1..=40).map(|n| n * 1_000).collect::<Vec<_>>(), "each charge saw the one before");
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_write_from_a_stale_read_is_refused() {
+    let db = Db::fresh("points_stale").await;
+    let user = registered_user(&db).await;
+    let mut tx = db.txm.begin().await.expect("begin");
+    let mut account = db.points.lock_account(tx.as_mut(), user.id()).await.expect("lock").expect("account");
+    account.charge(ChargeAmount::new(500).unwrap(), clock::now_utc()).expect("charge");
+
+    // The caller believes the balance was 100; it was 0.
+    let refused = db.points.save_balance(tx.as_mut(), &account, Balance::new(100).unwrap()).await;
+
+    assert!(matches!(refused, Err(PointRepositoryError::StaleBalance { .. })));
+    tx.rollback().await.expect("rollback");
+    assert_eq!(db.points.balance(user.id()).await.expect("balance"), Some(Balance::ZERO));
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_newest_first_and_cut_at_the_limit() {
+    let db = Db::fresh("points_hist").await;
+    let user = registered_user(&db).await;
+    let charge = ChargePoints::new(
+        db.users.clone(),
+        db.points.clone(),
+        Arc::new(NoLock),
+        db.txm.clone(),
+        Duration::from_secs(3),
+    );
+    for amount in 1..=5 {
+        charge.execute(user.id(), ChargeAmount::new(amount).unwrap()).await.expect("charge");
+    }
+
+    let newest_three = db.points.history(user.id(), HistoryLimit::new(3).unwrap()).await.expect("history");
+
+    let seen: Vec<(i64, i64)> =
+        newest_three.iter().map(|e| (e.amount().points(), e.balance_after().points())).collect();
+    assert_eq!(seen, vec![(5, 15), (4, 10), (3, 6)]);
+    assert!(newest_three.iter().all(|e| e.kind() == PointHistoryKind::Charge && e.user_id() == user.id()));
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_user_has_no_balance() {
+    let db = Db::fresh("points_none").await;
+    assert_eq!(db.points.balance(domain::user::UserId::generate()).await.expect("balance"), None);
+    db.drop_now().await;
+}
