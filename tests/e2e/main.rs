@@ -1,1 +1,41 @@
-//! x
+//! End-to-end tests: several real `concert-server` processes, one MySQL, one Redis.
+
+mod points;
+mod users;
+
+use awc::http::StatusCode;
+use serde_json::Value;
+
+/// Sends a request and reads its status and JSON body (or `Value::Null`).
+async fn send(request: awc::ClientRequest, body: Option<&str>) -> (StatusCode, Option<String>, Value) {
+    let mut response = match body {
+        Some(body) => {
+            request.insert_header(("content-type", "application/json")).send_body(body.to_owned()).await
+        }
+        None => request.send().await,
+    }
+    .expect("the server answered");
+    let status = response.status();
+    let content_type =
+        response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let bytes = response.body().limit(10 * 1024 * 1024).await.expect("a body");
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, content_type, json)
+}
+
+/// Asserts a problem+json answer with this status, code and (for validation) field.
+fn assert_problem(
+    answer: &(StatusCode, Option<String>, Value),
+    status: u16,
+    code: &str,
+    field: Option<&str>,
+) {
+    let (got, content_type, body) = answer;
+    assert_eq!(got.as_u16(), status, "body: {body}");
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"), "body: {body}");
+    assert_eq!(body["status"], status, "body: {body}");
+    assert_eq!(body["code"], code, "body: {body}");
+    if let Some(field) = field {
+        assert_eq!(body["field"], field, "body: {body}");
+    }
+}

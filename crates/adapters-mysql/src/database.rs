@@ -16,7 +16,7 @@ const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
 /// # Errors
 /// When the database cannot be reached within a few seconds.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
-    let mut options = ConnectOptions::new(url);
+    let mut options = quiet(url);
     options
         .max_connections(max_connections)
         .min_connections(1)
@@ -25,6 +25,14 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Database
         .acquire_timeout(Duration::from_secs(5))
         .sqlx_logging(false);
     Database::connect(options).await.context("failed to connect to MySQL")
+}
+
+/// Answers whether the database takes queries now (readiness).
+///
+/// # Errors
+/// When a round trip fails.
+pub async fn ping(db: &DatabaseConnection) -> anyhow::Result<()> {
+    db.ping().await.context("MySQL ping failed")
 }
 
 /// Makes the database at `url` ready: creates it when missing, then applies pending
@@ -71,10 +79,13 @@ async fn migrate_exclusively(conn: &DatabaseConnection) -> anyhow::Result<()> {
 /// a server that has never seen this service.
 async fn ensure_database(url: &str) -> anyhow::Result<()> {
     let (server, name) = split_database_url(url)?;
-    if Database::connect(url).await.map(|db| drop(db.close())).is_ok() {
+    if let Ok(db) = Database::connect(quiet(url).max_connections(1).to_owned()).await {
+        db.close().await.ok();
         return Ok(());
     }
-    let admin = Database::connect(server.as_str()).await.context("failed to connect to the MySQL server")?;
+    let admin = Database::connect(quiet(&server).max_connections(1).to_owned())
+        .await
+        .context("failed to connect to the MySQL server")?;
     admin
         .execute_unprepared(&format!(
             "CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
@@ -84,6 +95,14 @@ async fn ensure_database(url: &str) -> anyhow::Result<()> {
     admin.close().await.ok();
     tracing::info!(database = %name, "database created");
     Ok(())
+}
+
+/// Options that keep statements out of the logs (they may carry personal data, and at
+/// INFO they would drown everything else).
+fn quiet(url: &str) -> ConnectOptions {
+    let mut options = ConnectOptions::new(url);
+    options.sqlx_logging(false);
+    options
 }
 
 /// Splits `mysql://user@host:port/name?options` into the server URL (options kept) and

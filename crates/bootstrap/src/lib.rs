@@ -1,1 +1,24 @@
-//! placeholder
+//! The `concert-server` binary's library: configuration, wiring and the HTTP API.
+//!
+//! This is the composition root. It is the only crate that knows every other one: it
+//! reads [`settings::Settings`], builds the adapters, hands them to the use cases as ports
+//! and serves the use cases over actix-web ([`startup::Application`]). Handlers translate
+//! HTTP to use-case calls and back; they never open transactions or touch SQL or Redis.
+//!
+//! - [`settings`]: typed configuration from environment variables.
+//! - [`startup`]: `Application::build` / `run_until_stopped`.
+//! - [`routes`]: handlers and their DTOs, one module per resource.
+//! - [`problem`]: every error as `application/problem+json`, mapped in one place.
+//! - [`extract`]: the JSON body extractor that names the offending field.
+//! - [`middleware`]: request ids, request logs and HTTP metrics.
+//! - [`openapi`]: the OpenAPI document served with Swagger UI.
+//! - [`telemetry`]: logs and the Prometheus recorder.
+
+pub mod extract;
+pub mod middleware;
+pub mod openapi;
+pub mod problem;
+pub mod routes;
+pub mod settings;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,225 @@
+//! Every error answer, as RFC 9457 `application/problem+json`, mapped in one place.
+//!
+//! `code` is stable and machine-readable; `detail` is for people. Unexpected errors are
+//! logged with their whole cause chain and answered with an opaque 500: no SQL, Redis or
+//! stack text ever reaches a client.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use application::charge_points::ChargePointsError;
+use application::create_user::CreateUserError;
+use application::get_balance::GetBalanceError;
+use application::point_history::PointHistoryError;
+use domain::point::MAX_BALANCE;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The problem document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type: `urn:concert-server:problem:<code>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    /// Stable, machine-readable: `VALIDATION_FAILED`, `USER_NOT_FOUND`, ...
+    pub code: &'static str,
+    /// For `VALIDATION_FAILED`: the offending field (`amount`, `userId`, `limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// An error answer of the HTTP API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {message}")]
+    Validation { field: String, message: String },
+    #[error("the body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("the body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("this route does not accept that method")]
+    MethodNotAllowed,
+    #[error("user {0} not found")]
+    UserNotFound(uuid::Uuid),
+    #[error("{0}")]
+    BalanceLimitExceeded(String),
+    /// Too many concurrent changes to one resource; the client may retry shortly.
+    #[error("{0}")]
+    Busy(String),
+    /// A dependency the request needs is down (the lock store fails closed).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Validation { field: field.into(), message: message.into() }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Validation { .. } => "VALIDATION_FAILED",
+            Self::MalformedJson(_) => "MALFORMED_JSON",
+            Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            Self::RouteNotFound => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::UserNotFound(_) => "USER_NOT_FOUND",
+            Self::BalanceLimitExceeded(_) => "BALANCE_LIMIT_EXCEEDED",
+            Self::Busy(_) => "RESOURCE_BUSY",
+            Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
+            Self::Unexpected(_) => "INTERNAL_ERROR",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::Validation { .. } => "Invalid request",
+            Self::MalformedJson(_) => "Malformed JSON",
+            Self::PayloadTooLarge { .. } => "Payload too large",
+            Self::RouteNotFound => "Not found",
+            Self::MethodNotAllowed => "Method not allowed",
+            Self::UserNotFound(_) => "User not found",
+            Self::BalanceLimitExceeded(_) => "Balance limit exceeded",
+            Self::Busy(_) => "Resource busy",
+            Self::Unavailable(_) => "Service unavailable",
+            Self::Unexpected(_) => "Internal server error",
+        }
+    }
+
+    /// What the client reads. For unexpected errors, deliberately nothing specific.
+    fn detail(&self) -> String {
+        match self {
+            Self::Unexpected(_) => "An unexpected error occurred. It has been logged.".to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    #[must_use]
+    pub fn problem(&self) -> Problem {
+        let code = self.code();
+        Problem {
+            kind: format!("urn:concert-server:problem:{}", code.to_ascii_lowercase().replace('_', "-")),
+            title: self.title(),
+            status: self.status_code().as_u16(),
+            detail: self.detail(),
+            code,
+            field: match self {
+                Self::Validation { field, .. } => Some(field.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Validation { .. } | Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RouteNotFound | Self::UserNotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BalanceLimitExceeded(_) => StatusCode::CONFLICT,
+            Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        match self {
+            Self::Unexpected(error) => tracing::error!(error = format!("{error:?}"), "request failed"),
+            Self::Unavailable(detail) => tracing::warn!(%detail, "dependency unavailable"),
+            _ => {}
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
+        if matches!(self, Self::Busy(_) | Self::Unavailable(_)) {
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from_static("1")));
+        }
+        response.json(self.problem())
+    }
+}
+
+impl From<CreateUserError> for ApiError {
+    fn from(error: CreateUserError) -> Self {
+        match error {
+            CreateUserError::Unexpected(e) => Self::Unexpected(e),
+        }
+    }
+}
+
+impl From<ChargePointsError> for ApiError {
+    fn from(error: ChargePointsError) -> Self {
+        match error {
+            ChargePointsError::UserNotFound(id) => Self::UserNotFound(*id.as_uuid()),
+            ChargePointsError::BalanceLimitExceeded { balance, amount } => {
+                Self::BalanceLimitExceeded(format!(
+                    "charging {amount} points to a balance of {balance} would pass the limit of {MAX_BALANCE}"
+                ))
+            }
+            ChargePointsError::Contended(_) => Self::Busy(
+                "too many concurrent changes to this account; nothing was changed, retry shortly".into(),
+            ),
+            ChargePointsError::LockUnavailable(source) => {
+                tracing::warn!(error = format!("{source:#}"), "lock store unavailable");
+                Self::Unavailable("the lock service is unavailable; nothing was changed".into())
+            }
+            ChargePointsError::Unexpected(e) => Self::Unexpected(e),
+        }
+    }
+}
+
+impl From<GetBalanceError> for ApiError {
+    fn from(error: GetBalanceError) -> Self {
+        match error {
+            GetBalanceError::UserNotFound(id) => Self::UserNotFound(*id.as_uuid()),
+            GetBalanceError::Unexpected(e) => Self::Unexpected(e),
+        }
+    }
+}
+
+impl From<PointHistoryError> for ApiError {
+    fn from(error: PointHistoryError) -> Self {
+        match error {
+            PointHistoryError::UserNotFound(id) => Self::UserNotFound(*id.as_uuid()),
+            PointHistoryError::Unexpected(e) => Self::Unexpected(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::body::to_bytes;
+
+    use super::*;
+
+    #[actix_web::test]
+    async fn an_unexpected_error_reaches_the_client_without_its_text() {
+        let error = ApiError::from(anyhow::anyhow!("SQLSTATE[42000] near 'SELEC' at line 1"));
+
+        let response = error.error_response();
+
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers().get(header::CONTENT_TYPE).unwrap(), "application/problem+json");
+        let body = to_bytes(response.into_body()).await.unwrap();
+        let text = std::str::from_utf8(&body).unwrap();
+        assert!(!text.contains("SQLSTATE"), "{text}");
+        assert!(text.contains("\"code\":\"INTERNAL_ERROR\""), "{text}");
+    }
+
+    #[test]
+    fn a_validation_problem_names_its_field() {
+        let problem = ApiError::validation("amount", "must be between 1 and 10000000").problem();
+        assert_eq!(problem.status, 400);
+        assert_eq!(problem.code, "VALIDATION_FAILED");
+        assert_eq!(problem.field.as_deref(), Some("amount"));
+        assert_eq!(problem.kind, "urn:concert-server:problem:validation-failed");
+    }
+}

@@ -1,0 +1,88 @@
+//! Operations: liveness, readiness, metrics.
+
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpResponse, web};
+use adapters_mysql::DatabaseConnection;
+use adapters_redis::connection::RedisConnections;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::problem::Problem;
+
+/// How long a readiness check waits for each dependency.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What readiness checks.
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    pub db: DatabaseConnection,
+    pub redis: RedisConnections,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthResponse {
+    #[schema(example = "UP")]
+    pub status: &'static str,
+    /// Per dependency: `UP` or `DOWN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Checks>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Checks {
+    pub mysql: &'static str,
+    pub redis: &'static str,
+}
+
+/// Always 200 while the process runs.
+#[utoipa::path(get, path = "/health/live", tag = "operations", responses((status = 200, body = HealthResponse)))]
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(HealthResponse { status: "UP", checks: None })
+}
+
+/// 200 when MySQL and Redis both answer, else 503 naming which did not.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "operations",
+    responses(
+        (status = 200, body = HealthResponse),
+        (status = 503, description = "NOT_READY: a dependency is down", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let readiness = &state.readiness;
+    let (mysql, redis) = futures::join!(
+        tokio::time::timeout(CHECK_TIMEOUT, adapters_mysql::database::ping(&readiness.db)),
+        tokio::time::timeout(CHECK_TIMEOUT, readiness.redis.ping()),
+    );
+    let up = |ok: bool| if ok { "UP" } else { "DOWN" };
+    let checks = Checks { mysql: up(matches!(mysql, Ok(Ok(())))), redis: up(matches!(redis, Ok(Ok(())))) };
+    if checks.mysql == "UP" && checks.redis == "UP" {
+        return HttpResponse::Ok().json(HealthResponse { status: "UP", checks: Some(checks) });
+    }
+    let down: Vec<&str> = [("mysql", checks.mysql), ("redis", checks.redis)]
+        .into_iter()
+        .filter(|(_, state)| *state == "DOWN")
+        .map(|(name, _)| name)
+        .collect();
+    tracing::warn!(?down, "not ready");
+    HttpResponse::ServiceUnavailable().insert_header((header::CONTENT_TYPE, "application/problem+json")).json(
+        serde_json::json!({
+            "type": "urn:concert-server:problem:not-ready",
+            "title": "Not ready",
+            "status": 503,
+            "detail": format!("not answering: {}", down.join(", ")),
+            "code": "NOT_READY",
+            "checks": checks,
+        }),
+    )
+}
+
+/// Prometheus text format.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render())
+}

@@ -1,0 +1,154 @@
+//! `/api/v1/users/{userId}/points`: balance, charge, history.
+
+use actix_web::{HttpResponse, web};
+use domain::point::{Balance, ChargeAmount, HistoryLimit, PointHistoryEntry};
+use domain::user::UserId;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+
+use super::{AppState, uuid_param};
+use crate::extract::ValidJson;
+use crate::problem::{ApiError, Problem};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargeRequest {
+    /// Points to add: 1..=10,000,000.
+    #[schema(minimum = 1, maximum = 10_000_000, example = 10_000)]
+    pub amount: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceResponse {
+    pub user_id: uuid::Uuid,
+    #[schema(example = 10_000)]
+    pub balance: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntryResponse {
+    pub id: uuid::Uuid,
+    /// `CHARGE`, `USE` or `REFUND`.
+    #[schema(example = "CHARGE")]
+    pub kind: &'static str,
+    pub amount: i64,
+    pub balance_after: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+}
+
+impl From<&PointHistoryEntry> for HistoryEntryResponse {
+    fn from(entry: &PointHistoryEntry) -> Self {
+        Self {
+            id: entry.id(),
+            kind: entry.kind().as_str(),
+            amount: entry.amount().points(),
+            balance_after: entry.balance_after().points(),
+            created_at: entry.created_at(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct HistoryQuery {
+    /// How many entries, newest first: 1..=1000, default 50.
+    #[param(value_type = Option<u16>, minimum = 1, maximum = 1000)]
+    pub limit: Option<String>,
+}
+
+fn balance_response(user_id: UserId, balance: Balance) -> BalanceResponse {
+    BalanceResponse { user_id: *user_id.as_uuid(), balance: balance.points() }
+}
+
+/// A user's balance.
+///
+/// # Errors
+/// 400 for a malformed id, 404 for an unknown user.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{userId}/points",
+    tag = "points",
+    params(("userId" = uuid::Uuid, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "The balance", body = BalanceResponse),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_balance(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let user_id = UserId::from_uuid(uuid_param(&path, "userId")?);
+    let balance = state.get_balance.execute(user_id).await?;
+    Ok(HttpResponse::Ok().json(balance_response(user_id, balance)))
+}
+
+/// Charge points. Every charge is applied exactly once, whatever the concurrency.
+///
+/// # Errors
+/// 400 for a malformed id or amount, 404 for an unknown user, 409 when the balance would
+/// pass 1,000,000,000, 429 when the account stayed busy for the whole lock wait.
+#[utoipa::path(
+    post,
+    path = "/api/v1/users/{userId}/points/charge",
+    tag = "points",
+    params(("userId" = uuid::Uuid, Path, description = "The user's id")),
+    request_body = ChargeRequest,
+    responses(
+        (status = 200, description = "The new balance", body = BalanceResponse),
+        (status = 400, description = "Malformed id or amount", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "BALANCE_LIMIT_EXCEEDED", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "RESOURCE_BUSY: nothing changed; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: the lock store is down; nothing changed", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn charge_points(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    ValidJson(body): ValidJson<ChargeRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let user_id = UserId::from_uuid(uuid_param(&path, "userId")?);
+    let amount = ChargeAmount::new(body.amount).map_err(|e| ApiError::validation("amount", e.to_string()))?;
+    let balance = state.charge_points.execute(user_id, amount).await?;
+    Ok(HttpResponse::Ok().json(balance_response(user_id, balance)))
+}
+
+/// A user's point history, newest first.
+///
+/// # Errors
+/// 400 for a malformed id or limit, 404 for an unknown user.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{userId}/points/history",
+    tag = "points",
+    params(("userId" = uuid::Uuid, Path, description = "The user's id"), HistoryQuery),
+    responses(
+        (status = 200, description = "Entries, newest first", body = [HistoryEntryResponse]),
+        (status = 400, description = "Malformed id or limit", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn point_history(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<HistoryQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let user_id = UserId::from_uuid(uuid_param(&path, "userId")?);
+    let limit = match query.limit.as_deref() {
+        None => HistoryLimit::default(),
+        Some(raw) => raw
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| ApiError::validation("limit", format!("must be a whole number, got {raw:?}")))
+            .and_then(|n| HistoryLimit::new(n).map_err(|e| ApiError::validation("limit", e.to_string())))?,
+    };
+    let entries = state.point_history.execute(user_id, limit).await?;
+    Ok(HttpResponse::Ok().json(entries.iter().map(HistoryEntryResponse::from).collect::<Vec<_>>()))
+}

@@ -1,0 +1,63 @@
+//! `POST /api/v1/users`.
+
+use actix_web::{HttpResponse, web};
+use domain::user::{User, UserName};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::extract::ValidJson;
+use crate::problem::{ApiError, Problem};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateUserRequest {
+    /// 1 to 50 characters, surrounding white space trimmed.
+    #[schema(min_length = 1, max_length = 50, example = "kim")]
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserResponse {
+    pub id: uuid::Uuid,
+    pub name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+}
+
+impl From<&User> for UserResponse {
+    fn from(user: &User) -> Self {
+        Self {
+            id: *user.id().as_uuid(),
+            name: user.name().as_str().to_owned(),
+            created_at: user.created_at(),
+        }
+    }
+}
+
+/// Register a user, with an empty point account.
+///
+/// # Errors
+/// 400 for a missing, mistyped or out-of-range name.
+#[utoipa::path(
+    post,
+    path = "/api/v1/users",
+    tag = "users",
+    request_body = CreateUserRequest,
+    responses(
+        (status = 201, description = "User created", body = UserResponse),
+        (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create_user(
+    state: web::Data<AppState>,
+    ValidJson(body): ValidJson<CreateUserRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let name = UserName::new(&body.name).map_err(|e| ApiError::validation("name", e.to_string()))?;
+    let user = state.create_user.execute(name).await?;
+    Ok(HttpResponse::Created().json(UserResponse::from(&user)))
+}

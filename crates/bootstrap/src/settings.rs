@@ -1,0 +1,175 @@
+//! Typed settings, read from environment variables with documented defaults.
+//!
+//! Every value is validated at start-up, so a typo stops the process with a message that
+//! names the variable, instead of surfacing later as odd behaviour.
+
+use std::time::Duration;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line: for log shippers.
+    Json,
+    /// Human-readable lines: for a terminal.
+    Text,
+}
+
+/// Everything the server can be configured with. See the README's configuration table.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `DATABASE_URL`: MySQL 8 or MariaDB 10.6+; the database is created when missing.
+    pub database_url: String,
+    /// `REDIS_URL`.
+    pub redis_url: String,
+    /// `HTTP_ADDR`: where to listen; port 0 picks a free port (tests).
+    pub http_addr: String,
+    /// `RUST_LOG`.
+    pub log_filter: String,
+    /// `LOG_FORMAT`: `text` or `json`.
+    pub log_format: LogFormat,
+    /// `DATABASE_MAX_CONNECTIONS`: pool size per instance.
+    pub database_max_connections: u32,
+    /// `REDIS_POOL_SIZE`: command connections per instance.
+    pub redis_pool_size: usize,
+    /// `POINT_LOCK_WAIT_MS`: how long a charge waits for `lock:point:{userId}`.
+    pub point_lock_wait: Duration,
+    /// `LOCK_LEASE_MS`: how long a lock outlives a crashed holder.
+    pub lock_lease: Duration,
+}
+
+/// A variable that is set but cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {problem} (got {value:?})")]
+pub struct SettingsError {
+    name: &'static str,
+    value: String,
+    problem: String,
+}
+
+impl Settings {
+    /// Reads the process environment.
+    ///
+    /// # Errors
+    /// [`SettingsError`] naming the first variable that is set to an unusable value.
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup` (tests pass a map).
+    ///
+    /// # Errors
+    /// As [`Settings::from_env`].
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let text = |name: &'static str, default: &str| lookup(name).unwrap_or_else(|| default.to_owned());
+        let number = |name: &'static str, default: u64, range: std::ops::RangeInclusive<u64>| {
+            let Some(raw) = lookup(name) else { return Ok(default) };
+            raw.trim().parse::<u64>().ok().filter(|n| range.contains(n)).ok_or_else(|| SettingsError {
+                name,
+                value: raw.clone(),
+                problem: format!("must be a whole number in {}..={}", range.start(), range.end()),
+            })
+        };
+
+        let http_addr = text("HTTP_ADDR", "127.0.0.1:8080");
+        if http_addr.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
+            return Err(SettingsError {
+                name: "HTTP_ADDR",
+                value: http_addr,
+                problem: "must be host:port".into(),
+            });
+        }
+        let log_format = match text("LOG_FORMAT", "text").to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => {
+                return Err(SettingsError {
+                    name: "LOG_FORMAT",
+                    value: text("LOG_FORMAT", ""),
+                    problem: "must be text or json".into(),
+                });
+            }
+        };
+        let database_url = text("DATABASE_URL", "mysql://root@127.0.0.1:3306/concert");
+        if !database_url.starts_with("mysql://") && !database_url.starts_with("mariadb://") {
+            return Err(SettingsError {
+                name: "DATABASE_URL",
+                value: redact(&database_url),
+                problem: "must be a mysql:// URL".into(),
+            });
+        }
+        let redis_url = text("REDIS_URL", "redis://127.0.0.1:6379");
+        if !redis_url.starts_with("redis://") && !redis_url.starts_with("rediss://") {
+            return Err(SettingsError {
+                name: "REDIS_URL",
+                value: redact(&redis_url),
+                problem: "must be a redis:// or rediss:// URL".into(),
+            });
+        }
+        let lock_lease = Duration::from_millis(number("LOCK_LEASE_MS", 10_000, 300..=600_000)?);
+        Ok(Self {
+            database_url,
+            redis_url,
+            http_addr,
+            log_filter: text("RUST_LOG", "info"),
+            log_format,
+            database_max_connections: u32::try_from(number("DATABASE_MAX_CONNECTIONS", 20, 1..=1_000)?)
+                .unwrap_or(20),
+            redis_pool_size: usize::try_from(number("REDIS_POOL_SIZE", 4, 1..=64)?).unwrap_or(4),
+            point_lock_wait: Duration::from_millis(number("POINT_LOCK_WAIT_MS", 3_000, 0..=60_000)?),
+            lock_lease,
+        })
+    }
+}
+
+/// A URL with any password replaced, fit for logs and error messages.
+#[must_use]
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    match rest.split_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split_once(':').map_or(credentials, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let map: HashMap<String, String> =
+            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Settings::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.database_url, "mysql://root@127.0.0.1:3306/concert");
+        assert_eq!(s.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(s.http_addr, "127.0.0.1:8080");
+        assert_eq!(s.log_filter, "info");
+        assert_eq!(s.point_lock_wait, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn an_unusable_value_names_its_variable() {
+        let error = settings(&[("POINT_LOCK_WAIT_MS", "soon")]).unwrap_err().to_string();
+        assert!(error.starts_with("POINT_LOCK_WAIT_MS:"), "{error}");
+        assert!(settings(&[("HTTP_ADDR", "8080")]).is_err());
+        assert!(settings(&[("LOG_FORMAT", "xml")]).is_err());
+        assert!(settings(&[("DATABASE_URL", "postgres://x/y")]).is_err());
+        assert!(settings(&[("LOCK_LEASE_MS", "10")]).is_err());
+    }
+
+    #[test]
+    fn passwords_never_reach_error_messages() {
+        let error = settings(&[("DATABASE_URL", "pg://app:s3cret@db/x")]).unwrap_err().to_string();
+        assert!(!error.contains("s3cret"), "{error}");
+        assert_eq!(redact("redis://:pw@cache:6379"), "redis://:***@cache:6379");
+    }
+}

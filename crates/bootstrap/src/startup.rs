@@ -1,0 +1,148 @@
+//! The composition root: builds every adapter, hands them to the use cases as ports, and
+//! serves the HTTP API.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::http::header;
+use actix_web::{App, HttpResponse, HttpServer, web};
+use adapters_mysql::points::MySqlPointRepository;
+use adapters_mysql::tx::MySqlTransactionManager;
+use adapters_mysql::users::MySqlUserRepository;
+use adapters_mysql::{DatabaseConnection, database};
+use adapters_redis::connection::RedisConnections;
+use adapters_redis::lock::{LockOptions, RedisLock, WaitStrategy};
+use anyhow::Context as _;
+use application::charge_points::ChargePoints;
+use application::create_user::CreateUser;
+use application::get_balance::GetBalance;
+use application::point_history::PointHistory;
+use tokio::task::JoinHandle;
+use utoipa::OpenApi as _;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::openapi::ApiDoc;
+use crate::problem::ApiError;
+use crate::routes::{self, AppState, health::Readiness};
+use crate::settings::{Settings, redact};
+use crate::telemetry;
+
+/// How long in-flight requests may run on after SIGTERM.
+const SHUTDOWN_GRACE_SECONDS: u64 = 10;
+
+/// A built, listening server.
+pub struct Application {
+    port: u16,
+    server: Server,
+    db: DatabaseConnection,
+    redis: RedisConnections,
+    upkeep: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Prepares the database (create, migrate), connects Redis, wires the use cases and
+    /// binds the listener. Nothing is served until [`Application::run_until_stopped`].
+    ///
+    /// # Errors
+    /// When MySQL or Redis cannot be reached, a migration fails, or the address is taken.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        tracing::info!(database = %redact(&settings.database_url), redis = %redact(&settings.redis_url), "starting");
+        database::prepare(&settings.database_url).await.context("database not ready")?;
+        let db = database::connect(&settings.database_url, settings.database_max_connections).await?;
+        let redis = RedisConnections::connect(&settings.redis_url, settings.redis_pool_size).await?;
+        let lock = RedisLock::new(
+            redis.pool.clone(),
+            Some(&redis.subscriber),
+            LockOptions {
+                lease: settings.lock_lease,
+                renew_every: settings.lock_lease / 3,
+                wait: WaitStrategy::PubSub { fallback_poll: Duration::from_millis(250) },
+            },
+        )
+        .await
+        .context("failed to set up the distributed lock")?;
+
+        let users = Arc::new(MySqlUserRepository::new(db.clone()));
+        let points = Arc::new(MySqlPointRepository::new(db.clone()));
+        let txm = Arc::new(MySqlTransactionManager::new(db.clone()));
+        let metrics = telemetry::prometheus();
+        let state = web::Data::new(AppState {
+            create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),
+            charge_points: ChargePoints::new(
+                users.clone(),
+                points.clone(),
+                Arc::new(lock),
+                txm,
+                settings.point_lock_wait,
+            ),
+            get_balance: GetBalance::new(points.clone()),
+            point_history: PointHistory::new(users, points),
+            readiness: Readiness { db: db.clone(), redis: redis.clone() },
+            metrics: metrics.clone(),
+        });
+
+        let listener = TcpListener::bind(&settings.http_addr)
+            .with_context(|| format!("failed to listen on {}", settings.http_addr))?;
+        let address = listener.local_addr()?;
+        let openapi = ApiDoc::openapi();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(web::QueryConfig::default().error_handler(|error, _| {
+                    ApiError::validation("query", format!("the query string cannot be read: {error}")).into()
+                }))
+                .wrap(actix_web::middleware::from_fn(crate::middleware::observe))
+                .configure(routes::configure)
+                .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", openapi.clone()))
+                .route(
+                    "/docs",
+                    web::get().to(|| async {
+                        HttpResponse::PermanentRedirect().insert_header((header::LOCATION, "/docs/")).finish()
+                    }),
+                )
+                .default_service(web::to(routes::not_found))
+        })
+        .listen(listener)?
+        .shutdown_timeout(SHUTDOWN_GRACE_SECONDS)
+        .run();
+
+        // The recorder keeps histograms until told to drain them.
+        let upkeep = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                metrics.run_upkeep();
+            }
+        });
+        tracing::info!("listening on http://{address}");
+        Ok(Self { port: address.port(), server, db, redis, upkeep })
+    }
+
+    /// The port actually bound (useful with `HTTP_ADDR=...:0`).
+    #[must_use]
+    pub const fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until SIGINT or SIGTERM, lets in-flight requests finish, then closes the
+    /// connections to MySQL and Redis.
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let served = self.server.await;
+        self.upkeep.abort();
+        self.redis.quit().await;
+        self.db.close().await.ok();
+        tracing::info!("stopped");
+        served.context("the HTTP server failed")
+    }
+}

@@ -1,0 +1,193 @@
+use std::collections::BTreeSet;
+
+use e2e::{Cluster, client};
+use futures::future::join_all;
+
+use super::{assert_problem, send};
+
+async fn new_user(http: &awc::Client, base: &str) -> String {
+    let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "storm"}"#)).await;
+    assert_eq!(created.0.as_u16(), 201, "{}", created.2);
+    created.2["id"].as_str().expect("id").to_owned()
+}
+
+async fn balance(http: &awc::Client, base: &str, user: &str) -> i64 {
+    let answer = send(http.get(format!("{base}/api/v1/users/{user}/points")), None).await;
+    assert_eq!(answer.0.as_u16(), 200, "{}", answer.2);
+    answer.2["balance"].as_i64().expect("balance")
+}
+
+#[actix_web::test]
+async fn three_hundred_concurrent_charges_over_three_instances_are_each_applied_exactly_once() {
+    const CHARGES: usize = 300;
+    const AMOUNT: i64 = 1_000;
+    let cluster = Cluster::start(3).await.expect("cluster");
+    let http = client();
+    let user = new_user(&http, cluster.url(0)).await;
+
+    let answers = join_all((0..CHARGES).map(|i| {
+        let request = http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i)));
+        send(request, Some(r#"{"amount": 1000}"#))
+    }))
+    .await;
+
+    let server_errors: Vec<_> = answers.iter().filter(|(status, ..)| status.is_server_error()).collect();
+    assert!(server_errors.is_empty(), "5xx answers: {server_errors:?}");
+    let refused: Vec<_> = answers.iter().filter(|(status, ..)| status.as_u16() != 200).collect();
+    assert!(refused.is_empty(), "charges not applied: {refused:?}");
+    let charges = i64::try_from(CHARGES).expect("small");
+    for i in 0..3 {
+        assert_eq!(balance(&http, cluster.url(i), &user).await, charges * AMOUNT, "instance {i}");
+    }
+    let history =
+        send(http.get(format!("{}/api/v1/users/{user}/points/history?limit=1000", cluster.url(1))), None)
+            .await;
+    let entries = history.2.as_array().expect("a list");
+    assert_eq!(entries.len(), CHARGES);
+    // Each charge saw the balance the one before left: balances after are 1000, 2000, ...
+    let afters: BTreeSet<i64> =
+        entries.iter().map(|e| e["balanceAfter"].as_i64().expect("balanceAfter")).collect();
+    assert_eq!(afters, (1..=charges).map(|n| n * AMOUNT).collect());
+    assert!(entries.iter().all(|e| e["kind"] == "CHARGE" && e["amount"] == AMOUNT));
+    // Every answer's balance is one of those steps, and no two answers share one.
+    let answered: BTreeSet<i64> =
+        answers.iter().map(|(_, _, body)| body["balance"].as_i64().expect("balance")).collect();
+    assert_eq!(answered.len(), CHARGES);
+    cluster.shut_down().await;
+}
+
+#[actix_web::test]
+async fn bad_charges_are_refused_with_problems_and_change_nothing() {
+    let cluster = Cluster::start(1).await.expect("cluster");
+    let http = client();
+    let base = cluster.url(0);
+    let user = new_user(&http, base).await;
+    let charge = format!("{base}/api/v1/users/{user}/points/charge");
+
+    for body in [
+        r#"{"amount": 0}"#,
+        r#"{"amount": -1}"#,
+        r#"{"amount": 10000001}"#,
+        r#"{"amount": "100"}"#,
+        r#"{"amount": 1.5}"#,
+        r#"{"amount": 99999999999999999999}"#,
+        r#"{"amount": null}"#,
+        r#"{}"#,
+    ] {
+        assert_problem(&send(http.post(&charge), Some(body)).await, 400, "VALIDATION_FAILED", Some("amount"));
+    }
+    assert_problem(&send(http.post(&charge), Some(r#"{"amount": 5"#)).await, 400, "MALFORMED_JSON", None);
+    let huge = format!(r#"{{"amount": 5, "pad": "{}"}}"#, "x".repeat(65 * 1024));
+    assert_problem(&send(http.post(&charge), Some(&huge)).await, 413, "PAYLOAD_TOO_LARGE", None);
+    assert_problem(
+        &send(http.post(format!("{base}/api/v1/users/not-a-uuid/points/charge")), Some(r#"{"amount": 5}"#))
+            .await,
+        400,
+        "VALIDATION_FAILED",
+        Some("userId"),
+    );
+    let stranger = uuid::Uuid::new_v4();
+    assert_problem(
+        &send(http.post(format!("{base}/api/v1/users/{stranger}/points/charge")), Some(r#"{"amount": 5}"#))
+            .await,
+        404,
+        "USER_NOT_FOUND",
+        None,
+    );
+
+    assert_eq!(balance(&http, base, &user).await, 0, "nothing was charged");
+    let history = send(http.get(format!("{base}/api/v1/users/{user}/points/history")), None).await;
+    assert_eq!(history.2.as_array().map(Vec::len), Some(0));
+    cluster.shut_down().await;
+}
+
+#[actix_web::test]
+async fn a_charge_past_the_ceiling_is_a_conflict_and_changes_nothing() {
+    let cluster = Cluster::start(2).await.expect("cluster");
+    let http = client();
+    let user = new_user(&http, cluster.url(0)).await;
+
+    // 100 charges of 10,000,000 reach the ceiling of 1,000,000,000 exactly.
+    let answers = join_all((0..100).map(|i| {
+        send(
+            http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i))),
+            Some(r#"{"amount": 10000000}"#),
+        )
+    }))
+    .await;
+    assert!(answers.iter().all(|(status, ..)| status.as_u16() == 200), "{answers:?}");
+
+    let over = send(
+        http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(1))),
+        Some(r#"{"amount": 1}"#),
+    )
+    .await;
+
+    assert_problem(&over, 409, "BALANCE_LIMIT_EXCEEDED", None);
+    assert_eq!(balance(&http, cluster.url(0), &user).await, 1_000_000_000);
+    let history =
+        send(http.get(format!("{}/api/v1/users/{user}/points/history?limit=1000", cluster.url(0))), None)
+            .await;
+    assert_eq!(history.2.as_array().map(Vec::len), Some(100));
+    cluster.shut_down().await;
+}
+
+#[actix_web::test]
+async fn balance_and_history_reads_validate_their_input() {
+    let cluster = Cluster::start(1).await.expect("cluster");
+    let http = client();
+    let base = cluster.url(0);
+    let user = new_user(&http, base).await;
+    for amount in 1..=3 {
+        let charged = send(
+            http.post(format!("{base}/api/v1/users/{user}/points/charge")),
+            Some(&format!(r#"{{"amount": {amount}}}"#)),
+        )
+        .await;
+        assert_eq!(charged.0.as_u16(), 200);
+    }
+
+    let newest_two = send(http.get(format!("{base}/api/v1/users/{user}/points/history?limit=2")), None).await;
+    let amounts: Vec<i64> = newest_two
+        .2
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|e| e["amount"].as_i64().expect("amount"))
+        .collect();
+    assert_eq!(amounts, vec![3, 2], "newest first, cut at the limit");
+    for limit in ["0", "1001", "abc", "-1", ""] {
+        assert_problem(
+            &send(http.get(format!("{base}/api/v1/users/{user}/points/history?limit={limit}")), None).await,
+            400,
+            "VALIDATION_FAILED",
+            Some("limit"),
+        );
+    }
+    assert_problem(
+        &send(http.get(format!("{base}/api/v1/users/xyz/points")), None).await,
+        400,
+        "VALIDATION_FAILED",
+        Some("userId"),
+    );
+    assert_problem(
+        &send(http.get(format!("{base}/api/v1/users/xyz/points/history")), None).await,
+        400,
+        "VALIDATION_FAILED",
+        Some("userId"),
+    );
+    let stranger = uuid::Uuid::new_v4();
+    assert_problem(
+        &send(http.get(format!("{base}/api/v1/users/{stranger}/points")), None).await,
+        404,
+        "USER_NOT_FOUND",
+        None,
+    );
+    assert_problem(
+        &send(http.get(format!("{base}/api/v1/users/{stranger}/points/history")), None).await,
+        404,
+        "USER_NOT_FOUND",
+        None,
+    );
+    cluster.shut_down().await;
+}

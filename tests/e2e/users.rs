@@ -1,0 +1,48 @@
+use e2e::{Cluster, client};
+
+use super::{assert_problem, send};
+
+#[actix_web::test]
+async fn a_user_is_created_and_bad_names_are_refused() {
+    let cluster = Cluster::start(1).await.expect("cluster");
+    let http = client();
+    let users = format!("{}/api/v1/users", cluster.url(0));
+
+    let created = send(http.post(&users), Some(r#"{"name": "kim", "ignored": true}"#)).await;
+    assert_eq!(created.0.as_u16(), 201, "{}", created.2);
+    assert_eq!(created.2["name"], "kim");
+    assert!(uuid::Uuid::parse_str(created.2["id"].as_str().expect("id")).is_ok());
+    assert!(created.2["createdAt"].as_str().expect("createdAt").ends_with('Z'));
+
+    for body in [r#"{}"#, r#"{"name": ""}"#, r#"{"name": "   "}"#, r#"{"name": 123}"#, r#"{"name": null}"#] {
+        assert_problem(&send(http.post(&users), Some(body)).await, 400, "VALIDATION_FAILED", Some("name"));
+    }
+    let too_long = format!(r#"{{"name": "{}"}}"#, "a".repeat(51));
+    assert_problem(&send(http.post(&users), Some(&too_long)).await, 400, "VALIDATION_FAILED", Some("name"));
+    assert_problem(&send(http.post(&users), Some("not json")).await, 400, "MALFORMED_JSON", None);
+    assert_problem(&send(http.post(&users), Some("")).await, 400, "MALFORMED_JSON", None);
+    let huge = format!(r#"{{"name": "{}"}}"#, "a".repeat(70 * 1024));
+    assert_problem(&send(http.post(&users), Some(&huge)).await, 413, "PAYLOAD_TOO_LARGE", None);
+    cluster.shut_down().await;
+}
+
+#[actix_web::test]
+async fn operations_endpoints_answer() {
+    let cluster = Cluster::start(1).await.expect("cluster");
+    let http = client();
+    let base = cluster.url(0);
+
+    assert_eq!(send(http.get(format!("{base}/health/live")), None).await.0.as_u16(), 200);
+    let ready = send(http.get(format!("{base}/health/ready")), None).await;
+    assert_eq!(ready.0.as_u16(), 200, "{}", ready.2);
+    assert_eq!(ready.2["checks"]["mysql"], "UP");
+    let docs = http.get(format!("{base}/docs/")).send().await.expect("docs");
+    assert_eq!(docs.status().as_u16(), 200);
+    let spec = send(http.get(format!("{base}/api-docs/openapi.json")), None).await;
+    assert!(spec.2["paths"]["/api/v1/users/{userId}/points/charge"]["post"].is_object(), "{}", spec.2);
+    let metrics =
+        http.get(format!("{base}/metrics")).send().await.expect("metrics").body().await.expect("body");
+    assert!(std::str::from_utf8(&metrics).expect("text").contains("http_requests_total"));
+    assert_problem(&send(http.get(format!("{base}/no/such/route")), None).await, 404, "NOT_FOUND", None);
+    cluster.shut_down().await;
+}
