@@ -1,0 +1,37 @@
+# concert-server: the commands a developer and CI need.
+#   make run       start the server on the default local MariaDB and Redis
+#   make test      lint, then every test (unit, adapter integration, end-to-end)
+
+CARGO ?= cargo
+# Where the tests find their services (unset them to use testcontainers where Docker runs).
+export TEST_DATABASE_URL ?= mysql://root@127.0.0.1:3306
+export TEST_REDIS_URL ?= redis://127.0.0.1:6379
+
+.PHONY: help run test lint fmt build services clean-test-dbs
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+run: services ## Start the server on the default local services (see README for settings)
+	$(CARGO) run --locked --bin concert-server
+
+test: services lint ## Lint, then run every test; the end-to-end tests start real server processes
+	$(CARGO) build --workspace --bins --locked
+	$(CARGO) test --workspace --locked
+
+lint: ## Format check and clippy, warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+build: ## Build everything
+	$(CARGO) build --workspace --all-targets --locked
+
+services: ## Make sure MariaDB and Redis answer on 127.0.0.1 (start them if not)
+	./deploy/local-services.sh
+
+clean-test-dbs: ## Drop databases left behind by interrupted test runs
+	mariadb -h127.0.0.1 -uroot -N -e "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 't\_%' OR schema_name LIKE 'e2e\_%'" \
+	  | while read -r db; do mariadb -h127.0.0.1 -uroot -e "DROP DATABASE \`$$db\`"; done
