@@ -39,14 +39,6 @@ impl Drop for Instance {
     }
 }
 
-impl Instance {
-    /// Stops the process the way an orchestrator does (SIGTERM), without waiting.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Cluster {
     /// Starts `count` instances at once against a database that does not exist yet (they
     /// create and migrate it concurrently, as a fresh deployment would).

@@ -34,7 +34,7 @@ use async_trait::async_trait;
 use fred::clients::{Pool, SubscriberClient};
 use fred::prelude::{EventInterface, PubsubInterface};
 use fred::types::scripts::Script;
-use futures_like::BoxFuture;
+use futures::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -545,9 +545,4 @@ fn jitter(backoff: Duration) -> Duration {
 
 fn unavailable(error: fred::error::Error) -> LockError {
     LockError::Unavailable(anyhow::Error::new(error).context("Redis lock command failed"))
-}
-
-mod futures_like {
-    //! The boxed future type of the port, without a dependency on `futures` here.
-    pub(crate) type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 }

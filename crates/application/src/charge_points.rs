@@ -38,8 +38,8 @@ pub enum ChargePointsError {
     BalanceLimitExceeded { balance: i64, amount: i64 },
     /// Too many concurrent changes to this account: the lock stayed held for the whole
     /// wait. Nothing was changed; the client may retry.
-    #[error("the account of user {0} is busy")]
-    Contended(UserId),
+    #[error("{0} stayed busy for the whole wait")]
+    Contended(LockKey),
     /// The lock store cannot be reached; locks fail closed, so nothing was changed.
     #[error("the lock service is unavailable")]
     LockUnavailable(#[source] anyhow::Error),
@@ -136,14 +136,11 @@ impl From<TxError> for ChargePointsError {
 impl From<LockError> for ChargePointsError {
     fn from(error: LockError) -> Self {
         match error {
+            // A lease lost before commit rolled the work back: as good as never having had
+            // the lock, so the client may retry like after a wait that ran out.
             LockError::Busy { key } | LockError::Timeout { key, .. } | LockError::LeaseLost { key } => {
                 tracing::warn!(%key, "point lock contended");
-                // The key names the user; recover it for the answer.
-                let user = key.as_str().rsplit(':').next().and_then(|id| id.parse().ok());
-                user.map_or_else(
-                    || Self::Unexpected(anyhow::anyhow!("lock key {key} does not name a user")),
-                    |id| Self::Contended(UserId::from_uuid(id)),
-                )
+                Self::Contended(key)
             }
             LockError::Unavailable(source) => Self::LockUnavailable(source),
         }
@@ -355,7 +352,7 @@ mod tests {
 
         let result = charge.execute(user_id, amount(6)).await;
 
-        assert!(matches!(result, Err(ChargePointsError::Contended(id)) if id == user_id));
+        assert!(matches!(result, Err(ChargePointsError::Contended(key)) if key == LockKey::point(user_id)));
     }
 
     #[tokio::test]
