@@ -1,5 +1,6 @@
 //! End-to-end tests: several real `concert-server` processes, one MySQL, one Redis.
 
+mod failures;
 mod points;
 mod users;
 

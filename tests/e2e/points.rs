@@ -1,6 +1,6 @@
 use std::collections::BTreeSet;
 
-use e2e::{Cluster, client};
+use e2e::{Cluster, ClusterOptions, client};
 use futures::future::join_all;
 
 use super::{assert_problem, send};
@@ -189,5 +189,36 @@ async fn balance_and_history_reads_validate_their_input() {
         "USER_NOT_FOUND",
         None,
     );
+    cluster.shut_down().await;
+}
+
+#[actix_web::test]
+async fn three_hundred_charges_are_exact_with_spinning_waiters_too() {
+    let options = ClusterOptions {
+        env: vec![("LOCK_WAIT_STRATEGY".into(), "spin".into())],
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start_with(3, &options).await.expect("cluster");
+    let http = client();
+    let created =
+        send(http.post(format!("{}/api/v1/users", cluster.url(0))), Some(r#"{"name": "spin"}"#)).await;
+    let user = created.2["id"].as_str().expect("id").to_owned();
+
+    let answers = futures::future::join_all((0..300).map(|i| {
+        send(
+            http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i))),
+            Some(r#"{"amount": 7}"#),
+        )
+    }))
+    .await;
+
+    let not_ok: Vec<_> = answers.iter().filter(|(status, ..)| status.as_u16() != 200).collect();
+    assert!(not_ok.is_empty(), "{not_ok:?}");
+    let balance = send(http.get(format!("{}/api/v1/users/{user}/points", cluster.url(2))), None).await;
+    assert_eq!(balance.2["balance"], 2_100);
+    let history =
+        send(http.get(format!("{}/api/v1/users/{user}/points/history?limit=1000", cluster.url(1))), None)
+            .await;
+    assert_eq!(history.2.as_array().map(Vec::len), Some(300));
     cluster.shut_down().await;
 }

@@ -39,6 +39,15 @@ impl Drop for Instance {
     }
 }
 
+/// How to start a [`Cluster`].
+#[derive(Debug, Default, Clone)]
+pub struct ClusterOptions {
+    /// A Redis other than the tests' shared one.
+    pub redis_url: Option<String>,
+    /// Extra environment for every instance (`LOCK_WAIT_STRATEGY`, ...).
+    pub env: Vec<(String, String)>,
+}
+
 impl Cluster {
     /// Starts `count` instances at once against a database that does not exist yet (they
     /// create and migrate it concurrently, as a fresh deployment would).
@@ -46,12 +55,24 @@ impl Cluster {
     /// # Errors
     /// When the binary is missing or an instance does not come up in time.
     pub async fn start(count: usize) -> anyhow::Result<Self> {
+        Self::start_with(count, &ClusterOptions::default()).await
+    }
+
+    /// [`Cluster::start`] with options.
+    ///
+    /// # Errors
+    /// As [`Cluster::start`].
+    pub async fn start_with(count: usize, options: &ClusterOptions) -> anyhow::Result<Self> {
         let server = test_support::mysql_server_url().await;
         let database_url = format!("{server}/e2e_{}", uuid::Uuid::new_v4().simple());
-        let redis_url = test_support::redis_url().await;
+        let redis_url = match &options.redis_url {
+            Some(url) => url.clone(),
+            None => test_support::redis_url().await,
+        };
         let binary = server_binary()?;
-        let spawned: Vec<_> =
-            (0..count).map(|_| spawn(&binary, &database_url, &redis_url)).collect::<anyhow::Result<_>>()?;
+        let spawned: Vec<_> = (0..count)
+            .map(|_| spawn(&binary, &database_url, &redis_url, &options.env))
+            .collect::<anyhow::Result<_>>()?;
         let mut instances = Vec::with_capacity(count);
         for (child, ready, output) in spawned {
             let base_url = tokio::task::spawn_blocking(move || ready.recv_timeout(START_TIMEOUT))
@@ -84,25 +105,30 @@ fn server_binary() -> anyhow::Result<PathBuf> {
     if let Ok(path) = std::env::var("CONCERT_SERVER_BIN") {
         return Ok(PathBuf::from(path));
     }
-    // target/<profile>/deps/e2e-<hash> -> target/<profile>/concert-server
+    // A test runs from target/<profile>/deps/, a harness binary (the benchmark) from
+    // target/<profile>/; the server sits in target/<profile>/.
     let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join(format!("concert-server{}", std::env::consts::EXE_SUFFIX)))
-        .context("no target directory above the test binary")?;
-    anyhow::ensure!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (`make test` does)",
-        path.display()
-    );
-    Ok(path)
+    let name = format!("concert-server{}", std::env::consts::EXE_SUFFIX);
+    let dir = exe.parent().context("the running binary has no directory")?;
+    let candidates = [Some(dir.join(&name)), dir.parent().map(|profile| profile.join(&name))];
+    candidates.into_iter().flatten().find(|path| path.exists()).with_context(|| {
+        format!(
+            "no {name} next to {}: run `cargo build --workspace --bins` first (`make test` does)",
+            exe.display()
+        )
+    })
 }
 
 type Spawned = (Child, mpsc::Receiver<String>, Arc<Mutex<Vec<String>>>);
 
-fn spawn(binary: &PathBuf, database_url: &str, redis_url: &str) -> anyhow::Result<Spawned> {
+fn spawn(
+    binary: &PathBuf,
+    database_url: &str,
+    redis_url: &str,
+    env: &[(String, String)],
+) -> anyhow::Result<Spawned> {
     let mut child = Command::new(binary)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("DATABASE_URL", database_url)
         .env("REDIS_URL", redis_url)
         .env("HTTP_ADDR", "127.0.0.1:0")
@@ -137,6 +163,69 @@ fn spawn(binary: &PathBuf, database_url: &str, redis_url: &str) -> anyhow::Resul
         });
     }
     Ok((child, ready_rx, output))
+}
+
+/// A Redis of its own, on a free port, for tests that stop it. Killed when dropped.
+#[derive(Debug)]
+pub struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl PrivateRedis {
+    /// Starts `redis-server` (which must be on `PATH`) without persistence and waits
+    /// until it answers.
+    ///
+    /// # Errors
+    /// When it cannot be started or does not answer within a few seconds.
+    pub fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("failed to start redis-server (is it installed? `make services` installs it)")?;
+        let redis = Self { child: Some(child), port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !redis.answers() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "redis-server on port {port} did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(redis)
+    }
+
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether it answers PING now.
+    #[must_use]
+    pub fn answers(&self) -> bool {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0_u8; 5];
+        stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG"
+    }
+
+    /// Kills it (SIGKILL: a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// An HTTP client for many concurrent requests.

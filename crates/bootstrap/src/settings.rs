@@ -14,6 +14,15 @@ pub enum LogFormat {
     Text,
 }
 
+/// How a request waits for a lock that someone else holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockWaitMode {
+    /// Sleep until the holder's release is announced on Redis pub/sub (the default).
+    PubSub,
+    /// Retry with exponential backoff and jitter: the baseline pub/sub is measured against.
+    Spin,
+}
+
 /// Everything the server can be configured with. See the README's configuration table.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -35,6 +44,8 @@ pub struct Settings {
     pub point_lock_wait: Duration,
     /// `LOCK_LEASE_MS`: how long a lock outlives a crashed holder.
     pub lock_lease: Duration,
+    /// `LOCK_WAIT_STRATEGY`: `pubsub` or `spin`.
+    pub lock_wait_mode: LockWaitMode,
 }
 
 /// A variable that is set but cannot be used.
@@ -106,6 +117,17 @@ impl Settings {
             });
         }
         let lock_lease = Duration::from_millis(number("LOCK_LEASE_MS", 10_000, 300..=600_000)?);
+        let lock_wait_mode = match text("LOCK_WAIT_STRATEGY", "pubsub").to_ascii_lowercase().as_str() {
+            "pubsub" => LockWaitMode::PubSub,
+            "spin" => LockWaitMode::Spin,
+            _ => {
+                return Err(SettingsError {
+                    name: "LOCK_WAIT_STRATEGY",
+                    value: text("LOCK_WAIT_STRATEGY", ""),
+                    problem: "must be pubsub or spin".into(),
+                });
+            }
+        };
         Ok(Self {
             database_url,
             redis_url,
@@ -117,6 +139,7 @@ impl Settings {
             redis_pool_size: usize::try_from(number("REDIS_POOL_SIZE", 4, 1..=64)?).unwrap_or(4),
             point_lock_wait: Duration::from_millis(number("POINT_LOCK_WAIT_MS", 3_000, 0..=60_000)?),
             lock_lease,
+            lock_wait_mode,
         })
     }
 }
@@ -164,6 +187,8 @@ mod tests {
         assert!(settings(&[("LOG_FORMAT", "xml")]).is_err());
         assert!(settings(&[("DATABASE_URL", "postgres://x/y")]).is_err());
         assert!(settings(&[("LOCK_LEASE_MS", "10")]).is_err());
+        assert!(settings(&[("LOCK_WAIT_STRATEGY", "sleep")]).is_err());
+        assert_eq!(settings(&[("LOCK_WAIT_STRATEGY", "SPIN")]).unwrap().lock_wait_mode, LockWaitMode::Spin);
     }
 
     #[test]

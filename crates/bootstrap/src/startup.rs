@@ -26,7 +26,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::openapi::ApiDoc;
 use crate::problem::ApiError;
 use crate::routes::{self, AppState, health::Readiness};
-use crate::settings::{Settings, redact};
+use crate::settings::{LockWaitMode, Settings, redact};
 use crate::telemetry;
 
 /// How long in-flight requests may run on after SIGTERM.
@@ -64,7 +64,15 @@ impl Application {
             LockOptions {
                 lease: settings.lock_lease,
                 renew_every: settings.lock_lease / 3,
-                wait: WaitStrategy::PubSub { fallback_poll: Duration::from_millis(250) },
+                wait: match settings.lock_wait_mode {
+                    LockWaitMode::PubSub => {
+                        WaitStrategy::PubSub { fallback_poll: Duration::from_millis(250) }
+                    }
+                    LockWaitMode::Spin => WaitStrategy::Spin {
+                        initial: Duration::from_millis(5),
+                        max: Duration::from_millis(100),
+                    },
+                },
             },
         )
         .await
