@@ -7,7 +7,7 @@ CARGO ?= cargo
 export TEST_DATABASE_URL ?= mysql://root@127.0.0.1:3306
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help run test lint fmt build services clean-test-dbs
+.PHONY: help run test lint fmt build bench services clean-test-dbs
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -28,6 +28,10 @@ fmt: ## Format the code
 
 build: ## Build everything
 	$(CARGO) build --workspace --all-targets --locked
+
+bench: services ## Measure charges under lock contention (release build); writes docs/report/
+	$(CARGO) build --release --workspace --bins --locked
+	./target/release/bench-points
 
 services: ## Make sure MariaDB and Redis answer on 127.0.0.1 (start them if not)
 	./deploy/local-services.sh
