@@ -89,44 +89,35 @@ impl Settings {
                 problem: "must be host:port".into(),
             });
         }
-        let log_format = match text("LOG_FORMAT", "text").to_ascii_lowercase().as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            _ => {
-                return Err(SettingsError {
-                    name: "LOG_FORMAT",
-                    value: text("LOG_FORMAT", ""),
-                    problem: "must be text or json".into(),
-                });
+        let choice = |name: &'static str, default: &str, options: &[&str]| {
+            let value = text(name, default).to_ascii_lowercase();
+            if options.contains(&value.as_str()) {
+                Ok(value)
+            } else {
+                Err(SettingsError { name, value, problem: format!("must be one of {}", options.join(", ")) })
             }
         };
-        let database_url = text("DATABASE_URL", "mysql://root@127.0.0.1:3306/concert");
-        if !database_url.starts_with("mysql://") && !database_url.starts_with("mariadb://") {
-            return Err(SettingsError {
-                name: "DATABASE_URL",
-                value: redact(&database_url),
-                problem: "must be a mysql:// URL".into(),
-            });
-        }
-        let redis_url = text("REDIS_URL", "redis://127.0.0.1:6379");
-        if !redis_url.starts_with("redis://") && !redis_url.starts_with("rediss://") {
-            return Err(SettingsError {
-                name: "REDIS_URL",
-                value: redact(&redis_url),
-                problem: "must be a redis:// or rediss:// URL".into(),
-            });
-        }
-        let lock_lease = Duration::from_millis(number("LOCK_LEASE_MS", 10_000, 300..=600_000)?);
-        let lock_wait_mode = match text("LOCK_WAIT_STRATEGY", "pubsub").to_ascii_lowercase().as_str() {
-            "pubsub" => LockWaitMode::PubSub,
-            "spin" => LockWaitMode::Spin,
-            _ => {
-                return Err(SettingsError {
-                    name: "LOCK_WAIT_STRATEGY",
-                    value: text("LOCK_WAIT_STRATEGY", ""),
-                    problem: "must be pubsub or spin".into(),
-                });
+        let url = |name: &'static str, default: &str, schemes: &[&str]| {
+            let value = text(name, default);
+            if schemes.iter().any(|scheme| value.starts_with(&format!("{scheme}://"))) {
+                Ok(value)
+            } else {
+                let problem = format!("must be a {} URL", schemes.join(":// or ") + "://");
+                Err(SettingsError { name, value: redact(&value), problem })
             }
+        };
+        let log_format = if choice("LOG_FORMAT", "text", &["text", "json"])? == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        };
+        let database_url = url("DATABASE_URL", "mysql://root@127.0.0.1:3306/concert", &["mysql", "mariadb"])?;
+        let redis_url = url("REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?;
+        let lock_lease = Duration::from_millis(number("LOCK_LEASE_MS", 10_000, 300..=600_000)?);
+        let lock_wait_mode = if choice("LOCK_WAIT_STRATEGY", "pubsub", &["pubsub", "spin"])? == "spin" {
+            LockWaitMode::Spin
+        } else {
+            LockWaitMode::PubSub
         };
         Ok(Self {
             database_url,

@@ -55,17 +55,22 @@ async fn registered_user(db: &Db) -> User {
         .expect("user created")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_charges_stay_exact_with_the_distributed_lock_removed() {
-    let db = Db::fresh("points_nolock").await;
-    let user = registered_user(&db).await;
-    let charge = ChargePoints::new(
+/// The real use case on the real adapters, with the distributed lock taken out.
+fn charge_without_lock(db: &Db) -> ChargePoints {
+    ChargePoints::new(
         db.users.clone(),
         db.points.clone(),
         Arc::new(NoLock),
         db.txm.clone(),
         Duration::from_secs(3),
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_charges_stay_exact_with_the_distributed_lock_removed() {
+    let db = Db::fresh("points_nolock").await;
+    let user = registered_user(&db).await;
+    let charge = charge_without_lock(&db);
 
     let results = futures::future::join_all(
         (0..40).map(|_| charge.execute(user.id(), ChargeAmount::new(1_000).expect("valid"))),
@@ -105,13 +110,7 @@ async fn a_balance_write_from_a_stale_read_is_refused() {
 async fn history_is_newest_first_and_cut_at_the_limit() {
     let db = Db::fresh("points_hist").await;
     let user = registered_user(&db).await;
-    let charge = ChargePoints::new(
-        db.users.clone(),
-        db.points.clone(),
-        Arc::new(NoLock),
-        db.txm.clone(),
-        Duration::from_secs(3),
-    );
+    let charge = charge_without_lock(&db);
     for amount in 1..=5 {
         charge.execute(user.id(), ChargeAmount::new(amount).unwrap()).await.expect("charge");
     }
