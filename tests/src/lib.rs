@@ -25,7 +25,7 @@ pub struct Cluster {
 /// One running server process, killed when dropped.
 #[derive(Debug)]
 pub struct Instance {
-    child: Child,
+    child: Mutex<Child>,
     /// `http://127.0.0.1:<port>`
     pub base_url: String,
     /// Everything the process printed so far, for failure messages.
@@ -34,8 +34,18 @@ pub struct Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.crash();
+    }
+}
+
+impl Instance {
+    /// Kills the process with SIGKILL: a crash, with requests and transactions in flight
+    /// and locks held, not a graceful shutdown.
+    pub fn crash(&self) {
+        if let Ok(mut child) = self.child.lock() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -83,7 +93,7 @@ impl Cluster {
                         output.lock().map(|o| o.join("\n")).unwrap_or_default()
                     )
                 })?;
-            instances.push(Instance { child, base_url, output });
+            instances.push(Instance { child: Mutex::new(child), base_url, output });
         }
         Ok(Self { instances, database_url })
     }
