@@ -7,7 +7,6 @@ use domain::unit_of_work::TxError;
 use domain::user::{User, UserName, UserRepository, UserRepositoryError};
 
 use crate::clock;
-use crate::lock::LockError;
 use crate::tx::{TransactionManager, in_tx};
 
 /// Creates users. No lock: a fresh v7 id collides with nothing, and the user row and its
@@ -75,13 +74,6 @@ impl From<PointRepositoryError> for CreateUserError {
 impl From<TxError> for CreateUserError {
     fn from(error: TxError) -> Self {
         Self::Unexpected(anyhow::Error::new(error).context("user transaction failed"))
-    }
-}
-
-// `in_tx` shares its error bound with `locked_tx`; no lock is taken here, so this never runs.
-impl From<LockError> for CreateUserError {
-    fn from(error: LockError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error))
     }
 }
 

@@ -42,10 +42,12 @@ pub trait TransactionManager: Send + Sync {
 pub async fn in_tx<T, E, F>(txm: &dyn TransactionManager, work: F) -> Result<T, E>
 where
     F: for<'u> FnOnce(&'u mut Tx) -> BoxFuture<'u, Result<T, E>> + Send,
-    E: From<TxError> + From<LockError>,
+    E: From<TxError>,
 {
     match transaction(txm, None, work).await {
         Ended::Returned(result) => result,
+        // Without a lease there is nothing to lose.
+        Ended::LeaseLost(key) => unreachable!("no lease was given, yet {key} was lost"),
         Ended::Panicked(panic) => resume_unwind(panic),
     }
 }
@@ -84,12 +86,15 @@ where
     }
     match ended {
         Ended::Returned(result) => result,
+        Ended::LeaseLost(key) => Err(LockError::LeaseLost { key }.into()),
         Ended::Panicked(panic) => resume_unwind(panic),
     }
 }
 
 enum Ended<T, E> {
     Returned(Result<T, E>),
+    /// The work succeeded but the lease ran out first; the work was rolled back.
+    LeaseLost(LockKey),
     Panicked(Box<dyn Any + Send>),
 }
 
@@ -100,7 +105,7 @@ async fn transaction<T, E, F>(
 ) -> Ended<T, E>
 where
     F: for<'u> FnOnce(&'u mut Tx) -> BoxFuture<'u, Result<T, E>> + Send,
-    E: From<TxError> + From<LockError>,
+    E: From<TxError>,
 {
     let mut tx = match txm.begin().await {
         Ok(tx) => tx,
@@ -111,8 +116,7 @@ where
         Ok(Ok(value)) => {
             if let Some(guard) = lease.filter(|guard| guard.is_lost()) {
                 roll_back(tx).await;
-                let key = guard.key().clone();
-                return Ended::Returned(Err(LockError::LeaseLost { key }.into()));
+                return Ended::LeaseLost(guard.key().clone());
             }
             Ended::Returned(tx.commit().await.map(|()| value).map_err(E::from))
         }
@@ -338,6 +342,85 @@ mod tests {
             locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Ok("committed") })).await;
 
         assert_eq!(result.unwrap(), "committed");
+    }
+
+    /// Records being dropped: what a real guard (release in the background) and a real
+    /// unit of work (rollback) do when a request is cancelled.
+    #[derive(Debug)]
+    struct DropFlag(Arc<Mutex<Vec<&'static str>>>, &'static str);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().push(self.1);
+        }
+    }
+
+    #[derive(Debug)]
+    struct FakeGuard(DropFlag, LockKey);
+
+    #[async_trait]
+    impl LockGuard for FakeGuard {
+        fn key(&self) -> &LockKey {
+            &self.1
+        }
+        fn fencing_token(&self) -> FencingToken {
+            FencingToken(1)
+        }
+        fn is_lost(&self) -> bool {
+            false
+        }
+        fn lease_lost(&self) -> BoxFuture<'static, ()> {
+            Box::pin(std::future::pending())
+        }
+        async fn release(self: Box<Self>) -> Result<(), LockError> {
+            self.0.0.lock().unwrap().push("released");
+            Ok(())
+        }
+    }
+
+    #[derive(Debug)]
+    struct FakeUow(#[allow(dead_code, reason = "held for its Drop")] DropFlag);
+
+    #[async_trait]
+    impl domain::unit_of_work::UnitOfWork for FakeUow {
+        async fn commit(self: Box<Self>) -> Result<(), TxError> {
+            Ok(())
+        }
+        async fn rollback(self: Box<Self>) -> Result<(), TxError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_caller_drops_the_guard_and_the_transaction_without_committing() {
+        let dropped: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+        let mut lock = MockDistributedLock::new();
+        let flag = Arc::clone(&dropped);
+        lock.expect_acquire()
+            .times(1)
+            .return_once(move |key, _| Ok(Box::new(FakeGuard(DropFlag(flag, "guard dropped"), key.clone()))));
+        let mut txm = MockTransactionManager::new();
+        let flag = Arc::clone(&dropped);
+        txm.expect_begin().times(1).return_once(move || Ok(Box::new(FakeUow(DropFlag(flag, "tx dropped")))));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+
+        let key = key();
+        let call = locked_tx::<(), TestError, _>(&lock, &txm, &key, WAIT, move |_tx| {
+            Box::pin(async move {
+                let _ = started_tx.send(());
+                std::future::pending::<()>().await; // a client that hangs up mid-work
+                Ok(())
+            })
+        });
+        tokio::select! {
+            _ = call => panic!("the work never finishes"),
+            _ = started_rx => {} // the work has begun: cancel the call by dropping it here
+        }
+
+        let dropped = dropped.lock().unwrap().clone();
+        assert!(dropped.contains(&"tx dropped"), "{dropped:?}");
+        assert!(dropped.contains(&"guard dropped"), "{dropped:?}");
+        assert!(!dropped.contains(&"released"), "nothing ran after the cancellation: {dropped:?}");
     }
 
     #[tokio::test]
