@@ -1,7 +1,7 @@
 //! The transaction port on sea-orm.
 //!
 //! [`MySqlTransactionManager::begin`] hands out a boxed [`SeaOrmUnitOfWork`]; repositories
-//! get it back as `&mut Tx` and downcast it with [`connection`]. Dropping a unit of work
+//! get it back as `&mut Tx` and downcast it with `connection`. Dropping a unit of work
 //! without commit rolls it back (sea-orm's `DatabaseTransaction` does so on drop).
 
 use std::any::Any;
