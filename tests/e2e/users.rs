@@ -40,9 +40,22 @@ async fn operations_endpoints_answer() {
     assert_eq!(docs.status().as_u16(), 200);
     let spec = send(http.get(format!("{base}/api-docs/openapi.json")), None).await;
     assert!(spec.2["paths"]["/api/v1/users/{userId}/points/charge"]["post"].is_object(), "{}", spec.2);
+    let user = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "metered"}"#)).await;
+    let user = user.2["id"].as_str().expect("id").to_owned();
+    let charged =
+        send(http.post(format!("{base}/api/v1/users/{user}/points/charge")), Some(r#"{"amount": 1}"#)).await;
+    assert_eq!(charged.0.as_u16(), 200);
     let metrics =
         http.get(format!("{base}/metrics")).send().await.expect("metrics").body().await.expect("body");
-    assert!(std::str::from_utf8(&metrics).expect("text").contains("http_requests_total"));
+    let metrics = std::str::from_utf8(&metrics).expect("text");
+    for family in [
+        "http_requests_total",
+        "http_request_duration_seconds_bucket",
+        "lock_wait_seconds_bucket",
+        "lock_hold_seconds_bucket",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from /metrics");
+    }
     assert_problem(&send(http.get(format!("{base}/no/such/route")), None).await, 404, "NOT_FOUND", None);
     cluster.shut_down().await;
 }
