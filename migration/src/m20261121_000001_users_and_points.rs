@@ -6,8 +6,10 @@
 //!   2038 limit).
 //! - `point_accounts.balance` is checked to stay within 0..=1,000,000,000 by the database
 //!   itself: the last line of defence if a lock and the application both failed.
-//! - `point_history` is read as "a user's newest entries": the index
-//!   `(user_id, created_at, id)` serves that read backwards, without a sort.
+//! - `point_accounts.version` counts the balance's changes; each history row stores the
+//!   version its change produced as `seq`. `UNIQUE (user_id, seq)` makes one change
+//!   impossible to record twice, and serves "a user's newest entries" read backwards,
+//!   without a sort and without trusting any instance's clock.
 
 use sea_orm_migration::prelude::*;
 
@@ -24,8 +26,10 @@ const UP: &[&str] = &[
     r"CREATE TABLE point_accounts (
         user_id BINARY(16) NOT NULL,
         balance BIGINT NOT NULL,
+        version BIGINT NOT NULL,
         updated_at DATETIME(6) NOT NULL,
         PRIMARY KEY (user_id),
+        CONSTRAINT ck_point_accounts_version CHECK (version >= 0),
         CONSTRAINT fk_point_accounts_user FOREIGN KEY (user_id) REFERENCES users (id),
         CONSTRAINT ck_point_accounts_balance CHECK (balance BETWEEN 0 AND 1000000000)
     ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
@@ -35,13 +39,15 @@ const UP: &[&str] = &[
         kind VARCHAR(10) NOT NULL,
         amount BIGINT NOT NULL,
         balance_after BIGINT NOT NULL,
+        seq BIGINT NOT NULL,
         created_at DATETIME(6) NOT NULL,
         PRIMARY KEY (id),
-        KEY ix_point_history_user_created (user_id, created_at, id),
+        UNIQUE KEY uq_point_history_user_seq (user_id, seq),
         CONSTRAINT fk_point_history_user FOREIGN KEY (user_id) REFERENCES users (id),
         CONSTRAINT ck_point_history_kind CHECK (kind IN ('CHARGE', 'USE', 'REFUND')),
         CONSTRAINT ck_point_history_amount CHECK (amount > 0),
-        CONSTRAINT ck_point_history_balance_after CHECK (balance_after BETWEEN 0 AND 1000000000)
+        CONSTRAINT ck_point_history_balance_after CHECK (balance_after BETWEEN 0 AND 1000000000),
+        CONSTRAINT ck_point_history_seq CHECK (seq > 0)
     ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
 ];
 

@@ -1,9 +1,10 @@
 //! `PointRepository` on MySQL.
 //!
 //! A balance changes only through [`MySqlPointRepository::save_balance`], an `UPDATE ...
-//! WHERE user_id = ? AND balance = ?` whose affected rows are checked, inside a
-//! transaction that read the row with `SELECT ... FOR UPDATE`; the table's CHECK keeps the
-//! balance in range whatever the code does. Together these keep every balance exact even
+//! SET balance = ?, version = version + 1 WHERE user_id = ? AND version = ?` whose affected
+//! rows are checked, inside a transaction that read the row with `SELECT ... FOR UPDATE`.
+//! The tables' CHECKs keep the balance in range and `UNIQUE (user_id, seq)` keeps each change
+//! recorded once, whatever the code does. Together these keep every balance exact even
 //! with the distributed lock gone.
 
 use anyhow::Context as _;
@@ -35,7 +36,8 @@ impl MySqlPointRepository {
 
 fn account_from(row: point_account::Model) -> anyhow::Result<PointAccount> {
     let balance = Balance::new(row.balance).context("a stored balance is out of range")?;
-    Ok(PointAccount::restore(UserId::from_uuid(row.user_id), balance))
+    let version = u64::try_from(row.version).context("a stored account version is negative")?;
+    Ok(PointAccount::restore(UserId::from_uuid(row.user_id), balance, version))
 }
 
 fn entry_from(row: point_history::Model) -> anyhow::Result<PointHistoryEntry> {
@@ -47,8 +49,15 @@ fn entry_from(row: point_history::Model) -> anyhow::Result<PointHistoryEntry> {
         kind,
         PointAmount::new(row.amount).context("a stored history amount is out of range")?,
         Balance::new(row.balance_after).context("a stored balance_after is out of range")?,
+        u64::try_from(row.seq).context("a stored history seq is negative")?,
         from_db_time(row.created_at),
     ))
+}
+
+/// Versions are `u64` in the domain and `BIGINT` (signed) in MySQL; 2^63 changes is
+/// out of reach, but the conversion is checked anyway.
+fn db_version(version: u64) -> anyhow::Result<i64> {
+    i64::try_from(version).context("an account version does not fit a BIGINT")
 }
 
 #[async_trait]
@@ -58,6 +67,7 @@ impl PointRepository for MySqlPointRepository {
         let row = point_account::ActiveModel {
             user_id: Set(*account.user_id().as_uuid()),
             balance: Set(account.balance().points()),
+            version: Set(db_version(account.version())?),
             updated_at: Set(to_db_time(application::clock::now_utc())),
         };
         point_account::Entity::insert(row)
@@ -86,16 +96,17 @@ impl PointRepository for MySqlPointRepository {
         &self,
         tx: &mut Tx,
         account: &PointAccount,
-        previous: Balance,
+        expected_version: u64,
     ) -> Result<(), PointRepositoryError> {
         let updated = point_account::Entity::update_many()
             .col_expr(point_account::Column::Balance, Expr::value(account.balance().points()))
+            .col_expr(point_account::Column::Version, Expr::value(db_version(account.version())?))
             .col_expr(
                 point_account::Column::UpdatedAt,
                 Expr::value(to_db_time(application::clock::now_utc())),
             )
             .filter(point_account::Column::UserId.eq(*account.user_id().as_uuid()))
-            .filter(point_account::Column::Balance.eq(previous.points()))
+            .filter(point_account::Column::Version.eq(db_version(expected_version)?))
             .exec(connection(tx)?)
             .await
             .context("failed to update the balance")?;
@@ -118,6 +129,7 @@ impl PointRepository for MySqlPointRepository {
             kind: Set(entry.kind().as_str().to_owned()),
             amount: Set(entry.amount().points()),
             balance_after: Set(entry.balance_after().points()),
+            seq: Set(db_version(entry.seq())?),
             created_at: Set(to_db_time(entry.created_at())),
         };
         point_history::Entity::insert(row)
@@ -144,8 +156,7 @@ impl PointRepository for MySqlPointRepository {
     ) -> Result<Vec<PointHistoryEntry>, PointRepositoryError> {
         let rows = point_history::Entity::find()
             .filter(point_history::Column::UserId.eq(*user_id.as_uuid()))
-            .order_by_desc(point_history::Column::CreatedAt)
-            .order_by_desc(point_history::Column::Id)
+            .order_by_desc(point_history::Column::Seq)
             .limit(u64::from(limit.get()))
             .all(&self.db)
             .await

@@ -2,8 +2,8 @@
 //!
 //! Outside the lock: the user must exist (a cheap read that turns away unknown ids before
 //! they queue for a lock). Under `lock:point:{userId}`, waiting: read the account with its
-//! row locked, apply the domain rule, write the balance only if it is still the one read,
-//! and append the history row, all in one transaction.
+//! row locked, apply the domain rule, write the balance only if the account's version is
+//! still the one read, and append the history row, all in one transaction.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,9 +96,9 @@ impl ChargePoints {
                         .lock_account(tx, user_id)
                         .await?
                         .ok_or(ChargePointsError::UserNotFound(user_id))?;
-                    let previous = account.balance();
+                    let read_at = account.version();
                     let entry = account.charge(amount, clock::now_utc())?;
-                    points.save_balance(tx, &account, previous).await?;
+                    points.save_balance(tx, &account, read_at).await?;
                     points.append_history(tx, &entry).await?;
                     Ok::<_, ChargePointsError>(account.balance())
                 })
@@ -213,7 +213,7 @@ mod tests {
     }
 
     fn account(user_id: UserId, points: i64) -> PointAccount {
-        PointAccount::restore(user_id, Balance::new(points).unwrap())
+        PointAccount::restore(user_id, Balance::new(points).unwrap(), 4)
     }
 
     #[tokio::test]
@@ -224,7 +224,9 @@ mod tests {
         harness
             .points
             .expect_save_balance()
-            .withf(|_, account, previous| account.balance().points() == 1_500 && previous.points() == 500)
+            .withf(|_, account, read_at| {
+                account.balance().points() == 1_500 && account.version() == 5 && *read_at == 4
+            })
             .times(1)
             .returning(|_, _, _| Ok(()));
         harness
@@ -232,6 +234,7 @@ mod tests {
             .expect_append_history()
             .withf(|_, entry| {
                 entry.kind() == PointHistoryKind::Charge
+                    && entry.seq() == 5
                     && entry.amount().points() == 1_000
                     && entry.balance_after().points() == 1_500
             })

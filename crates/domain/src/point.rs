@@ -4,6 +4,10 @@
 //! never negative and never passes [`MAX_BALANCE`]. Every change of balance leaves a
 //! [`PointHistoryEntry`] stating the balance after it, so the history alone can be audited
 //! against the account.
+//!
+//! Every change also bumps the account's *version*, and the entry carries it as its
+//! sequence number (`seq`): a user's history is a gap-free sequence 1, 2, 3, ... in the
+//! order the changes happened, whatever the clocks of the instances that made them said.
 
 use std::fmt;
 
@@ -104,19 +108,21 @@ impl ChargeAmount {
 pub struct PointAccount {
     user_id: UserId,
     balance: Balance,
+    /// How many changes the balance has seen; the `seq` of the latest history entry.
+    version: u64,
 }
 
 impl PointAccount {
     /// The empty account every new user gets.
     #[must_use]
     pub const fn open(user_id: UserId) -> Self {
-        Self { user_id, balance: Balance::ZERO }
+        Self { user_id, balance: Balance::ZERO, version: 0 }
     }
 
     /// An account read back from storage.
     #[must_use]
-    pub const fn restore(user_id: UserId, balance: Balance) -> Self {
-        Self { user_id, balance }
+    pub const fn restore(user_id: UserId, balance: Balance, version: u64) -> Self {
+        Self { user_id, balance, version }
     }
 
     #[must_use]
@@ -127,6 +133,12 @@ impl PointAccount {
     #[must_use]
     pub const fn balance(&self) -> Balance {
         self.balance
+    }
+
+    /// How many changes the balance has seen (0 for a new account).
+    #[must_use]
+    pub const fn version(&self) -> u64 {
+        self.version
     }
 
     /// Adds `amount`, returning the history entry that records it.
@@ -147,6 +159,7 @@ impl PointAccount {
             });
         }
         self.balance = Balance(after);
+        self.version += 1;
         Ok(self.entry(PointHistoryKind::Charge, amount.amount(), now))
     }
 
@@ -164,6 +177,7 @@ impl PointAccount {
             return Err(PointError::InsufficientBalance { balance: self.balance.0, amount: amount.0 });
         }
         self.balance = Balance(self.balance.0 - amount.0);
+        self.version += 1;
         Ok(self.entry(PointHistoryKind::Use, amount, now))
     }
 
@@ -174,6 +188,7 @@ impl PointAccount {
             kind,
             amount,
             balance_after: self.balance,
+            seq: self.version,
             created_at: now,
         }
     }
@@ -218,6 +233,7 @@ pub struct PointHistoryEntry {
     kind: PointHistoryKind,
     amount: PointAmount,
     balance_after: Balance,
+    seq: u64,
     created_at: OffsetDateTime,
 }
 
@@ -230,9 +246,10 @@ impl PointHistoryEntry {
         kind: PointHistoryKind,
         amount: PointAmount,
         balance_after: Balance,
+        seq: u64,
         created_at: OffsetDateTime,
     ) -> Self {
-        Self { id, user_id, kind, amount, balance_after, created_at }
+        Self { id, user_id, kind, amount, balance_after, seq, created_at }
     }
 
     #[must_use]
@@ -258,6 +275,13 @@ impl PointHistoryEntry {
     #[must_use]
     pub const fn balance_after(&self) -> Balance {
         self.balance_after
+    }
+
+    /// The account's version after this change: 1 for a user's first change, then 2, 3,
+    /// ... with no gaps. This, not `created_at`, orders a history: instances' clocks differ.
+    #[must_use]
+    pub const fn seq(&self) -> u64 {
+        self.seq
     }
 
     #[must_use]
@@ -338,18 +362,18 @@ pub trait PointRepository: Send + Sync {
         user_id: UserId,
     ) -> Result<Option<PointAccount>, PointRepositoryError>;
 
-    /// Writes the account's balance inside `tx`, only if the stored balance is still
-    /// `previous`.
+    /// Writes the account's balance and version inside `tx`, only if the stored version
+    /// is still `expected_version` (the one it was read at): a compare-and-set.
     ///
     /// # Errors
-    /// [`PointRepositoryError::StaleBalance`] when the stored balance is not `previous`
-    /// (someone changed it since it was read); [`PointRepositoryError::Unexpected`] for any
-    /// storage failure.
+    /// [`PointRepositoryError::StaleBalance`] when the stored version is not
+    /// `expected_version` (someone changed the balance since it was read);
+    /// [`PointRepositoryError::Unexpected`] for any storage failure.
     async fn save_balance(
         &self,
         tx: &mut Tx,
         account: &PointAccount,
-        previous: Balance,
+        expected_version: u64,
     ) -> Result<(), PointRepositoryError>;
 
     /// Appends a history entry inside `tx`.
@@ -368,7 +392,7 @@ pub trait PointRepository: Send + Sync {
     /// [`PointRepositoryError::Unexpected`] for any storage failure; no account is `Ok(None)`.
     async fn balance(&self, user_id: UserId) -> Result<Option<Balance>, PointRepositoryError>;
 
-    /// The newest `limit` history entries of a user, newest first.
+    /// The newest `limit` history entries of a user, newest first (by `seq`).
     ///
     /// # Errors
     /// [`PointRepositoryError::Unexpected`] for any storage failure.
@@ -396,7 +420,7 @@ mod tests {
     const NOW: OffsetDateTime = datetime!(2026-11-21 09:30 UTC);
 
     fn account_with(points: i64) -> PointAccount {
-        PointAccount::restore(UserId::generate(), Balance::new(points).expect("valid balance"))
+        PointAccount::restore(UserId::generate(), Balance::new(points).expect("valid balance"), 7)
     }
 
     #[test]
@@ -421,6 +445,7 @@ mod tests {
         assert_eq!(entry.balance_after().points(), 1_500);
         assert_eq!(entry.user_id(), account.user_id());
         assert_eq!(entry.created_at(), NOW);
+        assert_eq!((entry.seq(), account.version()), (8, 8), "the change is the account's eighth");
     }
 
     #[test]
@@ -436,6 +461,7 @@ mod tests {
         let refused = account.charge(ChargeAmount::new(11).expect("valid"), NOW);
         assert_eq!(refused, Err(PointError::BalanceLimitExceeded { balance: MAX_BALANCE - 10, amount: 11 }));
         assert_eq!(account.balance().points(), MAX_BALANCE - 10, "unchanged");
+        assert_eq!(account.version(), 7, "a refused change is not a change");
     }
 
     #[test]
@@ -453,6 +479,7 @@ mod tests {
         let refused = account.deduct(PointAmount::new(300).expect("valid"), NOW);
         assert_eq!(refused, Err(PointError::InsufficientBalance { balance: 299, amount: 300 }));
         assert_eq!(account.balance().points(), 299, "unchanged");
+        assert_eq!(account.version(), 7, "a refused change is not a change");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub user_id: Uuid,
     pub balance: i64,
+    pub version: i64,
     pub updated_at: TimeDateTime,
 }
 

@@ -9,6 +9,7 @@ pub struct Model {
     pub kind: String,
     pub amount: i64,
     pub balance_after: i64,
+    pub seq: i64,
     pub created_at: TimeDateTime,
 }
 

@@ -97,8 +97,8 @@ async fn a_balance_write_from_a_stale_read_is_refused() {
     let mut account = db.points.lock_account(tx.as_mut(), user.id()).await.expect("lock").expect("account");
     account.charge(ChargeAmount::new(500).unwrap(), clock::now_utc()).expect("charge");
 
-    // The caller believes the balance was 100; it was 0.
-    let refused = db.points.save_balance(tx.as_mut(), &account, Balance::new(100).unwrap()).await;
+    // The caller believes it read the account at version 3; it is at version 0.
+    let refused = db.points.save_balance(tx.as_mut(), &account, 3).await;
 
     assert!(matches!(refused, Err(PointRepositoryError::StaleBalance { .. })));
     tx.rollback().await.expect("rollback");
@@ -117,9 +117,9 @@ async fn history_is_newest_first_and_cut_at_the_limit() {
 
     let newest_three = db.points.history(user.id(), HistoryLimit::new(3).unwrap()).await.expect("history");
 
-    let seen: Vec<(i64, i64)> =
-        newest_three.iter().map(|e| (e.amount().points(), e.balance_after().points())).collect();
-    assert_eq!(seen, vec![(5, 15), (4, 10), (3, 6)]);
+    let seen: Vec<(u64, i64, i64)> =
+        newest_three.iter().map(|e| (e.seq(), e.amount().points(), e.balance_after().points())).collect();
+    assert_eq!(seen, vec![(5, 5, 15), (4, 4, 10), (3, 3, 6)]);
     assert!(newest_three.iter().all(|e| e.kind() == PointHistoryKind::Charge && e.user_id() == user.id()));
     db.drop_now().await;
 }
@@ -128,5 +128,31 @@ async fn history_is_newest_first_and_cut_at_the_limit() {
 async fn an_unknown_user_has_no_balance() {
     let db = Db::fresh("points_none").await;
     assert_eq!(db.points.balance(domain::user::UserId::generate()).await.expect("balance"), None);
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_change_cannot_be_recorded_twice() {
+    let db = Db::fresh("points_once").await;
+    let user = registered_user(&db).await;
+    let mut tx = db.txm.begin().await.expect("begin");
+    let mut account = db.points.lock_account(tx.as_mut(), user.id()).await.expect("lock").expect("account");
+    let entry = account.charge(ChargeAmount::new(5).unwrap(), clock::now_utc()).expect("charge");
+    db.points.append_history(tx.as_mut(), &entry).await.expect("first record");
+
+    // The same change (same user, same seq) under another id, as a replayed write would be.
+    let replay = domain::point::PointHistoryEntry::restore(
+        uuid::Uuid::now_v7(),
+        entry.user_id(),
+        entry.kind(),
+        entry.amount(),
+        entry.balance_after(),
+        entry.seq(),
+        entry.created_at(),
+    );
+    let refused = db.points.append_history(tx.as_mut(), &replay).await;
+
+    assert!(refused.is_err(), "a second row for seq {} was accepted", entry.seq());
+    tx.rollback().await.expect("rollback");
     db.drop_now().await;
 }
