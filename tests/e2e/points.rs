@@ -49,6 +49,10 @@ async fn three_hundred_concurrent_charges_over_three_instances_are_each_applied_
         entries.iter().map(|e| e["balanceAfter"].as_i64().expect("balanceAfter")).collect();
     assert_eq!(afters, (1..=charges).map(|n| n * AMOUNT).collect());
     assert!(entries.iter().all(|e| e["kind"] == "CHARGE" && e["amount"] == AMOUNT));
+    // Newest first, in the order the charges committed, whichever instance made them.
+    let listed: Vec<i64> =
+        entries.iter().map(|e| e["balanceAfter"].as_i64().expect("balanceAfter")).collect();
+    assert!(listed.windows(2).all(|pair| pair[0] > pair[1]), "history is not newest first");
     // Every answer's balance is one of those steps, and no two answers share one.
     let answered: BTreeSet<i64> =
         answers.iter().map(|(_, _, body)| body["balance"].as_i64().expect("balance")).collect();
