@@ -17,7 +17,10 @@ run: services ## Start the server on the default local services (see README for 
 
 test: services lint ## Lint, then run every test; the end-to-end tests start real server processes
 	$(CARGO) build --workspace --bins --locked
-	$(CARGO) test --workspace --locked
+	$(CARGO) test --workspace --locked --exclude e2e
+	# One end-to-end test at a time: each starts up to three servers, and two storms
+	# sharing two cores would measure the machine, not the service.
+	$(CARGO) test --package e2e --locked -- --test-threads=1
 
 lint: ## Format check and clippy, warnings as errors
 	$(CARGO) fmt --all -- --check

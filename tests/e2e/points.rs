@@ -198,8 +198,14 @@ async fn balance_and_history_reads_validate_their_input() {
 
 #[actix_web::test]
 async fn three_hundred_charges_are_exact_with_spinning_waiters_too() {
+    // Spinning waiters are not served in order: an unlucky one can lose every retry for
+    // seconds (pub/sub waiters are woken first-come, first-served). This test is about
+    // exactness, so no charge is allowed to give up.
     let options = ClusterOptions {
-        env: vec![("LOCK_WAIT_STRATEGY".into(), "spin".into())],
+        env: vec![
+            ("LOCK_WAIT_STRATEGY".into(), "spin".into()),
+            ("POINT_LOCK_WAIT_MS".into(), "30000".into()),
+        ],
         ..ClusterOptions::default()
     };
     let cluster = Cluster::start_with(3, &options).await.expect("cluster");
