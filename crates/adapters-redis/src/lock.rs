@@ -197,6 +197,7 @@ impl RedisLock {
     /// One attempt: the fencing number if acquired, else how long the holder's lease has left.
     async fn try_once(&self, key: &LockKey, token: &str) -> Result<Attempt, LockError> {
         let inner = &self.inner;
+        let sent_at = Instant::now();
         let lease_ms = millis(inner.options.lease);
         let reply: Vec<i64> = inner
             .acquire
@@ -208,7 +209,10 @@ impl RedisLock {
             .await
             .map_err(unavailable)?;
         match reply.as_slice() {
-            [1, fence] => Ok(Attempt::Acquired(FencingToken(u64::try_from(*fence).unwrap_or(0)))),
+            [1, fence] => Ok(Attempt::Acquired(Acquired {
+                fence: FencingToken(u64::try_from(*fence).unwrap_or(0)),
+                lease_from: sent_at,
+            })),
             [0, pttl] => {
                 Ok(Attempt::Held { lease_left: Duration::from_millis(u64::try_from(*pttl).unwrap_or(0)) })
             }
@@ -221,7 +225,7 @@ impl RedisLock {
         key: &LockKey,
         token: &str,
         wait: Duration,
-    ) -> Result<FencingToken, LockError> {
+    ) -> Result<Acquired, LockError> {
         let started = Instant::now();
         let deadline = started + wait;
         // Register before the first attempt, so a release between the attempt and the
@@ -236,7 +240,7 @@ impl RedisLock {
         };
         loop {
             let lease_left = match self.try_once(key, token).await? {
-                Attempt::Acquired(fence) => return Ok(fence),
+                Attempt::Acquired(acquired) => return Ok(acquired),
                 Attempt::Held { lease_left } => lease_left,
             };
             let now = Instant::now();
@@ -264,13 +268,19 @@ impl RedisLock {
         }
     }
 
-    fn guard(&self, key: &LockKey, token: String, fence: FencingToken) -> RedisLockGuard {
+    fn guard(&self, key: &LockKey, token: String, acquired: Acquired) -> RedisLockGuard {
         let (lost_tx, lost_rx) = watch::channel(false);
-        let watchdog = tokio::spawn(watchdog(Arc::clone(&self.inner), key.clone(), token.clone(), lost_tx));
+        let watchdog = tokio::spawn(watchdog(
+            Arc::clone(&self.inner),
+            key.clone(),
+            token.clone(),
+            acquired.lease_from,
+            lost_tx,
+        ));
         RedisLockGuard {
             key: key.clone(),
             token,
-            fence,
+            fence: acquired.fence,
             inner: Arc::clone(&self.inner),
             lost: lost_rx,
             watchdog: Some(watchdog),
@@ -300,8 +310,17 @@ impl Drop for Asleep<'_> {
     }
 }
 
+/// A successful attempt.
+#[derive(Debug, Clone, Copy)]
+struct Acquired {
+    fence: FencingToken,
+    /// When the winning attempt was sent: Redis started the lease no earlier, so counting
+    /// from here never overestimates how long the lease lasts.
+    lease_from: Instant,
+}
+
 enum Attempt {
-    Acquired(FencingToken),
+    Acquired(Acquired),
     Held { lease_left: Duration },
 }
 
@@ -313,7 +332,7 @@ impl DistributedLock for RedisLock {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let outcome = match wait {
             WaitPolicy::FailFast => match self.try_once(key, &token).await {
-                Ok(Attempt::Acquired(fence)) => Ok(fence),
+                Ok(Attempt::Acquired(acquired)) => Ok(acquired),
                 Ok(Attempt::Held { .. }) => Err(LockError::Busy { key: key.clone() }),
                 Err(error) => Err(error),
             },
@@ -331,17 +350,23 @@ impl DistributedLock for RedisLock {
             metrics::counter!("lock_acquire_failures_total", "kind" => key.kind(), "reason" => label)
                 .increment(1);
         }
-        let fence = outcome?;
-        tracing::debug!(fence = fence.0, "lock acquired");
-        Ok(Box::new(self.guard(key, token, fence)))
+        let acquired = outcome?;
+        tracing::debug!(fence = acquired.fence.0, "lock acquired");
+        Ok(Box::new(self.guard(key, token, acquired)))
     }
 }
 
 /// Extends the lease every `renew_every` while the guard lives; marks the guard lost when
 /// the key is no longer ours or the lease ran out without a successful renewal.
-async fn watchdog(inner: Arc<Inner>, key: LockKey, token: String, lost: watch::Sender<bool>) {
+async fn watchdog(
+    inner: Arc<Inner>,
+    key: LockKey,
+    token: String,
+    lease_from: Instant,
+    lost: watch::Sender<bool>,
+) {
     let lease = inner.options.lease;
-    let mut renewed_until = Instant::now() + lease;
+    let mut renewed_until = lease_from + lease;
     loop {
         tokio::time::sleep(inner.options.renew_every).await;
         let sent_at = Instant::now();
