@@ -285,6 +285,7 @@ impl RedisLock {
             lost: lost_rx,
             watchdog: Some(watchdog),
             acquired_at: Instant::now(),
+            released: false,
         }
     }
 }
@@ -403,9 +404,13 @@ pub struct RedisLockGuard {
     fence: FencingToken,
     inner: Arc<Inner>,
     lost: watch::Receiver<bool>,
-    /// `None` once released.
+    /// The renewal task; `None` once stopped.
     watchdog: Option<JoinHandle<()>>,
     acquired_at: Instant,
+    /// Set only once the release script has answered. A guard dropped before that (a
+    /// release that failed on a Redis blip, or one cancelled while fred reloads a flushed
+    /// script) tries again from `Drop`, instead of leaving the key locked for its lease.
+    released: bool,
 }
 
 impl fmt::Debug for RedisLockGuard {
@@ -443,12 +448,14 @@ impl LockGuard for RedisLockGuard {
     }
 
     async fn release(mut self: Box<Self>) -> Result<(), LockError> {
+        // Stop renewing first: a renewal racing the delete would report a lost lease.
         if let Some(watchdog) = self.watchdog.take() {
             watchdog.abort();
         }
+        let ours = release(&self.inner, &self.key, &self.token).await?;
+        self.released = true;
         self.record_hold();
-        let released = release(&self.inner, &self.key, &self.token).await?;
-        if released {
+        if ours {
             tracing::debug!(key = %self.key, "lock released");
             Ok(())
         } else {
@@ -466,10 +473,12 @@ impl RedisLockGuard {
 
 impl Drop for RedisLockGuard {
     fn drop(&mut self) {
-        let Some(watchdog) = self.watchdog.take() else {
-            return; // released
-        };
-        watchdog.abort();
+        if self.released {
+            return;
+        }
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
         self.record_hold();
         let (inner, key, token) =
             (Arc::clone(&self.inner), self.key.clone(), std::mem::take(&mut self.token));
