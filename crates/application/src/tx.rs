@@ -78,7 +78,7 @@ where
     match guard.release().await {
         Ok(()) => {}
         Err(LockError::LeaseLost { key }) => {
-            tracing::warn!(%key, "lease ran out before release; the SQL guards kept the write safe");
+            tracing::warn!(%key, "lease had run out by release time; another holder may have overlapped, the SQL guards keep writes exact");
         }
         Err(error) => {
             tracing::warn!(%key, error = %error, "lock release failed; the lease will free the key");
