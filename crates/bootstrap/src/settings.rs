@@ -111,7 +111,8 @@ impl Settings {
         } else {
             LogFormat::Text
         };
-        let database_url = url("DATABASE_URL", "mysql://root@127.0.0.1:3306/concert", &["mysql", "mariadb"])?;
+        // sea-orm recognises only mysql:// (for MariaDB too).
+        let database_url = url("DATABASE_URL", "mysql://root@127.0.0.1:3306/concert", &["mysql"])?;
         let redis_url = url("REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?;
         let lock_lease = Duration::from_millis(number("LOCK_LEASE_MS", 10_000, 300..=600_000)?);
         let lock_wait_mode = if choice("LOCK_WAIT_STRATEGY", "pubsub", &["pubsub", "spin"])? == "spin" {
@@ -177,6 +178,10 @@ mod tests {
         assert!(settings(&[("HTTP_ADDR", "8080")]).is_err());
         assert!(settings(&[("LOG_FORMAT", "xml")]).is_err());
         assert!(settings(&[("DATABASE_URL", "postgres://x/y")]).is_err());
+        assert!(
+            settings(&[("DATABASE_URL", "mariadb://h/concert")]).is_err(),
+            "the driver takes mysql:// only"
+        );
         assert!(settings(&[("LOCK_LEASE_MS", "10")]).is_err());
         assert!(settings(&[("LOCK_WAIT_STRATEGY", "sleep")]).is_err());
         assert_eq!(settings(&[("LOCK_WAIT_STRATEGY", "SPIN")]).unwrap().lock_wait_mode, LockWaitMode::Spin);
