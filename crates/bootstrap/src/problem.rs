@@ -97,6 +97,8 @@ impl ApiError {
     fn detail(&self) -> String {
         match self {
             Self::Unexpected(_) => "An unexpected error occurred. It has been logged.".to_owned(),
+            // Domain messages name their field already ("amount must be ..."); serde's do not.
+            Self::Validation { field, message } if message.starts_with(field.as_str()) => message.clone(),
             other => other.to_string(),
         }
     }
@@ -221,5 +223,8 @@ mod tests {
         assert_eq!(problem.code, "VALIDATION_FAILED");
         assert_eq!(problem.field.as_deref(), Some("amount"));
         assert_eq!(problem.kind, "urn:concert-server:problem:validation-failed");
+        assert_eq!(problem.detail, "amount: must be between 1 and 10000000");
+        let named = ApiError::validation("limit", "limit must be between 1 and 1000, got 0").problem();
+        assert_eq!(named.detail, "limit must be between 1 and 1000, got 0", "the field is not named twice");
     }
 }
