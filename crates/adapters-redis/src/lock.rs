@@ -228,15 +228,13 @@ impl RedisLock {
     ) -> Result<Acquired, LockError> {
         let started = Instant::now();
         let deadline = started + wait;
-        // Register before the first attempt, so a release between the attempt and the
-        // sleep is not missed.
-        let registration = match self.inner.options.wait {
-            WaitStrategy::PubSub { .. } => Some(self.inner.waiters.register(key.as_str())),
-            WaitStrategy::Spin { .. } => None,
-        };
-        let mut backoff = match self.inner.options.wait {
-            WaitStrategy::Spin { initial, .. } => initial,
-            WaitStrategy::PubSub { .. } => Duration::ZERO,
+        // Built once, before the first attempt: a pub/sub waiter registers first, so a
+        // release between a failed attempt and the sleep is not missed.
+        let mut pause_state = match self.inner.options.wait {
+            WaitStrategy::Spin { initial, max } => Pause::Spin { backoff: initial, max },
+            WaitStrategy::PubSub { fallback_poll } => {
+                Pause::PubSub { registration: self.inner.waiters.register(key.as_str()), fallback_poll }
+            }
         };
         loop {
             let lease_left = match self.try_once(key, token).await? {
@@ -249,20 +247,16 @@ impl RedisLock {
             }
             let remaining = deadline - now;
             let _asleep = Asleep::new(&self.inner.sleeping, key.kind());
-            match (self.inner.options.wait, &registration) {
-                (WaitStrategy::Spin { max, .. }, _) => {
-                    let pause = jitter(backoff).min(remaining);
-                    tokio::time::sleep(pause).await;
-                    backoff = (backoff * 2).min(max);
+            match &mut pause_state {
+                Pause::Spin { backoff, max } => {
+                    tokio::time::sleep(jitter(*backoff).min(remaining)).await;
+                    *backoff = (*backoff * 2).min(*max);
                 }
-                (WaitStrategy::PubSub { fallback_poll }, Some(registration)) => {
+                Pause::PubSub { registration, fallback_poll } => {
                     // Wake at the latest when the holder's lease would run out: a crashed
                     // holder announces nothing.
-                    let pause = remaining.min(fallback_poll).min(lease_left + Duration::from_millis(1));
+                    let pause = remaining.min(*fallback_poll).min(lease_left + Duration::from_millis(1));
                     let _ = tokio::time::timeout(pause, registration.notify.notified()).await;
-                }
-                (WaitStrategy::PubSub { fallback_poll }, None) => {
-                    tokio::time::sleep(fallback_poll.min(remaining)).await
                 }
             }
         }
@@ -309,6 +303,12 @@ impl Drop for Asleep<'_> {
         self.count.fetch_sub(1, Ordering::SeqCst);
         metrics::gauge!("lock_waiters", "kind" => self.kind).decrement(1.0);
     }
+}
+
+/// How a waiting acquisition sleeps between attempts, with the state it keeps.
+enum Pause {
+    Spin { backoff: Duration, max: Duration },
+    PubSub { registration: Registration, fallback_poll: Duration },
 }
 
 /// A successful attempt.
