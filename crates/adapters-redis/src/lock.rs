@@ -68,6 +68,13 @@ end
 return 0
 ";
 
+/// The default lease: short enough that a crashed instance blocks a key only briefly; long
+/// enough that a renewal can miss a beat or two.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// The default bound on each pub/sub sleep, in case a release announcement is missed.
+pub const DEFAULT_FALLBACK_POLL: Duration = Duration::from_millis(250);
+
 /// How a waiting acquisition waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStrategy {
@@ -94,9 +101,9 @@ pub struct LockOptions {
 impl Default for LockOptions {
     fn default() -> Self {
         Self {
-            lease: Duration::from_secs(10),
-            renew_every: Duration::from_secs(10) / 3,
-            wait: WaitStrategy::PubSub { fallback_poll: Duration::from_millis(250) },
+            lease: DEFAULT_LEASE,
+            renew_every: DEFAULT_LEASE / 3,
+            wait: WaitStrategy::PubSub { fallback_poll: DEFAULT_FALLBACK_POLL },
         }
     }
 }

@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+use adapters_redis::lock::DEFAULT_LEASE;
+use application::charge_points::DEFAULT_LOCK_WAIT;
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -114,7 +117,8 @@ impl Settings {
         // sea-orm recognises only mysql:// (for MariaDB too).
         let database_url = url("DATABASE_URL", "mysql://root@127.0.0.1:3306/concert", &["mysql"])?;
         let redis_url = url("REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?;
-        let lock_lease = Duration::from_millis(number("LOCK_LEASE_MS", 10_000, 300..=600_000)?);
+        let lock_lease =
+            Duration::from_millis(number("LOCK_LEASE_MS", millis(DEFAULT_LEASE), 300..=600_000)?);
         let lock_wait_mode = if choice("LOCK_WAIT_STRATEGY", "pubsub", &["pubsub", "spin"])? == "spin" {
             LockWaitMode::Spin
         } else {
@@ -129,11 +133,19 @@ impl Settings {
             database_max_connections: u32::try_from(number("DATABASE_MAX_CONNECTIONS", 20, 1..=1_000)?)
                 .unwrap_or(20),
             redis_pool_size: usize::try_from(number("REDIS_POOL_SIZE", 4, 1..=64)?).unwrap_or(4),
-            point_lock_wait: Duration::from_millis(number("POINT_LOCK_WAIT_MS", 3_000, 0..=60_000)?),
+            point_lock_wait: Duration::from_millis(number(
+                "POINT_LOCK_WAIT_MS",
+                millis(DEFAULT_LOCK_WAIT),
+                0..=60_000,
+            )?),
             lock_lease,
             lock_wait_mode,
         })
     }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A URL with any password replaced, fit for logs and error messages.

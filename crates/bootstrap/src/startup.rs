@@ -13,7 +13,7 @@ use adapters_mysql::tx::MySqlTransactionManager;
 use adapters_mysql::users::MySqlUserRepository;
 use adapters_mysql::{DatabaseConnection, database};
 use adapters_redis::connection::RedisConnections;
-use adapters_redis::lock::{LockOptions, RedisLock, WaitStrategy};
+use adapters_redis::lock::{DEFAULT_FALLBACK_POLL, LockOptions, RedisLock, WaitStrategy};
 use anyhow::Context as _;
 use application::charge_points::ChargePoints;
 use application::create_user::CreateUser;
@@ -65,9 +65,7 @@ impl Application {
                 lease: settings.lock_lease,
                 renew_every: settings.lock_lease / 3,
                 wait: match settings.lock_wait_mode {
-                    LockWaitMode::PubSub => {
-                        WaitStrategy::PubSub { fallback_poll: Duration::from_millis(250) }
-                    }
+                    LockWaitMode::PubSub => WaitStrategy::PubSub { fallback_poll: DEFAULT_FALLBACK_POLL },
                     LockWaitMode::Spin => WaitStrategy::Spin {
                         initial: Duration::from_millis(5),
                         max: Duration::from_millis(100),
