@@ -54,6 +54,9 @@ pub enum ApiError {
     /// A dependency the request needs is down (the lock store fails closed).
     #[error("{0}")]
     Unavailable(String),
+    /// Readiness: a dependency of the instance does not answer.
+    #[error("{0}")]
+    NotReady(String),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -74,6 +77,7 @@ impl ApiError {
             Self::BalanceLimitExceeded(_) => "BALANCE_LIMIT_EXCEEDED",
             Self::Busy(_) => "RESOURCE_BUSY",
             Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
+            Self::NotReady(_) => "NOT_READY",
             Self::Unexpected(_) => "INTERNAL_ERROR",
         }
     }
@@ -89,6 +93,7 @@ impl ApiError {
             Self::BalanceLimitExceeded(_) => "Balance limit exceeded",
             Self::Busy(_) => "Resource busy",
             Self::Unavailable(_) => "Service unavailable",
+            Self::NotReady(_) => "Not ready",
             Self::Unexpected(_) => "Internal server error",
         }
     }
@@ -129,16 +134,16 @@ impl ResponseError for ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BalanceLimitExceeded(_) => StatusCode::CONFLICT,
             Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        match self {
-            Self::Unexpected(error) => tracing::error!(error = format!("{error:?}"), "request failed"),
-            Self::Unavailable(detail) => tracing::warn!(%detail, "dependency unavailable"),
-            _ => {}
+        // Unavailable dependencies are logged where their cause is known (`From` below,
+        // the readiness check); only unexpected errors are logged here.
+        if let Self::Unexpected(error) = self {
+            tracing::error!(error = format!("{error:?}"), "request failed");
         }
         let mut response = HttpResponse::build(self.status_code());
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));

@@ -10,7 +10,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
-use crate::problem::Problem;
+use crate::problem::{ApiError, Problem};
 
 /// How long a readiness check waits for each dependency.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,16 +70,18 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         .map(|(name, _)| name)
         .collect();
     tracing::warn!(?down, "not ready");
-    HttpResponse::ServiceUnavailable().insert_header((header::CONTENT_TYPE, "application/problem+json")).json(
-        serde_json::json!({
-            "type": "urn:concert-server:problem:not-ready",
-            "title": "Not ready",
-            "status": 503,
-            "detail": format!("not answering: {}", down.join(", ")),
-            "code": "NOT_READY",
-            "checks": checks,
-        }),
-    )
+    let problem = ApiError::NotReady(format!("not answering: {}", down.join(", "))).problem();
+    HttpResponse::ServiceUnavailable()
+        .insert_header((header::CONTENT_TYPE, "application/problem+json"))
+        .json(NotReady { problem, checks })
+}
+
+/// The readiness problem, with which dependency is down.
+#[derive(Debug, Serialize)]
+struct NotReady {
+    #[serde(flatten)]
+    problem: Problem,
+    checks: Checks,
 }
 
 /// Prometheus text format.
