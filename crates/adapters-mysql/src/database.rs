@@ -43,8 +43,15 @@ pub async fn ping(db: &DatabaseConnection) -> anyhow::Result<()> {
 /// # Errors
 /// When the server cannot be reached, the database name is not plain, or a migration fails.
 pub async fn prepare(url: &str) -> anyhow::Result<()> {
-    ensure_database(url).await?;
-    let conn = connect(url, 1).await?;
+    let (server, name) = split_database_url(url)?;
+    // The connection that migrates also tells whether the database exists.
+    let conn = match connect(url, 1).await {
+        Ok(conn) => conn,
+        Err(_) => {
+            create_database(&server, &name).await?;
+            connect(url, 1).await?
+        }
+    };
     let result = migrate_exclusively(&conn).await;
     conn.close().await.ok();
     result
@@ -75,15 +82,10 @@ async fn migrate_exclusively(conn: &DatabaseConnection) -> anyhow::Result<()> {
     migrated
 }
 
-/// Creates the database named in `url` when it does not exist yet, so `make run` works on
-/// a server that has never seen this service.
-async fn ensure_database(url: &str) -> anyhow::Result<()> {
-    let (server, name) = split_database_url(url)?;
-    if let Ok(db) = Database::connect(quiet(url).max_connections(1).to_owned()).await {
-        db.close().await.ok();
-        return Ok(());
-    }
-    let admin = Database::connect(quiet(&server).max_connections(1).to_owned())
+/// Creates database `name` on `server`, so `make run` works on a server that has never
+/// seen this service.
+async fn create_database(server: &str, name: &str) -> anyhow::Result<()> {
+    let admin = Database::connect(quiet(server).max_connections(1).to_owned())
         .await
         .context("failed to connect to the MySQL server")?;
     admin
