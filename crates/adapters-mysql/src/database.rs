@@ -11,19 +11,62 @@ const MIGRATION_LOCK: &str = "concert-server:migrations";
 /// How long an instance waits for another one's migrations.
 const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
 
-/// Connects a pool of up to `max_connections` to `url`.
+/// The default bound on one statement and on one row-lock wait.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects a pool of up to `max_connections` to `url`. Every connection of the pool has
+/// the database cut a statement that runs longer than `statement_timeout` and a row-lock
+/// wait longer than it (rounded up to whole seconds, InnoDB's unit), so a hung query fails
+/// (`SERVICE_UNAVAILABLE`) instead of holding a lock and a connection.
 ///
 /// # Errors
 /// When the database cannot be reached within a few seconds.
-pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    statement_timeout: Duration,
+) -> anyhow::Result<DatabaseConnection> {
     let mut options = quiet(url);
+    let lock_wait_seconds = statement_timeout.as_millis().div_ceil(1_000).max(1);
+    let statement_seconds = statement_timeout.as_secs_f64();
+    let statement_ms = statement_timeout.as_millis();
     options
+        .after_connect(move |conn| {
+            Box::pin(async move {
+                // MariaDB and MySQL name the statement limit differently (and MySQL's
+                // applies to SELECT only).
+                let version = conn
+                    .query_one_raw(Statement::from_string(DbBackend::MySql, "SELECT VERSION() AS v"))
+                    .await?
+                    .and_then(|row| row.try_get::<String>("", "v").ok())
+                    .unwrap_or_default();
+                let statement_limit = if version.contains("MariaDB") {
+                    format!("max_statement_time = {statement_seconds}")
+                } else {
+                    format!("max_execution_time = {statement_ms}")
+                };
+                conn.execute_unprepared(&format!(
+                    "SET SESSION innodb_lock_wait_timeout = {lock_wait_seconds}, {statement_limit}"
+                ))
+                .await
+                .map(|_| ())
+            })
+        })
         .max_connections(max_connections)
         .min_connections(1)
         .connect_timeout(Duration::from_secs(5))
         // A request that cannot get a connection soon is better failed than queued for ever.
         .acquire_timeout(Duration::from_secs(5))
         .sqlx_logging(false);
+    Database::connect(options).await.context("failed to connect to MySQL")
+}
+
+async fn connect_plain(url: &str) -> anyhow::Result<DatabaseConnection> {
+    let mut options = quiet(url);
+    options
+        .max_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5));
     Database::connect(options).await.context("failed to connect to MySQL")
 }
 
@@ -45,11 +88,12 @@ pub async fn ping(db: &DatabaseConnection) -> anyhow::Result<()> {
 pub async fn prepare(url: &str) -> anyhow::Result<()> {
     let (server, name) = split_database_url(url)?;
     // The connection that migrates also tells whether the database exists.
-    let conn = match connect(url, 1).await {
+    // Migrations may take long: no statement limit on this connection.
+    let conn = match connect_plain(url).await {
         Ok(conn) => conn,
         Err(_) => {
             create_database(&server, &name).await?;
-            connect(url, 1).await?
+            connect_plain(url).await?
         }
     };
     let result = migrate_exclusively(&conn).await;

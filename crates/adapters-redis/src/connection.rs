@@ -6,9 +6,9 @@ use anyhow::Context as _;
 use fred::clients::{Pool, SubscriberClient};
 use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 
-/// How long one command may take before it fails. A lock or cache call that waits longer
-/// than this is worse than one that fails: the caller can answer or retry.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one command may take before it fails, by default. A lock or cache call that
+/// waits longer than this is worse than one that fails: the caller can answer or retry.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The connections one instance keeps to Redis.
@@ -21,7 +21,8 @@ pub struct RedisConnections {
 }
 
 impl RedisConnections {
-    /// Connects `pool_size` command connections and one subscriber to `url`.
+    /// Connects `pool_size` command connections and one subscriber to `url`; every
+    /// command fails after `command_timeout`.
     ///
     /// Fails at once when Redis cannot be reached at start-up, rather than start an
     /// instance whose locks can never be taken. After start-up, lost connections are
@@ -29,15 +30,15 @@ impl RedisConnections {
     ///
     /// # Errors
     /// When the URL is invalid or Redis does not answer within a few seconds.
-    pub async fn connect(url: &str, pool_size: usize) -> anyhow::Result<Self> {
+    pub async fn connect(url: &str, pool_size: usize, command_timeout: Duration) -> anyhow::Result<Self> {
         let config = Config::from_url(url).context("invalid REDIS_URL")?;
         let mut builder = Builder::from_config(config);
         builder
             .with_connection_config(|c| {
                 c.connection_timeout = CONNECT_TIMEOUT;
-                c.internal_command_timeout = COMMAND_TIMEOUT;
+                c.internal_command_timeout = command_timeout;
             })
-            .with_performance_config(|c| c.default_command_timeout = COMMAND_TIMEOUT)
+            .with_performance_config(|c| c.default_command_timeout = command_timeout)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
         let pool = builder.build_pool(pool_size.max(1)).context("build the Redis pool")?;
         let subscriber = builder.build_subscriber_client().context("build the Redis subscriber")?;

@@ -18,6 +18,19 @@
 //!   is announced, the holder's lease would end, a fallback poll interval passes, or the
 //!   deadline comes, whichever is first.
 //!
+//! - **Outcomes nobody saw are undone.** Every token is recorded as *outstanding* before its
+//!   acquire script is sent, and stays so until an answer proves the key is not (or no
+//!   longer) held with it. An acquire whose answer never reached its caller (the future
+//!   was dropped while Redis ran the script, or the command timed out) is undone with a
+//!   compare-and-delete sent **on the same connection**, so Redis runs it after the
+//!   acquire and never before. [`RedisLock::release_all`] sweeps every outstanding token
+//!   at shutdown, so a deploy does not leave in-flight users locked for a lease.
+//! - **Bounded holds.** A guard trusts its lease only until the last confirmed expiry
+//!   minus a margin ([`LockOptions::margin`]): `is_lost` turns true and `lease_lost`
+//!   resolves then, even before the watchdog has noticed a failed renewal. The watchdog
+//!   stops extending the lease once the guard has been held for
+//!   [`LockOptions::max_hold`], so a holder stuck in a hung call cannot keep a key for ever.
+//!
 //! In pub/sub mode one subscriber per process listens on one channel; a release wakes
 //! *one* local waiter of that key per instance (`Notify::notify_one`), so a release does not
 //! set off a herd of retries. Fencing counters are kept without expiry (one small key per
@@ -25,13 +38,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use application::lock::{DistributedLock, FencingToken, LockError, LockGuard, LockKey, WaitPolicy};
 use async_trait::async_trait;
-use fred::clients::{Pool, SubscriberClient};
+use fred::clients::{Client, Pool, SubscriberClient};
 use fred::prelude::{EventInterface, PubsubInterface};
 use fred::types::scripts::Script;
 use futures::future::BoxFuture;
@@ -72,6 +85,14 @@ return 0
 /// enough that a renewal can miss a beat or two.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
+/// The default longest hold: the watchdog stops renewing after this, so a holder stuck in a
+/// hung call frees its key within one more lease.
+pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(20);
+
+/// How often an undo or a release from `Drop` is tried before the lease is left to free
+/// the key.
+const CLEANUP_ATTEMPTS: u32 = 5;
+
 /// The default bound on each pub/sub sleep, in case a release announcement is missed.
 pub const DEFAULT_FALLBACK_POLL: Duration = Duration::from_millis(250);
 
@@ -95,7 +116,20 @@ pub struct LockOptions {
     pub lease: Duration,
     /// How often the watchdog renews; a third of the lease leaves two retries.
     pub renew_every: Duration,
+    /// The longest a guard may be held: past it the watchdog stops renewing and the guard
+    /// counts as lost, so the work under it is abandoned and rolled back.
+    pub max_hold: Duration,
     pub wait: WaitStrategy,
+}
+
+impl LockOptions {
+    /// How long before the last confirmed expiry a guard stops trusting its lease: a tenth
+    /// of it, for clock drift between this process and Redis and for the time a commit
+    /// takes after the last check.
+    #[must_use]
+    pub fn margin(&self) -> Duration {
+        self.lease / 10
+    }
 }
 
 impl Default for LockOptions {
@@ -103,6 +137,7 @@ impl Default for LockOptions {
         Self {
             lease: DEFAULT_LEASE,
             renew_every: DEFAULT_LEASE / 3,
+            max_hold: DEFAULT_MAX_HOLD,
             wait: WaitStrategy::PubSub { fallback_poll: DEFAULT_FALLBACK_POLL },
         }
     }
@@ -126,6 +161,20 @@ struct Inner {
     listener: Option<JoinHandle<()>>,
     /// Acquisitions of this lock now asleep between attempts.
     sleeping: AtomicUsize,
+    /// Tokens that may be holding a key: sent to Redis and not yet known to be free.
+    outstanding: Mutex<HashMap<u64, Outstanding>>,
+    next_ticket: AtomicU64,
+    /// The runtime this lock was built on (the server's main one): releases from `Drop`
+    /// run there, since the runtime of the request that dropped a guard may be going away.
+    runtime: tokio::runtime::Handle,
+}
+
+/// A token that may hold `key`, and the connection its acquire went out on.
+#[derive(Clone)]
+struct Outstanding {
+    key: LockKey,
+    token: String,
+    client: Client,
 }
 
 impl Drop for Inner {
@@ -155,6 +204,7 @@ impl RedisLock {
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(!options.lease.is_zero(), "a lock lease must be above zero");
         anyhow::ensure!(options.renew_every < options.lease, "renewal must come before the lease runs out");
+        anyhow::ensure!(!options.max_hold.is_zero(), "the longest hold must be above zero");
         let waiters = Waiters::default();
         let listener = match (options.wait, subscriber) {
             (WaitStrategy::PubSub { .. }, Some(subscriber)) => {
@@ -190,6 +240,9 @@ impl RedisLock {
                 waiters,
                 listener,
                 sleeping: AtomicUsize::new(0),
+                outstanding: Mutex::new(HashMap::new()),
+                next_ticket: AtomicU64::new(0),
+                runtime: tokio::runtime::Handle::current(),
             }),
         })
     }
@@ -201,26 +254,84 @@ impl RedisLock {
         self.inner.sleeping.load(Ordering::SeqCst)
     }
 
+    /// How many tokens may still hold a key: acquired and not released, or sent and not
+    /// answered (a cancelled or timed-out acquire not yet undone).
+    #[must_use]
+    pub fn outstanding(&self) -> usize {
+        lock_map(&self.inner.outstanding).len()
+    }
+
+    /// How many keys have local pub/sub waiters registered (diagnostics and tests: it
+    /// falls back to zero once every waiter has left).
+    #[must_use]
+    pub fn waiter_keys(&self) -> usize {
+        self.inner.waiters.len()
+    }
+
+    /// Releases every key this process may still hold (held guards, releases from `Drop`
+    /// not yet run, acquisitions not yet undone), waiting at most `within`. For shutdown:
+    /// call it once the HTTP server has stopped, before closing the Redis connections.
+    /// Guards still alive afterwards find their key gone at release, which is harmless.
+    ///
+    /// Returns how many keys were ours and were freed.
+    pub async fn release_all(&self, within: Duration) -> usize {
+        let pending: Vec<(u64, Outstanding)> =
+            lock_map(&self.inner.outstanding).iter().map(|(id, o)| (*id, o.clone())).collect();
+        if pending.is_empty() {
+            return 0;
+        }
+        let inner = &self.inner;
+        let releases = pending.iter().map(|(id, o)| async move {
+            let freed = release_on(inner, &o.client, &o.key, &o.token).await;
+            if freed.is_ok() {
+                lock_map(&inner.outstanding).remove(id);
+            }
+            freed
+        });
+        let outcomes = tokio::time::timeout(within, futures::future::join_all(releases)).await;
+        let freed = outcomes.as_ref().map_or(0, |all| all.iter().filter(|r| matches!(r, Ok(true))).count());
+        match outcomes {
+            Ok(all) if all.iter().all(Result::is_ok) => {
+                tracing::info!(freed, of = pending.len(), "released every lock still held at shutdown");
+            }
+            _ => tracing::warn!(
+                freed,
+                of = pending.len(),
+                "some locks could not be released at shutdown; their leases will free them"
+            ),
+        }
+        freed
+    }
+
     /// One attempt: the fencing number if acquired, else how long the holder's lease has left.
+    ///
+    /// The token is outstanding from before the script is sent; if this future is dropped
+    /// before the answer is read, or the answer is an error, the [`Ticket`] undoes the
+    /// attempt. On success the ticket's registration passes to the guard.
     async fn try_once(&self, key: &LockKey, token: &str) -> Result<Attempt, LockError> {
         let inner = &self.inner;
+        let client = inner.pool.next().clone();
+        let ticket = Ticket::issue(inner, key, token, &client);
         let sent_at = Instant::now();
         let lease_ms = millis(inner.options.lease);
         let reply: Vec<i64> = inner
             .acquire
             .evalsha_with_reload(
-                inner.pool.next(),
+                &client,
                 vec![key.as_str().to_owned(), fence_key(key)],
                 vec![token.to_owned(), lease_ms.to_string()],
             )
             .await
+            // The ticket is dropped armed here: the script may still run, so it is undone.
             .map_err(unavailable)?;
         match reply.as_slice() {
             [1, fence] => Ok(Attempt::Acquired(Acquired {
                 fence: FencingToken(u64::try_from(*fence).unwrap_or(0)),
                 lease_from: sent_at,
+                ticket: ticket.keep(),
             })),
             [0, pttl] => {
+                ticket.forget();
                 Ok(Attempt::Held { lease_left: Duration::from_millis(u64::try_from(*pttl).unwrap_or(0)) })
             }
             other => Err(LockError::Unavailable(anyhow::anyhow!("unexpected acquire reply {other:?}"))),
@@ -263,32 +374,120 @@ impl RedisLock {
                     // Wake at the latest when the holder's lease would run out: a crashed
                     // holder announces nothing.
                     let pause = remaining.min(*fallback_poll).min(lease_left + Duration::from_millis(1));
-                    let _ = tokio::time::timeout(pause, registration.notify.notified()).await;
+                    let _ = tokio::time::timeout(pause, registration.notified()).await;
                 }
             }
         }
     }
 
     fn guard(&self, key: &LockKey, token: String, acquired: Acquired) -> RedisLockGuard {
-        let (lost_tx, lost_rx) = watch::channel(false);
+        let options = self.inner.options;
+        let (state_tx, state_rx) = watch::channel(LeaseState {
+            lost: false,
+            trusted_until: acquired.lease_from + options.lease - options.margin(),
+        });
+        let hold_until = acquired.lease_from + options.max_hold;
         let watchdog = tokio::spawn(watchdog(
             Arc::clone(&self.inner),
             key.clone(),
             token.clone(),
             acquired.lease_from,
-            lost_tx,
+            hold_until,
+            state_tx,
         ));
         RedisLockGuard {
             key: key.clone(),
             token,
+            ticket: acquired.ticket,
             fence: acquired.fence,
             inner: Arc::clone(&self.inner),
-            lost: lost_rx,
+            state: state_rx,
+            hold_until: hold_until - options.margin(),
             watchdog: Some(watchdog),
             acquired_at: Instant::now(),
             released: false,
         }
     }
+}
+
+/// An acquire attempt in flight. Registered as outstanding when issued; dropped without
+/// [`Ticket::keep`] or [`Ticket::forget`] (cancelled, or the answer was an error), it sends
+/// a compare-and-delete on the attempt's own connection, so that a script Redis still runs
+/// leaves no lock behind.
+struct Ticket {
+    inner: Arc<Inner>,
+    id: u64,
+    armed: bool,
+}
+
+impl Ticket {
+    fn issue(inner: &Arc<Inner>, key: &LockKey, token: &str, client: &Client) -> Self {
+        let id = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
+        lock_map(&inner.outstanding)
+            .insert(id, Outstanding { key: key.clone(), token: token.to_owned(), client: client.clone() });
+        Self { inner: Arc::clone(inner), id, armed: true }
+    }
+
+    /// The attempt won: the registration now belongs to the guard.
+    fn keep(mut self) -> u64 {
+        self.armed = false;
+        self.id
+    }
+
+    /// The attempt lost: the token holds nothing.
+    fn forget(mut self) {
+        self.armed = false;
+        lock_map(&self.inner.outstanding).remove(&self.id);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.armed {
+            metrics::counter!("lock_acquire_undone_total").increment(1);
+            clean_up(&self.inner, self.id, "acquire whose answer was never read undone");
+        }
+    }
+}
+
+/// Releases outstanding entry `id` in the background on the lock's runtime, retrying a few
+/// times, and forgets it once Redis answered (or after the last try: the lease frees it).
+fn clean_up(inner: &Arc<Inner>, id: u64, what: &'static str) {
+    let Some(entry) = lock_map(&inner.outstanding).get(&id).cloned() else { return };
+    let inner = Arc::clone(inner);
+    let runtime = inner.runtime.clone();
+    runtime.spawn(async move {
+        let mut pause = Duration::from_millis(50);
+        for attempt in 1..=CLEANUP_ATTEMPTS {
+            match release_on(&inner, &entry.client, &entry.key, &entry.token).await {
+                Ok(freed) => {
+                    tracing::debug!(key = %entry.key, freed, "{what}");
+                    break;
+                }
+                Err(error) if attempt == CLEANUP_ATTEMPTS => {
+                    tracing::warn!(key = %entry.key, error = %error, "{what}: failed; the lease will free the key");
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+            }
+        }
+        lock_map(&inner.outstanding).remove(&id);
+    });
+}
+
+fn lock_map<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a guard knows of its lease.
+#[derive(Debug, Clone, Copy)]
+struct LeaseState {
+    /// Renewal found the key gone, or failed until the lease ran out.
+    lost: bool,
+    /// The last confirmed expiry minus the margin: past it the lease is not trusted.
+    trusted_until: Instant,
 }
 
 /// Counts a waiter as asleep for as long as it lives (a cancelled waiter included).
@@ -319,12 +518,14 @@ enum Pause {
 }
 
 /// A successful attempt.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Acquired {
     fence: FencingToken,
     /// When the winning attempt was sent: Redis started the lease no earlier, so counting
     /// from here never overestimates how long the lease lasts.
     lease_from: Instant,
+    /// The outstanding entry of the token, owned by the guard from now on.
+    ticket: u64,
 }
 
 enum Attempt {
@@ -364,20 +565,30 @@ impl DistributedLock for RedisLock {
     }
 }
 
-/// Extends the lease every `renew_every` while the guard lives; marks the guard lost when
+/// Extends the lease every `renew_every` while the guard lives and until `hold_until`;
+/// moves the guard's trusted expiry forward on each success, and marks the guard lost when
 /// the key is no longer ours or the lease ran out without a successful renewal.
 async fn watchdog(
     inner: Arc<Inner>,
     key: LockKey,
     token: String,
     lease_from: Instant,
-    lost: watch::Sender<bool>,
+    hold_until: Instant,
+    state: watch::Sender<LeaseState>,
 ) {
     let lease = inner.options.lease;
+    let margin = inner.options.margin();
     let mut renewed_until = lease_from + lease;
     loop {
         tokio::time::sleep(inner.options.renew_every).await;
         let sent_at = Instant::now();
+        if sent_at >= hold_until {
+            // Held too long: stop extending. The guard stops trusting the lease at
+            // `hold_until` and the work under it is abandoned; nothing to mark here.
+            tracing::warn!(%key, "lock held past its longest hold; no longer renewed");
+            metrics::counter!("lock_hold_limit_reached_total", "kind" => key.kind()).increment(1);
+            return;
+        }
         let renewed: Result<i64, _> = inner
             .renew
             .evalsha_with_reload(
@@ -387,7 +598,10 @@ async fn watchdog(
             )
             .await;
         match renewed {
-            Ok(1) => renewed_until = sent_at + lease,
+            Ok(1) => {
+                renewed_until = sent_at + lease;
+                state.send_modify(|s| s.trusted_until = renewed_until - margin);
+            }
             Ok(_) => {
                 tracing::warn!(%key, "lock lease lost: the key is no longer ours");
                 break;
@@ -400,7 +614,7 @@ async fn watchdog(
         }
     }
     metrics::counter!("lock_lease_lost_total", "kind" => key.kind()).increment(1);
-    let _ = lost.send(true);
+    state.send_modify(|s| s.lost = true);
 }
 
 /// A held lock. Release it with [`LockGuard::release`]; dropping it releases in the
@@ -408,9 +622,13 @@ async fn watchdog(
 pub struct RedisLockGuard {
     key: LockKey,
     token: String,
+    /// This token's outstanding entry.
+    ticket: u64,
     fence: FencingToken,
     inner: Arc<Inner>,
-    lost: watch::Receiver<bool>,
+    state: watch::Receiver<LeaseState>,
+    /// Past this (the longest hold, minus the margin) the guard counts as lost.
+    hold_until: Instant,
     /// The renewal task; `None` once stopped.
     watchdog: Option<JoinHandle<()>>,
     acquired_at: Instant,
@@ -425,7 +643,7 @@ impl fmt::Debug for RedisLockGuard {
         f.debug_struct("RedisLockGuard")
             .field("key", &self.key)
             .field("fence", &self.fence)
-            .field("lost", &*self.lost.borrow())
+            .field("lost", &self.is_lost())
             .finish_non_exhaustive()
     }
 }
@@ -441,15 +659,30 @@ impl LockGuard for RedisLockGuard {
     }
 
     fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        let state = *self.state.borrow();
+        state.lost || Instant::now() >= state.trusted_until.min(self.hold_until)
     }
 
     fn lease_lost(&self) -> BoxFuture<'static, ()> {
-        let mut lost = self.lost.clone();
+        let mut state = self.state.clone();
+        let hold_until = self.hold_until;
         Box::pin(async move {
-            if lost.wait_for(|lost| *lost).await.is_err() {
-                // The watchdog ended without a loss: released in time, so never.
-                std::future::pending::<()>().await;
+            loop {
+                let now = *state.borrow_and_update();
+                if now.lost {
+                    return;
+                }
+                tokio::select! {
+                    changed = state.changed() => {
+                        if changed.is_err() {
+                            // The watchdog ended without a loss (released, or held past the
+                            // longest hold): only the clock can end the lease now.
+                            tokio::time::sleep_until(now.trusted_until.min(hold_until)).await;
+                            return;
+                        }
+                    }
+                    () = tokio::time::sleep_until(now.trusted_until.min(hold_until)) => return,
+                }
             }
         })
     }
@@ -461,6 +694,7 @@ impl LockGuard for RedisLockGuard {
         }
         let ours = release(&self.inner, &self.key, &self.token).await?;
         self.released = true;
+        lock_map(&self.inner.outstanding).remove(&self.ticket);
         self.record_hold();
         if ours {
             tracing::debug!(key = %self.key, "lock released");
@@ -487,30 +721,24 @@ impl Drop for RedisLockGuard {
             watchdog.abort();
         }
         self.record_hold();
-        let (inner, key, token) =
-            (Arc::clone(&self.inner), self.key.clone(), std::mem::take(&mut self.token));
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    match release(&inner, &key, &token).await {
-                        Ok(_) => tracing::debug!(%key, "lock released on drop"),
-                        Err(error) => tracing::warn!(%key, error = %error, "release on drop failed; the lease will free the key"),
-                    }
-                });
-            }
-            Err(_) => {
-                tracing::warn!(key = %self.key, "guard dropped outside a runtime; the lease will free the key")
-            }
-        }
+        // On the lock's own runtime: the request's runtime may be shutting down. What has
+        // not run by shutdown is swept by `RedisLock::release_all`.
+        clean_up(&self.inner, self.ticket, "lock released on drop");
     }
 }
 
 /// Compare-and-delete; true when the key was ours.
 async fn release(inner: &Inner, key: &LockKey, token: &str) -> Result<bool, LockError> {
+    release_on(inner, inner.pool.next(), key, token).await
+}
+
+/// Compare-and-delete on a given connection (the one an acquire went out on, so that Redis
+/// runs the two in order).
+async fn release_on(inner: &Inner, client: &Client, key: &LockKey, token: &str) -> Result<bool, LockError> {
     let deleted: i64 = inner
         .release
         .evalsha_with_reload(
-            inner.pool.next(),
+            client,
             vec![key.as_str().to_owned()],
             vec![token.to_owned(), RELEASE_CHANNEL.to_owned()],
         )
@@ -527,7 +755,20 @@ struct Waiters(Arc<Mutex<HashMap<String, Weak<Notify>>>>);
 struct Registration {
     waiters: Waiters,
     key: String,
-    notify: Arc<Notify>,
+    /// `Some` until dropped: taken out in `Drop` so that our strong reference is gone
+    /// before we look at the entry, under the map's mutex.
+    notify: Option<Arc<Notify>>,
+}
+
+impl Registration {
+    fn notified(&self) -> impl Future<Output = ()> + '_ {
+        let notify = self.notify.as_deref();
+        async move {
+            if let Some(notify) = notify {
+                notify.notified().await;
+            }
+        }
+    }
 }
 
 impl Waiters {
@@ -541,7 +782,11 @@ impl Waiters {
                 notify
             }
         };
-        Registration { waiters: self.clone(), key: key.to_owned(), notify }
+        Registration { waiters: self.clone(), key: key.to_owned(), notify: Some(notify) }
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 
     fn wake_one(&self, key: &str) {
@@ -562,9 +807,11 @@ impl Waiters {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut map = self.waiters.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Under the map's mutex no one can be upgrading this entry: if ours is the last
-        // strong reference, the key has no other waiter here.
-        if Arc::strong_count(&self.notify) == 1 {
+        // Our reference goes first, under the mutex (two waiters of one key leaving at once
+        // must not each see the other's reference and both keep the entry). `register`
+        // upgrades under the same mutex, so a dead entry here has no waiter left.
+        drop(self.notify.take());
+        if map.get(&self.key).is_some_and(|entry| entry.strong_count() == 0) {
             map.remove(&self.key);
         }
     }
@@ -586,4 +833,36 @@ fn jitter(backoff: Duration) -> Duration {
 
 fn unavailable(error: fred::error::Error) -> LockError {
     LockError::Unavailable(anyhow::Error::new(error).context("Redis lock command failed"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Waiters;
+
+    /// Waiters of few keys registering and leaving at once, from several threads: the map
+    /// must end empty. (Before the fix, two waiters of one key leaving together each saw
+    /// the other's reference and both kept the dead entry.)
+    #[test]
+    fn the_waiter_map_is_empty_once_every_waiter_has_left() {
+        const THREADS: usize = 4;
+        const ROUNDS: usize = 50_000;
+        let waiters = Waiters::default();
+        let start = std::sync::Barrier::new(THREADS);
+        std::thread::scope(|scope| {
+            for thread in 0..THREADS {
+                let (waiters, start) = (waiters.clone(), &start);
+                scope.spawn(move || {
+                    start.wait();
+                    for round in 0..ROUNDS {
+                        let key = ["a", "b"][(round + thread) % 2];
+                        let first = waiters.register(key);
+                        let second = waiters.register(key);
+                        drop(first);
+                        drop(second);
+                    }
+                });
+            }
+        });
+        assert_eq!(waiters.len(), 0, "dead entries left in the waiter map");
+    }
 }

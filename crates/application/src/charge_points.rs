@@ -176,6 +176,7 @@ mod tests {
             guard.expect_is_lost().return_const(false);
             guard.expect_key().return_const(LockKey::point(user_id));
             guard.expect_fencing_token().return_const(FencingToken(1));
+            guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
             guard.expect_release().times(1).returning(|| Ok(()));
             let mut lock = MockDistributedLock::new();
             lock.expect_acquire()

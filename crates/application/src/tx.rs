@@ -19,7 +19,7 @@ use std::panic::{AssertUnwindSafe, resume_unwind};
 use async_trait::async_trait;
 use domain::unit_of_work::{Tx, TxError};
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 
 use crate::lock::{DistributedLock, LockError, LockGuard, LockKey, WaitPolicy};
 
@@ -111,7 +111,24 @@ where
         Ok(tx) => tx,
         Err(error) => return Ended::Returned(Err(error.into())),
     };
-    let worked = AssertUnwindSafe(work(tx.as_mut())).catch_unwind().await;
+    let worked = {
+        let work = AssertUnwindSafe(work(tx.as_mut())).catch_unwind();
+        match lease {
+            None => Some(work.await),
+            // The work may take only as long as the lease can be trusted.
+            Some(guard) => match futures::future::select(Box::pin(work), guard.lease_lost()).await {
+                Either::Left((worked, _)) => Some(worked),
+                Either::Right(((), _)) => None,
+            },
+        }
+    };
+    let Some(worked) = worked else {
+        // The work was dropped mid-way; nothing it did may commit.
+        roll_back(tx).await;
+        let key = lease.map(|guard| guard.key().clone()).unwrap_or_else(|| LockKey::new("none", "-"));
+        tracing::warn!(%key, "the lease ran out before the work was done; rolled back");
+        return Ended::LeaseLost(key);
+    };
     match worked {
         Ok(Ok(value)) => {
             if let Some(guard) = lease.filter(|guard| guard.is_lost()) {
@@ -177,6 +194,7 @@ mod tests {
         guard.expect_is_lost().return_const(lost);
         guard.expect_key().return_const(key());
         guard.expect_fencing_token().return_const(FencingToken(1));
+        guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
         guard.expect_release().times(1).returning(|| Ok(()));
         guard
     }
@@ -226,6 +244,7 @@ mod tests {
         let mut guard = MockLockGuard::new();
         guard.expect_is_lost().return_const(false);
         guard.expect_key().return_const(key());
+        guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
         guard.expect_release().times(1).in_sequence(&mut seq).returning(|| Ok(()));
 
         *guard_slot.lock().unwrap() = Some(guard);
@@ -290,6 +309,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn work_that_outlasts_the_lease_is_abandoned_rolled_back_and_the_lock_released() {
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().never();
+        uow.expect_rollback().times(1).returning(|| Ok(()));
+        let mut guard = MockLockGuard::new();
+        guard.expect_is_lost().return_const(true);
+        guard.expect_key().return_const(key());
+        // The lease runs out while the work hangs (a database call that never returns).
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+        let lost = std::sync::Mutex::new(Some(lost_rx));
+        guard.expect_lease_lost().times(1).returning(move || {
+            let rx = lost.lock().unwrap().take().expect("asked once");
+            Box::pin(async move {
+                let _ = rx.await;
+            })
+        });
+        guard.expect_release().times(1).returning(|| Ok(()));
+        let lock = lock_handing_out(guard);
+        let txm = txm_handing_out(uow);
+
+        let result: Result<(), TestError> = locked_tx(&lock, &txm, &key(), WAIT, move |_tx| {
+            Box::pin(async move {
+                let _ = lost_tx.send(());
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+        })
+        .await;
+
+        assert!(matches!(result, Err(TestError::Lock(LockError::LeaseLost { .. }))), "{result:?}");
+    }
+
+    #[tokio::test]
     async fn a_lock_that_cannot_be_had_begins_no_transaction() {
         let mut lock = MockDistributedLock::new();
         lock.expect_acquire().times(1).returning(|key, _| Err(LockError::Busy { key: key.clone() }));
@@ -332,6 +384,7 @@ mod tests {
         let mut guard = MockLockGuard::new();
         guard.expect_is_lost().return_const(false);
         guard.expect_key().return_const(key());
+        guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
         guard.expect_release().times(1).returning(|| Err(LockError::LeaseLost { key: key() }));
         let mut uow = MockUnitOfWork::new();
         uow.expect_commit().times(1).returning(|| Ok(()));

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use adapters_redis::lock::DEFAULT_LEASE;
+use adapters_mysql::database::DEFAULT_STATEMENT_TIMEOUT;
+use adapters_redis::connection::DEFAULT_COMMAND_TIMEOUT;
+use adapters_redis::lock::{DEFAULT_LEASE, DEFAULT_MAX_HOLD};
 use application::charge_points::DEFAULT_LOCK_WAIT;
 
 /// How log lines are written.
@@ -49,6 +51,15 @@ pub struct Settings {
     pub lock_lease: Duration,
     /// `LOCK_WAIT_STRATEGY`: `pubsub` or `spin`.
     pub lock_wait_mode: LockWaitMode,
+    /// `LOCK_MAX_HOLD_MS`: the longest a lock is held; past it the work is abandoned.
+    pub lock_max_hold: Duration,
+    /// `REDIS_COMMAND_TIMEOUT_MS`: how long one Redis command may take.
+    pub redis_command_timeout: Duration,
+    /// `DATABASE_STATEMENT_TIMEOUT_MS`: the database cuts a statement (and a row-lock
+    /// wait) that takes longer.
+    pub database_statement_timeout: Duration,
+    /// `SHUTDOWN_GRACE_SECONDS`: how long in-flight requests may run on after SIGTERM.
+    pub shutdown_grace_seconds: u64,
 }
 
 /// A variable that is set but cannot be used.
@@ -124,7 +135,41 @@ impl Settings {
         } else {
             LockWaitMode::PubSub
         };
+        let ms = |name: &'static str, default: Duration, range: std::ops::RangeInclusive<u64>| {
+            number(name, millis(default), range).map(Duration::from_millis)
+        };
+        let lock_max_hold = ms("LOCK_MAX_HOLD_MS", DEFAULT_MAX_HOLD, 500..=600_000)?;
+        let redis_command_timeout = ms("REDIS_COMMAND_TIMEOUT_MS", DEFAULT_COMMAND_TIMEOUT, 50..=60_000)?;
+        let database_statement_timeout =
+            ms("DATABASE_STATEMENT_TIMEOUT_MS", DEFAULT_STATEMENT_TIMEOUT, 100..=600_000)?;
+        let shutdown_grace_seconds = number("SHUTDOWN_GRACE_SECONDS", 10, 0..=600)?;
+        // The settings that only make sense together.
+        let related = |ok: bool, name: &'static str, value: Duration, problem: String| {
+            if ok { Ok(()) } else { Err(SettingsError { name, value: millis(value).to_string(), problem }) }
+        };
+        related(
+            lock_lease >= redis_command_timeout * 3,
+            "LOCK_LEASE_MS",
+            lock_lease,
+            format!(
+                "must be at least 3 x REDIS_COMMAND_TIMEOUT_MS ({} ms), so that two renewals fit in a lease even when one times out",
+                millis(redis_command_timeout)
+            ),
+        )?;
+        related(
+            database_statement_timeout < lock_max_hold,
+            "DATABASE_STATEMENT_TIMEOUT_MS",
+            database_statement_timeout,
+            format!(
+                "must be below LOCK_MAX_HOLD_MS ({} ms), so that the database cuts a hung statement before the lock holder is abandoned",
+                millis(lock_max_hold)
+            ),
+        )?;
         Ok(Self {
+            lock_max_hold,
+            redis_command_timeout,
+            database_statement_timeout,
+            shutdown_grace_seconds,
             database_url,
             redis_url,
             http_addr,
@@ -197,6 +242,20 @@ mod tests {
         assert!(settings(&[("LOCK_LEASE_MS", "10")]).is_err());
         assert!(settings(&[("LOCK_WAIT_STRATEGY", "sleep")]).is_err());
         assert_eq!(settings(&[("LOCK_WAIT_STRATEGY", "SPIN")]).unwrap().lock_wait_mode, LockWaitMode::Spin);
+    }
+
+    #[test]
+    fn settings_that_contradict_each_other_are_refused() {
+        // A lease the Redis command timeout could eat whole.
+        let error = settings(&[("LOCK_LEASE_MS", "3000")]).unwrap_err().to_string();
+        assert!(error.starts_with("LOCK_LEASE_MS:") && error.contains("REDIS_COMMAND_TIMEOUT_MS"), "{error}");
+        assert!(settings(&[("LOCK_LEASE_MS", "3000"), ("REDIS_COMMAND_TIMEOUT_MS", "1000")]).is_ok());
+        // A statement allowed to run longer than the lock may be held.
+        let error = settings(&[("DATABASE_STATEMENT_TIMEOUT_MS", "30000")]).unwrap_err().to_string();
+        assert!(error.starts_with("DATABASE_STATEMENT_TIMEOUT_MS:"), "{error}");
+        assert!(
+            settings(&[("DATABASE_STATEMENT_TIMEOUT_MS", "30000"), ("LOCK_MAX_HOLD_MS", "60000")]).is_ok()
+        );
     }
 
     #[test]

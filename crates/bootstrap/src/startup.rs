@@ -29,8 +29,8 @@ use crate::routes::{self, AppState, health::Readiness};
 use crate::settings::{LockWaitMode, Settings, redact};
 use crate::telemetry;
 
-/// How long in-flight requests may run on after SIGTERM.
-const SHUTDOWN_GRACE_SECONDS: u64 = 10;
+/// How long shutdown waits for Redis to confirm the release of locks still held.
+const RELEASE_AT_SHUTDOWN: Duration = Duration::from_secs(3);
 
 /// A built, listening server.
 pub struct Application {
@@ -38,6 +38,7 @@ pub struct Application {
     server: Server,
     db: DatabaseConnection,
     redis: RedisConnections,
+    lock: RedisLock,
     upkeep: JoinHandle<()>,
 }
 
@@ -56,14 +57,25 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         tracing::info!(database = %redact(&settings.database_url), redis = %redact(&settings.redis_url), "starting");
         database::prepare(&settings.database_url).await.context("database not ready")?;
-        let db = database::connect(&settings.database_url, settings.database_max_connections).await?;
-        let redis = RedisConnections::connect(&settings.redis_url, settings.redis_pool_size).await?;
+        let db = database::connect(
+            &settings.database_url,
+            settings.database_max_connections,
+            settings.database_statement_timeout,
+        )
+        .await?;
+        let redis = RedisConnections::connect(
+            &settings.redis_url,
+            settings.redis_pool_size,
+            settings.redis_command_timeout,
+        )
+        .await?;
         let lock = RedisLock::new(
             redis.pool.clone(),
             Some(&redis.subscriber),
             LockOptions {
                 lease: settings.lock_lease,
                 renew_every: settings.lock_lease / 3,
+                max_hold: settings.lock_max_hold,
                 wait: match settings.lock_wait_mode {
                     LockWaitMode::PubSub => WaitStrategy::PubSub { fallback_poll: DEFAULT_FALLBACK_POLL },
                     LockWaitMode::Spin => WaitStrategy::Spin {
@@ -85,7 +97,7 @@ impl Application {
             charge_points: ChargePoints::new(
                 users.clone(),
                 points.clone(),
-                Arc::new(lock),
+                Arc::new(lock.clone()),
                 txm,
                 settings.point_lock_wait,
             ),
@@ -117,7 +129,7 @@ impl Application {
                 .default_service(web::to(routes::not_found))
         })
         .listen(listener)?
-        .shutdown_timeout(SHUTDOWN_GRACE_SECONDS)
+        .shutdown_timeout(settings.shutdown_grace_seconds)
         .run();
 
         // The recorder keeps histograms until told to drain them.
@@ -129,7 +141,7 @@ impl Application {
             }
         });
         tracing::info!("listening on http://{address}");
-        Ok(Self { port: address.port(), server, db, redis, upkeep })
+        Ok(Self { port: address.port(), server, db, redis, lock, upkeep })
     }
 
     /// The port actually bound (useful with `HTTP_ADDR=...:0`).
@@ -138,14 +150,17 @@ impl Application {
         self.port
     }
 
-    /// Serves until SIGINT or SIGTERM, lets in-flight requests finish, then closes the
-    /// connections to MySQL and Redis.
+    /// Serves until SIGINT or SIGTERM, lets in-flight requests finish (for up to
+    /// `SHUTDOWN_GRACE_SECONDS`; the rest are dropped), releases every lock this process may
+    /// still hold (those of dropped requests included), then closes the connections to
+    /// MySQL and Redis.
     ///
     /// # Errors
     /// When the server fails.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let served = self.server.await;
         self.upkeep.abort();
+        self.lock.release_all(RELEASE_AT_SHUTDOWN).await;
         self.redis.quit().await;
         self.db.close().await.ok();
         tracing::info!("stopped");

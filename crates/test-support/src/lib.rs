@@ -6,6 +6,9 @@
 //! then gets its own database ([`fresh_database`]) or key namespace ([`unique_prefix`]), so
 //! tests run in parallel without seeing each other's rows or keys.
 
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
 use anyhow::Context as _;
 use sea_orm::{ConnectionTrait, Database};
 use testcontainers_modules::mariadb::Mariadb;
@@ -90,4 +93,67 @@ pub async fn drop_database(url: &str) -> anyhow::Result<()> {
 #[must_use]
 pub fn unique_prefix(label: &str) -> String {
     format!("t:{label}:{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// A Redis of its own, on a free port, for tests that stop it. Killed when dropped.
+#[derive(Debug)]
+pub struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl PrivateRedis {
+    /// Starts `redis-server` (which must be on `PATH`) without persistence and waits
+    /// until it answers.
+    ///
+    /// # Errors
+    /// When it cannot be started or does not answer within a few seconds.
+    pub fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("failed to start redis-server (is it installed? `make services` installs it)")?;
+        let redis = Self { child: Some(child), port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !redis.answers() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "redis-server on port {port} did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(redis)
+    }
+
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether it answers PING now.
+    #[must_use]
+    pub fn answers(&self) -> bool {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0_u8; 5];
+        stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG"
+    }
+
+    /// Kills it (SIGKILL: a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

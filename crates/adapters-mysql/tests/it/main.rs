@@ -25,7 +25,7 @@ impl Db {
     async fn fresh(label: &str) -> Self {
         let url = test_support::fresh_database(label).await.expect("test database");
         database::prepare(&url).await.expect("migrations apply");
-        let conn = database::connect(&url, 16).await.expect("pool");
+        let conn = database::connect(&url, 16, database::DEFAULT_STATEMENT_TIMEOUT).await.expect("pool");
         Self {
             users: Arc::new(MySqlUserRepository::new(conn.clone())),
             points: Arc::new(MySqlPointRepository::new(conn.clone())),

@@ -13,7 +13,7 @@ async fn migrations_run_once_when_many_instances_start_together() {
         run.expect("every instance starts");
     }
     database::prepare(&url).await.expect("a later start finds nothing to do");
-    let conn = database::connect(&url, 1).await.expect("pool");
+    let conn = database::connect(&url, 1, database::DEFAULT_STATEMENT_TIMEOUT).await.expect("pool");
     let applied = conn
         .query_one_raw(Statement::from_string(DbBackend::MySql, "SELECT COUNT(*) AS n FROM seaql_migrations"))
         .await
@@ -33,7 +33,12 @@ async fn a_missing_database_is_created_at_start() {
 
     database::prepare(&url).await.expect("database created and migrated");
 
-    database::connect(&url, 1).await.expect("it exists now").close().await.ok();
+    database::connect(&url, 1, database::DEFAULT_STATEMENT_TIMEOUT)
+        .await
+        .expect("it exists now")
+        .close()
+        .await
+        .ok();
     test_support::drop_database(&url).await.expect("drop");
 }
 

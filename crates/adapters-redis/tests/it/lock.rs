@@ -27,7 +27,12 @@ async fn lock(wait: WaitStrategy) -> RedisLock {
 }
 
 fn short_lease(wait: WaitStrategy) -> LockOptions {
-    LockOptions { lease: Duration::from_millis(400), renew_every: Duration::from_millis(100), wait }
+    LockOptions {
+        lease: Duration::from_millis(400),
+        renew_every: Duration::from_millis(100),
+        max_hold: Duration::from_secs(30),
+        wait,
+    }
 }
 
 /// Polls `check` until it holds or `within` passes.
@@ -274,6 +279,214 @@ async fn a_cancelled_waiter_leaves_no_trace_and_later_waiters_still_get_the_lock
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connecting_to_an_unreachable_redis_fails_instead_of_hanging() {
-    let result = adapters_redis::connection::RedisConnections::connect("redis://127.0.0.1:1", 1).await;
+    let result = adapters_redis::connection::RedisConnections::connect(
+        "redis://127.0.0.1:1",
+        1,
+        adapters_redis::connection::DEFAULT_COMMAND_TIMEOUT,
+    )
+    .await;
     assert!(result.is_err());
+}
+
+/// A lock on a private Redis (these tests pause or stop it, which must not disturb the
+/// other tests on the shared one), with a command timeout of `timeout`.
+async fn private_lock(
+    redis: &test_support::PrivateRedis,
+    timeout: Duration,
+) -> (RedisLock, fred::clients::Client) {
+    use fred::prelude::{Builder, ClientLike, Config};
+    let mut builder = Builder::from_config(Config::from_url(&redis.url()).expect("url"));
+    builder.with_performance_config(|c| c.default_command_timeout = timeout);
+    let pool = builder.build_pool(2).expect("pool");
+    pool.init().await.expect("connected");
+    let admin = Builder::from_config(Config::from_url(&redis.url()).expect("url")).build().expect("client");
+    admin.init().await.expect("connected");
+    let options = LockOptions { wait: SPIN, ..LockOptions::default() };
+    let lock = RedisLock::new(pool, None, options).await.expect("lock");
+    // Load the scripts (a fresh Redis answers the first EVALSHA with NOSCRIPT, and the
+    // reload would not happen once the caller has gone).
+    let warm_up = LockKey::new("test", test_support::unique_prefix("warm"));
+    lock.acquire(&warm_up, WaitPolicy::FailFast).await.expect("free").release().await.expect("released");
+    (lock, admin)
+}
+
+/// Pauses every client of `admin`'s Redis for `ms` (commands queue up, then run).
+async fn pause_redis(admin: &fred::clients::Client, ms: u64) {
+    use fred::prelude::ClientLike;
+    let _: () = admin
+        .custom(fred::cmd!("CLIENT"), vec!["PAUSE".to_owned(), ms.to_string(), "ALL".to_owned()])
+        .await
+        .expect("CLIENT PAUSE");
+}
+
+async fn exists(admin: &fred::clients::Client, key: &str) -> bool {
+    let n: i64 = admin.exists(key).await.expect("EXISTS");
+    n == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_dropped_after_its_script_was_sent_leaves_no_lock_behind() {
+    let redis = test_support::PrivateRedis::start().expect("a private redis-server");
+    let (lock, admin) = private_lock(&redis, Duration::from_secs(5)).await;
+    let key = key();
+    // Redis holds every command for 300 ms: the acquire goes out, and its caller gives up
+    // (a client that hung up) long before Redis runs it.
+    pause_redis(&admin, 300).await;
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(50), lock.acquire(&key, WaitPolicy::FailFast)).await;
+    assert!(gave_up.is_err(), "the acquire was still waiting for Redis");
+
+    // The script did run (the fencing counter moved), and the key is free again far sooner
+    // than the 10 s lease.
+    let ran = eventually(Duration::from_secs(3), || async {
+        let fence: Option<i64> = admin.get(format!("{key}:fence")).await.expect("GET");
+        fence == Some(1)
+    })
+    .await;
+    assert!(ran, "the acquire script never ran");
+    assert!(
+        eventually(Duration::from_secs(1), || async { !exists(&admin, key.as_str()).await }).await,
+        "the lock nobody owns is still set"
+    );
+    assert!(eventually(Duration::from_secs(1), || async { lock.outstanding() == 0 }).await);
+    let again = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free again");
+    again.release().await.expect("released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_that_timed_out_while_redis_still_ran_it_leaves_no_lock_behind() {
+    let redis = test_support::PrivateRedis::start().expect("a private redis-server");
+    // Commands time out after 100 ms; Redis answers only after 400.
+    let (lock, admin) = private_lock(&redis, Duration::from_millis(100)).await;
+    let key = key();
+    pause_redis(&admin, 400).await;
+    let timed_out = lock.acquire(&key, WaitPolicy::FailFast).await;
+    assert!(matches!(timed_out, Err(LockError::Unavailable(_))), "got {timed_out:?}");
+
+    let ran = eventually(Duration::from_secs(3), || async {
+        let fence: Option<i64> = admin.get(format!("{key}:fence")).await.expect("GET");
+        fence == Some(1)
+    })
+    .await;
+    assert!(ran, "the acquire script never ran");
+    assert!(
+        eventually(Duration::from_secs(2), || async { !exists(&admin, key.as_str()).await }).await,
+        "the lock of a timed-out acquire is still set"
+    );
+    assert!(eventually(Duration::from_secs(2), || async { lock.outstanding() == 0 }).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_all_frees_held_locks_and_guards_dropped_where_no_release_could_run() {
+    let redis = connect().await;
+    let lock = lock(PUBSUB).await;
+    let (held, dropped) = (key(), key());
+    let guard = lock.acquire(&held, WaitPolicy::FailFast).await.expect("free key");
+    // A guard dropped on a runtime that is going away: its release from `Drop` must not
+    // be the only chance (it runs on the lock's runtime, and `release_all` sweeps it).
+    let other = lock.clone();
+    let dropped_key = dropped.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let guard = runtime.block_on(other.acquire(&dropped_key, WaitPolicy::FailFast)).expect("free key");
+        drop(runtime);
+        drop(guard);
+    })
+    .join()
+    .expect("thread");
+
+    let freed = lock.release_all(Duration::from_secs(2)).await;
+
+    assert!(freed >= 1, "the held lock was ours to free");
+    for key in [&held, &dropped] {
+        let n: i64 = redis.pool.exists(key.as_str()).await.expect("EXISTS");
+        assert_eq!(n, 0, "{key} still locked after release_all");
+    }
+    assert_eq!(lock.outstanding(), 0);
+    // The guard that outlived the sweep finds its key gone, and says so.
+    assert!(matches!(guard.release().await, Err(LockError::LeaseLost { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_waiters_of_few_keys_leave_no_entry_in_the_waiter_map() {
+    let lock = lock(PUBSUB).await;
+    let keys = [key(), key()];
+    let guards = [
+        lock.acquire(&keys[0], WaitPolicy::FailFast).await.expect("free"),
+        lock.acquire(&keys[1], WaitPolicy::FailFast).await.expect("free"),
+    ];
+    // 200 waiters that give up at about the same time, two keys between them.
+    let waiters: Vec<_> = (0..200)
+        .map(|i| {
+            let (lock, key) = (lock.clone(), keys[i % 2].clone());
+            tokio::spawn(
+                async move { lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_millis(300))).await },
+            )
+        })
+        .collect();
+    for waiter in waiters {
+        assert!(matches!(waiter.await.expect("ran"), Err(LockError::Timeout { .. })));
+    }
+    for guard in guards {
+        guard.release().await.expect("released");
+    }
+    assert_eq!(lock.waiter_keys(), 0, "entries left for keys nobody waits on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_stops_trusting_its_lease_before_it_runs_out_and_after_its_longest_hold() {
+    let redis = test_support::PrivateRedis::start().expect("a private redis-server");
+    let (_, admin) = private_lock(&redis, Duration::from_secs(1)).await;
+    let pool = {
+        use fred::prelude::{Builder, ClientLike, Config};
+        let mut builder = Builder::from_config(Config::from_url(&redis.url()).expect("url"));
+        builder.with_performance_config(|c| c.default_command_timeout = Duration::from_millis(100));
+        let pool = builder.build_pool(1).expect("pool");
+        pool.init().await.expect("connected");
+        pool
+    };
+    let options = LockOptions {
+        lease: Duration::from_millis(600),
+        renew_every: Duration::from_millis(200),
+        max_hold: Duration::from_secs(30),
+        wait: SPIN,
+    };
+    let lock = RedisLock::new(pool, None, options).await.expect("lock");
+    let key = key();
+    let guard = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free");
+    let started = Instant::now();
+    // Renewals cannot get through: the lease will run out at 600 ms; the guard must stop
+    // trusting it by 540 ms (a tenth of the lease early), before anyone else could get in.
+    pause_redis(&admin, 2_000).await;
+    tokio::time::timeout(Duration::from_secs(2), guard.lease_lost()).await.expect("lease_lost resolves");
+    assert!(guard.is_lost());
+    assert!(started.elapsed() < Duration::from_millis(600), "noticed only after {:?}", started.elapsed());
+    drop(guard);
+
+    // A holder that renews fine but holds past its longest hold is cut off too.
+    let redis2 = connect().await;
+    let short = LockOptions {
+        lease: Duration::from_millis(400),
+        renew_every: Duration::from_millis(100),
+        max_hold: Duration::from_millis(500),
+        wait: SPIN,
+    };
+    let lock = RedisLock::new(redis2.pool.clone(), None, short).await.expect("lock");
+    let key = self::key();
+    let guard = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free");
+    tokio::time::timeout(Duration::from_secs(2), guard.lease_lost())
+        .await
+        .expect("cut off at the longest hold");
+    assert!(guard.is_lost());
+    // And the key frees itself within a lease, since no one renews it any more.
+    let other = lock.clone();
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            match other.acquire(&key, WaitPolicy::FailFast).await {
+                Ok(g) => g.release().await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await
+    );
 }

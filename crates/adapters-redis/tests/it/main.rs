@@ -8,5 +8,7 @@ use adapters_redis::connection::RedisConnections;
 
 async fn connect() -> RedisConnections {
     let url = test_support::redis_url().await;
-    RedisConnections::connect(&url, 4).await.expect("Redis is reachable")
+    RedisConnections::connect(&url, 4, adapters_redis::connection::DEFAULT_COMMAND_TIMEOUT)
+        .await
+        .expect("Redis is reachable")
 }
