@@ -1,4 +1,4 @@
-use e2e::{Cluster, ClusterOptions, PrivateRedis, client};
+use e2e::{Cluster, ClusterOptions, PrivateRedis, TcpProxy, client};
 
 use super::{assert_problem, send};
 
@@ -40,9 +40,11 @@ async fn an_instance_crashing_mid_storm_loses_no_point_and_makes_none_up() {
     use tokio::sync::Notify;
 
     // A short lease, so the locks the crashed instance held free up well within the
-    // survivors' 3 s wait.
-    let options =
-        ClusterOptions { env: vec![("LOCK_LEASE_MS".into(), "1000".into())], ..ClusterOptions::default() };
+    // survivors' 3 s wait (the Redis command timeout must then be a third of it at most).
+    let options = ClusterOptions {
+        env: vec![("LOCK_LEASE_MS".into(), "1000".into()), ("REDIS_COMMAND_TIMEOUT_MS".into(), "300".into())],
+        ..ClusterOptions::default()
+    };
     let cluster = Cluster::start_with(3, &options).await.expect("cluster");
     let http = client();
     let created =
@@ -105,5 +107,145 @@ async fn an_instance_crashing_mid_storm_loses_no_point_and_makes_none_up() {
     .await;
     assert_eq!(after.0.as_u16(), 200, "{}", after.2);
     assert_eq!(after.2["balance"], (applied + 1) * 10);
+    cluster.shut_down().await;
+}
+
+#[actix_web::test]
+async fn with_mysql_unreachable_every_route_answers_503_with_retry_after_never_500() {
+    let direct = test_support::mysql_server_url().await;
+    let target = direct.rsplit('@').next().expect("host:port").to_owned();
+    let proxy = TcpProxy::start(&target).await.expect("proxy");
+    let through_proxy = direct.replace(&target, &format!("127.0.0.1:{}", proxy.port()));
+    let options = ClusterOptions {
+        database_server: Some(through_proxy),
+        // Fail fast once MySQL is gone: a pool wait of 5 s per request is not what is tested.
+        env: vec![("DATABASE_MAX_CONNECTIONS".into(), "4".into())],
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start_with(1, &options).await.expect("cluster");
+    let http = client();
+    let base = cluster.url(0);
+    let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "kim"}"#)).await;
+    assert_eq!(created.0.as_u16(), 201, "{}", created.2);
+    let user = created.2["id"].as_str().expect("id").to_owned();
+
+    proxy.cut();
+
+    let requests = [
+        ("POST", format!("{base}/api/v1/users"), Some(r#"{"name": "lee"}"#)),
+        ("GET", format!("{base}/api/v1/users/{user}/points"), None),
+        ("POST", format!("{base}/api/v1/users/{user}/points/charge"), Some(r#"{"amount": 100}"#)),
+        ("GET", format!("{base}/api/v1/users/{user}/points/history"), None),
+    ];
+    let answers = futures::future::join_all(requests.iter().map(|(method, url, body)| {
+        let request = if *method == "POST" { http.post(url) } else { http.get(url) };
+        async move {
+            let mut response = match body {
+                Some(body) => {
+                    request.insert_header(("content-type", "application/json")).send_body(*body).await
+                }
+                None => request.send().await,
+            }
+            .expect("the server answered");
+            let retry_after =
+                response.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_owned());
+            let content_type =
+                response.headers().get("content-type").map(|v| v.to_str().unwrap_or("").to_owned());
+            let body: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
+            (format!("{method} {url}"), response.status().as_u16(), retry_after, content_type, body)
+        }
+    }))
+    .await;
+    for (request, status, retry_after, content_type, body) in &answers {
+        assert_eq!(*status, 503, "{request}: {body}");
+        assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{request}");
+        assert_eq!(body["code"], "SERVICE_UNAVAILABLE", "{request}: {body}");
+        assert!(retry_after.is_some(), "{request}: no Retry-After");
+        let text = body.to_string();
+        assert!(!text.contains("sqlx") && !text.contains("Connection") && !text.contains("3306"), "{text}");
+    }
+    let ready = send(http.get(format!("{base}/health/ready")), None).await;
+    assert_problem(&ready, 503, "NOT_READY", None);
+    assert_eq!(ready.2["checks"]["mysql"], "DOWN");
+    assert_eq!(ready.2["checks"]["redis"], "UP");
+    cluster.shut_down().await;
+}
+
+#[actix_web::test]
+async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+
+    const USERS: usize = 3;
+    // The grace is shorter than the database's row-lock wait: the requests are still
+    // holding their point locks when the grace ends and the server drops them.
+    let options = ClusterOptions {
+        env: vec![
+            ("SHUTDOWN_GRACE_SECONDS".into(), "1".into()),
+            ("DATABASE_STATEMENT_TIMEOUT_MS".into(), "8000".into()),
+        ],
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start_with(1, &options).await.expect("cluster");
+    let http = client();
+    let base = cluster.url(0).to_owned();
+    let mut users = Vec::new();
+    for _ in 0..USERS {
+        let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "held"}"#)).await;
+        users.push(created.2["id"].as_str().expect("id").to_owned());
+    }
+    // Hold the users' account rows from outside, so that each charge takes its Redis lock
+    // and then waits in MySQL.
+    let db = sea_orm::Database::connect(cluster.direct_database_url()).await.expect("db");
+    let blocker = db.begin().await.expect("begin");
+    for user in &users {
+        blocker
+            .execute_unprepared(&format!(
+                "SELECT * FROM point_accounts WHERE user_id = UNHEX(REPLACE('{user}', '-', '')) FOR UPDATE"
+            ))
+            .await
+            .expect("row locked");
+    }
+    let redis = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&test_support::redis_url().await).expect("url"),
+    )
+    .build()
+    .expect("client");
+    fred::prelude::ClientLike::init(&redis).await.expect("redis");
+    let keys: Vec<String> = users.iter().map(|user| format!("lock:point:{user}")).collect();
+    let exists = |redis: fred::clients::Client, keys: Vec<String>| async move {
+        let mut held = 0;
+        for key in keys {
+            let n: i64 = fred::prelude::KeysInterface::exists(&redis, key).await.expect("EXISTS");
+            held += n;
+        }
+        held
+    };
+
+    let charges: Vec<_> = users
+        .iter()
+        .map(|user| {
+            let request = http.post(format!("{base}/api/v1/users/{user}/points/charge"));
+            actix_web::rt::spawn(async move {
+                let _ = request
+                    .insert_header(("content-type", "application/json"))
+                    .send_body(r#"{"amount": 5}"#)
+                    .await;
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while exists(redis.clone(), keys.clone()).await < i64::try_from(USERS).expect("small") {
+        assert!(std::time::Instant::now() < deadline, "the charges never took their locks");
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    cluster.instances[0].terminate_and_wait(std::time::Duration::from_secs(20)).expect("stopped");
+
+    assert_eq!(exists(redis.clone(), keys.clone()).await, 0, "locks left behind by a graceful stop");
+    blocker.rollback().await.expect("rollback");
+    for charge in charges {
+        let _ = charge.await;
+    }
+    db.close().await.ok();
     cluster.shut_down().await;
 }

@@ -19,7 +19,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Cluster {
     pub instances: Vec<Instance>,
+    /// The URL the instances were given (through a proxy, when one was asked for).
     pub database_url: String,
+    /// The same database on the real server, for cleaning up.
+    direct_database_url: String,
 }
 
 /// One running server process, killed when dropped.
@@ -39,6 +42,24 @@ impl Drop for Instance {
 }
 
 impl Instance {
+    /// Sends SIGTERM (a graceful stop, as a deploy does) and waits for the process to exit.
+    ///
+    /// # Errors
+    /// When the signal cannot be sent or the process outlives `within`.
+    pub fn terminate_and_wait(&self, within: Duration) -> anyhow::Result<()> {
+        let mut child = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "still running after {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the process with SIGKILL: a crash, with requests and transactions in flight
     /// and locks held, not a graceful shutdown.
     pub fn crash(&self) {
@@ -56,6 +77,9 @@ pub struct ClusterOptions {
     pub redis_url: Option<String>,
     /// Extra environment for every instance (`LOCK_WAIT_STRATEGY`, ...).
     pub env: Vec<(String, String)>,
+    /// A MySQL server URL (no database) to give the instances instead of the tests' own,
+    /// e.g. a [`TcpProxy`] in front of it that a test cuts.
+    pub database_server: Option<String>,
 }
 
 impl Cluster {
@@ -73,8 +97,11 @@ impl Cluster {
     /// # Errors
     /// As [`Cluster::start`].
     pub async fn start_with(count: usize, options: &ClusterOptions) -> anyhow::Result<Self> {
-        let server = test_support::mysql_server_url().await;
-        let database_url = format!("{server}/e2e_{}", uuid::Uuid::new_v4().simple());
+        let direct = test_support::mysql_server_url().await;
+        let name = format!("e2e_{}", uuid::Uuid::new_v4().simple());
+        let server = options.database_server.clone().unwrap_or_else(|| direct.clone());
+        let database_url = format!("{server}/{name}");
+        let direct_database_url = format!("{direct}/{name}");
         let redis_url = match &options.redis_url {
             Some(url) => url.clone(),
             None => test_support::redis_url().await,
@@ -95,7 +122,13 @@ impl Cluster {
                 })?;
             instances.push(Instance { child: Mutex::new(child), base_url, output });
         }
-        Ok(Self { instances, database_url })
+        Ok(Self { instances, database_url, direct_database_url })
+    }
+
+    /// The database on the real server (not through a proxy).
+    #[must_use]
+    pub fn direct_database_url(&self) -> &str {
+        &self.direct_database_url
     }
 
     /// The base URL of instance `i % count`: spreads requests round-robin.
@@ -107,7 +140,7 @@ impl Cluster {
     /// Stops every instance and drops the database.
     pub async fn shut_down(mut self) {
         self.instances.clear();
-        let _ = test_support::drop_database(&self.database_url).await;
+        let _ = test_support::drop_database(&self.direct_database_url).await;
     }
 }
 
@@ -176,6 +209,64 @@ fn spawn(
 }
 
 pub use test_support::PrivateRedis;
+
+/// A TCP proxy on a free loopback port in front of `target`, so that a test can make a
+/// dependency unreachable ([`TcpProxy::cut`]) without stopping the shared server.
+#[derive(Debug)]
+pub struct TcpProxy {
+    port: u16,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding connections to `target` (`host:port`).
+    ///
+    /// # Errors
+    /// When no local port can be bound.
+    pub async fn start(target: &str) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (target, registry) = (target.to_owned(), Arc::clone(&tasks));
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                if let Ok(mut tasks) = registry.lock() {
+                    tasks.push(pipe);
+                }
+            }
+        });
+        if let Ok(mut all) = tasks.lock() {
+            all.push(accept);
+        }
+        Ok(Self { port, tasks })
+    }
+
+    #[must_use]
+    pub const fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Drops every connection and stops listening: new connections are refused.
+    pub fn cut(&self) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for task in tasks.drain(..) {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
 
 /// An HTTP client for many concurrent requests.
 #[must_use]

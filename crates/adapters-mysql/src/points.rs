@@ -18,6 +18,7 @@ use domain::user::UserId;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
 
+use crate::DbContext as _;
 use crate::entities::{point_account, point_history};
 use crate::tx::connection;
 use crate::{from_db_time, to_db_time};
@@ -73,7 +74,7 @@ impl PointRepository for MySqlPointRepository {
         point_account::Entity::insert(row)
             .exec_without_returning(connection(tx)?)
             .await
-            .context("failed to insert the point account")?;
+            .db_context("failed to insert the point account")?;
         Ok(())
     }
 
@@ -87,7 +88,7 @@ impl PointRepository for MySqlPointRepository {
             .lock_exclusive()
             .one(connection(tx)?)
             .await
-            .context("failed to lock the point account")?;
+            .db_context("failed to lock the point account")?;
         Ok(row.map(account_from).transpose()?)
     }
 
@@ -109,7 +110,7 @@ impl PointRepository for MySqlPointRepository {
             .filter(point_account::Column::Version.eq(db_version(expected_version)?))
             .exec(connection(tx)?)
             .await
-            .context("failed to update the balance")?;
+            .db_context("failed to update the balance")?;
         match updated.rows_affected {
             1 => Ok(()),
             0 => Err(PointRepositoryError::StaleBalance { user_id: account.user_id() }),
@@ -135,7 +136,7 @@ impl PointRepository for MySqlPointRepository {
         point_history::Entity::insert(row)
             .exec_without_returning(connection(tx)?)
             .await
-            .context("failed to insert the point history entry")?;
+            .db_context("failed to insert the point history entry")?;
         Ok(())
     }
 
@@ -144,7 +145,7 @@ impl PointRepository for MySqlPointRepository {
         let row = point_account::Entity::find_by_id(*user_id.as_uuid())
             .one(&self.db)
             .await
-            .context("failed to read the balance")?;
+            .db_context("failed to read the balance")?;
         Ok(row.map(|row| account_from(row).map(|account| account.balance())).transpose()?)
     }
 
@@ -160,7 +161,7 @@ impl PointRepository for MySqlPointRepository {
             .limit(u64::from(limit.get()))
             .all(&self.db)
             .await
-            .context("failed to read the point history")?;
+            .db_context("failed to read the point history")?;
         Ok(rows.into_iter().map(entry_from).collect::<anyhow::Result<_>>()?)
     }
 }

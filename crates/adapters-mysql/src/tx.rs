@@ -13,6 +13,8 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
 
 use application::tx::TransactionManager;
 
+use crate::DbContext as _;
+
 /// Begins transactions on a connection pool.
 #[derive(Clone, Debug)]
 pub struct MySqlTransactionManager {
@@ -29,7 +31,7 @@ impl MySqlTransactionManager {
 #[async_trait]
 impl TransactionManager for MySqlTransactionManager {
     async fn begin(&self) -> Result<Box<Tx>, TxError> {
-        let txn = self.db.begin().await.context("failed to begin a transaction")?;
+        let txn = self.db.begin().await.db_context("failed to begin a transaction")?;
         Ok(Box::new(SeaOrmUnitOfWork { txn }))
     }
 }
@@ -43,12 +45,12 @@ pub struct SeaOrmUnitOfWork {
 #[async_trait]
 impl UnitOfWork for SeaOrmUnitOfWork {
     async fn commit(self: Box<Self>) -> Result<(), TxError> {
-        self.txn.commit().await.context("failed to commit")?;
+        self.txn.commit().await.db_context("failed to commit")?;
         Ok(())
     }
 
     async fn rollback(self: Box<Self>) -> Result<(), TxError> {
-        self.txn.rollback().await.context("failed to roll back")?;
+        self.txn.rollback().await.db_context("failed to roll back")?;
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use sea_orm::{DatabaseConnection, EntityTrait, Set, SqlErr};
 
 use crate::entities::user;
 use crate::tx::connection;
+use crate::{DbContext as _, db_error};
 use crate::{from_db_time, to_db_time};
 
 #[derive(Clone, Debug)]
@@ -36,14 +37,16 @@ impl UserRepository for MySqlUserRepository {
             Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
                 Err(UserRepositoryError::Duplicate(user.id()))
             }
-            Err(e) => Err(anyhow::Error::new(e).context("failed to insert the user").into()),
+            Err(e) => Err(db_error(e, "failed to insert the user").into()),
         }
     }
 
     #[tracing::instrument(name = "users.find", skip(self))]
     async fn find(&self, id: UserId) -> Result<Option<User>, UserRepositoryError> {
-        let row =
-            user::Entity::find_by_id(*id.as_uuid()).one(&self.db).await.context("failed to read the user")?;
+        let row = user::Entity::find_by_id(*id.as_uuid())
+            .one(&self.db)
+            .await
+            .db_context("failed to read the user")?;
         row.map(|row| {
             let name = UserName::new(&row.name).context("a stored user name breaks the name rules")?;
             Ok(User::restore(UserId::from_uuid(row.id), name, from_db_time(row.created_at)))

@@ -58,7 +58,20 @@ pub enum ApiError {
     #[error("{0}")]
     NotReady(String),
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Unexpected(anyhow::Error),
+}
+
+/// A failure from below: 503 when its cause chain says a retry may succeed (the database
+/// unreachable, out of connections, a deadlock or a timeout), else a 500.
+impl From<anyhow::Error> for ApiError {
+    fn from(error: anyhow::Error) -> Self {
+        if domain::unavailable::is_unavailable(&error) {
+            tracing::warn!(error = format!("{error:#}"), "database unavailable");
+            Self::Unavailable("the database is unavailable; nothing was changed, retry shortly".into())
+        } else {
+            Self::Unexpected(error)
+        }
+    }
 }
 
 impl ApiError {
@@ -157,7 +170,7 @@ impl ResponseError for ApiError {
 impl From<CreateUserError> for ApiError {
     fn from(error: CreateUserError) -> Self {
         match error {
-            CreateUserError::Unexpected(e) => Self::Unexpected(e),
+            CreateUserError::Unexpected(e) => e.into(),
         }
     }
 }
@@ -178,7 +191,7 @@ impl From<ChargePointsError> for ApiError {
                 tracing::warn!(error = format!("{source:#}"), "lock store unavailable");
                 Self::Unavailable("the lock service is unavailable; nothing was changed".into())
             }
-            ChargePointsError::Unexpected(e) => Self::Unexpected(e),
+            ChargePointsError::Unexpected(e) => e.into(),
         }
     }
 }
@@ -187,7 +200,7 @@ impl From<GetBalanceError> for ApiError {
     fn from(error: GetBalanceError) -> Self {
         match error {
             GetBalanceError::UserNotFound(id) => Self::UserNotFound(*id.as_uuid()),
-            GetBalanceError::Unexpected(e) => Self::Unexpected(e),
+            GetBalanceError::Unexpected(e) => e.into(),
         }
     }
 }
@@ -196,7 +209,7 @@ impl From<PointHistoryError> for ApiError {
     fn from(error: PointHistoryError) -> Self {
         match error {
             PointHistoryError::UserNotFound(id) => Self::UserNotFound(*id.as_uuid()),
-            PointHistoryError::Unexpected(e) => Self::Unexpected(e),
+            PointHistoryError::Unexpected(e) => e.into(),
         }
     }
 }
@@ -219,6 +232,27 @@ mod tests {
         let text = std::str::from_utf8(&body).unwrap();
         assert!(!text.contains("SQLSTATE"), "{text}");
         assert!(text.contains("\"code\":\"INTERNAL_ERROR\""), "{text}");
+    }
+
+    #[actix_web::test]
+    async fn a_retryable_database_failure_is_a_503_with_retry_after_and_no_internal_text() {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "10.0.0.7:3306 refused");
+        let error = ApiError::from(
+            anyhow::Error::new(domain::unavailable::Unavailable {
+                reason: "unreachable",
+                source: Box::new(cause),
+            })
+            .context("failed to read the user"),
+        );
+
+        let response = error.error_response();
+
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "1");
+        let body = to_bytes(response.into_body()).await.unwrap();
+        let text = std::str::from_utf8(&body).unwrap();
+        assert!(text.contains("\"code\":\"SERVICE_UNAVAILABLE\""), "{text}");
+        assert!(!text.contains("10.0.0.7"), "{text}");
     }
 
     #[test]

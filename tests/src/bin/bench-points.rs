@@ -78,6 +78,7 @@ async fn measure(mode: &'static str, storm: usize, redis_url: &str) -> anyhow::R
             ("POINT_LOCK_WAIT_MS".into(), "60000".into()),
             ("RUST_LOG".into(), "warn".into()),
         ],
+        ..ClusterOptions::default()
     };
     let cluster = Cluster::start_with(INSTANCES, &options).await?;
     let http = client();
