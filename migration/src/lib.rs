@@ -8,6 +8,7 @@ pub use sea_orm_migration::MigratorTrait;
 use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_users_and_points;
+mod m20261122_000001_idempotency_keys;
 
 /// Every migration, oldest first.
 #[derive(Debug)]
@@ -16,6 +17,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261121_000001_users_and_points::Migration)]
+        vec![
+            Box::new(m20261121_000001_users_and_points::Migration),
+            Box::new(m20261122_000001_idempotency_keys::Migration),
+        ]
     }
 }

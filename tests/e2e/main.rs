@@ -1,6 +1,7 @@
 //! End-to-end tests: several real `concert-server` processes, one MySQL, one Redis.
 
 mod failures;
+mod idempotency;
 mod points;
 mod users;
 

@@ -4,12 +4,13 @@
 //! - [`database`]: connecting, creating the database if needed, and migrating (once,
 //!   even when many instances start together).
 //! - [`tx`]: [`tx::MySqlTransactionManager`] and the unit of work repositories downcast.
-//! - [`users`], [`points`]: the repositories.
+//! - [`users`], [`points`]: the repositories; [`idempotency`]: the idempotency-key store.
 //! - `entities`: sea-orm models. They never leave this crate; repositories convert them
 //!   to domain types at the boundary.
 
 pub mod database;
 mod entities;
+pub mod idempotency;
 pub mod points;
 pub mod tx;
 pub mod users;

@@ -4,6 +4,10 @@
 //! they queue for a lock). Under `lock:point:{userId}`, waiting: read the account with its
 //! row locked, apply the domain rule, write the balance only if the account's version is
 //! still the one read, and append the history row, all in one transaction.
+//!
+//! With an idempotency key the charge runs through [`Idempotency`]: at most once per
+//! (user, key), its answer recorded in the same transaction, so a client that lost the
+//! answer and retries is charged once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +16,10 @@ use domain::point::{Balance, ChargeAmount, PointError, PointRepository, PointRep
 use domain::unit_of_work::TxError;
 use domain::user::{UserId, UserRepository};
 
+use serde::{Deserialize, Serialize};
+
 use crate::clock;
+use crate::idempotency::{Fingerprint, Idempotency, IdempotencyError, IdempotencyKey, Outcome};
 use crate::lock::{DistributedLock, LockError, LockKey, WaitPolicy};
 use crate::tx::{TransactionManager, locked_tx};
 
@@ -28,6 +35,13 @@ pub struct ChargePoints {
     lock: Arc<dyn DistributedLock>,
     txm: Arc<dyn TransactionManager>,
     lock_wait: Duration,
+    idempotency: Idempotency,
+}
+
+/// What a charge answers, as its idempotency record keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Charged {
+    balance: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +50,9 @@ pub enum ChargePointsError {
     UserNotFound(UserId),
     #[error("charging {amount} points to a balance of {balance} would pass the limit")]
     BalanceLimitExceeded { balance: i64, amount: i64 },
+    /// The idempotency key was used before with another amount.
+    #[error("the idempotency key was used for a different charge")]
+    IdempotencyKeyReused,
     /// Too many concurrent changes to this account: the lock stayed held for the whole
     /// wait. Nothing was changed; the client may retry.
     #[error("{0} stayed busy for the whole wait")]
@@ -61,18 +78,26 @@ impl ChargePoints {
         lock: Arc<dyn DistributedLock>,
         txm: Arc<dyn TransactionManager>,
         lock_wait: Duration,
+        idempotency: Idempotency,
     ) -> Self {
-        Self { users, points, lock, txm, lock_wait }
+        Self { users, points, lock, txm, lock_wait, idempotency }
     }
 
     /// Adds `amount` to the balance of `user_id`, exactly once, and returns the new balance.
+    /// With `key`, a repetition of an earlier charge under that key is not applied again:
+    /// it answers [`Outcome::Replayed`] with the first charge's balance.
     ///
     /// # Errors
     /// [`ChargePointsError::UserNotFound`], [`ChargePointsError::BalanceLimitExceeded`],
-    /// [`ChargePointsError::Contended`], [`ChargePointsError::LockUnavailable`]; on every
-    /// error nothing is changed.
-    #[tracing::instrument(name = "charge_points", skip(self), fields(%user_id, amount = amount.points()))]
-    pub async fn execute(&self, user_id: UserId, amount: ChargeAmount) -> Result<Balance, ChargePointsError> {
+    /// [`ChargePointsError::IdempotencyKeyReused`], [`ChargePointsError::Contended`],
+    /// [`ChargePointsError::LockUnavailable`]; on every error nothing is changed.
+    #[tracing::instrument(name = "charge_points", skip(self, key), fields(%user_id, amount = amount.points(), keyed = key.is_some()))]
+    pub async fn execute(
+        &self,
+        user_id: UserId,
+        amount: ChargeAmount,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Outcome<Balance>, ChargePointsError> {
         let user = self
             .users
             .find(user_id)
@@ -82,31 +107,60 @@ impl ChargePoints {
             return Err(ChargePointsError::UserNotFound(user_id));
         }
 
-        let points = Arc::clone(&self.points);
-        let key = LockKey::point(user_id);
-        let balance = locked_tx(
-            self.lock.as_ref(),
-            self.txm.as_ref(),
-            &key,
-            WaitPolicy::WaitUpTo(self.lock_wait),
-            move |tx| {
-                Box::pin(async move {
-                    // Re-checked inside: the account may have gone since the read above.
-                    let mut account = points
-                        .lock_account(tx, user_id)
-                        .await?
-                        .ok_or(ChargePointsError::UserNotFound(user_id))?;
-                    let read_at = account.version();
-                    let entry = account.charge(amount, clock::now_utc())?;
-                    points.save_balance(tx, &account, read_at).await?;
-                    points.append_history(tx, &entry).await?;
-                    Ok::<_, ChargePointsError>(account.balance())
-                })
-            },
-        )
-        .await?;
-        tracing::info!(balance = balance.points(), "points charged");
+        let fingerprint = Fingerprint::of("charge_points", &serde_json::json!({ "amount": amount.points() }));
+        let outcome = self
+            .idempotency
+            .run(user_id, key, fingerprint, |recorder| {
+                let points = Arc::clone(&self.points);
+                let key = LockKey::point(user_id);
+                async move {
+                    locked_tx(
+                        self.lock.as_ref(),
+                        self.txm.as_ref(),
+                        &key,
+                        WaitPolicy::WaitUpTo(self.lock_wait),
+                        move |tx| {
+                            Box::pin(async move {
+                                // Re-checked inside: the account may have gone since the read above.
+                                let mut account = points
+                                    .lock_account(tx, user_id)
+                                    .await?
+                                    .ok_or(ChargePointsError::UserNotFound(user_id))?;
+                                let read_at = account.version();
+                                let entry = account.charge(amount, clock::now_utc())?;
+                                points.save_balance(tx, &account, read_at).await?;
+                                points.append_history(tx, &entry).await?;
+                                let charged = Charged { balance: account.balance().points() };
+                                if let Some(recorder) = &recorder {
+                                    recorder.record(tx, &charged).await?;
+                                }
+                                Ok::<_, ChargePointsError>(charged)
+                            })
+                        },
+                    )
+                    .await
+                }
+            })
+            .await?;
+        let replayed = outcome.is_replay();
+        let balance = Balance::new(outcome.into_inner().balance)
+            .map_err(|e| anyhow::Error::new(e).context("a charged balance is out of range"))?;
+        tracing::info!(balance = balance.points(), replayed, "points charged");
+        let balance = if replayed { Outcome::Replayed(balance) } else { Outcome::Fresh(balance) };
         Ok(balance)
+    }
+}
+
+impl From<IdempotencyError> for ChargePointsError {
+    fn from(error: IdempotencyError) -> Self {
+        match error {
+            IdempotencyError::KeyReused => Self::IdempotencyKeyReused,
+            IdempotencyError::Busy(key) => Self::Contended(key),
+            IdempotencyError::LockUnavailable(source) => Self::LockUnavailable(source),
+            // Only seen when the run replays instead; reported as is otherwise.
+            IdempotencyError::Duplicate => Self::Unexpected(anyhow::anyhow!("idempotency key stored twice")),
+            IdempotencyError::Unexpected(error) => Self::Unexpected(error),
+        }
     }
 }
 
@@ -205,8 +259,22 @@ mod tests {
                 Arc::new(self.lock),
                 Arc::new(self.txm),
                 DEFAULT_LOCK_WAIT,
+                unkeyed(),
             )
         }
+    }
+
+    /// Idempotency for charges made without a key: its store is never asked.
+    fn unkeyed() -> Idempotency {
+        let mut store = crate::idempotency::MockIdempotencyStore::new();
+        store.expect_find().never();
+        store.expect_insert().never();
+        Idempotency::new(
+            Arc::new(store),
+            Arc::new(MockDistributedLock::new()),
+            DEFAULT_LOCK_WAIT,
+            crate::idempotency::DEFAULT_RETENTION,
+        )
     }
 
     fn amount(points: i64) -> ChargeAmount {
@@ -242,7 +310,7 @@ mod tests {
             .times(1)
             .returning(|_, _| Ok(()));
 
-        let balance = harness.build().execute(user_id, amount(1_000)).await.unwrap();
+        let balance = harness.build().execute(user_id, amount(1_000), None).await.unwrap().into_inner();
 
         assert_eq!(balance.points(), 1_500);
     }
@@ -261,9 +329,10 @@ mod tests {
             Arc::new(lock),
             Arc::new(txm),
             DEFAULT_LOCK_WAIT,
+            unkeyed(),
         );
 
-        let result = charge.execute(UserId::generate(), amount(10)).await;
+        let result = charge.execute(UserId::generate(), amount(10), None).await;
 
         assert!(matches!(result, Err(ChargePointsError::UserNotFound(_))));
     }
@@ -280,7 +349,7 @@ mod tests {
         harness.points.expect_save_balance().never();
         harness.points.expect_append_history().never();
 
-        let result = harness.build().execute(user_id, amount(6)).await;
+        let result = harness.build().execute(user_id, amount(6), None).await;
 
         assert!(matches!(
             result,
@@ -294,7 +363,7 @@ mod tests {
         let mut harness = Harness::new(user_id, false);
         harness.points.expect_lock_account().times(1).returning(|_, _| Ok(None));
 
-        let result = harness.build().execute(user_id, amount(6)).await;
+        let result = harness.build().execute(user_id, amount(6), None).await;
 
         assert!(matches!(result, Err(ChargePointsError::UserNotFound(id)) if id == user_id));
     }
@@ -311,7 +380,7 @@ mod tests {
             .returning(move |_, _, _| Err(PointRepositoryError::StaleBalance { user_id }));
         harness.points.expect_append_history().never();
 
-        let result = harness.build().execute(user_id, amount(6)).await;
+        let result = harness.build().execute(user_id, amount(6), None).await;
 
         assert!(matches!(result, Err(ChargePointsError::Unexpected(_))));
     }
@@ -328,7 +397,7 @@ mod tests {
             .times(1)
             .returning(|_, _| Err(PointRepositoryError::Unexpected(anyhow::anyhow!("lost connection"))));
 
-        let result = harness.build().execute(user_id, amount(6)).await;
+        let result = harness.build().execute(user_id, amount(6), None).await;
 
         assert!(matches!(result, Err(ChargePointsError::Unexpected(_))));
     }
@@ -352,9 +421,10 @@ mod tests {
             Arc::new(lock),
             Arc::new(txm),
             DEFAULT_LOCK_WAIT,
+            unkeyed(),
         );
 
-        let result = charge.execute(user_id, amount(6)).await;
+        let result = charge.execute(user_id, amount(6), None).await;
 
         assert!(matches!(result, Err(ChargePointsError::Contended(key)) if key == LockKey::point(user_id)));
     }
@@ -378,9 +448,10 @@ mod tests {
             Arc::new(lock),
             Arc::new(txm),
             DEFAULT_LOCK_WAIT,
+            unkeyed(),
         );
 
-        let result = charge.execute(user_id, amount(6)).await;
+        let result = charge.execute(user_id, amount(6), None).await;
 
         assert!(matches!(result, Err(ChargePointsError::LockUnavailable(_))));
     }

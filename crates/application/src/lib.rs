@@ -8,6 +8,7 @@
 //! - [`tx`]: the [`tx::TransactionManager`] port and the helpers that order lock and
 //!   transaction.
 //! - [`cache`]: the [`cache::CachePort`] port and typed JSON helpers over it.
+//! - [`idempotency`]: idempotency keys, one mechanism for every retried operation.
 //! - one module per use case: [`create_user`], [`charge_points`], [`get_balance`],
 //!   [`point_history`].
 
@@ -16,6 +17,7 @@ pub mod charge_points;
 pub mod clock;
 pub mod create_user;
 pub mod get_balance;
+pub mod idempotency;
 pub mod lock;
 pub mod point_history;
 pub mod tx;

@@ -48,6 +48,8 @@ pub enum ApiError {
     UserNotFound(uuid::Uuid),
     #[error("{0}")]
     BalanceLimitExceeded(String),
+    #[error("this Idempotency-Key was used before for a different request; use a new key for a new request")]
+    IdempotencyKeyReused,
     /// Too many concurrent changes to one resource; the client may retry shortly.
     #[error("{0}")]
     Busy(String),
@@ -88,6 +90,7 @@ impl ApiError {
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::UserNotFound(_) => "USER_NOT_FOUND",
             Self::BalanceLimitExceeded(_) => "BALANCE_LIMIT_EXCEEDED",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::Busy(_) => "RESOURCE_BUSY",
             Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Self::NotReady(_) => "NOT_READY",
@@ -104,6 +107,7 @@ impl ApiError {
             Self::MethodNotAllowed => "Method not allowed",
             Self::UserNotFound(_) => "User not found",
             Self::BalanceLimitExceeded(_) => "Balance limit exceeded",
+            Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::Busy(_) => "Resource busy",
             Self::Unavailable(_) => "Service unavailable",
             Self::NotReady(_) => "Not ready",
@@ -146,6 +150,7 @@ impl ResponseError for ApiError {
             Self::RouteNotFound | Self::UserNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BalanceLimitExceeded(_) => StatusCode::CONFLICT,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) | Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -184,6 +189,7 @@ impl From<ChargePointsError> for ApiError {
                     "charging {amount} points to a balance of {balance} would pass the limit of {MAX_BALANCE}"
                 ))
             }
+            ChargePointsError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             ChargePointsError::Contended(_) => Self::Busy(
                 "too many concurrent changes to this account; nothing was changed, retry shortly".into(),
             ),

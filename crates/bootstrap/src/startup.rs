@@ -8,6 +8,7 @@ use std::time::Duration;
 use actix_web::dev::Server;
 use actix_web::http::header;
 use actix_web::{App, HttpResponse, HttpServer, web};
+use adapters_mysql::idempotency::MySqlIdempotencyStore;
 use adapters_mysql::points::MySqlPointRepository;
 use adapters_mysql::tx::MySqlTransactionManager;
 use adapters_mysql::users::MySqlUserRepository;
@@ -18,6 +19,7 @@ use anyhow::Context as _;
 use application::charge_points::ChargePoints;
 use application::create_user::CreateUser;
 use application::get_balance::GetBalance;
+use application::idempotency::{DEFAULT_RETENTION, Idempotency};
 use application::point_history::PointHistory;
 use tokio::task::JoinHandle;
 use utoipa::OpenApi as _;
@@ -28,6 +30,10 @@ use crate::problem::ApiError;
 use crate::routes::{self, AppState, health::Readiness};
 use crate::settings::{LockWaitMode, Settings, redact};
 use crate::telemetry;
+
+/// How often each instance deletes expired idempotency keys, and how many per statement.
+const PURGE_EVERY: Duration = Duration::from_secs(10 * 60);
+const PURGE_BATCH: u64 = 1_000;
 
 /// How long shutdown waits for Redis to confirm the release of locks still held.
 const RELEASE_AT_SHUTDOWN: Duration = Duration::from_secs(3);
@@ -40,6 +46,7 @@ pub struct Application {
     redis: RedisConnections,
     lock: RedisLock,
     upkeep: JoinHandle<()>,
+    purge: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Application {
@@ -91,15 +98,25 @@ impl Application {
         let users = Arc::new(MySqlUserRepository::new(db.clone()));
         let points = Arc::new(MySqlPointRepository::new(db.clone()));
         let txm = Arc::new(MySqlTransactionManager::new(db.clone()));
+        let lock_port: Arc<dyn application::lock::DistributedLock> = Arc::new(lock.clone());
+        // A duplicate waits for the first request with its key: its lock wait plus its
+        // longest hold.
+        let idempotency = Idempotency::new(
+            Arc::new(MySqlIdempotencyStore::new(db.clone())),
+            Arc::clone(&lock_port),
+            settings.point_lock_wait + settings.lock_max_hold,
+            DEFAULT_RETENTION,
+        );
         let metrics = telemetry::prometheus();
         let state = web::Data::new(AppState {
             create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),
             charge_points: ChargePoints::new(
                 users.clone(),
                 points.clone(),
-                Arc::new(lock.clone()),
+                lock_port,
                 txm,
                 settings.point_lock_wait,
+                idempotency.clone(),
             ),
             get_balance: GetBalance::new(points.clone()),
             point_history: PointHistory::new(users, points),
@@ -140,8 +157,23 @@ impl Application {
                 metrics.run_upkeep();
             }
         });
+        // Expired idempotency keys go in batches; every instance may do it (a DELETE of
+        // what another already deleted deletes nothing).
+        let purge = tokio::spawn(async move {
+            let mut every = tokio::time::interval(PURGE_EVERY);
+            loop {
+                every.tick().await;
+                match idempotency.purge_expired(PURGE_BATCH).await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::info!(purged, "expired idempotency keys purged"),
+                    Err(error) => {
+                        tracing::warn!(error = format!("{error:#}"), "idempotency key purge failed")
+                    }
+                }
+            }
+        });
         tracing::info!("listening on http://{address}");
-        Ok(Self { port: address.port(), server, db, redis, lock, upkeep })
+        Ok(Self { port: address.port(), server, db, redis, lock, upkeep, purge })
     }
 
     /// The port actually bound (useful with `HTTP_ADDR=...:0`).
@@ -160,6 +192,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let served = self.server.await;
         self.upkeep.abort();
+        self.purge.abort();
         self.lock.release_all(RELEASE_AT_SHUTDOWN).await;
         self.redis.quit().await;
         self.db.close().await.ok();

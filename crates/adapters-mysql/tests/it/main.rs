@@ -7,6 +7,7 @@ mod users;
 
 use std::sync::Arc;
 
+use adapters_mysql::idempotency::MySqlIdempotencyStore;
 use adapters_mysql::points::MySqlPointRepository;
 use adapters_mysql::tx::MySqlTransactionManager;
 use adapters_mysql::users::MySqlUserRepository;
@@ -19,6 +20,7 @@ struct Db {
     users: Arc<MySqlUserRepository>,
     points: Arc<MySqlPointRepository>,
     txm: Arc<MySqlTransactionManager>,
+    idempotency: Arc<MySqlIdempotencyStore>,
 }
 
 impl Db {
@@ -30,6 +32,7 @@ impl Db {
             users: Arc::new(MySqlUserRepository::new(conn.clone())),
             points: Arc::new(MySqlPointRepository::new(conn.clone())),
             txm: Arc::new(MySqlTransactionManager::new(conn.clone())),
+            idempotency: Arc::new(MySqlIdempotencyStore::new(conn.clone())),
             url,
             conn,
         }

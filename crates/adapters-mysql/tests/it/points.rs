@@ -4,6 +4,7 @@ use std::time::Duration;
 use application::charge_points::ChargePoints;
 use application::clock;
 use application::create_user::CreateUser;
+use application::idempotency::{DEFAULT_RETENTION, Idempotency, IdempotencyKey, Outcome};
 use application::lock::{DistributedLock, FencingToken, LockError, LockGuard, LockKey, WaitPolicy};
 use application::tx::TransactionManager;
 use async_trait::async_trait;
@@ -63,6 +64,7 @@ fn charge_without_lock(db: &Db) -> ChargePoints {
         Arc::new(NoLock),
         db.txm.clone(),
         Duration::from_secs(3),
+        Idempotency::new(db.idempotency.clone(), Arc::new(NoLock), Duration::from_secs(3), DEFAULT_RETENTION),
     )
 }
 
@@ -73,7 +75,7 @@ async fn concurrent_charges_stay_exact_with_the_distributed_lock_removed() {
     let charge = charge_without_lock(&db);
 
     let results = futures::future::join_all(
-        (0..40).map(|_| charge.execute(user.id(), ChargeAmount::new(1_000).expect("valid"))),
+        (0..40).map(|_| charge.execute(user.id(), ChargeAmount::new(1_000).expect("valid"), None)),
     )
     .await;
 
@@ -86,6 +88,84 @@ async fn concurrent_charges_stay_exact_with_the_distributed_lock_removed() {
     let mut afters: Vec<i64> = history.iter().map(|e| e.balance_after().points()).collect();
     afters.sort_unstable();
     assert_eq!(afters, (1..=40).map(|n| n * 1_000).collect::<Vec<_>>(), "each charge saw the one before");
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_charges_with_one_idempotency_key_apply_once_with_every_lock_removed() {
+    let db = Db::fresh("points_idem").await;
+    let user = registered_user(&db).await;
+    let charge = charge_without_lock(&db);
+    let key = IdempotencyKey::new("order-7").expect("valid");
+
+    // No distributed lock at all (neither the key's nor the account's): only the table's
+    // primary key stands between these and a double charge.
+    let results = futures::future::join_all(
+        (0..12).map(|_| charge.execute(user.id(), ChargeAmount::new(250).expect("valid"), Some(key.clone()))),
+    )
+    .await;
+
+    let outcomes: Vec<Outcome<Balance>> = results.into_iter().map(|r| r.expect("answered")).collect();
+    assert_eq!(outcomes.iter().filter(|o| !o.is_replay()).count(), 1, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| o.clone().into_inner() == Balance::new(250).unwrap()), "{outcomes:?}");
+    assert_eq!(db.points.balance(user.id()).await.expect("balance"), Some(Balance::new(250).unwrap()));
+    let history = db.points.history(user.id(), HistoryLimit::new(1000).unwrap()).await.expect("history");
+    assert_eq!(history.len(), 1);
+
+    // The same key with another amount is refused and changes nothing.
+    let reused = charge.execute(user.id(), ChargeAmount::new(300).expect("valid"), Some(key)).await;
+    assert!(
+        matches!(reused, Err(application::charge_points::ChargePointsError::IdempotencyKeyReused)),
+        "{reused:?}"
+    );
+    assert_eq!(db.points.balance(user.id()).await.expect("balance"), Some(Balance::new(250).unwrap()));
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_record_is_stored_once_found_by_user_and_key_and_purged_after_expiry() {
+    use application::idempotency::{Fingerprint, IdempotencyRecord, IdempotencyStore, RecordError};
+
+    let db = Db::fresh("idem_store").await;
+    let user = registered_user(&db).await;
+    let other = registered_user(&db).await;
+    let now = clock::now_utc();
+    let record = |user_id, key: &str, expires_at| IdempotencyRecord {
+        user_id,
+        key: IdempotencyKey::new(key).expect("valid"),
+        fingerprint: Fingerprint::of("test", &1),
+        response: r#"{"balance":5}"#.to_owned(),
+        created_at: now,
+        expires_at,
+    };
+    let live = record(user.id(), "k", now + time::Duration::hours(24));
+    let mut tx = db.txm.begin().await.expect("begin");
+    db.idempotency.insert(tx.as_mut(), &live).await.expect("stored");
+    assert!(matches!(db.idempotency.insert(tx.as_mut(), &live).await, Err(RecordError::Duplicate)));
+    tx.rollback().await.expect("rollback");
+    assert_eq!(
+        db.idempotency.find(user.id(), &live.key).await.expect("find"),
+        None,
+        "rolled back with its tx"
+    );
+
+    let mut tx = db.txm.begin().await.expect("begin");
+    db.idempotency.insert(tx.as_mut(), &live).await.expect("stored");
+    // Keys are scoped to the user, and compared byte for byte.
+    db.idempotency.insert(tx.as_mut(), &record(other.id(), "k", live.expires_at)).await.expect("other user");
+    db.idempotency.insert(tx.as_mut(), &record(user.id(), "K", live.expires_at)).await.expect("other case");
+    for n in 0..5 {
+        let expired = record(user.id(), &format!("old-{n}"), now - time::Duration::seconds(1));
+        db.idempotency.insert(tx.as_mut(), &expired).await.expect("stored");
+    }
+    tx.commit().await.expect("commit");
+
+    assert_eq!(db.idempotency.find(user.id(), &live.key).await.expect("find"), Some(live.clone()));
+    assert_eq!(db.idempotency.purge_expired(now, 2).await.expect("purge"), 2, "a batch at a time");
+    let idempotency =
+        Idempotency::new(db.idempotency.clone(), Arc::new(NoLock), Duration::from_secs(1), DEFAULT_RETENTION);
+    assert_eq!(idempotency.purge_expired(2).await.expect("purge"), 3, "the rest, in batches");
+    assert!(db.idempotency.find(user.id(), &live.key).await.expect("find").is_some(), "live keys stay");
     db.drop_now().await;
 }
 
@@ -112,7 +192,7 @@ async fn history_is_newest_first_and_cut_at_the_limit() {
     let user = registered_user(&db).await;
     let charge = charge_without_lock(&db);
     for amount in 1..=5 {
-        charge.execute(user.id(), ChargeAmount::new(amount).unwrap()).await.expect("charge");
+        charge.execute(user.id(), ChargeAmount::new(amount).unwrap(), None).await.expect("charge");
     }
 
     let newest_three = db.points.history(user.id(), HistoryLimit::new(3).unwrap()).await.expect("history");

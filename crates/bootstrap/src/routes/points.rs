@@ -1,6 +1,7 @@
 //! `/api/v1/users/{userId}/points`: balance, charge, history.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
+use application::idempotency::IdempotencyKey;
 use domain::point::{Balance, ChargeAmount, HistoryLimit, PointHistoryEntry};
 use domain::user::UserId;
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,27 @@ pub struct HistoryQuery {
     pub limit: Option<String>,
 }
 
+/// The request header that makes a write idempotent.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+/// The answer header that marks a replayed answer.
+pub const IDEMPOTENT_REPLAYED: &str = "Idempotent-Replayed";
+
+/// The request's `Idempotency-Key`, if it sent one.
+///
+/// # Errors
+/// 400 naming the header when it is sent more than once, or is not 1..=64 visible ASCII
+/// characters.
+pub fn idempotency_key(req: &HttpRequest) -> Result<Option<IdempotencyKey>, ApiError> {
+    let mut values = req.headers().get_all(IDEMPOTENCY_KEY);
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ApiError::validation(IDEMPOTENCY_KEY, "must be sent once"));
+    }
+    let invalid = || ApiError::validation(IDEMPOTENCY_KEY, "must be 1 to 64 visible ASCII characters");
+    let raw = value.to_str().map_err(|_| invalid())?;
+    IdempotencyKey::new(raw).map(Some).map_err(|_| invalid())
+}
+
 fn balance_response(user_id: UserId, balance: Balance) -> BalanceResponse {
     BalanceResponse { user_id: *user_id.as_uuid(), balance: balance.points() }
 }
@@ -90,34 +112,54 @@ pub async fn get_balance(
 
 /// Charge points. Every charge is applied exactly once, whatever the concurrency.
 ///
+/// With an `Idempotency-Key` header, a charge is applied at most once per (user, key): a
+/// repetition (a retry after a lost answer, a double click, on any instance) gets the first
+/// answer back, status and body alike, marked `Idempotent-Replayed: true`; one that arrives
+/// while the first is still running waits for it. The same key with another amount is 422
+/// `IDEMPOTENCY_KEY_REUSED`. Keys are scoped to the user and kept at least 24 hours. Only
+/// applied charges are recorded: a refused one (4xx, 429, 503) changed nothing and may be
+/// retried with its key.
+///
 /// # Errors
-/// 400 for a malformed id or amount, 404 for an unknown user, 409 when the balance would
-/// pass 1,000,000,000, 429 when the account stayed busy for the whole lock wait.
+/// 400 for a malformed id, amount or key, 404 for an unknown user, 409 when the balance
+/// would pass 1,000,000,000, 422 for a reused key, 429 when the account stayed busy for the
+/// whole lock wait, 503 when Redis or MySQL is unavailable.
 #[utoipa::path(
     post,
     path = "/api/v1/users/{userId}/points/charge",
     tag = "points",
-    params(("userId" = uuid::Uuid, Path, description = "The user's id")),
+    params(
+        ("userId" = uuid::Uuid, Path, description = "The user's id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the charge idempotent: 1..=64 visible ASCII characters (`!` to `~`), scoped to the user, kept at least 24 hours", min_length = 1, max_length = 64, pattern = r"^[!-~]{1,64}$"),
+    ),
     request_body = ChargeRequest,
     responses(
-        (status = 200, description = "The new balance", body = BalanceResponse),
-        (status = 400, description = "Malformed id or amount", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The new balance (or, for a replayed key, the first answer: see the header)", body = BalanceResponse,
+            headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer of an earlier request with the same key"))),
+        (status = 400, description = "Malformed id, amount or Idempotency-Key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "BALANCE_LIMIT_EXCEEDED", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used for another amount; nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RESOURCE_BUSY: nothing changed; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: the lock store is down; nothing changed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: Redis or MySQL is unavailable; nothing changed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn charge_points(
     state: web::Data<AppState>,
+    req: HttpRequest,
     path: web::Path<String>,
     ValidJson(body): ValidJson<ChargeRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let user_id = UserId::from_uuid(uuid_param(&path, "userId")?);
+    let key = idempotency_key(&req)?;
     let amount = ChargeAmount::new(body.amount).map_err(|e| ApiError::validation("amount", e.to_string()))?;
-    let balance = state.charge_points.execute(user_id, amount).await?;
-    Ok(HttpResponse::Ok().json(balance_response(user_id, balance)))
+    let outcome = state.charge_points.execute(user_id, amount, key).await?;
+    let mut response = HttpResponse::Ok();
+    if outcome.is_replay() {
+        response.insert_header((IDEMPOTENT_REPLAYED, "true"));
+    }
+    Ok(response.json(balance_response(user_id, outcome.into_inner())))
 }
 
 /// A user's point history, newest first.
