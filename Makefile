@@ -1,13 +1,13 @@
 # concert-server: the commands a developer and CI need.
 #   make run       start the server on the default local MariaDB and Redis
-#   make test      lint, then every test (unit, adapter integration, end-to-end)
+#   make test      lint, then every test (unit, adapter integration, end-to-end, API contract)
 
 CARGO ?= cargo
 # Where the tests find their services (unset them to use testcontainers where Docker runs).
 export TEST_DATABASE_URL ?= mysql://root@127.0.0.1:3306
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help run test lint fmt build bench services clean-test-dbs
+.PHONY: help run test contract lint fmt build bench services clean-test-dbs
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -21,6 +21,11 @@ test: services lint ## Lint, then run every test; the end-to-end tests start rea
 	# One end-to-end test at a time: each starts up to three servers, and two storms
 	# sharing two cores would measure the machine, not the service.
 	$(CARGO) test --package e2e --locked -- --test-threads=1
+	./tests/contract/run.sh
+
+contract: services ## Validate the OpenAPI document and fuzz every route against it (schemathesis)
+	$(CARGO) build --workspace --bins --locked
+	./tests/contract/run.sh
 
 lint: ## Format check and clippy, warnings as errors
 	$(CARGO) fmt --all -- --check

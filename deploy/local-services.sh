@@ -79,5 +79,13 @@ ensure_mariadb() {
   log "mariadb: up"
 }
 
+# The API contract tests (tests/contract/run.sh) install their tools into a Python
+# virtual environment; Debian ships venv support in a package of its own.
+ensure_python_venv() {
+  if python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then return; fi
+  apt_install python3 python3-venv || log "python3-venv missing: the contract tests cannot run"
+}
+
 ensure_redis
 ensure_mariadb
+ensure_python_venv

@@ -74,6 +74,9 @@ async fn bad_charges_are_refused_with_problems_and_change_nothing() {
         r#"{"amount": 10000001}"#,
         r#"{"amount": "100"}"#,
         r#"{"amount": 1.5}"#,
+        r#"{"amount": 0.0}"#,
+        r#"{"amount": 1e30}"#,
+        r#"{"amount": true}"#,
         r#"{"amount": 99999999999999999999}"#,
         r#"{"amount": null}"#,
         r#"{}"#,
@@ -81,6 +84,12 @@ async fn bad_charges_are_refused_with_problems_and_change_nothing() {
         assert_problem(&send(http.post(&charge), Some(body)).await, 400, "VALIDATION_FAILED", Some("amount"));
     }
     assert_problem(&send(http.post(&charge), Some(r#"{"amount": 5"#)).await, 400, "MALFORMED_JSON", None);
+    assert_problem(
+        &send(http.post(&charge), Some(r#"{"amount": 5, "amount": 7}"#)).await,
+        400,
+        "MALFORMED_JSON",
+        None,
+    );
     let huge = format!(r#"{{"amount": 5, "pad": "{}"}}"#, "x".repeat(65 * 1024));
     assert_problem(&send(http.post(&charge), Some(&huge)).await, 413, "PAYLOAD_TOO_LARGE", None);
     assert_problem(
@@ -102,6 +111,10 @@ async fn bad_charges_are_refused_with_problems_and_change_nothing() {
     assert_eq!(balance(&http, base, &user).await, 0, "nothing was charged");
     let history = send(http.get(format!("{base}/api/v1/users/{user}/points/history")), None).await;
     assert_eq!(history.2.as_array().map(Vec::len), Some(0));
+
+    // An integer written with a zero fraction is that integer (JSON Schema agrees).
+    let two = send(http.post(&charge), Some(r#"{"amount": 2.0}"#)).await;
+    assert_eq!((two.0.as_u16(), two.2["balance"].as_i64()), (200, Some(2)), "{}", two.2);
     cluster.shut_down().await;
 }
 

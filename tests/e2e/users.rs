@@ -19,6 +19,18 @@ async fn a_user_is_created_and_bad_names_are_refused() {
     }
     let too_long = format!(r#"{{"name": "{}"}}"#, "a".repeat(51));
     assert_problem(&send(http.post(&users), Some(&too_long)).await, 400, "VALIDATION_FAILED", Some("name"));
+    // The 50 are counted as sent, white space included (as the OpenAPI schema states).
+    let padded = format!(r#"{{"name": " {}"}}"#, "a".repeat(50));
+    assert_problem(&send(http.post(&users), Some(&padded)).await, 400, "VALIDATION_FAILED", Some("name"));
+    for control in [r#"{"name": "a\u0000b"}"#, r#"{"name": "a\u001fb"}"#, r#"{"name": "a\u0085b"}"#] {
+        assert_problem(&send(http.post(&users), Some(control)).await, 400, "VALIDATION_FAILED", Some("name"));
+    }
+    assert_problem(
+        &send(http.post(&users), Some(r#"{"name": "kim", "name": "lee"}"#)).await,
+        400,
+        "MALFORMED_JSON",
+        None,
+    );
     assert_problem(&send(http.post(&users), Some("not json")).await, 400, "MALFORMED_JSON", None);
     assert_problem(&send(http.post(&users), Some("")).await, 400, "MALFORMED_JSON", None);
     let huge = format!(r#"{{"name": "{}"}}"#, "a".repeat(70 * 1024));
@@ -57,5 +69,58 @@ async fn operations_endpoints_answer() {
         assert!(metrics.contains(family), "{family} missing from /metrics");
     }
     assert_problem(&send(http.get(format!("{base}/no/such/route")), None).await, 404, "NOT_FOUND", None);
+    cluster.shut_down().await;
+}
+
+#[actix_web::test]
+async fn other_methods_are_405_with_allow_and_invented_methods_do_not_grow_the_metrics() {
+    use awc::http::Method;
+
+    let cluster = Cluster::start(1).await.expect("cluster");
+    let http = client();
+    let base = cluster.url(0);
+    let user = uuid::Uuid::now_v7();
+
+    for (path, allow) in [
+        ("/api/v1/users".to_owned(), "POST"),
+        (format!("/api/v1/users/{user}/points"), "GET"),
+        (format!("/api/v1/users/{user}/points/charge"), "POST"),
+        (format!("/api/v1/users/{user}/points/history"), "GET"),
+        ("/health/live".to_owned(), "GET"),
+        ("/health/ready".to_owned(), "GET"),
+        ("/metrics".to_owned(), "GET"),
+    ] {
+        for method in [Method::TRACE, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS] {
+            let request = http.request(method.clone(), format!("{base}{path}"));
+            let response = request.send().await.expect("answered");
+            assert_eq!(response.status().as_u16(), 405, "{method} {path}");
+            assert_eq!(
+                response.headers().get("allow").and_then(|v| v.to_str().ok()),
+                Some(allow),
+                "{method} {path}"
+            );
+            assert_eq!(
+                response.headers().get("content-type").and_then(|v| v.to_str().ok()),
+                Some("application/problem+json")
+            );
+        }
+    }
+
+    // 200 requests with methods nobody uses, on known and unknown paths.
+    for n in 0..200 {
+        let method = Method::from_bytes(format!("FOO{n}").as_bytes()).expect("a method token");
+        let path = if n % 2 == 0 { "/api/v1/users".to_owned() } else { format!("/nowhere/{n}") };
+        let response = http.request(method, format!("{base}{path}")).send().await.expect("answered");
+        assert!(response.status().is_client_error(), "{}", response.status());
+    }
+    let metrics =
+        http.get(format!("{base}/metrics")).send().await.expect("metrics").body().await.expect("body");
+    let metrics = std::str::from_utf8(&metrics).expect("text");
+    let series: Vec<&str> = metrics.lines().filter(|l| l.starts_with("http_requests_total{")).collect();
+    assert!(!metrics.contains("FOO"), "a raw method reached a label");
+    assert!(!metrics.contains("/nowhere"), "a raw path reached a label");
+    // Standard methods times this test's routes and statuses: a few dozen at most.
+    assert!(series.len() < 60, "{} series: {series:#?}", series.len());
+    assert!(series.iter().any(|l| l.contains(r#"method="other""#)), "{series:#?}");
     cluster.shut_down().await;
 }

@@ -61,12 +61,14 @@ fn check_headers(req: &HttpRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Parses in two steps, so "not JSON" and "JSON of the wrong shape" are told apart.
+/// Parses in two steps, so "not JSON" and "JSON of the wrong shape" are told apart. An
+/// object that names a key twice is refused as malformed: which of the two values was
+/// meant cannot be known, and parsers disagree on which one wins.
 ///
 /// # Errors
 /// [`ApiError::MalformedJson`] or [`ApiError::Validation`].
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value =
+    let StrictValue(value) =
         serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     serde_path_to_error::deserialize(value).map_err(|error| {
         let message = error.inner().to_string();
@@ -81,6 +83,99 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// A JSON value read with every object's keys checked for repeats.
+struct StrictValue(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!("duplicate key {key:?}")));
+            }
+            let StrictValue(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(object))
+    }
+}
+
+/// Deserializes a JSON integer, also when written with a zero fraction or an exponent
+/// (`2.0`, `2e3`): JSON Schema's `integer` counts those as integers, so the OpenAPI
+/// document and the server agree. A fraction (`1.5`) or a float beyond 2^53 (where it
+/// may not be the number the client wrote) is refused.
+///
+/// # Errors
+/// A serde error that names what was wrong.
+pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    use serde::Deserialize as _;
+    use serde::de::Error as _;
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match serde_json::Number::deserialize(deserializer)? {
+        n if n.is_i64() => n.as_i64().ok_or_else(|| D::Error::custom("not an integer")),
+        n if n.is_u64() => Err(D::Error::custom(format_args!("{n} is out of range"))),
+        n => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() <= EXACT =>
+            {
+                #[allow(clippy::cast_possible_truncation, reason = "integral and within 2^53: exact")]
+                Ok(f as i64)
+            }
+            Some(f) if f.fract() == 0.0 => Err(D::Error::custom(format_args!("{n} is out of range"))),
+            _ => Err(D::Error::custom(format_args!("expected an integer, got {n}"))),
+        },
+    }
+}
+
 fn missing_field(message: &str) -> Option<String> {
     let rest = message.strip_prefix("missing field `")?;
     rest.split_once('`').map(|(field, _)| field.to_owned())
@@ -93,8 +188,8 @@ mod tests {
     use super::*;
 
     #[derive(Debug, Deserialize)]
-    #[allow(dead_code, reason = "only deserialized")]
     struct Charge {
+        #[serde(deserialize_with = "integer")]
         amount: i64,
     }
 
@@ -114,7 +209,10 @@ mod tests {
     fn a_mistyped_field_is_named() {
         assert_eq!(field_of(parse(br#"{"amount": "100"}"#)), "amount");
         assert_eq!(field_of(parse(br#"{"amount": 1.5}"#)), "amount");
+        assert_eq!(field_of(parse(br#"{"amount": true}"#)), "amount");
         assert_eq!(field_of(parse(br#"{"amount": 1e30}"#)), "amount");
+        assert_eq!(field_of(parse(br#"{"amount": 99999999999999999999}"#)), "amount");
+        assert_eq!(field_of(parse(br#"{"amount": 9007199254740994.0}"#)), "amount");
         assert_eq!(field_of(parse(br#"{"amount": null}"#)), "amount");
     }
 
@@ -127,6 +225,28 @@ mod tests {
     fn bytes_that_are_not_json_are_malformed() {
         assert!(matches!(parse::<Charge>(b"{amount: 1"), Err(ApiError::MalformedJson(_))));
         assert!(matches!(parse::<Charge>(b""), Err(ApiError::MalformedJson(_))));
+    }
+
+    #[test]
+    fn an_integer_written_with_a_zero_fraction_or_an_exponent_is_that_integer() {
+        for body in
+            [&br#"{"amount": 2}"#[..], br#"{"amount": 2.0}"#, br#"{"amount": 2e0}"#, br#"{"amount": 0.2e1}"#]
+        {
+            assert_eq!(parse::<Charge>(body).unwrap().amount, 2, "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(parse::<Charge>(br#"{"amount": -3.0}"#).unwrap().amount, -3);
+    }
+
+    #[test]
+    fn an_object_that_repeats_a_key_is_refused_at_any_depth() {
+        assert!(
+            matches!(parse::<Charge>(br#"{"amount": 1, "amount": 2}"#), Err(ApiError::MalformedJson(m)) if m.contains("duplicate key"))
+        );
+        assert!(matches!(
+            parse::<Charge>(br#"{"amount": 1, "meta": [{"a": 1, "a": 1}]}"#),
+            Err(ApiError::MalformedJson(_))
+        ));
+        assert_eq!(parse::<Charge>(br#"{"amount": 1, "meta": [{"a": 1}, {"a": 2}]}"#).unwrap().amount, 1);
     }
 
     #[test]

@@ -42,8 +42,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("no such route")]
     RouteNotFound,
-    #[error("this route does not accept that method")]
-    MethodNotAllowed,
+    #[error("this route does not accept that method; it accepts {allow}")]
+    MethodNotAllowed { allow: &'static str },
     #[error("user {0} not found")]
     UserNotFound(uuid::Uuid),
     #[error("{0}")]
@@ -87,7 +87,7 @@ impl ApiError {
             Self::MalformedJson(_) => "MALFORMED_JSON",
             Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             Self::RouteNotFound => "NOT_FOUND",
-            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             Self::UserNotFound(_) => "USER_NOT_FOUND",
             Self::BalanceLimitExceeded(_) => "BALANCE_LIMIT_EXCEEDED",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
@@ -104,7 +104,7 @@ impl ApiError {
             Self::MalformedJson(_) => "Malformed JSON",
             Self::PayloadTooLarge { .. } => "Payload too large",
             Self::RouteNotFound => "Not found",
-            Self::MethodNotAllowed => "Method not allowed",
+            Self::MethodNotAllowed { .. } => "Method not allowed",
             Self::UserNotFound(_) => "User not found",
             Self::BalanceLimitExceeded(_) => "Balance limit exceeded",
             Self::IdempotencyKeyReused => "Idempotency key reused",
@@ -148,7 +148,7 @@ impl ResponseError for ApiError {
             Self::Validation { .. } | Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RouteNotFound | Self::UserNotFound(_) => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BalanceLimitExceeded(_) => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -165,8 +165,11 @@ impl ResponseError for ApiError {
         }
         let mut response = HttpResponse::build(self.status_code());
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
-        if matches!(self, Self::Busy(_) | Self::Unavailable(_)) {
+        if matches!(self, Self::Busy(_) | Self::Unavailable(_) | Self::NotReady(_)) {
             response.insert_header((header::RETRY_AFTER, HeaderValue::from_static("1")));
+        }
+        if let Self::MethodNotAllowed { allow } = self {
+            response.insert_header((header::ALLOW, HeaderValue::from_static(allow)));
         }
         response.json(self.problem())
     }

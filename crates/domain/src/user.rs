@@ -38,8 +38,9 @@ impl fmt::Display for UserId {
     }
 }
 
-/// A display name: 1 to 50 characters once surrounding white space is trimmed, with no
-/// control characters (they break logs and terminals, and no name needs them).
+/// A display name: at most 50 characters as sent, not blank, stored with surrounding white
+/// space trimmed, with no control characters (they break logs and terminals, and no name
+/// needs them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserName(String);
 
@@ -48,16 +49,17 @@ impl UserName {
     pub const MAX_CHARS: usize = 50;
 
     /// # Errors
-    /// [`UserNameError`] when the trimmed name is empty, longer than
-    /// [`UserName::MAX_CHARS`] or contains a control character.
+    /// [`UserNameError`] when the name is longer than [`UserName::MAX_CHARS`], blank once
+    /// trimmed, or contains a control character.
     pub fn new(raw: &str) -> Result<Self, UserNameError> {
+        // Counted before trimming: the limit is on what the client sends, as the API states.
+        let chars = raw.chars().count();
+        if chars > Self::MAX_CHARS {
+            return Err(UserNameError::TooLong { chars });
+        }
         let trimmed = raw.trim();
         if trimmed.is_empty() {
             return Err(UserNameError::Empty);
-        }
-        let chars = trimmed.chars().count();
-        if chars > Self::MAX_CHARS {
-            return Err(UserNameError::TooLong { chars });
         }
         if trimmed.chars().any(char::is_control) {
             return Err(UserNameError::ControlCharacter);

@@ -38,7 +38,12 @@ pub struct Checks {
 }
 
 /// Always 200 while the process runs.
-#[utoipa::path(get, path = "/health/live", tag = "operations", responses((status = 200, body = HealthResponse)))]
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "operations",
+    responses((status = 200, description = "The process runs", body = HealthResponse))
+)]
 pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(HealthResponse { status: "UP", checks: None })
 }
@@ -49,8 +54,8 @@ pub async fn live() -> HttpResponse {
     path = "/health/ready",
     tag = "operations",
     responses(
-        (status = 200, body = HealthResponse),
-        (status = 503, description = "NOT_READY: a dependency is down", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "MySQL and Redis both answer", body = HealthResponse),
+        (status = 503, description = "NOT_READY: a dependency is down; `checks` names it", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {

@@ -30,34 +30,35 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// Every route of the API and of operations.
+/// Every route of the API and of operations. Each path answers the methods it has and
+/// `405 METHOD_NOT_ALLOWED` with an `Allow` header for any other (RFC 9110).
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
             .service(
                 web::resource("/users")
                     .route(web::post().to(users::create_user))
-                    .default_service(web::to(method_not_allowed)),
+                    .default_service(allow("POST")),
             )
             .service(
                 web::resource("/users/{userId}/points")
                     .route(web::get().to(points::get_balance))
-                    .default_service(web::to(method_not_allowed)),
+                    .default_service(allow("GET")),
             )
             .service(
                 web::resource("/users/{userId}/points/charge")
                     .route(web::post().to(points::charge_points))
-                    .default_service(web::to(method_not_allowed)),
+                    .default_service(allow("POST")),
             )
             .service(
                 web::resource("/users/{userId}/points/history")
                     .route(web::get().to(points::point_history))
-                    .default_service(web::to(method_not_allowed)),
+                    .default_service(allow("GET")),
             ),
     )
-    .route("/health/live", web::get().to(health::live))
-    .route("/health/ready", web::get().to(health::ready))
-    .route("/metrics", web::get().to(health::metrics));
+    .service(web::resource("/health/live").route(web::get().to(health::live)).default_service(allow("GET")))
+    .service(web::resource("/health/ready").route(web::get().to(health::ready)).default_service(allow("GET")))
+    .service(web::resource("/metrics").route(web::get().to(health::metrics)).default_service(allow("GET")));
 }
 
 /// Any path no route claims.
@@ -68,8 +69,9 @@ pub async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::RouteNotFound)
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+/// The answer to a method a path does not have: 405, naming the ones it has.
+pub fn allow(methods: &'static str) -> actix_web::Route {
+    web::to(move || async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed { allow: methods }) })
 }
 
 /// A path segment that must be a UUID; anything else is a 400 naming `field`.

@@ -15,8 +15,10 @@ use crate::problem::{ApiError, Problem};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChargeRequest {
-    /// Points to add: 1..=10,000,000.
+    /// Points to add: a whole number in 1..=10,000,000 (`100.0` counts as 100, as JSON
+    /// Schema has it; `100.5` is refused).
     #[schema(minimum = 1, maximum = 10_000_000, example = 10_000)]
+    #[serde(deserialize_with = "crate::extract::integer")]
     pub amount: i64,
 }
 
@@ -99,6 +101,7 @@ fn balance_response(user_id: UserId, balance: Balance) -> BalanceResponse {
         (status = 200, description = "The balance", body = BalanceResponse),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn get_balance(
@@ -175,6 +178,7 @@ pub async fn charge_points(
         (status = 200, description = "Entries, newest first", body = [HistoryEntryResponse]),
         (status = 400, description = "Malformed id or limit", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn point_history(

@@ -13,8 +13,15 @@ use crate::problem::{ApiError, Problem};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateUserRequest {
-    /// 1 to 50 characters, surrounding white space trimmed.
-    #[schema(min_length = 1, max_length = 50, example = "kim")]
+    /// 1 to 50 characters (white space around the name counts, and is trimmed before the
+    /// name is stored), at least one of them neither white space nor a control character,
+    /// and no control characters at all (C0, DEL, C1).
+    #[schema(
+        min_length = 1,
+        max_length = 50,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000-\u001f\u007f-\u009f]*$",
+        example = "kim"
+    )]
     pub name: String,
 }
 
@@ -41,7 +48,7 @@ impl From<&User> for UserResponse {
 /// Register a user, with an empty point account.
 ///
 /// # Errors
-/// 400 for a missing, mistyped or out-of-range name.
+/// 400 for a missing, mistyped or out-of-range name, 503 when MySQL is unavailable.
 #[utoipa::path(
     post,
     path = "/api/v1/users",
@@ -51,6 +58,7 @@ impl From<&User> for UserResponse {
         (status = 201, description = "User created", body = UserResponse),
         (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create_user(
