@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 venv=${CONTRACT_VENV:-.venv}
+case $venv in /*) ;; *) venv="$PWD/$venv" ;; esac
 server=${CONCERT_SERVER_BIN:-target/debug/concert-server}
 mysql=${TEST_DATABASE_URL:-mysql://root@127.0.0.1:3306}
 redis=${TEST_REDIS_URL:-redis://127.0.0.1:6379}
@@ -59,9 +60,11 @@ echo "contract: openapi-spec-validator"
 "$venv/bin/openapi-spec-validator" --validation-errors all "$work/openapi.json"
 
 echo "contract: schemathesis (seed $seed, $examples examples per route)"
-if ! "$venv/bin/schemathesis" --config-file tests/contract/schemathesis.toml \
+# Run from the scratch directory: schemathesis keeps a cache (.schemathesis/) where it runs.
+config="$PWD/tests/contract/schemathesis.toml"
+if ! (cd "$work" && "$venv/bin/schemathesis" --config-file "$config" \
   run "$base/api-docs/openapi.json" --url "$base" \
-  --checks all --max-examples "$examples" --seed "$seed" --no-color; then
+  --checks all --max-examples "$examples" --seed "$seed" --no-color); then
   echo "contract: schemathesis found contract breaks; server log follows" >&2
   tail -n 50 "$work/server.log" >&2
   exit 1

@@ -83,12 +83,12 @@ async fn other_methods_are_405_with_allow_and_invented_methods_do_not_grow_the_m
 
     for (path, allow) in [
         ("/api/v1/users".to_owned(), "POST"),
-        (format!("/api/v1/users/{user}/points"), "GET"),
+        (format!("/api/v1/users/{user}/points"), "GET, HEAD"),
         (format!("/api/v1/users/{user}/points/charge"), "POST"),
-        (format!("/api/v1/users/{user}/points/history"), "GET"),
-        ("/health/live".to_owned(), "GET"),
-        ("/health/ready".to_owned(), "GET"),
-        ("/metrics".to_owned(), "GET"),
+        (format!("/api/v1/users/{user}/points/history"), "GET, HEAD"),
+        ("/health/live".to_owned(), "GET, HEAD"),
+        ("/health/ready".to_owned(), "GET, HEAD"),
+        ("/metrics".to_owned(), "GET, HEAD"),
     ] {
         for method in [Method::TRACE, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS] {
             let request = http.request(method.clone(), format!("{base}{path}"));
@@ -105,6 +105,11 @@ async fn other_methods_are_405_with_allow_and_invented_methods_do_not_grow_the_m
             );
         }
     }
+
+    // HEAD answers as GET would, without a body.
+    let mut head = http.head(format!("{base}/health/live")).send().await.expect("answered");
+    assert_eq!(head.status().as_u16(), 200);
+    assert!(head.body().await.expect("body").is_empty());
 
     // 200 requests with methods nobody uses, on known and unknown paths.
     for n in 0..200 {

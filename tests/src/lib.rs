@@ -38,6 +38,13 @@ pub struct Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         self.crash();
+        // A failing test unwinds through here: show what the server said last.
+        if std::thread::panicking()
+            && let Ok(lines) = self.output.lock()
+        {
+            let tail = lines.len().saturating_sub(40);
+            eprintln!("--- last lines of {} ---\n{}", self.base_url, lines[tail..].join("\n"));
+        }
     }
 }
 

@@ -17,7 +17,7 @@ pub mod users;
 
 pub use sea_orm::DatabaseConnection;
 
-use domain::unavailable::Unavailable;
+use domain::unavailable::{OutcomeUnknown, Unavailable};
 use sea_orm::{DbErr, RuntimeErr};
 
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
@@ -32,20 +32,34 @@ fn from_db_time(at: PrimitiveDateTime) -> OffsetDateTime {
     at.assume_utc()
 }
 
-/// MySQL / MariaDB error numbers that mean "try again": lock-wait timeout, deadlock,
-/// MariaDB's `max_statement_time` and MySQL's `max_execution_time` exceeded, too many
-/// connections, server shutting down, connection killed, server gone away / lost.
-const RETRYABLE_ERRORS: [(u16, &str); 9] = [
+/// MySQL / MariaDB server error numbers that mean "try again": the statement failed and
+/// its transaction is rolled back, but the same request may succeed shortly.
+const RETRYABLE_ERRORS: [(u16, &str); 11] = [
     (1205, "lock wait timeout"),
     (1213, "deadlock"),
-    (1969, "statement timeout"),
-    (3024, "statement timeout"),
+    (1969, "statement timeout"), // MariaDB max_statement_time
+    (3024, "statement timeout"), // MySQL max_execution_time
+    (1317, "query interrupted"),
     (1040, "too many connections"),
     (1053, "server shutting down"),
-    (1927, "connection killed"),
-    (2006, "server gone away"),
-    (2013, "connection lost"),
+    (1927, "connection killed"),      // MariaDB
+    (4031, "idle connection closed"), // MySQL 8
+    (1290, "server read-only"),       // a primary demoted during a failover
+    (1836, "server read-only"),
 ];
+
+/// Whether `error` is the connection itself failing (as opposed to the server answering
+/// with an error): what was sent may or may not have been carried out.
+fn connection_lost(error: &DbErr) -> bool {
+    use sea_orm::sqlx::Error as Sqlx;
+    match error {
+        DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            matches!(e.as_ref(), Sqlx::Io(_) | Sqlx::WorkerCrashed)
+        }
+        _ => false,
+    }
+}
 
 /// Why `error` is worth a retry, or `None` when it is not (a bug, a constraint).
 fn retryable(error: &DbErr) -> Option<&'static str> {
@@ -54,9 +68,8 @@ fn retryable(error: &DbErr) -> Option<&'static str> {
         DbErr::ConnectionAcquire(_) => Some("no connection could be had"),
         DbErr::Conn(_) => Some("unreachable"),
         DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => match e.as_ref() {
-            Sqlx::Io(_) | Sqlx::Tls(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed => {
-                Some("unreachable")
-            }
+            // Not TLS: a refused certificate is a misconfiguration, not worth retrying.
+            Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed => Some("unreachable"),
             Sqlx::Database(db) => {
                 let number = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>()?.number();
                 RETRYABLE_ERRORS.iter().find(|(n, _)| *n == number).map(|(_, reason)| *reason)
@@ -76,6 +89,17 @@ trait DbContext<T> {
 impl<T> DbContext<T> for Result<T, DbErr> {
     fn db_context(self, what: &'static str) -> anyhow::Result<T> {
         self.map_err(|error| db_error(error, what))
+    }
+}
+
+/// A failed COMMIT with context `what`: when the connection failed under it, the outcome
+/// is unknown ([`OutcomeUnknown`]), never "nothing changed"; when the server answered with
+/// an error, it rolled back and the error is classified as any other.
+pub(crate) fn commit_error(error: DbErr, what: &'static str) -> anyhow::Error {
+    if connection_lost(&error) {
+        anyhow::Error::new(OutcomeUnknown { source: Box::new(error) }).context(what)
+    } else {
+        db_error(error, what)
     }
 }
 

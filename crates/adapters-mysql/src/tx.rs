@@ -13,7 +13,7 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
 
 use application::tx::TransactionManager;
 
-use crate::DbContext as _;
+use crate::{DbContext as _, commit_error};
 
 /// Begins transactions on a connection pool.
 #[derive(Clone, Debug)]
@@ -45,7 +45,7 @@ pub struct SeaOrmUnitOfWork {
 #[async_trait]
 impl UnitOfWork for SeaOrmUnitOfWork {
     async fn commit(self: Box<Self>) -> Result<(), TxError> {
-        self.txn.commit().await.db_context("failed to commit")?;
+        self.txn.commit().await.map_err(|e| commit_error(e, "failed to commit"))?;
         Ok(())
     }
 

@@ -2,10 +2,12 @@
 //!
 //! - **Owner token.** The value of `lock:{kind}:{id}` is a random token of this
 //!   acquisition; only a caller that presents it can renew or release.
-//! - **Acquire** is `SET key token NX PX lease` in a script that, on success, also bumps
-//!   `key:fence` with `INCR` (the fencing number, strictly increasing per key) and, on
-//!   failure, answers the key's remaining lease (`PTTL`) so a waiter knows the latest time
-//!   to look again even if no release is ever announced.
+//! - **Acquire** is a script that sets `key` to the token with the lease when it is free
+//!   and bumps `key:fence` with `INCR` (the fencing number, strictly increasing per key);
+//!   when another token holds it, it answers the key's remaining lease (`PTTL`) so a waiter
+//!   knows the latest time to look again even if no release is ever announced; when *our*
+//!   token holds it (the client resent an attempt whose answer was lost in a reconnection),
+//!   it answers acquired again, with the same fencing number.
 //! - **Release** is a compare-and-delete script: delete only if the value is still our
 //!   token, then `PUBLISH` the key on [`RELEASE_CHANNEL`] for pub/sub waiters.
 //! - **Lease renewal.** While a guard lives, a watchdog task extends the lease every
@@ -55,12 +57,21 @@ use tokio::time::Instant;
 /// The pub/sub channel on which every release is announced; the message is the key.
 pub const RELEASE_CHANNEL: &str = "lock:released";
 
-const ACQUIRE_LUA: &str = r"
+/// The acquire script (public so that tests can replay it as a reconnecting client would).
+pub const ACQUIRE_LUA: &str = r"
 -- KEYS[1] lock key, KEYS[2] fencing counter; ARGV[1] owner token, ARGV[2] lease (ms)
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, redis.call('INCR', KEYS[2])}
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  -- Ours already: this is a replay of an attempt whose answer was lost (the client
+  -- resends commands after a reconnection). Same acquisition, same fencing number.
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
 end
-return {0, redis.call('PTTL', KEYS[1])}
+if holder then
+  return {0, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {1, redis.call('INCR', KEYS[2])}
 ";
 
 const RELEASE_LUA: &str = r"
@@ -91,7 +102,7 @@ pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(20);
 
 /// How often an undo or a release from `Drop` is tried before the lease is left to free
 /// the key.
-const CLEANUP_ATTEMPTS: u32 = 5;
+const CLEANUP_ATTEMPTS: u32 = 3;
 
 /// The default bound on each pub/sub sleep, in case a release announcement is missed.
 pub const DEFAULT_FALLBACK_POLL: Duration = Duration::from_millis(250);
@@ -164,6 +175,8 @@ struct Inner {
     /// Tokens that may be holding a key: sent to Redis and not yet known to be free.
     outstanding: Mutex<HashMap<u64, Outstanding>>,
     next_ticket: AtomicU64,
+    /// Set by [`RedisLock::release_all`]: the process is stopping, no new acquisition.
+    closing: std::sync::atomic::AtomicBool,
     /// The runtime this lock was built on (the server's main one): releases from `Drop`
     /// run there, since the runtime of the request that dropped a guard may be going away.
     runtime: tokio::runtime::Handle,
@@ -242,6 +255,7 @@ impl RedisLock {
                 sleeping: AtomicUsize::new(0),
                 outstanding: Mutex::new(HashMap::new()),
                 next_ticket: AtomicU64::new(0),
+                closing: std::sync::atomic::AtomicBool::new(false),
                 runtime: tokio::runtime::Handle::current(),
             }),
         })
@@ -271,35 +285,43 @@ impl RedisLock {
     /// Releases every key this process may still hold (held guards, releases from `Drop`
     /// not yet run, acquisitions not yet undone), waiting at most `within`. For shutdown:
     /// call it once the HTTP server has stopped, before closing the Redis connections.
-    /// Guards still alive afterwards find their key gone at release, which is harmless.
+    ///
+    /// From the first call on, new acquisitions are refused ([`LockError::Unavailable`]):
+    /// requests still being dropped by stopping workers, or woken by these very releases,
+    /// must not take keys that nobody would release. Entries leave the outstanding set only
+    /// through their owners (a guard's release, a drop's clean-up, an undone attempt), so
+    /// the sweep repeats until the set is empty or the time is up: an acquire that was on
+    /// its way to Redis when a sweep ran is caught by the next one. Guards still alive
+    /// afterwards find their key gone at release, which is harmless.
     ///
     /// Returns how many keys were ours and were freed.
     pub async fn release_all(&self, within: Duration) -> usize {
-        let pending: Vec<(u64, Outstanding)> =
-            lock_map(&self.inner.outstanding).iter().map(|(id, o)| (*id, o.clone())).collect();
-        if pending.is_empty() {
-            return 0;
-        }
+        self.inner.closing.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + within;
         let inner = &self.inner;
-        let releases = pending.iter().map(|(id, o)| async move {
-            let freed = release_on(inner, &o.client, &o.key, &o.token).await;
-            if freed.is_ok() {
-                lock_map(&inner.outstanding).remove(id);
+        let mut freed = 0;
+        loop {
+            let pending: Vec<Outstanding> = lock_map(&inner.outstanding).values().cloned().collect();
+            if pending.is_empty() {
+                tracing::info!(freed, "every lock this process held is released");
+                return freed;
             }
-            freed
-        });
-        let outcomes = tokio::time::timeout(within, futures::future::join_all(releases)).await;
-        let freed = outcomes.as_ref().map_or(0, |all| all.iter().filter(|r| matches!(r, Ok(true))).count());
-        match outcomes {
-            Ok(all) if all.iter().all(Result::is_ok) => {
-                tracing::info!(freed, of = pending.len(), "released every lock still held at shutdown");
+            let sweep = futures::future::join_all(
+                pending.iter().map(|o| release_on(inner, &o.client, &o.key, &o.token)),
+            );
+            match tokio::time::timeout_at(deadline, sweep).await {
+                Ok(answers) => freed += answers.iter().filter(|r| matches!(r, Ok(true))).count(),
+                Err(_) => break,
             }
-            _ => tracing::warn!(
-                freed,
-                of = pending.len(),
-                "some locks could not be released at shutdown; their leases will free them"
-            ),
+            // Give the owners (drop clean-ups on this runtime, tickets on their way back)
+            // a moment to forget their entries before looking again.
+            if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(20))).await.is_err()
+            {
+                break;
+            }
         }
+        let left = self.outstanding();
+        tracing::warn!(freed, left, "some locks may be left at shutdown; their leases will free them");
         freed
     }
 
@@ -310,6 +332,9 @@ impl RedisLock {
     /// attempt. On success the ticket's registration passes to the guard.
     async fn try_once(&self, key: &LockKey, token: &str) -> Result<Attempt, LockError> {
         let inner = &self.inner;
+        if inner.closing.load(Ordering::SeqCst) {
+            return Err(LockError::Unavailable(anyhow::anyhow!("the process is shutting down")));
+        }
         let client = inner.pool.next().clone();
         let ticket = Ticket::issue(inner, key, token, &client);
         let sent_at = Instant::now();
@@ -579,8 +604,12 @@ async fn watchdog(
     let lease = inner.options.lease;
     let margin = inner.options.margin();
     let mut renewed_until = lease_from + lease;
+    let mut pause = inner.options.renew_every;
     loop {
-        tokio::time::sleep(inner.options.renew_every).await;
+        tokio::time::sleep(pause).await;
+        // After a failure, try again soon: waiting a whole `renew_every` again could let
+        // the lease run out between two attempts.
+        pause = inner.options.renew_every;
         let sent_at = Instant::now();
         if sent_at >= hold_until {
             // Held too long: stop extending. The guard stops trusting the lease at
@@ -610,7 +639,10 @@ async fn watchdog(
                 tracing::warn!(%key, error = %error, "lock lease lost: renewal failed for a whole lease");
                 break;
             }
-            Err(error) => tracing::warn!(%key, error = %error, "lock renewal failed; retrying"),
+            Err(error) => {
+                tracing::warn!(%key, error = %error, "lock renewal failed; retrying");
+                pause = inner.options.renew_every / 4;
+            }
         }
     }
     metrics::counter!("lock_lease_lost_total", "kind" => key.kind()).increment(1);

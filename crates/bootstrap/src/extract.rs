@@ -152,8 +152,9 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
 
 /// Deserializes a JSON integer, also when written with a zero fraction or an exponent
 /// (`2.0`, `2e3`): JSON Schema's `integer` counts those as integers, so the OpenAPI
-/// document and the server agree. A fraction (`1.5`) or a float beyond 2^53 (where it
-/// may not be the number the client wrote) is refused.
+/// document and the server agree. A fraction (`1.5`) or a float of 2^53 or more (where it
+/// may not be the number the client wrote) is refused. (A fraction too small for a double
+/// to hold, `1.00000000000000001`, reads as 1: the parser has already rounded it.)
 ///
 /// # Errors
 /// A serde error that names what was wrong.
@@ -213,6 +214,11 @@ mod tests {
         assert_eq!(field_of(parse(br#"{"amount": 1e30}"#)), "amount");
         assert_eq!(field_of(parse(br#"{"amount": 99999999999999999999}"#)), "amount");
         assert_eq!(field_of(parse(br#"{"amount": 9007199254740994.0}"#)), "amount");
+        assert_eq!(
+            field_of(parse(br#"{"amount": 9007199254740993.0}"#)),
+            "amount",
+            "rounds to 2^53: refused"
+        );
         assert_eq!(field_of(parse(br#"{"amount": null}"#)), "amount");
     }
 

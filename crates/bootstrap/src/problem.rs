@@ -56,6 +56,11 @@ pub enum ApiError {
     /// A dependency the request needs is down (the lock store fails closed).
     #[error("{0}")]
     Unavailable(String),
+    /// The database did not confirm a commit: the change may or may not have been made.
+    #[error(
+        "the database did not confirm the commit, so the change may or may not have been made; check before retrying, or retry with the same Idempotency-Key, which is always safe"
+    )]
+    OutcomeUnknown,
     /// Readiness: a dependency of the instance does not answer.
     #[error("{0}")]
     NotReady(String),
@@ -63,11 +68,16 @@ pub enum ApiError {
     Unexpected(anyhow::Error),
 }
 
-/// A failure from below: 503 when its cause chain says a retry may succeed (the database
-/// unreachable, out of connections, a deadlock or a timeout), else a 500.
+/// A failure from below: 503 `SERVICE_UNAVAILABLE` when its cause chain says a retry may
+/// succeed (the database unreachable, out of connections, a deadlock or a timeout), 503
+/// `OUTCOME_UNKNOWN` (no `Retry-After`: a blind retry could apply it twice) when a commit
+/// went unconfirmed, else a 500.
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
-        if domain::unavailable::is_unavailable(&error) {
+        if domain::unavailable::is_outcome_unknown(&error) {
+            tracing::error!(error = format!("{error:#}"), "commit outcome unknown");
+            Self::OutcomeUnknown
+        } else if domain::unavailable::is_unavailable(&error) {
             tracing::warn!(error = format!("{error:#}"), "database unavailable");
             Self::Unavailable("the database is unavailable; nothing was changed, retry shortly".into())
         } else {
@@ -94,6 +104,7 @@ impl ApiError {
             Self::Busy(_) => "RESOURCE_BUSY",
             Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Self::NotReady(_) => "NOT_READY",
+            Self::OutcomeUnknown => "OUTCOME_UNKNOWN",
             Self::Unexpected(_) => "INTERNAL_ERROR",
         }
     }
@@ -111,6 +122,7 @@ impl ApiError {
             Self::Busy(_) => "Resource busy",
             Self::Unavailable(_) => "Service unavailable",
             Self::NotReady(_) => "Not ready",
+            Self::OutcomeUnknown => "Outcome unknown",
             Self::Unexpected(_) => "Internal server error",
         }
     }
@@ -152,7 +164,9 @@ impl ResponseError for ApiError {
             Self::BalanceLimitExceeded(_) => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) | Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::NotReady(_) | Self::OutcomeUnknown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -152,9 +152,15 @@ impl Settings {
             "LOCK_LEASE_MS",
             lock_lease,
             format!(
-                "must be at least 3 x REDIS_COMMAND_TIMEOUT_MS ({} ms), so that two renewals fit in a lease even when one times out",
+                "must be at least 3 x REDIS_COMMAND_TIMEOUT_MS ({} ms): renewals start a third into the lease, and one that times out must leave time for another",
                 millis(redis_command_timeout)
             ),
+        )?;
+        related(
+            lock_max_hold >= lock_lease,
+            "LOCK_MAX_HOLD_MS",
+            lock_max_hold,
+            format!("must be at least LOCK_LEASE_MS ({} ms)", millis(lock_lease)),
         )?;
         related(
             database_statement_timeout < lock_max_hold,

@@ -395,16 +395,54 @@ async fn release_all_frees_held_locks_and_guards_dropped_where_no_release_could_
     .join()
     .expect("thread");
 
-    let freed = lock.release_all(Duration::from_secs(2)).await;
+    // The guard still held keeps its entry until it is released: the sweep goes on until
+    // its time is up, freeing the key again and again (an acquire that was on its way to
+    // Redis during one sweep is caught by the next).
+    let freed = lock.release_all(Duration::from_millis(500)).await;
 
     assert!(freed >= 1, "the held lock was ours to free");
     for key in [&held, &dropped] {
         let n: i64 = redis.pool.exists(key.as_str()).await.expect("EXISTS");
         assert_eq!(n, 0, "{key} still locked after release_all");
     }
-    assert_eq!(lock.outstanding(), 0);
-    // The guard that outlived the sweep finds its key gone, and says so.
+    // Once stopping, nothing new is locked: a request still being dropped, or a waiter
+    // woken by these releases, must not take a key nobody would release.
+    let late = lock.acquire(&key(), WaitPolicy::FailFast).await;
+    assert!(matches!(late, Err(LockError::Unavailable(_))), "got {late:?}");
+    // The guard that outlived the sweep finds its key gone, says so, and forgets it.
     assert!(matches!(guard.release().await, Err(LockError::LeaseLost { .. })));
+    assert_eq!(lock.outstanding(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_replayed_after_its_answer_was_lost_is_the_same_acquisition() {
+    use fred::prelude::ClientLike;
+    let redis = connect().await;
+    let lock = lock(PUBSUB).await;
+    let key = key();
+    let guard = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free");
+    let token: String = redis.pool.get(key.as_str()).await.expect("GET");
+
+    // What the client does after a reconnection: it sends the same script again, with the
+    // same token. It must answer "acquired" with the same fencing number, not "held".
+    let replay: Vec<i64> = redis
+        .pool
+        .next()
+        .custom(
+            fred::cmd!("EVAL"),
+            vec![
+                adapters_redis::lock::ACQUIRE_LUA.to_owned(),
+                "2".to_owned(),
+                key.as_str().to_owned(),
+                format!("{key}:fence"),
+                token,
+                "10000".to_owned(),
+            ],
+        )
+        .await
+        .expect("EVAL");
+    assert_eq!(replay, vec![1, i64::try_from(guard.fencing_token().0).expect("small")]);
+    guard.release().await.expect("still ours");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,21 +484,21 @@ async fn a_guard_stops_trusting_its_lease_before_it_runs_out_and_after_its_longe
         pool
     };
     let options = LockOptions {
-        lease: Duration::from_millis(600),
-        renew_every: Duration::from_millis(200),
+        lease: Duration::from_millis(2_000),
+        renew_every: Duration::from_millis(1_000),
         max_hold: Duration::from_secs(30),
         wait: SPIN,
     };
     let lock = RedisLock::new(pool, None, options).await.expect("lock");
     let key = key();
-    let guard = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free");
     let started = Instant::now();
-    // Renewals cannot get through: the lease will run out at 600 ms; the guard must stop
-    // trusting it by 540 ms (a tenth of the lease early), before anyone else could get in.
-    pause_redis(&admin, 2_000).await;
-    tokio::time::timeout(Duration::from_secs(2), guard.lease_lost()).await.expect("lease_lost resolves");
+    let guard = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free");
+    // Renewals cannot get through: the lease runs out 2 s after the acquire was sent; the
+    // guard must stop trusting it a tenth earlier, before anyone else could get in.
+    pause_redis(&admin, 4_000).await;
+    tokio::time::timeout(Duration::from_secs(4), guard.lease_lost()).await.expect("lease_lost resolves");
     assert!(guard.is_lost());
-    assert!(started.elapsed() < Duration::from_millis(600), "noticed only after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_millis(2_000), "noticed only after {:?}", started.elapsed());
     drop(guard);
 
     // A holder that renews fine but holds past its longest hold is cut off too.

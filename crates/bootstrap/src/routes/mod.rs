@@ -30,8 +30,9 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// Every route of the API and of operations. Each path answers the methods it has and
-/// `405 METHOD_NOT_ALLOWED` with an `Allow` header for any other (RFC 9110).
+/// Every route of the API and of operations. Each path answers the methods it has (HEAD
+/// wherever GET is) and `405 METHOD_NOT_ALLOWED` with an `Allow` header for any other
+/// (RFC 9110).
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
@@ -43,7 +44,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(
                 web::resource("/users/{userId}/points")
                     .route(web::get().to(points::get_balance))
-                    .default_service(allow("GET")),
+                    .route(web::head().to(points::get_balance))
+                    .default_service(allow("GET, HEAD")),
             )
             .service(
                 web::resource("/users/{userId}/points/charge")
@@ -53,12 +55,26 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(
                 web::resource("/users/{userId}/points/history")
                     .route(web::get().to(points::point_history))
-                    .default_service(allow("GET")),
+                    .route(web::head().to(points::point_history))
+                    .default_service(allow("GET, HEAD")),
             ),
     )
-    .service(web::resource("/health/live").route(web::get().to(health::live)).default_service(allow("GET")))
-    .service(web::resource("/health/ready").route(web::get().to(health::ready)).default_service(allow("GET")))
-    .service(web::resource("/metrics").route(web::get().to(health::metrics)).default_service(allow("GET")));
+    .service(get_and_head("/health/live", health::live))
+    .service(get_and_head("/health/ready", health::ready))
+    .service(get_and_head("/metrics", health::metrics));
+}
+
+/// A resource answering GET and HEAD (RFC 9110: HEAD wherever GET is), 405 otherwise.
+fn get_and_head<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args> + Clone,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path)
+        .route(web::get().to(handler.clone()))
+        .route(web::head().to(handler))
+        .default_service(allow("GET, HEAD"))
 }
 
 /// Any path no route claims.
