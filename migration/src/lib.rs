@@ -9,6 +9,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_users_and_points;
 mod m20261122_000001_idempotency_keys;
+mod m20261122_000002_waiting_queue;
 
 /// Every migration, oldest first.
 #[derive(Debug)]
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261121_000001_users_and_points::Migration),
             Box::new(m20261122_000001_idempotency_keys::Migration),
+            Box::new(m20261122_000002_waiting_queue::Migration),
         ]
     }
 }

@@ -4,7 +4,8 @@
 //! - [`database`]: connecting, creating the database if needed, and migrating (once,
 //!   even when many instances start together).
 //! - [`tx`]: [`tx::MySqlTransactionManager`] and the unit of work repositories downcast.
-//! - [`users`], [`points`]: the repositories; [`idempotency`]: the idempotency-key store.
+//! - [`users`], [`points`]: the repositories; [`idempotency`]: the idempotency-key store;
+//!   [`queue`]: the waiting queue's baseline adapter.
 //! - `entities`: sea-orm models. They never leave this crate; repositories convert them
 //!   to domain types at the boundary.
 
@@ -12,6 +13,7 @@ pub mod database;
 mod entities;
 pub mod idempotency;
 pub mod points;
+pub mod queue;
 pub mod tx;
 pub mod users;
 

@@ -4,9 +4,11 @@
 //! - [`lock`]: [`lock::RedisLock`], the `DistributedLock` port: owner tokens, leases
 //!   renewed by a watchdog, fencing numbers, and three ways of waiting.
 //! - [`cache`]: [`cache::RedisCache`], the `CachePort` port.
+//! - [`queue`]: [`queue::RedisQueue`], the `WaitingQueue` port (the default queue).
 //!
 //! This crate never decides *what* to lock or cache; application use cases do.
 
 pub mod cache;
 pub mod connection;
 pub mod lock;
+pub mod queue;

@@ -9,6 +9,7 @@
 //!   transaction.
 //! - [`cache`]: the [`cache::CachePort`] port and typed JSON helpers over it.
 //! - [`idempotency`]: idempotency keys, one mechanism for every retried operation.
+//! - [`queue`]: the [`queue::WaitingQueue`] port and the queue's use cases.
 //! - one module per use case: [`create_user`], [`charge_points`], [`get_balance`],
 //!   [`point_history`].
 
@@ -20,6 +21,7 @@ pub mod get_balance;
 pub mod idempotency;
 pub mod lock;
 pub mod point_history;
+pub mod queue;
 pub mod tx;
 
 pub use domain;

@@ -8,10 +8,12 @@
 //!
 //! - [`user`]: users and their repository port.
 //! - [`point`]: point accounts, history entries and their repository port.
+//! - [`queue`]: waiting-queue tokens, their states and the admission policies.
 //! - [`unit_of_work`]: the handle of a live transaction that repository ports write through.
 //! - [`unavailable`]: the marker of a storage failure the caller may retry (answered 503).
 
 pub mod point;
+pub mod queue;
 pub mod unavailable;
 pub mod unit_of_work;
 pub mod user;

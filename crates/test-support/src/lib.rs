@@ -6,6 +6,8 @@
 //! then gets its own database ([`fresh_database`]) or key namespace ([`unique_prefix`]), so
 //! tests run in parallel without seeing each other's rows or keys.
 
+pub mod queue_contract;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 

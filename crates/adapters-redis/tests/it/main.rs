@@ -3,6 +3,7 @@
 
 mod cache;
 mod lock;
+mod queue;
 
 use adapters_redis::connection::RedisConnections;
 

@@ -1,0 +1,317 @@
+//! The waiting queue on MySQL: the baseline the Redis queue is measured against, and a
+//! fallback where Redis is not wanted for it (`QUEUE_BACKEND=mysql`).
+//!
+//! Correct under concurrency by the database alone: `UNIQUE (user_id)` makes re-issue
+//! idempotent, `seq` orders the line, and each admission step locks the single
+//! `queue_admission` row, so steps from every instance run one at a time and the cap and
+//! the once-per-interval batch hold. A position is a `COUNT(*)` over an index range
+//! (O(position)), which is what the Redis sorted set improves on.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use application::queue::{Issued, QueueConfig, WaitingQueue};
+use async_trait::async_trait;
+use domain::queue::{Admission, AdmitPolicy, QueueStatus, QueueTokenId, TokenState};
+use domain::user::UserId;
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, SqlErr, Statement, TransactionTrait,
+};
+use time::OffsetDateTime;
+
+use crate::{DbContext as _, db_error};
+
+/// The most expired or abandoned tokens one step deletes (bounds a step's time).
+const CLEANUP_BATCH: u64 = 1_000;
+
+/// Now, on the database's clock, in milliseconds.
+const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000 AS SIGNED)";
+
+#[derive(Clone, Debug)]
+pub struct MySqlQueue {
+    db: DatabaseConnection,
+    config: QueueConfig,
+}
+
+impl MySqlQueue {
+    #[must_use]
+    pub fn new(db: DatabaseConnection, config: QueueConfig) -> Self {
+        Self { db, config }
+    }
+
+    fn idle_ms(&self) -> i64 {
+        millis(self.config.waiting_idle)
+    }
+
+    /// The state of `token` if live; a waiting one is marked seen.
+    async fn describe(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                format!(
+                    "SELECT t.user_id, t.status, t.seen_ms, t.expires_ms, \
+                       (SELECT COUNT(*) FROM queue_tokens w WHERE w.status = 'WAITING' AND w.seq <= t.seq) AS position, \
+                       (SELECT rate FROM queue_admission WHERE id = 1) AS rate, \
+                       {NOW_MS} AS now_ms \
+                     FROM queue_tokens t WHERE t.id = ?"
+                ),
+                [(*token.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to read a queue token")?;
+        let Some(row) = row else { return Ok(None) };
+        let now: i64 = get(&row, "now_ms")?;
+        let status: String = get(&row, "status")?;
+        let user_id = UserId::from_uuid(get(&row, "user_id")?);
+        let rate: f64 = get(&row, "rate")?;
+        if status == "ACTIVE" {
+            let expires: i64 = row.try_get::<Option<i64>>("", "expires_ms")?.unwrap_or(0);
+            if expires <= now {
+                return Ok(None);
+            }
+            return Ok(Some(TokenState {
+                token,
+                user_id,
+                status: QueueStatus::Active,
+                position: None,
+                expires_at: Some(from_ms(expires)?),
+                admissions_per_second: rate,
+            }));
+        }
+        let seen: i64 = get(&row, "seen_ms")?;
+        if seen < now - self.idle_ms() {
+            return Ok(None);
+        }
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                format!("UPDATE queue_tokens SET seen_ms = {NOW_MS} WHERE id = ? AND status = 'WAITING'"),
+                [(*token.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to mark a queue token seen")?;
+        let position: i64 = get(&row, "position")?;
+        Ok(Some(TokenState {
+            token,
+            user_id,
+            status: QueueStatus::Waiting,
+            position: u64::try_from(position).ok().filter(|p| *p > 0),
+            expires_at: None,
+            admissions_per_second: rate,
+        }))
+    }
+}
+
+fn get<T: sea_orm::TryGetable>(row: &QueryResult, column: &str) -> anyhow::Result<T> {
+    row.try_get::<T>("", column).with_context(|| format!("queue column {column} unreadable"))
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn from_ms(ms: i64) -> anyhow::Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .context("a stored time is out of range")
+}
+
+#[async_trait]
+impl WaitingQueue for MySqlQueue {
+    #[tracing::instrument(name = "queue.mysql.issue", skip(self))]
+    async fn issue(&self, user_id: UserId) -> anyhow::Result<Issued> {
+        // Two rounds at most: a token found dead is removed, then the insert may meet one
+        // that another instance issued a moment earlier (and that one is returned).
+        for _ in 0..3 {
+            let existing = self
+                .db
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::MySql,
+                    "SELECT id FROM queue_tokens WHERE user_id = ?",
+                    [(*user_id.as_uuid()).into()],
+                ))
+                .await
+                .db_context("failed to look up a user's queue token")?;
+            if let Some(row) = existing {
+                let token = QueueTokenId::from_uuid(get(&row, "id")?);
+                if let Some(state) = self.describe(token).await? {
+                    return Ok(Issued { state, created: false });
+                }
+                self.db
+                    .execute_raw(Statement::from_sql_and_values(
+                        DbBackend::MySql,
+                        "DELETE FROM queue_tokens WHERE id = ?",
+                        [(*token.as_uuid()).into()],
+                    ))
+                    .await
+                    .db_context("failed to remove a dead queue token")?;
+            }
+            let token = QueueTokenId::generate();
+            let inserted = self
+                .db
+                .execute_raw(Statement::from_sql_and_values(
+                    DbBackend::MySql,
+                    format!(
+                        "INSERT INTO queue_tokens (id, user_id, status, issued_ms, seen_ms) \
+                         VALUES (?, ?, 'WAITING', {NOW_MS}, {NOW_MS})"
+                    ),
+                    [(*token.as_uuid()).into(), (*user_id.as_uuid()).into()],
+                ))
+                .await;
+            match inserted {
+                Ok(_) => {
+                    let state = self.describe(token).await?.context("a token just issued is not live")?;
+                    return Ok(Issued { state, created: true });
+                }
+                Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {}
+                Err(e) => return Err(db_error(e, "failed to issue a queue token")),
+            }
+        }
+        anyhow::bail!("could not issue a queue token for {user_id}: it kept changing")
+    }
+
+    async fn state(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
+        self.describe(token).await
+    }
+
+    async fn states(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>> {
+        let mut states = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            states.push(self.describe(token).await?);
+        }
+        Ok(states)
+    }
+
+    #[tracing::instrument(name = "queue.mysql.admit", skip(self))]
+    async fn admit(&self) -> anyhow::Result<Admission> {
+        let config = self.config;
+        let txn = self.db.begin().await.db_context("failed to begin an admission step")?;
+        let step = async {
+            // One step at a time, across every instance.
+            let row = txn
+                .query_one_raw(Statement::from_string(
+                    DbBackend::MySql,
+                    format!(
+                        "SELECT last_slot, {NOW_MS} AS now_ms FROM queue_admission WHERE id = 1 FOR UPDATE"
+                    ),
+                ))
+                .await
+                .db_context("failed to lock the admission row")?
+                .context("the queue_admission row is missing")?;
+            let now: i64 = get(&row, "now_ms")?;
+            let last_slot: i64 = get(&row, "last_slot")?;
+            let exec = |sql: String, values: Vec<sea_orm::Value>| {
+                let txn = &txn;
+                async move {
+                    txn.execute_raw(Statement::from_sql_and_values(DbBackend::MySql, sql, values))
+                        .await
+                        .db_context("an admission statement failed")
+                }
+            };
+            exec(
+                format!("DELETE FROM queue_tokens WHERE status = 'ACTIVE' AND expires_ms <= ? LIMIT {CLEANUP_BATCH}"),
+                vec![now.into()],
+            )
+            .await?;
+            exec(
+                format!(
+                    "DELETE FROM queue_tokens WHERE status = 'WAITING' AND seen_ms < ? LIMIT {CLEANUP_BATCH}"
+                ),
+                vec![(now - self.idle_ms()).into()],
+            )
+            .await?;
+            let count = |status: &'static str| {
+                let txn = &txn;
+                async move {
+                    let row = txn
+                        .query_one_raw(Statement::from_sql_and_values(
+                            DbBackend::MySql,
+                            "SELECT COUNT(*) AS n FROM queue_tokens WHERE status = ?",
+                            [status.into()],
+                        ))
+                        .await
+                        .db_context("failed to count queue tokens")?
+                        .context("COUNT(*) answered no row")?;
+                    anyhow::Ok(u64::try_from(get::<i64>(&row, "n")?).unwrap_or(0))
+                }
+            };
+            let active = count("ACTIVE").await?;
+            let (max_active, batch, interval) = match config.policy {
+                AdmitPolicy::MaxActive { max_active } => (max_active, None, config.admit_interval),
+                AdmitPolicy::Rate { batch, interval, max_active } => (max_active, Some(batch), interval),
+            };
+            let mut room = max_active.saturating_sub(active);
+            let slot = now / millis(interval).max(1);
+            if let Some(batch) = batch {
+                if slot <= last_slot {
+                    room = 0;
+                } else {
+                    room = room.min(batch);
+                }
+            }
+            let admitted = if room > 0 {
+                exec(
+                    "UPDATE queue_tokens SET status = 'ACTIVE', expires_ms = ? \
+                     WHERE status = 'WAITING' ORDER BY seq LIMIT ?"
+                        .to_owned(),
+                    vec![(now + millis(config.active_lifetime)).into(), room.into()],
+                )
+                .await?
+                .rows_affected()
+            } else {
+                0
+            };
+            if admitted > 0 {
+                exec(
+                    "INSERT INTO queue_admission_log (at_ms, admitted) VALUES (?, ?)".to_owned(),
+                    vec![now.into(), admitted.into()],
+                )
+                .await?;
+            }
+            // Under the rate policy a new interval is used up once a step has run in it.
+            let new_slot = if batch.is_some() && slot > last_slot { slot } else { last_slot };
+            let window_start = now - millis(config.rate_window);
+            exec("DELETE FROM queue_admission_log WHERE at_ms < ?".to_owned(), vec![window_start.into()])
+                .await?;
+            let log = txn
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::MySql,
+                    "SELECT CAST(COALESCE(SUM(admitted), 0) AS SIGNED) AS n, MIN(at_ms) AS oldest \
+                     FROM queue_admission_log WHERE at_ms >= ?",
+                    [window_start.into()],
+                ))
+                .await
+                .db_context("failed to read the admission log")?
+                .context("the admission log answered no row")?;
+            let recent: i64 = get(&log, "n")?;
+            let oldest = log.try_get::<Option<i64>>("", "oldest")?.unwrap_or(now);
+            let span_ms = (now - oldest).max(millis(interval).max(1));
+            #[allow(clippy::cast_precision_loss, reason = "counts and spans far below 2^52")]
+            let rate = recent as f64 * 1_000.0 / span_ms as f64;
+            exec(
+                "UPDATE queue_admission SET last_slot = ?, rate = ? WHERE id = 1".to_owned(),
+                vec![new_slot.into(), rate.into()],
+            )
+            .await?;
+            let waiting = count("WAITING").await?;
+            let active = count("ACTIVE").await?;
+            anyhow::Ok(Admission { admitted, active, waiting })
+        };
+        let admission = step.await?;
+        txn.commit().await.db_context("failed to commit an admission step")?;
+        Ok(admission)
+    }
+
+    async fn expire(&self, token: QueueTokenId) -> anyhow::Result<bool> {
+        let live = self.describe(token).await?.is_some();
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "DELETE FROM queue_tokens WHERE id = ?",
+                [(*token.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to expire a queue token")?;
+        Ok(live)
+    }
+}

@@ -1,0 +1,279 @@
+//! The waiting queue: its port, and the use cases on it.
+//!
+//! Two adapters implement [`WaitingQueue`]: Redis (the default: sorted sets and one Lua
+//! script per operation) and MySQL (the baseline it is measured against). Both take their
+//! clock from their store, so that every instance agrees on when a token expired and on
+//! which admission interval it is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use domain::queue::{Admission, AdmitPolicy, QueueStatus, QueueTokenId, TokenState};
+use domain::user::{UserId, UserRepository};
+use time::OffsetDateTime;
+
+/// How a queue behaves; both adapters take the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// How long an admitted token stays valid (`QUEUE_ACTIVE_SECONDS`).
+    pub active_lifetime: Duration,
+    /// A waiting token nobody asked about for this long is abandoned and leaves the line.
+    pub waiting_idle: Duration,
+    /// `QUEUE_ADMIT_POLICY` with `QUEUE_MAX_ACTIVE` / `QUEUE_ADMIT_BATCH`.
+    pub policy: AdmitPolicy,
+    /// How often every instance runs the admission step (`QUEUE_ADMIT_INTERVAL_MS`).
+    pub admit_interval: Duration,
+    /// The window the admission rate (for wait estimates) is observed over.
+    pub rate_window: Duration,
+}
+
+/// A token as issued: its state, and whether it was made now or was the user's live one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issued {
+    pub state: TokenState,
+    /// False when the user already had a live token: the same one, place kept.
+    pub created: bool,
+}
+
+/// The line itself. Every method is atomic in the store, so any number of instances may
+/// call any of them at once.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait WaitingQueue: Send + Sync {
+    /// A new WAITING token at the end of the line for `user_id`, or the user's live token.
+    async fn issue(&self, user_id: UserId) -> anyhow::Result<Issued>;
+
+    /// The state of a live token (`None`: unknown, expired or abandoned). Asking keeps a
+    /// waiting token from being abandoned.
+    async fn state(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>>;
+
+    /// [`WaitingQueue::state`] for many tokens in one round trip (the event streams).
+    async fn states(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>>;
+
+    /// One admission step under the configured policy: drops expired and abandoned tokens,
+    /// then admits the oldest waiting ones.
+    async fn admit(&self) -> anyhow::Result<Admission>;
+
+    /// Ends a token now (a completed payment); true when it was live.
+    async fn expire(&self, token: QueueTokenId) -> anyhow::Result<bool>;
+}
+
+/// What a client sees of its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenView {
+    pub token: QueueTokenId,
+    pub user_id: UserId,
+    pub status: QueueStatus,
+    pub position: Option<u64>,
+    pub estimated_wait_seconds: Option<u64>,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl From<&TokenState> for TokenView {
+    fn from(state: &TokenState) -> Self {
+        Self {
+            token: state.token,
+            user_id: state.user_id,
+            status: state.status,
+            position: state.position,
+            estimated_wait_seconds: state.estimated_wait().map(|wait| wait.as_secs()),
+            expires_at: state.expires_at,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueTokenError {
+    #[error("user {0} not found")]
+    UserNotFound(UserId),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// Issues queue tokens.
+#[derive(Clone)]
+pub struct IssueToken {
+    users: Arc<dyn UserRepository>,
+    queue: Arc<dyn WaitingQueue>,
+}
+
+impl std::fmt::Debug for IssueToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssueToken").finish_non_exhaustive()
+    }
+}
+
+impl IssueToken {
+    #[must_use]
+    pub fn new(users: Arc<dyn UserRepository>, queue: Arc<dyn WaitingQueue>) -> Self {
+        Self { users, queue }
+    }
+
+    /// A place in line for `user_id`, or the one the user already has.
+    ///
+    /// # Errors
+    /// [`IssueTokenError::UserNotFound`]; [`IssueTokenError::Unexpected`] when a store fails.
+    #[tracing::instrument(name = "queue.issue", skip(self), fields(%user_id))]
+    pub async fn execute(&self, user_id: UserId) -> Result<(TokenView, bool), IssueTokenError> {
+        let user = self
+            .users
+            .find(user_id)
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("failed to read the user"))?;
+        if user.is_none() {
+            return Err(IssueTokenError::UserNotFound(user_id));
+        }
+        let issued = self.queue.issue(user_id).await.map_err(|e| e.context("failed to issue a token"))?;
+        Ok((TokenView::from(&issued.state), issued.created))
+    }
+}
+
+/// Why a token does not let its holder in.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// Unknown, malformed, expired or abandoned.
+    #[error("the queue token is not valid")]
+    Invalid,
+    /// Still waiting in line.
+    #[error("the queue token is still waiting")]
+    NotActive,
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// Reads tokens: the holder's view, and the gate of the booking routes.
+#[derive(Clone)]
+pub struct QueueReader {
+    queue: Arc<dyn WaitingQueue>,
+}
+
+impl std::fmt::Debug for QueueReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueReader").finish_non_exhaustive()
+    }
+}
+
+impl QueueReader {
+    #[must_use]
+    pub fn new(queue: Arc<dyn WaitingQueue>) -> Self {
+        Self { queue }
+    }
+
+    /// The holder's view of `token`.
+    ///
+    /// # Errors
+    /// [`GateError::Invalid`] when the token is not live; [`GateError::Unexpected`].
+    pub async fn view(&self, token: QueueTokenId) -> Result<TokenView, GateError> {
+        let state = self.queue.state(token).await?.ok_or(GateError::Invalid)?;
+        Ok(TokenView::from(&state))
+    }
+
+    /// The gate: the user of an ACTIVE token, in one round trip to the queue's store.
+    ///
+    /// # Errors
+    /// [`GateError::Invalid`] (not live), [`GateError::NotActive`] (waiting),
+    /// [`GateError::Unexpected`].
+    pub async fn admit_holder(&self, token: QueueTokenId) -> Result<UserId, GateError> {
+        match self.queue.state(token).await? {
+            None => Err(GateError::Invalid),
+            Some(state) if state.status == QueueStatus::Waiting => Err(GateError::NotActive),
+            Some(state) => Ok(state.user_id),
+        }
+    }
+
+    /// Views of many tokens at once (`None` for those no longer live).
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn views(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenView>>> {
+        let states = self.queue.states(tokens).await?;
+        Ok(states.iter().map(|state| state.as_ref().map(TokenView::from)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::user::{MockUserRepository, User, UserName};
+
+    use super::*;
+    use crate::clock;
+
+    fn state(status: QueueStatus, position: Option<u64>, rate: f64) -> TokenState {
+        TokenState {
+            token: QueueTokenId::generate(),
+            user_id: UserId::generate(),
+            status,
+            position,
+            expires_at: None,
+            admissions_per_second: rate,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_user_gets_no_token() {
+        let mut users = MockUserRepository::new();
+        users.expect_find().times(1).returning(|_| Ok(None));
+        let mut queue = MockWaitingQueue::new();
+        queue.expect_issue().never();
+
+        let result = IssueToken::new(Arc::new(users), Arc::new(queue)).execute(UserId::generate()).await;
+
+        assert!(matches!(result, Err(IssueTokenError::UserNotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn a_known_user_gets_the_queues_token_with_an_estimate_from_the_observed_rate() {
+        let user_id = UserId::generate();
+        let mut users = MockUserRepository::new();
+        users.expect_find().returning(move |_| {
+            Ok(Some(User::restore(user_id, UserName::new("kim").unwrap(), clock::now_utc())))
+        });
+        let mut queue = MockWaitingQueue::new();
+        queue
+            .expect_issue()
+            .withf(move |u| *u == user_id)
+            .times(1)
+            .returning(|_| Ok(Issued { state: state(QueueStatus::Waiting, Some(12), 4.0), created: false }));
+
+        let (view, created) =
+            IssueToken::new(Arc::new(users), Arc::new(queue)).execute(user_id).await.unwrap();
+
+        assert!(!created, "the user's live token came back");
+        assert_eq!(view.position, Some(12));
+        assert_eq!(view.estimated_wait_seconds, Some(3));
+    }
+
+    #[tokio::test]
+    async fn the_gate_lets_an_active_token_in_and_tells_waiting_from_invalid() {
+        let active = state(QueueStatus::Active, None, 0.0);
+        let holder = active.user_id;
+        let mut queue = MockWaitingQueue::new();
+        let mut seq = mockall::Sequence::new();
+        queue.expect_state().times(1).in_sequence(&mut seq).returning(move |_| Ok(Some(active.clone())));
+        queue
+            .expect_state()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_| Ok(Some(state(QueueStatus::Waiting, Some(3), 1.0))));
+        queue.expect_state().times(1).in_sequence(&mut seq).returning(|_| Ok(None));
+        let reader = QueueReader::new(Arc::new(queue));
+        let token = QueueTokenId::generate();
+
+        assert_eq!(reader.admit_holder(token).await.unwrap(), holder);
+        assert!(matches!(reader.admit_holder(token).await, Err(GateError::NotActive)));
+        assert!(matches!(reader.admit_holder(token).await, Err(GateError::Invalid)));
+    }
+
+    #[tokio::test]
+    async fn a_token_that_is_gone_has_no_view_and_a_store_failure_is_not_invalid() {
+        let mut queue = MockWaitingQueue::new();
+        let mut seq = mockall::Sequence::new();
+        queue.expect_state().times(1).in_sequence(&mut seq).returning(|_| Ok(None));
+        queue.expect_state().times(1).in_sequence(&mut seq).returning(|_| Err(anyhow::anyhow!("redis down")));
+        let reader = QueueReader::new(Arc::new(queue));
+
+        assert!(matches!(reader.view(QueueTokenId::generate()).await, Err(GateError::Invalid)));
+        assert!(matches!(reader.view(QueueTokenId::generate()).await, Err(GateError::Unexpected(_))));
+    }
+}
