@@ -3,6 +3,7 @@
 mod failures;
 mod idempotency;
 mod points;
+mod queue;
 mod users;
 
 use awc::http::StatusCode;

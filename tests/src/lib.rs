@@ -114,8 +114,11 @@ impl Cluster {
             None => test_support::redis_url().await,
         };
         let binary = server_binary()?;
+        // A line of its own on the shared Redis (a test may still name one).
+        let mut env = vec![("QUEUE_NAME".to_owned(), format!("e2e-{name}"))];
+        env.extend(options.env.iter().cloned());
         let spawned: Vec<_> = (0..count)
-            .map(|_| spawn(&binary, &database_url, &redis_url, &options.env))
+            .map(|_| spawn(&binary, &database_url, &redis_url, &env))
             .collect::<anyhow::Result<_>>()?;
         let mut instances = Vec::with_capacity(count);
         for (child, ready, output) in spawned {

@@ -11,6 +11,7 @@
 //! - [`problem`]: every error as `application/problem+json`, mapped in one place.
 //! - [`extract`]: the JSON body extractor that names the offending field.
 //! - [`middleware`]: request ids, request logs and HTTP metrics.
+//! - [`queue_events`]: the per-instance fan-out behind the queue's event streams.
 //! - [`openapi`]: the OpenAPI document served with Swagger UI.
 //! - [`telemetry`]: logs and the Prometheus recorder.
 
@@ -18,6 +19,7 @@ pub mod extract;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;
+pub mod queue_events;
 pub mod routes;
 pub mod settings;
 pub mod startup;

@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{health, points, users};
+use crate::routes::{health, points, queue, users};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -19,6 +19,9 @@ use crate::routes::{health, points, users};
         points::get_balance,
         points::charge_points,
         points::point_history,
+        queue::issue_token,
+        queue::my_token,
+        queue::my_token_events,
         health::live,
         health::ready,
     ),
@@ -26,6 +29,14 @@ use crate::routes::{health, points, users};
     tags(
         (name = "users", description = "Registration"),
         (name = "points", description = "Prepaid points: balance, charge, history"),
+        (name = "queue", description = "The waiting queue: a token with a place in line, its view and live events. \
+            The booking routes admit only the holder of an ACTIVE token (header `Queue-Token`): no header, \
+            a malformed, unknown or expired token is 401 `QUEUE_TOKEN_INVALID`; a WAITING one is 403 \
+            `QUEUE_TOKEN_NOT_ACTIVE`. How tokens are admitted is the server's configuration: \
+            `QUEUE_ADMIT_POLICY` `max-active` keeps up to `QUEUE_MAX_ACTIVE` tokens active, `rate` admits \
+            `QUEUE_ADMIT_BATCH` every `QUEUE_ADMIT_INTERVAL_MS` (never past `QUEUE_MAX_ACTIVE`); an active \
+            token lasts `QUEUE_ACTIVE_SECONDS`; a waiting token nobody asks about (no view, no open event \
+            stream) for `QUEUE_WAITING_IDLE_SECONDS` leaves the line; `QUEUE_BACKEND` is `redis` or `mysql`."),
         (name = "operations", description = "Health"),
     )
 )]

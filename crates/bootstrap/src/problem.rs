@@ -46,6 +46,12 @@ pub enum ApiError {
     MethodNotAllowed { allow: &'static str },
     #[error("user {0} not found")]
     UserNotFound(uuid::Uuid),
+    #[error(
+        "the Queue-Token header is missing, malformed, unknown or expired; take a place in line with POST /api/v1/queue/tokens"
+    )]
+    QueueTokenInvalid,
+    #[error("this queue token is still waiting in line; it is let in when admitted")]
+    QueueTokenNotActive,
     #[error("{0}")]
     BalanceLimitExceeded(String),
     #[error("this Idempotency-Key was used before for a different request; use a new key for a new request")]
@@ -99,6 +105,8 @@ impl ApiError {
             Self::RouteNotFound => "NOT_FOUND",
             Self::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             Self::UserNotFound(_) => "USER_NOT_FOUND",
+            Self::QueueTokenInvalid => "QUEUE_TOKEN_INVALID",
+            Self::QueueTokenNotActive => "QUEUE_TOKEN_NOT_ACTIVE",
             Self::BalanceLimitExceeded(_) => "BALANCE_LIMIT_EXCEEDED",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::Busy(_) => "RESOURCE_BUSY",
@@ -117,6 +125,8 @@ impl ApiError {
             Self::RouteNotFound => "Not found",
             Self::MethodNotAllowed { .. } => "Method not allowed",
             Self::UserNotFound(_) => "User not found",
+            Self::QueueTokenInvalid => "Queue token invalid",
+            Self::QueueTokenNotActive => "Queue token not active",
             Self::BalanceLimitExceeded(_) => "Balance limit exceeded",
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::Busy(_) => "Resource busy",
@@ -161,6 +171,8 @@ impl ResponseError for ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RouteNotFound | Self::UserNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::QueueTokenInvalid => StatusCode::UNAUTHORIZED,
+            Self::QueueTokenNotActive => StatusCode::FORBIDDEN,
             Self::BalanceLimitExceeded(_) => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,

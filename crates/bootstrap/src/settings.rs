@@ -9,6 +9,10 @@ use adapters_mysql::database::DEFAULT_STATEMENT_TIMEOUT;
 use adapters_redis::connection::DEFAULT_COMMAND_TIMEOUT;
 use adapters_redis::lock::{DEFAULT_LEASE, DEFAULT_MAX_HOLD};
 use application::charge_points::DEFAULT_LOCK_WAIT;
+use domain::queue::AdmitPolicy;
+
+/// The window over which the queue's admission rate (for wait estimates) is observed.
+pub const QUEUE_RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +30,15 @@ pub enum LockWaitMode {
     PubSub,
     /// Retry with exponential backoff and jitter: the baseline pub/sub is measured against.
     Spin,
+}
+
+/// Where the waiting queue lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueBackend {
+    /// Sorted sets and Lua scripts (the default).
+    Redis,
+    /// Tables: the baseline.
+    MySql,
 }
 
 /// Everything the server can be configured with. See the README's configuration table.
@@ -60,6 +73,13 @@ pub struct Settings {
     pub database_statement_timeout: Duration,
     /// `SHUTDOWN_GRACE_SECONDS`: how long in-flight requests may run on after SIGTERM.
     pub shutdown_grace_seconds: u64,
+    /// `QUEUE_BACKEND`: `redis` or `mysql`.
+    pub queue_backend: QueueBackend,
+    /// `QUEUE_*`: how the queue admits.
+    pub queue: application::queue::QueueConfig,
+    /// `QUEUE_NAME`: the queue's Redis hash tag (every key is `{name}:...`), so that
+    /// deployments (or tests) sharing one Redis keep separate lines.
+    pub queue_name: String,
 }
 
 /// A variable that is set but cannot be used.
@@ -171,7 +191,40 @@ impl Settings {
                 millis(lock_max_hold)
             ),
         )?;
+        let queue_backend = if choice("QUEUE_BACKEND", "redis", &["redis", "mysql"])? == "mysql" {
+            QueueBackend::MySql
+        } else {
+            QueueBackend::Redis
+        };
+        let max_active = number("QUEUE_MAX_ACTIVE", 1_000, 1..=1_000_000)?;
+        let admit_interval = ms("QUEUE_ADMIT_INTERVAL_MS", Duration::from_secs(1), 10..=60_000)?;
+        let batch = number("QUEUE_ADMIT_BATCH", 100, 1..=1_000_000)?;
+        let policy = match choice("QUEUE_ADMIT_POLICY", "max-active", &["max-active", "rate"])?.as_str() {
+            "rate" => AdmitPolicy::Rate { batch, interval: admit_interval, max_active },
+            _ => AdmitPolicy::MaxActive { max_active },
+        };
+        let queue = application::queue::QueueConfig {
+            active_lifetime: Duration::from_secs(number("QUEUE_ACTIVE_SECONDS", 600, 1..=86_400)?),
+            waiting_idle: Duration::from_secs(number("QUEUE_WAITING_IDLE_SECONDS", 300, 5..=86_400)?),
+            policy,
+            admit_interval,
+            rate_window: QUEUE_RATE_WINDOW,
+        };
+        let queue_name = text("QUEUE_NAME", "queue");
+        if queue_name.is_empty()
+            || queue_name.len() > 64
+            || !queue_name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_:.".contains(&b))
+        {
+            return Err(SettingsError {
+                name: "QUEUE_NAME",
+                value: queue_name,
+                problem: "must be 1..=64 letters, digits, '-', '_', ':' or '.'".into(),
+            });
+        }
         Ok(Self {
+            queue_backend,
+            queue,
+            queue_name,
             lock_max_hold,
             redis_command_timeout,
             database_statement_timeout,
@@ -232,6 +285,39 @@ mod tests {
         assert_eq!(s.http_addr, "127.0.0.1:8080");
         assert_eq!(s.log_filter, "info");
         assert_eq!(s.point_lock_wait, Duration::from_secs(3));
+        assert_eq!(s.queue_backend, QueueBackend::Redis);
+        assert_eq!(s.queue.policy, AdmitPolicy::MaxActive { max_active: 1_000 });
+        assert_eq!(s.queue.active_lifetime, Duration::from_secs(600));
+        assert_eq!(s.queue.admit_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_queue_policy_and_backend_are_read_and_checked() {
+        let s = settings(&[
+            ("QUEUE_ADMIT_POLICY", "rate"),
+            ("QUEUE_ADMIT_BATCH", "50"),
+            ("QUEUE_MAX_ACTIVE", "200"),
+            ("QUEUE_ADMIT_INTERVAL_MS", "500"),
+            ("QUEUE_BACKEND", "mysql"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.queue.policy,
+            AdmitPolicy::Rate { batch: 50, interval: Duration::from_millis(500), max_active: 200 }
+        );
+        assert_eq!(s.queue_backend, QueueBackend::MySql);
+        for (name, value) in [
+            ("QUEUE_ADMIT_POLICY", "fifo"),
+            ("QUEUE_BACKEND", "memory"),
+            ("QUEUE_MAX_ACTIVE", "0"),
+            ("QUEUE_ADMIT_BATCH", "-1"),
+            ("QUEUE_ADMIT_INTERVAL_MS", "1"),
+            ("QUEUE_ACTIVE_SECONDS", "0"),
+            ("QUEUE_NAME", "{tag}"),
+        ] {
+            let error = settings(&[(name, value)]).unwrap_err().to_string();
+            assert!(error.starts_with(name), "{error}");
+        }
     }
 
     #[test]

@@ -21,14 +21,16 @@ use application::create_user::CreateUser;
 use application::get_balance::GetBalance;
 use application::idempotency::{DEFAULT_RETENTION, Idempotency};
 use application::point_history::PointHistory;
+use application::queue::{IssueToken, QueueReader, WaitingQueue};
 use tokio::task::JoinHandle;
 use utoipa::OpenApi as _;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::openapi::ApiDoc;
 use crate::problem::ApiError;
+use crate::queue_events::QueueEvents;
 use crate::routes::{self, AppState, health::Readiness};
-use crate::settings::{LockWaitMode, Settings, redact};
+use crate::settings::{LockWaitMode, QueueBackend, Settings, redact};
 use crate::telemetry;
 
 /// How often each instance deletes expired idempotency keys, and how many per statement.
@@ -47,6 +49,8 @@ pub struct Application {
     lock: RedisLock,
     upkeep: JoinHandle<()>,
     purge: JoinHandle<()>,
+    admission: JoinHandle<()>,
+    events: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Application {
@@ -107,6 +111,22 @@ impl Application {
             settings.point_lock_wait + settings.lock_max_hold,
             DEFAULT_RETENTION,
         );
+        let queue: Arc<dyn WaitingQueue> = match settings.queue_backend {
+            QueueBackend::Redis => Arc::new(adapters_redis::queue::RedisQueue::new(
+                redis.pool.clone(),
+                &settings.queue_name,
+                settings.queue,
+            )),
+            QueueBackend::MySql => {
+                Arc::new(adapters_mysql::queue::MySqlQueue::new(db.clone(), settings.queue))
+            }
+        };
+        let queue_reader = QueueReader::new(Arc::clone(&queue));
+        let gate = web::Data::new(queue_reader.clone());
+        let (queue_events, events) = QueueEvents::start(
+            queue_reader.clone(),
+            settings.queue.admit_interval.min(Duration::from_secs(1)),
+        );
         let metrics = telemetry::prometheus();
         let state = web::Data::new(AppState {
             create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),
@@ -119,7 +139,10 @@ impl Application {
                 idempotency.clone(),
             ),
             get_balance: GetBalance::new(points.clone()),
-            point_history: PointHistory::new(users, points),
+            point_history: PointHistory::new(users.clone(), points),
+            issue_token: IssueToken::new(users, Arc::clone(&queue)),
+            queue_reader,
+            queue_events,
             readiness: Readiness { db: db.clone(), redis: redis.clone() },
             metrics: metrics.clone(),
         });
@@ -131,6 +154,8 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                // What the queue gate (`routes::queue::Admitted`) reads tokens with.
+                .app_data(gate.clone())
                 .app_data(web::QueryConfig::default().error_handler(|error, _| {
                     ApiError::validation("query", format!("the query string cannot be read: {error}")).into()
                 }))
@@ -172,8 +197,9 @@ impl Application {
                 }
             }
         });
+        let admission = tokio::spawn(admit_forever(queue, settings.queue.admit_interval));
         tracing::info!("listening on http://{address}");
-        Ok(Self { port: address.port(), server, db, redis, lock, upkeep, purge })
+        Ok(Self { port: address.port(), server, db, redis, lock, upkeep, purge, admission, events })
     }
 
     /// The port actually bound (useful with `HTTP_ADDR=...:0`).
@@ -193,10 +219,44 @@ impl Application {
         let served = self.server.await;
         self.upkeep.abort();
         self.purge.abort();
+        self.admission.abort();
+        self.events.abort();
         self.lock.release_all(RELEASE_AT_SHUTDOWN).await;
         self.redis.quit().await;
         self.db.close().await.ok();
         tracing::info!("stopped");
         served.context("the HTTP server failed")
+    }
+}
+
+/// The admission step, every `interval`, on every instance (the step is atomic in the
+/// queue's store, so any number of instances may run it at once). Exports the queue's
+/// sizes, the admissions and each step's duration.
+async fn admit_forever(queue: Arc<dyn WaitingQueue>, interval: Duration) {
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let started = std::time::Instant::now();
+        match queue.admit().await {
+            Ok(step) => {
+                metrics::histogram!("queue_admission_step_seconds").record(started.elapsed().as_secs_f64());
+                metrics::counter!("queue_admitted_total").increment(step.admitted);
+                #[allow(clippy::cast_precision_loss, reason = "gauges")]
+                {
+                    metrics::gauge!("queue_waiting").set(step.waiting as f64);
+                    metrics::gauge!("queue_active").set(step.active as f64);
+                }
+                if step.admitted > 0 {
+                    tracing::debug!(
+                        admitted = step.admitted,
+                        active = step.active,
+                        waiting = step.waiting,
+                        "admitted"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(error = format!("{error:#}"), "queue admission step failed"),
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod health;
 pub mod points;
+pub mod queue;
 pub mod users;
 
 use actix_web::{HttpResponse, web};
@@ -11,6 +12,7 @@ use application::charge_points::ChargePoints;
 use application::create_user::CreateUser;
 use application::get_balance::GetBalance;
 use application::point_history::PointHistory;
+use application::queue::{IssueToken, QueueReader};
 
 use crate::problem::ApiError;
 
@@ -20,6 +22,9 @@ pub struct AppState {
     pub charge_points: ChargePoints,
     pub get_balance: GetBalance,
     pub point_history: PointHistory,
+    pub issue_token: IssueToken,
+    pub queue_reader: QueueReader,
+    pub queue_events: crate::queue_events::QueueEvents,
     pub readiness: health::Readiness,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -51,6 +56,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 web::resource("/users/{userId}/points/charge")
                     .route(web::post().to(points::charge_points))
                     .default_service(allow("POST")),
+            )
+            .service(
+                web::resource("/queue/tokens")
+                    .route(web::post().to(queue::issue_token))
+                    .default_service(allow("POST")),
+            )
+            .service(
+                web::resource("/queue/tokens/me")
+                    .route(web::get().to(queue::my_token))
+                    .route(web::head().to(queue::my_token))
+                    .default_service(allow("GET, HEAD")),
+            )
+            .service(
+                web::resource("/queue/tokens/me/events")
+                    .route(web::get().to(queue::my_token_events))
+                    .default_service(allow("GET")),
             )
             .service(
                 web::resource("/users/{userId}/points/history")

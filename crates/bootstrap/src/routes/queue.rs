@@ -1,0 +1,356 @@
+//! `/api/v1/queue/tokens`: a place in line, its view, its live events, and the gate that
+//! the booking routes put in front of themselves.
+
+use std::time::Duration;
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::web::Bytes;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use application::queue::{GateError, IssueTokenError, QueueReader, TokenView};
+use domain::queue::{QueueStatus, QueueTokenId};
+use domain::user::UserId;
+use futures::future::LocalBoxFuture;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::extract::ValidJson;
+use crate::problem::{ApiError, Problem};
+use crate::queue_events::StreamState;
+
+/// The header that carries a queue token.
+pub const QUEUE_TOKEN: &str = "Queue-Token";
+
+/// How often an event stream sends a comment line when nothing changed, so that proxies
+/// and clients see the connection is alive.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssueTokenRequest {
+    /// The user who queues.
+    pub user_id: uuid::Uuid,
+}
+
+/// A queue token as its holder sees it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenViewResponse {
+    /// The token: send it as the `Queue-Token` header.
+    pub token: uuid::Uuid,
+    pub user_id: uuid::Uuid,
+    /// `WAITING` until admitted, then `ACTIVE`.
+    #[schema(example = "WAITING")]
+    pub status: &'static str,
+    /// 1-based place among waiting tokens; null once active.
+    #[schema(example = 17, minimum = 1)]
+    pub position: Option<u64>,
+    /// Seconds until admission at the admission rate observed recently; null when active
+    /// or when nobody was admitted recently.
+    #[schema(example = 42)]
+    pub estimated_wait_seconds: Option<u64>,
+    /// When an active token stops being valid; null while waiting.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl From<&TokenView> for TokenViewResponse {
+    fn from(view: &TokenView) -> Self {
+        Self {
+            token: *view.token.as_uuid(),
+            user_id: *view.user_id.as_uuid(),
+            status: view.status.as_str(),
+            position: view.position,
+            estimated_wait_seconds: view.estimated_wait_seconds,
+            expires_at: view.expires_at,
+        }
+    }
+}
+
+/// The request's `Queue-Token`: exactly one, a UUID; anything else is 401.
+///
+/// # Errors
+/// [`ApiError::QueueTokenInvalid`].
+pub fn queue_token(req: &HttpRequest) -> Result<QueueTokenId, ApiError> {
+    let mut values = req.headers().get_all(QUEUE_TOKEN);
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(ApiError::QueueTokenInvalid);
+    };
+    let raw = value.to_str().map_err(|_| ApiError::QueueTokenInvalid)?;
+    QueueTokenId::parse(raw).map_err(|_| ApiError::QueueTokenInvalid)
+}
+
+impl From<GateError> for ApiError {
+    fn from(error: GateError) -> Self {
+        match error {
+            GateError::Invalid => Self::QueueTokenInvalid,
+            GateError::NotActive => Self::QueueTokenNotActive,
+            GateError::Unexpected(error) => error.into(),
+        }
+    }
+}
+
+/// The gate of the booking routes: a handler that takes `Admitted` runs only for the
+/// holder of an ACTIVE queue token, and gets that token's user (never a user named in
+/// the body). One round trip to the queue's store.
+///
+/// No header, a malformed, unknown or expired token: `401 QUEUE_TOKEN_INVALID`; a WAITING
+/// token: `403 QUEUE_TOKEN_NOT_ACTIVE`.
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted(pub UserId);
+
+impl FromRequest for Admitted {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let token = queue_token(req);
+        let reader = req.app_data::<web::Data<QueueReader>>().cloned();
+        Box::pin(async move {
+            let reader =
+                reader.ok_or_else(|| ApiError::from(anyhow::anyhow!("no QueueReader is registered")))?;
+            Ok(Self(reader.admit_holder(token?).await?))
+        })
+    }
+}
+
+/// Take a place in line.
+///
+/// A user with a live token gets that same token back (200), place kept; otherwise a new
+/// WAITING token at the end of the line (201).
+///
+/// # Errors
+/// 400 for a malformed body, 404 for an unknown user, 503 when the queue's store is down.
+#[utoipa::path(
+    post,
+    path = "/api/v1/queue/tokens",
+    tag = "queue",
+    request_body = IssueTokenRequest,
+    responses(
+        (status = 201, description = "A new token", body = TokenViewResponse),
+        (status = 200, description = "The user's live token, place kept", body = TokenViewResponse),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn issue_token(
+    state: web::Data<AppState>,
+    ValidJson(body): ValidJson<IssueTokenRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let user_id = UserId::from_uuid(body.user_id);
+    let (view, created) = state.issue_token.execute(user_id).await.map_err(|error| match error {
+        IssueTokenError::UserNotFound(id) => ApiError::UserNotFound(*id.as_uuid()),
+        IssueTokenError::Unexpected(error) => error.into(),
+    })?;
+    let mut response = if created { HttpResponse::Created() } else { HttpResponse::Ok() };
+    Ok(response.json(TokenViewResponse::from(&view)))
+}
+
+/// The view of the caller's token.
+///
+/// # Errors
+/// 401 when the `Queue-Token` is missing, malformed, unknown or expired.
+#[utoipa::path(
+    get,
+    path = "/api/v1/queue/tokens/me",
+    tag = "queue",
+    params(("Queue-Token" = uuid::Uuid, Header, description = "The queue token")),
+    responses(
+        (status = 200, description = "The token's view", body = TokenViewResponse),
+        (status = 401, description = "QUEUE_TOKEN_INVALID: missing, malformed, unknown or expired", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn my_token(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let view = state.queue_reader.view(queue_token(&req)?).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(TokenViewResponse::from(&view)))
+}
+
+/// The caller's token as Server-Sent Events.
+///
+/// An `event: status` with the token's view now, then each time it changes (position,
+/// estimate, admission), with a comment line every 15 s in between. The stream ends after
+/// the ACTIVE view, or with an `event: expired` when the token is no longer live.
+///
+/// # Errors
+/// 401 when the `Queue-Token` is missing, malformed, unknown or expired.
+#[utoipa::path(
+    get,
+    path = "/api/v1/queue/tokens/me/events",
+    tag = "queue",
+    params(("Queue-Token" = uuid::Uuid, Header, description = "The queue token")),
+    responses(
+        (status = 200, description = "`text/event-stream`: `event: status` with a token view as `data`, each time it changes; `event: expired` when the token is gone", body = String, content_type = "text/event-stream"),
+        (status = 401, description = "QUEUE_TOKEN_INVALID: missing, malformed, unknown or expired", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn my_token_events(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let token = queue_token(&req)?;
+    let first = state.queue_reader.view(token).await?;
+    let updates = state.queue_events.subscribe(token, first.clone());
+    let stream = futures::stream::unfold(
+        Stream { first: Some(StreamState::View(first)), updates, heartbeat: heartbeat(), done: false },
+        next_event,
+    );
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(stream))
+}
+
+struct Stream {
+    first: Option<StreamState>,
+    updates: tokio::sync::watch::Receiver<StreamState>,
+    heartbeat: tokio::time::Interval,
+    done: bool,
+}
+
+fn heartbeat() -> tokio::time::Interval {
+    tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT)
+}
+
+async fn next_event(mut stream: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)> {
+    if stream.done {
+        return None;
+    }
+    if let Some(first) = stream.first.take() {
+        let bytes = event(&first, &mut stream.done);
+        return Some((Ok(bytes), stream));
+    }
+    tokio::select! {
+        changed = stream.updates.changed() => {
+            if changed.is_err() {
+                // The hub let go of this token after its last state was read.
+                return None;
+            }
+            let state = stream.updates.borrow_and_update().clone();
+            let bytes = event(&state, &mut stream.done);
+            Some((Ok(bytes), stream))
+        }
+        _ = stream.heartbeat.tick() => Some((Ok(Bytes::from_static(b": keep-alive\n\n")), stream)),
+    }
+}
+
+/// The SSE frame for `state`; sets `done` when it is the last one.
+fn event(state: &StreamState, done: &mut bool) -> Bytes {
+    match state {
+        StreamState::View(view) => {
+            *done = view.status == QueueStatus::Active;
+            let data = serde_json::to_string(&TokenViewResponse::from(view)).unwrap_or_default();
+            Bytes::from(format!("event: status\ndata: {data}\n\n"))
+        }
+        StreamState::Gone => {
+            *done = true;
+            Bytes::from_static(b"event: expired\ndata: {}\n\n")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use actix_web::{App, test as actix_test};
+    use application::queue::MockWaitingQueue;
+    use domain::queue::TokenState;
+
+    use super::*;
+
+    async fn whoami(Admitted(user): Admitted) -> HttpResponse {
+        HttpResponse::Ok().body(user.to_string())
+    }
+
+    fn state(status: QueueStatus, user_id: UserId) -> TokenState {
+        TokenState {
+            token: QueueTokenId::generate(),
+            user_id,
+            status,
+            position: (status == QueueStatus::Waiting).then_some(4),
+            expires_at: None,
+            admissions_per_second: 1.0,
+        }
+    }
+
+    #[actix_web::test]
+    async fn the_gate_lets_in_only_an_active_token_and_hands_the_handler_its_user() {
+        let (active, waiting) = (QueueTokenId::generate(), QueueTokenId::generate());
+        let holder = UserId::generate();
+        let mut queue = MockWaitingQueue::new();
+        queue.expect_state().returning(move |token| {
+            Ok(if token == active {
+                Some(state(QueueStatus::Active, holder))
+            } else if token == waiting {
+                Some(state(QueueStatus::Waiting, UserId::generate()))
+            } else {
+                None
+            })
+        });
+        let app = actix_test::init_service(
+            App::new()
+                .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
+                .route("/booking", web::get().to(whoami)),
+        )
+        .await;
+        let call = |headers: Vec<&'static str>| {
+            let mut request = actix_test::TestRequest::get().uri("/booking");
+            for value in headers {
+                request = request.append_header((QUEUE_TOKEN, value));
+            }
+            request.to_request()
+        };
+        let active_header: &'static str = Box::leak(active.to_string().into_boxed_str());
+        let waiting_header: &'static str = Box::leak(waiting.to_string().into_boxed_str());
+        let unknown_header: &'static str = Box::leak(QueueTokenId::generate().to_string().into_boxed_str());
+
+        let admitted = actix_test::call_service(&app, call(vec![active_header])).await;
+        assert_eq!(admitted.status().as_u16(), 200);
+        assert_eq!(actix_test::read_body(admitted).await, holder.to_string().as_bytes());
+
+        let waiting_answer = actix_test::call_service(&app, call(vec![waiting_header])).await;
+        assert_eq!(waiting_answer.status().as_u16(), 403);
+        let body: serde_json::Value = actix_test::read_body_json(waiting_answer).await;
+        assert_eq!(body["code"], "QUEUE_TOKEN_NOT_ACTIVE");
+
+        for headers in [vec![], vec!["not-a-uuid"], vec![unknown_header], vec![active_header, active_header]]
+        {
+            let refused = actix_test::call_service(&app, call(headers.clone())).await;
+            assert_eq!(refused.status().as_u16(), 401, "{headers:?}");
+            let body: serde_json::Value = actix_test::read_body_json(refused).await;
+            assert_eq!(body["code"], "QUEUE_TOKEN_INVALID");
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_queue_store_failure_at_the_gate_is_a_503_not_a_401() {
+        let mut queue = MockWaitingQueue::new();
+        queue.expect_state().returning(|_| {
+            Err(anyhow::Error::new(domain::unavailable::Unavailable {
+                reason: "redis",
+                source: Box::new(std::io::Error::other("connection refused")),
+            }))
+        });
+        let app = actix_test::init_service(
+            App::new()
+                .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
+                .route("/booking", web::get().to(whoami)),
+        )
+        .await;
+        let request = actix_test::TestRequest::get()
+            .uri("/booking")
+            .append_header((QUEUE_TOKEN, QueueTokenId::generate().to_string()))
+            .to_request();
+
+        let answer = actix_test::call_service(&app, request).await;
+
+        assert_eq!(answer.status().as_u16(), 503);
+    }
+}

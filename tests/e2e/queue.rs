@@ -1,0 +1,210 @@
+//! The waiting queue over several instances: admission order, the cap, lifetimes, the
+//! event stream and bad input.
+
+use std::time::{Duration, Instant};
+
+use e2e::{Cluster, ClusterOptions, client};
+use futures::StreamExt as _;
+use serde_json::Value;
+
+use super::{assert_problem, send};
+
+async fn new_user(http: &awc::Client, base: &str) -> String {
+    let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "fan"}"#)).await;
+    created.2["id"].as_str().expect("id").to_owned()
+}
+
+async fn view(http: &awc::Client, base: &str, token: &str) -> Value {
+    let answer =
+        send(http.get(format!("{base}/api/v1/queue/tokens/me")).insert_header(("Queue-Token", token)), None)
+            .await;
+    assert_eq!(answer.0.as_u16(), 200, "{}", answer.2);
+    answer.2
+}
+
+fn options(max_active: &str, active_seconds: &str) -> ClusterOptions {
+    ClusterOptions {
+        env: vec![
+            ("QUEUE_MAX_ACTIVE".into(), max_active.into()),
+            ("QUEUE_ACTIVE_SECONDS".into(), active_seconds.into()),
+            ("QUEUE_ADMIT_INTERVAL_MS".into(), "100".into()),
+        ],
+        ..ClusterOptions::default()
+    }
+}
+
+#[actix_web::test]
+async fn tokens_are_admitted_in_issue_order_across_instances_never_past_the_cap() {
+    let cluster = Cluster::start_with(3, &options("3", "2")).await.expect("cluster");
+    let http = client();
+    let mut tokens = Vec::new();
+    for i in 0..8 {
+        let user = new_user(&http, cluster.url(i)).await;
+        let issued = send(
+            http.post(format!("{}/api/v1/queue/tokens", cluster.url(i))),
+            Some(&format!(r#"{{"userId": "{user}"}}"#)),
+        )
+        .await;
+        assert_eq!(issued.0.as_u16(), 201, "{}", issued.2);
+        assert_eq!(issued.2["userId"], user.as_str());
+        // Asking again, on another instance, gives the same token back.
+        let again = send(
+            http.post(format!("{}/api/v1/queue/tokens", cluster.url(i + 1))),
+            Some(&format!(r#"{{"userId": "{user}"}}"#)),
+        )
+        .await;
+        assert_eq!(again.0.as_u16(), 200, "{}", again.2);
+        assert_eq!(again.2["token"], issued.2["token"]);
+        tokens.push(issued.2["token"].as_str().expect("token").to_owned());
+    }
+
+    // Every instance runs admission: the first three are let in, the rest wait in order.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut views = Vec::new();
+        for (i, token) in tokens.iter().enumerate() {
+            views.push(view(&http, cluster.url(i), token).await);
+        }
+        let active: Vec<usize> = (0..8).filter(|&n| views[n]["status"] == "ACTIVE").collect();
+        assert!(active.len() <= 3, "past the cap: {active:?}");
+        if active.len() == 3 {
+            assert_eq!(active, vec![0, 1, 2], "not admitted in issue order");
+            let positions: Vec<Value> = views[3..].iter().map(|v| v["position"].clone()).collect();
+            assert_eq!(positions, (1..=5).map(Value::from).collect::<Vec<_>>());
+            assert!(views[0]["expiresAt"].as_str().expect("expiresAt").ends_with('Z'));
+            assert!(views[0]["position"].is_null());
+            assert!(views[3]["expiresAt"].is_null());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never admitted three: {views:?}");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Their two seconds run out: they are gone, and the next three get in.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let first = send(
+            http.get(format!("{}/api/v1/queue/tokens/me", cluster.url(0)))
+                .insert_header(("Queue-Token", tokens[0].as_str())),
+            None,
+        )
+        .await;
+        let fourth = view(&http, cluster.url(1), &tokens[3]).await;
+        if first.0.as_u16() == 401 && fourth["status"] == "ACTIVE" {
+            assert_problem(&first, 401, "QUEUE_TOKEN_INVALID", None);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the line did not move: {first:?} {fourth}");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sixth = view(&http, cluster.url(2), &tokens[5]).await;
+    assert_eq!(sixth["status"], "ACTIVE");
+    let seventh = view(&http, cluster.url(2), &tokens[6]).await;
+    assert_eq!((seventh["status"].as_str(), seventh["position"].as_u64()), (Some("WAITING"), Some(1)));
+    cluster.shut_down().await;
+}
+
+/// Reads SSE frames from `response` until the stream ends or `within` passes.
+async fn read_events(
+    mut body: awc::ClientResponse<
+        impl futures::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin,
+    >,
+    within: Duration,
+) -> Vec<(String, Value)> {
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(chunk)) => chunk.expect("a chunk"),
+            Ok(None) | Err(_) => break,
+        };
+        buffer.push_str(std::str::from_utf8(&chunk).expect("utf-8"));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let mut name = String::new();
+            let mut data = Value::Null;
+            for line in frame.lines() {
+                if let Some(rest) = line.strip_prefix("event: ") {
+                    name = rest.to_owned();
+                } else if let Some(rest) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(rest).expect("json data");
+                }
+            }
+            if !name.is_empty() {
+                events.push((name, data));
+            }
+        }
+    }
+    events
+}
+
+#[actix_web::test]
+async fn an_event_stream_shows_the_position_falling_then_active_and_ends() {
+    let cluster = Cluster::start_with(2, &options("2", "1")).await.expect("cluster");
+    let http = client();
+    let mut tokens = Vec::new();
+    for i in 0..6 {
+        let user = new_user(&http, cluster.url(i)).await;
+        let issued = send(
+            http.post(format!("{}/api/v1/queue/tokens", cluster.url(i))),
+            Some(&format!(r#"{{"userId": "{user}"}}"#)),
+        )
+        .await;
+        tokens.push(issued.2["token"].as_str().expect("token").to_owned());
+    }
+    let last = tokens.last().expect("six").clone();
+
+    let response = client()
+        .get(format!("{}/api/v1/queue/tokens/me/events", cluster.url(1)))
+        .insert_header(("Queue-Token", last.as_str()))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let events = read_events(response, Duration::from_secs(30)).await;
+
+    assert!(events.iter().all(|(name, _)| name == "status"), "{events:?}");
+    let (_, final_view) = events.last().expect("events");
+    assert_eq!(final_view["status"], "ACTIVE", "{events:?}");
+    let positions: Vec<u64> = events.iter().filter_map(|(_, v)| v["position"].as_u64()).collect();
+    // A view changes with its estimate too, so a position may repeat; it never rises.
+    assert!(positions.windows(2).all(|w| w[0] >= w[1]), "positions only fall: {positions:?}");
+    // Two are let in per second, and it starts behind at least two others: it sees its
+    // place fall at least once before its turn.
+    assert!(positions.first() > positions.last(), "the position was seen falling: {positions:?}");
+    cluster.shut_down().await;
+}
+
+#[actix_web::test]
+async fn bad_queue_requests_are_problems() {
+    let cluster = Cluster::start(1).await.expect("cluster");
+    let http = client();
+    let base = cluster.url(0);
+    let tokens = format!("{base}/api/v1/queue/tokens");
+    for body in [r#"{}"#, r#"{"userId": "nope"}"#, r#"{"userId": 5}"#, r#"{"userId": null}"#, "[]"] {
+        assert_problem(&send(http.post(&tokens), Some(body)).await, 400, "VALIDATION_FAILED", None);
+    }
+    assert_problem(&send(http.post(&tokens), Some("{")).await, 400, "MALFORMED_JSON", None);
+    let stranger = uuid::Uuid::now_v7();
+    assert_problem(
+        &send(http.post(&tokens), Some(&format!(r#"{{"userId": "{stranger}"}}"#))).await,
+        404,
+        "USER_NOT_FOUND",
+        None,
+    );
+    for path in ["/api/v1/queue/tokens/me", "/api/v1/queue/tokens/me/events"] {
+        let url = format!("{base}{path}");
+        assert_problem(&send(http.get(&url), None).await, 401, "QUEUE_TOKEN_INVALID", None);
+        for token in ["nope", "", &uuid::Uuid::now_v7().to_string()] {
+            let answer = send(http.get(&url).insert_header(("Queue-Token", token)), None).await;
+            assert_problem(&answer, 401, "QUEUE_TOKEN_INVALID", None);
+        }
+    }
+    cluster.shut_down().await;
+}
