@@ -37,9 +37,10 @@ fmt: ## Format the code
 build: ## Build everything
 	$(CARGO) build --workspace --all-targets --locked
 
-bench: services ## Measure charges under lock contention (release build); writes docs/report/
+bench: services ## Measure lock contention and the waiting queue (release build); writes docs/report/
 	$(CARGO) build --release --workspace --bins --locked
 	./target/release/bench-points
+	./target/release/bench-queue
 
 services: ## Make sure MariaDB and Redis answer on 127.0.0.1 (start them if not)
 	./deploy/local-services.sh

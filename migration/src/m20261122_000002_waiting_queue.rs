@@ -8,7 +8,7 @@
 //!   instance agrees on what has expired.
 //! - `queue_admission` has one row, locked `FOR UPDATE` by each admission step: steps of
 //!   all instances run one at a time, so the cap holds and a `rate` batch is admitted once
-//!   per interval.
+//!   per interval (`last_batch_ms`: when the last one was).
 
 use sea_orm_migration::prelude::*;
 
@@ -34,11 +34,11 @@ const UP: &[&str] = &[
     ) ENGINE = InnoDB",
     r"CREATE TABLE queue_admission (
         id TINYINT NOT NULL,
-        last_slot BIGINT NOT NULL,
+        last_batch_ms BIGINT NOT NULL,
         rate DOUBLE NOT NULL,
         PRIMARY KEY (id)
     ) ENGINE = InnoDB",
-    r"INSERT INTO queue_admission (id, last_slot, rate) VALUES (1, -1, 0)",
+    r"INSERT INTO queue_admission (id, last_batch_ms, rate) VALUES (1, 0, 0)",
     r"CREATE TABLE queue_admission_log (
         id BIGINT NOT NULL AUTO_INCREMENT,
         at_ms BIGINT NOT NULL,

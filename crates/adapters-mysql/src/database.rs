@@ -14,7 +14,8 @@ const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
 /// The default bound on one statement and on one row-lock wait.
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects a pool of up to `max_connections` to `url`. Every connection of the pool has
+/// Connects a pool of up to `max_connections` to `url`. Every connection works in UTC
+/// (`time_zone = '+00:00'`: no daylight-saving hour repeats in `NOW()`), and has
 /// the database cut a statement that runs longer than `statement_timeout` and a row-lock
 /// wait longer than it (rounded up to whole seconds, InnoDB's unit), so a hung query fails
 /// (`SERVICE_UNAVAILABLE`) instead of holding a lock and a connection.
@@ -46,7 +47,7 @@ pub async fn connect(
                     format!("max_execution_time = {statement_ms}")
                 };
                 conn.execute_unprepared(&format!(
-                    "SET SESSION innodb_lock_wait_timeout = {lock_wait_seconds}, {statement_limit}"
+                    "SET SESSION time_zone = '+00:00', innodb_lock_wait_timeout = {lock_wait_seconds}, {statement_limit}"
                 ))
                 .await
                 .map(|_| ())

@@ -36,7 +36,8 @@ fn from_db_time(at: PrimitiveDateTime) -> OffsetDateTime {
 
 /// MySQL / MariaDB server error numbers that mean "try again": the statement failed and
 /// its transaction is rolled back, but the same request may succeed shortly.
-const RETRYABLE_ERRORS: [(u16, &str); 11] = [
+const RETRYABLE_ERRORS: [(u16, &str); 12] = [
+    (1020, "record changed since the snapshot"), // MariaDB 11.6+ snapshot isolation
     (1205, "lock wait timeout"),
     (1213, "deadlock"),
     (1969, "statement timeout"), // MariaDB max_statement_time

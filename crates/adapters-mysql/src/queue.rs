@@ -19,10 +19,12 @@ use sea_orm::{
 };
 use time::OffsetDateTime;
 
-use crate::{DbContext as _, db_error};
+use crate::{DbContext as _, commit_error, db_error};
 
 /// The most expired or abandoned tokens one step deletes (bounds a step's time).
 const CLEANUP_BATCH: u64 = 1_000;
+/// The most tokens one step admits (the next steps admit the rest).
+const MAX_ADMIT_PER_STEP: u64 = 10_000;
 
 /// Now, on the database's clock, in milliseconds.
 const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000 AS SIGNED)";
@@ -192,14 +194,14 @@ impl WaitingQueue for MySqlQueue {
                 .query_one_raw(Statement::from_string(
                     DbBackend::MySql,
                     format!(
-                        "SELECT last_slot, {NOW_MS} AS now_ms FROM queue_admission WHERE id = 1 FOR UPDATE"
+                        "SELECT last_batch_ms, {NOW_MS} AS now_ms FROM queue_admission WHERE id = 1 FOR UPDATE"
                     ),
                 ))
                 .await
                 .db_context("failed to lock the admission row")?
                 .context("the queue_admission row is missing")?;
             let now: i64 = get(&row, "now_ms")?;
-            let last_slot: i64 = get(&row, "last_slot")?;
+            let last_batch_ms: i64 = get(&row, "last_batch_ms")?;
             let exec = |sql: String, values: Vec<sea_orm::Value>| {
                 let txn = &txn;
                 async move {
@@ -226,7 +228,10 @@ impl WaitingQueue for MySqlQueue {
                     let row = txn
                         .query_one_raw(Statement::from_sql_and_values(
                             DbBackend::MySql,
-                            "SELECT COUNT(*) AS n FROM queue_tokens WHERE status = ?",
+                            // A locking read: every read of this step sees the rows as
+                            // they are now, not a snapshot (MariaDB 11.6+ refuses an
+                            // update of rows changed after a snapshot the step took).
+                            "SELECT COUNT(*) AS n FROM queue_tokens WHERE status = ? LOCK IN SHARE MODE",
                             [status.into()],
                         ))
                         .await
@@ -240,21 +245,23 @@ impl WaitingQueue for MySqlQueue {
                 AdmitPolicy::MaxActive { max_active } => (max_active, None, config.admit_interval),
                 AdmitPolicy::Rate { batch, interval, max_active } => (max_active, Some(batch), interval),
             };
-            let mut room = max_active.saturating_sub(active);
-            let slot = now / millis(interval).max(1);
+            let mut room = max_active.saturating_sub(active).min(MAX_ADMIT_PER_STEP);
+            // One `rate` batch per interval, whichever instance comes first.
+            let batch_due = now >= last_batch_ms.saturating_add(millis(interval));
             if let Some(batch) = batch {
-                if slot <= last_slot {
-                    room = 0;
-                } else {
-                    room = room.min(batch);
-                }
+                room = if batch_due { room.min(batch) } else { 0 };
             }
             let admitted = if room > 0 {
                 exec(
+                    // Skips abandoned tokens that the cleanup above has not reached yet.
                     "UPDATE queue_tokens SET status = 'ACTIVE', expires_ms = ? \
-                     WHERE status = 'WAITING' ORDER BY seq LIMIT ?"
+                     WHERE status = 'WAITING' AND seen_ms >= ? ORDER BY seq LIMIT ?"
                         .to_owned(),
-                    vec![(now + millis(config.active_lifetime)).into(), room.into()],
+                    vec![
+                        (now + millis(config.active_lifetime)).into(),
+                        (now - self.idle_ms()).into(),
+                        room.into(),
+                    ],
                 )
                 .await?
                 .rows_affected()
@@ -268,29 +275,38 @@ impl WaitingQueue for MySqlQueue {
                 )
                 .await?;
             }
-            // Under the rate policy a new interval is used up once a step has run in it.
-            let new_slot = if batch.is_some() && slot > last_slot { slot } else { last_slot };
+            let new_batch_ms = if batch.is_some() && batch_due { now } else { last_batch_ms };
             let window_start = now - millis(config.rate_window);
             exec("DELETE FROM queue_admission_log WHERE at_ms < ?".to_owned(), vec![window_start.into()])
                 .await?;
             let log = txn
                 .query_one_raw(Statement::from_sql_and_values(
                     DbBackend::MySql,
-                    "SELECT CAST(COALESCE(SUM(admitted), 0) AS SIGNED) AS n, MIN(at_ms) AS oldest \
-                     FROM queue_admission_log WHERE at_ms >= ?",
-                    [window_start.into()],
+                    "SELECT CAST(COALESCE(SUM(admitted), 0) AS SIGNED) AS n, COUNT(*) AS steps, MIN(at_ms) AS oldest, \
+                       CAST(COALESCE((SELECT admitted FROM queue_admission_log WHERE at_ms >= ? ORDER BY at_ms LIMIT 1), 0) AS SIGNED) AS oldest_n \
+                     FROM queue_admission_log WHERE at_ms >= ? LOCK IN SHARE MODE",
+                    [window_start.into(), window_start.into()],
                 ))
                 .await
                 .db_context("failed to read the admission log")?
                 .context("the admission log answered no row")?;
             let recent: i64 = get(&log, "n")?;
+            let steps: i64 = get(&log, "steps")?;
             let oldest = log.try_get::<Option<i64>>("", "oldest")?.unwrap_or(now);
-            let span_ms = (now - oldest).max(millis(interval).max(1));
+            let oldest_n: i64 = get(&log, "oldest_n")?;
+            // As the Redis adapter: what was admitted after the oldest step, over the time
+            // since it; a single step over at least one interval.
             #[allow(clippy::cast_precision_loss, reason = "counts and spans far below 2^52")]
-            let rate = recent as f64 * 1_000.0 / span_ms as f64;
+            let rate = if steps >= 2 && now > oldest {
+                (recent - oldest_n) as f64 * 1_000.0 / (now - oldest) as f64
+            } else if steps == 1 {
+                recent as f64 * 1_000.0 / (now - oldest).max(millis(interval).max(1)) as f64
+            } else {
+                0.0
+            };
             exec(
-                "UPDATE queue_admission SET last_slot = ?, rate = ? WHERE id = 1".to_owned(),
-                vec![new_slot.into(), rate.into()],
+                "UPDATE queue_admission SET last_batch_ms = ?, rate = ? WHERE id = 1".to_owned(),
+                vec![new_batch_ms.into(), rate.into()],
             )
             .await?;
             let waiting = count("WAITING").await?;
@@ -298,7 +314,7 @@ impl WaitingQueue for MySqlQueue {
             anyhow::Ok(Admission { admitted, active, waiting })
         };
         let admission = step.await?;
-        txn.commit().await.db_context("failed to commit an admission step")?;
+        txn.commit().await.map_err(|e| commit_error(e, "failed to commit an admission step"))?;
         Ok(admission)
     }
 

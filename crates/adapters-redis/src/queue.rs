@@ -11,7 +11,7 @@
 //! | `{q}:active` | sorted set | active tokens, scored by expiry |
 //! | `{q}:tokens` | hash | token -> `status|user|seq|issued|expires` |
 //! | `{q}:users` | hash | user -> live token (idempotent re-issue) |
-//! | `{q}:slot` | string | the last admission interval that admitted (`rate` policy) |
+//! | `{q}:slot` | string | when the last `rate` batch was admitted (ms) |
 //! | `{q}:log` | list | `time:count` of recent admissions |
 //! | `{q}:rate` | string | admissions per second over the recent window, as of the last step |
 //!
@@ -33,6 +33,9 @@ use time::OffsetDateTime;
 
 /// The most expired or abandoned tokens one step cleans up (bounds a step's time).
 const CLEANUP_BATCH: u32 = 1_000;
+/// The most tokens one step admits: a script blocks Redis while it runs, so a step stays
+/// short even when a huge cap frees up at once (the next steps admit the rest).
+pub const MAX_ADMIT_PER_STEP: u64 = 10_000;
 
 const PRELUDE: &str = r"
 local K = KEYS
@@ -105,7 +108,7 @@ return out
 
 const ADMIT_LUA: &str = r"
 -- ARGV: idle ms, max active, batch (0: max-active policy), interval ms, lifetime ms,
---       rate window ms, cleanup batch
+--       rate window ms, cleanup batch, most admitted per step
 local now = now_ms()
 local idle, max_active, batch = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local interval, lifetime, window = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -122,22 +125,29 @@ for _, t in ipairs(redis.call('ZRANGEBYSCORE', K[3], '-inf', '(' .. (now - idle)
   if rec then local _; _, u = parse(rec) end
   forget(t, u)
 end
-local room = max_active - redis.call('ZCARD', K[4])
+local room = math.min(max_active - redis.call('ZCARD', K[4]), tonumber(ARGV[8]))
 if batch > 0 then
-  local slot = math.floor(now / interval)
-  local last = tonumber(redis.call('GET', K[7]) or '-1')
-  if slot <= last then
+  -- One batch per interval, whichever instance comes first: a batch is due once an
+  -- interval has passed since the last one.
+  local last = tonumber(redis.call('GET', K[7]) or '0')
+  if now < last + interval then
     room = 0
   else
-    redis.call('SET', K[7], slot)
+    redis.call('SET', K[7], now)
     room = math.min(room, batch)
   end
 end
 local admitted = 0
 if room > 0 then
+  local stale = now - idle
   for _, t in ipairs(redis.call('ZRANGE', K[2], 0, room - 1)) do
     local rec = redis.call('HGET', K[5], t)
-    if rec then
+    local seen = tonumber(redis.call('ZSCORE', K[3], t) or '0')
+    if rec and seen < stale then
+      -- Abandoned, and not cleaned up yet (more than a batch went idle at once).
+      local _, u = parse(rec)
+      forget(t, u)
+    elseif rec then
       local _, u, q, i = parse(rec)
       redis.call('ZREM', K[2], t)
       redis.call('ZREM', K[3], t)
@@ -153,19 +163,26 @@ if admitted > 0 then
   redis.call('LPUSH', K[8], now .. ':' .. admitted)
   redis.call('LTRIM', K[8], 0, 255)
 end
--- The rate over the window: admissions in it, over the span they cover (at least one
--- interval, so a single early step does not look infinitely fast).
-local sum, oldest = 0, now
+-- The rate over the window: what was admitted after the oldest step in it, over the time
+-- since that step (its own admissions happened at its start); a single step counts over
+-- at least one interval, so it does not look infinitely fast.
+local sum, oldest, oldest_n, steps = 0, now, 0, 0
 for _, e in ipairs(redis.call('LRANGE', K[8], 0, -1)) do
   local ts, n = string.match(e, '^(%d+):(%d+)$')
-  ts = tonumber(ts)
+  ts, n = tonumber(ts), tonumber(n)
   if ts >= now - window then
-    sum = sum + tonumber(n)
-    if ts < oldest then oldest = ts end
+    sum = sum + n
+    steps = steps + 1
+    if ts <= oldest then oldest, oldest_n = ts, n end
   end
 end
-local span = math.max(now - oldest, interval)
-redis.call('SET', K[9], string.format('%.6f', sum * 1000 / span))
+local rate = 0
+if steps >= 2 and now > oldest then
+  rate = (sum - oldest_n) * 1000 / (now - oldest)
+elseif steps == 1 then
+  rate = sum * 1000 / math.max(now - oldest, interval)
+end
+redis.call('SET', K[9], string.format('%.6f', rate))
 return {admitted, redis.call('ZCARD', K[4]), redis.call('ZCARD', K[2])}
 ";
 
@@ -284,10 +301,10 @@ impl WaitingQueue for RedisQueue {
         args.push(self.idle_ms());
         args.extend(tokens.iter().map(ToString::to_string));
         let reply = self.run(&self.states, args).await?;
-        let mut states: Vec<Option<TokenState>> =
+        let states: Vec<Option<TokenState>> =
             reply.into_array().into_iter().map(token_state).collect::<anyhow::Result<_>>()?;
-        // Trailing nils may be dropped by the Lua-to-Redis conversion of a table.
-        states.resize(tokens.len(), None);
+        // `describe` answers `false` (a nil element), never nothing: one answer per token.
+        anyhow::ensure!(states.len() == tokens.len(), "{} states for {} tokens", states.len(), tokens.len());
         Ok(states)
     }
 
@@ -308,6 +325,7 @@ impl WaitingQueue for RedisQueue {
                     millis(self.options.active_lifetime).to_string(),
                     millis(self.options.rate_window).to_string(),
                     CLEANUP_BATCH.to_string(),
+                    MAX_ADMIT_PER_STEP.to_string(),
                 ],
             )
             .await?;

@@ -100,9 +100,9 @@ async fn refresh(reader: &QueueReader, subscribers: &Subscribers) {
         let views = match reader.views(chunk.to_vec()).await {
             Ok(views) => views,
             Err(error) => {
-                // The streams stay open; the next tick tries again.
+                // These streams stay open; the next tick tries them again.
                 tracing::warn!(error = format!("{error:#}"), "queue event refresh failed");
-                return;
+                continue;
             }
         };
         let mut map = subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

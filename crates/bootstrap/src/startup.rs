@@ -197,7 +197,9 @@ impl Application {
                 }
             }
         });
-        let admission = tokio::spawn(admit_forever(queue, settings.queue.admit_interval));
+        // Twice per interval: with one instance, a step landing just before an interval's
+        // end would otherwise skip the next; the step itself keeps the rate exact.
+        let admission = tokio::spawn(admit_forever(queue, settings.queue.admit_interval / 2));
         tracing::info!("listening on http://{address}");
         Ok(Self { port: address.port(), server, db, redis, lock, upkeep, purge, admission, events })
     }

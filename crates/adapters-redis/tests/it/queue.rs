@@ -1,5 +1,5 @@
 //! The queue contract suite on the Redis adapter: each test on a queue of its own (a
-//! unique hash tag), removed afterwards.
+//! unique hash tag; the few keys left are small).
 
 use std::sync::Arc;
 
