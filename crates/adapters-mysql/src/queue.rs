@@ -24,7 +24,7 @@ use crate::{DbContext as _, commit_error, db_error};
 /// The most expired or abandoned tokens one step deletes (bounds a step's time).
 const CLEANUP_BATCH: u64 = 1_000;
 /// The most tokens one step admits (the next steps admit the rest).
-const MAX_ADMIT_PER_STEP: u64 = 10_000;
+const MAX_ADMIT_PER_STEP: u64 = 5_000;
 
 /// Now, on the database's clock, in milliseconds.
 const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000 AS SIGNED)";
