@@ -25,7 +25,7 @@ use crate::routes::{health, points, queue, users};
         health::live,
         health::ready,
     ),
-    components(schemas(Problem)),
+    components(schemas(Problem, queue::QueueEvent)),
     tags(
         (name = "users", description = "Registration"),
         (name = "points", description = "Prepaid points: balance, charge, history"),

@@ -70,6 +70,21 @@ impl From<&TokenView> for TokenViewResponse {
     }
 }
 
+/// One Server-Sent Event of `GET /api/v1/queue/tokens/me/events` (as an SSE client reads
+/// it: an event name and its data line). Documents the stream; never serialised itself.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueEvent {
+    /// `status`: `data` is a token view (the JSON of `TokenViewResponse`); `expired`: the
+    /// token is no longer live, `data` is `{}`, and the stream ends.
+    #[schema(pattern = "^(status|expired)$", example = "status")]
+    pub event: String,
+    /// JSON text: a token view for `status`, `{}` for `expired`.
+    #[schema(
+        example = r#"{"token":"01a2...","userId":"01a2...","status":"WAITING","position":17,"estimatedWaitSeconds":42,"expiresAt":null}"#
+    )]
+    pub data: String,
+}
+
 /// The request's `Queue-Token`: exactly one, a UUID; anything else is 401.
 ///
 /// # Errors
@@ -187,7 +202,7 @@ pub async fn my_token(state: web::Data<AppState>, req: HttpRequest) -> Result<Ht
     tag = "queue",
     params(("Queue-Token" = uuid::Uuid, Header, description = "The queue token")),
     responses(
-        (status = 200, description = "`text/event-stream`: `event: status` with a token view as `data`, each time it changes; `event: expired` when the token is gone", body = String, content_type = "text/event-stream"),
+        (status = 200, description = "`text/event-stream`: `event: status` with a token view as `data`, each time it changes; `event: expired` when the token is gone. The schema is that of one event.", body = QueueEvent, content_type = "text/event-stream"),
         (status = 401, description = "QUEUE_TOKEN_INVALID: missing, malformed, unknown or expired", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "SERVICE_UNAVAILABLE: the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
     )
