@@ -233,3 +233,52 @@ async fn bad_queue_requests_are_problems() {
     }
     cluster.shut_down().await;
 }
+
+#[actix_web::test]
+async fn open_event_streams_end_when_the_instance_stops_instead_of_holding_the_shutdown() {
+    let mut options = options("1", "600");
+    options.env.push(("SHUTDOWN_GRACE_SECONDS".into(), "30".into()));
+    let cluster = Cluster::start_with(1, &options).await.expect("cluster");
+    let http = client();
+    let base = cluster.url(0).to_owned();
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let user = new_user(&http, &base).await;
+        let issued = send(
+            http.post(format!("{base}/api/v1/queue/tokens")),
+            Some(&format!(r#"{{"userId": "{user}"}}"#)),
+        )
+        .await;
+        tokens.push(issued.2["token"].as_str().expect("token").to_owned());
+    }
+    // One is let in; the other two wait, their streams open.
+    let mut streams = Vec::new();
+    for token in &tokens[1..] {
+        let response = client()
+            .get(format!("{base}/api/v1/queue/tokens/me/events"))
+            .insert_header(("Queue-Token", token.as_str()))
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .expect("stream");
+        assert_eq!(response.status().as_u16(), 200);
+        streams.push(response);
+    }
+    let readers: Vec<_> =
+        streams.into_iter().map(|s| actix_web::rt::spawn(read_events(s, Duration::from_secs(40)))).collect();
+
+    let stopping = Instant::now();
+    cluster.instances[0]
+        .terminate_and_wait(Duration::from_secs(15))
+        .expect("stopped without waiting out the grace");
+
+    assert!(stopping.elapsed() < Duration::from_secs(15));
+    for reader in readers {
+        let events = reader.await.expect("read");
+        assert!(
+            events.iter().all(|(name, view)| name == "status" && view["status"] == "WAITING"),
+            "{events:?}"
+        );
+    }
+    cluster.shut_down().await;
+}

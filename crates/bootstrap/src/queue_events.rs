@@ -26,6 +26,9 @@ pub enum StreamState {
     View(TokenView),
     /// The token is no longer live (expired, ended, abandoned): the stream ends.
     Gone,
+    /// This instance is stopping: the stream ends, and the client reconnects (to another
+    /// instance behind the load balancer) with its token, place kept.
+    Closing,
 }
 
 type Subscribers = Arc<Mutex<HashMap<QueueTokenId, watch::Sender<StreamState>>>>;
@@ -34,6 +37,8 @@ type Subscribers = Arc<Mutex<HashMap<QueueTokenId, watch::Sender<StreamState>>>>
 #[derive(Clone)]
 pub struct QueueEvents {
     subscribers: Subscribers,
+    /// Set once the instance is stopping: new streams end at once.
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for QueueEvents {
@@ -46,7 +51,7 @@ impl QueueEvents {
     /// Starts the fan-out task: every `tick`, refresh every subscribed token.
     #[must_use]
     pub fn start(reader: QueueReader, tick: Duration) -> (Self, JoinHandle<()>) {
-        let events = Self { subscribers: Arc::default() };
+        let events = Self { subscribers: Arc::default(), closing: Arc::default() };
         let subscribers = Arc::clone(&events.subscribers);
         let task = tokio::spawn(async move {
             let mut every = tokio::time::interval(tick);
@@ -59,9 +64,26 @@ impl QueueEvents {
         (events, task)
     }
 
+    /// Ends every open stream (each gets [`StreamState::Closing`]) and every one opened from
+    /// now on: called when the instance starts stopping, so that open streams do not hold
+    /// the graceful shutdown for its whole grace period.
+    pub fn close_all(&self) {
+        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for sender in subscribers.values() {
+            sender.send_replace(StreamState::Closing);
+        }
+        subscribers.clear();
+    }
+
     /// Follows `token`, starting from `first` (the view the handler just read).
     #[must_use]
     pub fn subscribe(&self, token: QueueTokenId, first: TokenView) -> watch::Receiver<StreamState> {
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            let (sender, receiver) = watch::channel(StreamState::Closing);
+            sender.send_replace(StreamState::Closing);
+            return receiver;
+        }
         let mut subscribers = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let receiver = match subscribers.get(&token) {
             Some(sender) if !sender.is_closed() => sender.subscribe(),

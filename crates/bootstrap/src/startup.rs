@@ -51,6 +51,7 @@ pub struct Application {
     purge: JoinHandle<()>,
     admission: JoinHandle<()>,
     events: JoinHandle<()>,
+    queue_events: QueueEvents,
 }
 
 impl std::fmt::Debug for Application {
@@ -142,7 +143,7 @@ impl Application {
             point_history: PointHistory::new(users.clone(), points),
             issue_token: IssueToken::new(users, Arc::clone(&queue)),
             queue_reader,
-            queue_events,
+            queue_events: queue_events.clone(),
             readiness: Readiness { db: db.clone(), redis: redis.clone() },
             metrics: metrics.clone(),
         });
@@ -172,6 +173,9 @@ impl Application {
         })
         .listen(listener)?
         .shutdown_timeout(settings.shutdown_grace_seconds)
+        // SIGTERM and SIGINT are handled in `run_until_stopped`, which ends the event
+        // streams before the graceful stop starts waiting for in-flight requests.
+        .disable_signals()
         .run();
 
         // The recorder keeps histograms until told to drain them.
@@ -201,7 +205,18 @@ impl Application {
         // end would otherwise skip the next; the step itself keeps the rate exact.
         let admission = tokio::spawn(admit_forever(queue, settings.queue.admit_interval / 2));
         tracing::info!("listening on http://{address}");
-        Ok(Self { port: address.port(), server, db, redis, lock, upkeep, purge, admission, events })
+        Ok(Self {
+            port: address.port(),
+            server,
+            db,
+            redis,
+            lock,
+            upkeep,
+            purge,
+            admission,
+            events,
+            queue_events,
+        })
     }
 
     /// The port actually bound (useful with `HTTP_ADDR=...:0`).
@@ -218,7 +233,16 @@ impl Application {
     /// # Errors
     /// When the server fails.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let queue_events = self.queue_events.clone();
+        let stopper = tokio::spawn(async move {
+            stop_signal().await;
+            tracing::info!("stopping: ending event streams, then letting requests finish");
+            queue_events.close_all();
+            handle.stop(true).await;
+        });
         let served = self.server.await;
+        stopper.abort();
         self.upkeep.abort();
         self.purge.abort();
         self.admission.abort();
@@ -260,5 +284,29 @@ async fn admit_forever(queue: Arc<dyn WaitingQueue>, interval: Duration) {
             }
             Err(error) => tracing::warn!(error = format!("{error:#}"), "queue admission step failed"),
         }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                tracing::warn!("cannot listen for SIGTERM; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -192,7 +192,9 @@ pub async fn my_token(state: web::Data<AppState>, req: HttpRequest) -> Result<Ht
 ///
 /// An `event: status` with the token's view now, then each time it changes (position,
 /// estimate, admission), with a comment line every 15 s in between. The stream ends after
-/// the ACTIVE view, or with an `event: expired` when the token is no longer live.
+/// the ACTIVE view, or with an `event: expired` when the token is no longer live. When the
+/// instance stops, the stream ends with a `retry` hint: reconnect with the same token
+/// (the place in line is kept).
 ///
 /// # Errors
 /// 401 when the `Queue-Token` is missing, malformed, unknown or expired.
@@ -266,6 +268,11 @@ fn event(state: &StreamState, done: &mut bool) -> Bytes {
         StreamState::Gone => {
             *done = true;
             Bytes::from_static(b"event: expired\ndata: {}\n\n")
+        }
+        StreamState::Closing => {
+            // No event: a comment, and a reconnection delay for the client's EventSource.
+            *done = true;
+            Bytes::from_static(b": this instance is stopping; reconnect\nretry: 1000\n\n")
         }
     }
 }
