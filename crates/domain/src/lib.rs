@@ -7,11 +7,14 @@
 //! negative and never above [`point::MAX_BALANCE`].
 //!
 //! - [`user`]: users and their repository port.
+//! - [`booking`]: concerts, schedules, seats and the reservation state machine (the
+//!   booking routes build on it).
 //! - [`point`]: point accounts, history entries and their repository port.
 //! - [`queue`]: waiting-queue tokens, their states and the admission policies.
 //! - [`unit_of_work`]: the handle of a live transaction that repository ports write through.
 //! - [`unavailable`]: the marker of a storage failure the caller may retry (answered 503).
 
+pub mod booking;
 pub mod point;
 pub mod queue;
 pub mod unavailable;

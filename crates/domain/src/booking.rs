@@ -1,0 +1,362 @@
+//! Concerts, their schedules (dates) and seats, and the reservation state machine.
+//!
+//! A schedule has 50 seats, numbered 1..=50, and a booking window. A seat is held by at
+//! most one live reservation at a time; a hold lasts a few minutes and then counts as
+//! expired whether or not a job has cleaned it up yet. A reservation moves only forward:
+//!
+//! ```text
+//! HELD --confirm (paid in time)--> CONFIRMED
+//!  |---cancel (by its user)-----> CANCELLED
+//!  `---expire (hold ran out)----> EXPIRED
+//! ```
+
+use std::fmt;
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Declares a UUID id newtype: v7 when made here, any UUID when read back.
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// A fresh, time-ordered id.
+            #[must_use]
+            pub fn generate() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            #[must_use]
+            pub const fn from_uuid(id: Uuid) -> Self {
+                Self(id)
+            }
+
+            #[must_use]
+            pub const fn as_uuid(&self) -> &Uuid {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// A concert's id.
+    ConcertId
+);
+uuid_id!(
+    /// A schedule's (a concert date's) id.
+    ScheduleId
+);
+uuid_id!(
+    /// A reservation's id.
+    ReservationId
+);
+
+/// Seats per schedule.
+pub const SEATS_PER_SCHEDULE: u8 = 50;
+
+/// A seat number: 1..=50.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeatNumber(u8);
+
+impl SeatNumber {
+    /// # Errors
+    /// [`BookingError::SeatOutOfRange`] outside 1..=50 (any integer a client may send).
+    pub fn new(number: i64) -> Result<Self, BookingError> {
+        u8::try_from(number)
+            .ok()
+            .filter(|n| (1..=SEATS_PER_SCHEDULE).contains(n))
+            .map(Self)
+            .ok_or(BookingError::SeatOutOfRange { number })
+    }
+
+    #[must_use]
+    pub const fn get(self) -> u8 {
+        self.0
+    }
+
+    /// Every seat of a schedule, ascending.
+    pub fn all() -> impl Iterator<Item = Self> {
+        (1..=SEATS_PER_SCHEDULE).map(Self)
+    }
+}
+
+impl fmt::Display for SeatNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A seat's price in points: 0..=10,000,000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Price(i64);
+
+impl Price {
+    pub const MAX: i64 = 10_000_000;
+
+    /// # Errors
+    /// [`BookingError::PriceOutOfRange`].
+    pub const fn new(points: i64) -> Result<Self, BookingError> {
+        if points < 0 || points > Self::MAX {
+            return Err(BookingError::PriceOutOfRange { points });
+        }
+        Ok(Self(points))
+    }
+
+    #[must_use]
+    pub const fn points(self) -> i64 {
+        self.0
+    }
+}
+
+/// When a schedule can be booked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BookingWindow {
+    opens_at: OffsetDateTime,
+    closes_at: OffsetDateTime,
+}
+
+impl BookingWindow {
+    /// A window that opens before it closes, and closes no later than the show starts.
+    ///
+    /// # Errors
+    /// [`BookingError::InvalidWindow`].
+    pub fn new(
+        opens_at: OffsetDateTime,
+        closes_at: OffsetDateTime,
+        starts_at: OffsetDateTime,
+    ) -> Result<Self, BookingError> {
+        if opens_at >= closes_at || closes_at > starts_at {
+            return Err(BookingError::InvalidWindow);
+        }
+        Ok(Self { opens_at, closes_at })
+    }
+
+    /// Whether booking is open at `now` (opening instant included, closing excluded).
+    #[must_use]
+    pub fn is_open(&self, now: OffsetDateTime) -> bool {
+        self.opens_at <= now && now < self.closes_at
+    }
+
+    #[must_use]
+    pub const fn opens_at(&self) -> OffsetDateTime {
+        self.opens_at
+    }
+
+    #[must_use]
+    pub const fn closes_at(&self) -> OffsetDateTime {
+        self.closes_at
+    }
+}
+
+/// Where a reservation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReservationStatus {
+    Held,
+    Confirmed,
+    Expired,
+    Cancelled,
+}
+
+impl ReservationStatus {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Held => "HELD",
+            Self::Confirmed => "CONFIRMED",
+            Self::Expired => "EXPIRED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// Reads a stored status.
+    #[must_use]
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "HELD" => Some(Self::Held),
+            "CONFIRMED" => Some(Self::Confirmed),
+            "EXPIRED" => Some(Self::Expired),
+            "CANCELLED" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+
+    /// HELD -> CONFIRMED, while the hold lasts (`now` before `held_until`).
+    ///
+    /// # Errors
+    /// [`BookingError::HoldExpired`] once the hold ran out; [`BookingError::NotHeld`] from
+    /// any other state.
+    pub fn confirm(self, held_until: OffsetDateTime, now: OffsetDateTime) -> Result<Self, BookingError> {
+        match self {
+            Self::Held if now < held_until => Ok(Self::Confirmed),
+            Self::Held => Err(BookingError::HoldExpired),
+            other => Err(BookingError::NotHeld { status: other }),
+        }
+    }
+
+    /// HELD -> CANCELLED (by the user who holds it; a hold that ran out may still be
+    /// cancelled: the seat is free either way, and the answer is the same).
+    ///
+    /// # Errors
+    /// [`BookingError::NotHeld`] from any other state.
+    pub fn cancel(self) -> Result<Self, BookingError> {
+        match self {
+            Self::Held => Ok(Self::Cancelled),
+            other => Err(BookingError::NotHeld { status: other }),
+        }
+    }
+
+    /// HELD -> EXPIRED, once the hold ran out (`now` at or past `held_until`).
+    ///
+    /// # Errors
+    /// [`BookingError::HoldStillLive`] before that; [`BookingError::NotHeld`] from any
+    /// other state.
+    pub fn expire(self, held_until: OffsetDateTime, now: OffsetDateTime) -> Result<Self, BookingError> {
+        match self {
+            Self::Held if now >= held_until => Ok(Self::Expired),
+            Self::Held => Err(BookingError::HoldStillLive),
+            other => Err(BookingError::NotHeld { status: other }),
+        }
+    }
+}
+
+/// What a seat shows on the seat map at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeatStatus {
+    Available,
+    Held,
+    Sold,
+}
+
+impl SeatStatus {
+    /// A seat's status from its live reservation, if any: a hold that ran out shows
+    /// AVAILABLE at once, whether or not the expiry job has run.
+    #[must_use]
+    pub fn of(reservation: Option<(ReservationStatus, OffsetDateTime)>, now: OffsetDateTime) -> Self {
+        match reservation {
+            Some((ReservationStatus::Confirmed, _)) => Self::Sold,
+            Some((ReservationStatus::Held, held_until)) if now < held_until => Self::Held,
+            _ => Self::Available,
+        }
+    }
+
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Available => "AVAILABLE",
+            Self::Held => "HELD",
+            Self::Sold => "SOLD",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BookingError {
+    #[error("seat number must be between 1 and {SEATS_PER_SCHEDULE}, got {number}")]
+    SeatOutOfRange { number: i64 },
+    #[error("price must be between 0 and {}, got {points}", Price::MAX)]
+    PriceOutOfRange { points: i64 },
+    #[error("a booking window must open before it closes, and close no later than the show starts")]
+    InvalidWindow,
+    #[error("the reservation is {}, not HELD", status.as_str())]
+    NotHeld { status: ReservationStatus },
+    #[error("the hold has run out")]
+    HoldExpired,
+    #[error("the hold has not run out yet")]
+    HoldStillLive,
+}
+
+#[cfg(test)]
+mod tests {
+    use time::Duration;
+    use time::macros::datetime;
+
+    use super::*;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
+
+    #[test]
+    fn seat_numbers_are_one_to_fifty() {
+        assert_eq!(SeatNumber::new(1).map(SeatNumber::get), Ok(1));
+        assert_eq!(SeatNumber::new(50).map(SeatNumber::get), Ok(50));
+        for bad in [0, 51, -5, 1 << 40, i64::MIN, 256 + 1] {
+            assert_eq!(SeatNumber::new(bad), Err(BookingError::SeatOutOfRange { number: bad }));
+        }
+        assert_eq!(SeatNumber::all().count(), 50);
+    }
+
+    #[test]
+    fn prices_are_never_negative_nor_above_the_ceiling() {
+        assert!(Price::new(0).is_ok() && Price::new(Price::MAX).is_ok());
+        assert!(Price::new(-1).is_err() && Price::new(Price::MAX + 1).is_err());
+    }
+
+    #[test]
+    fn a_window_opens_before_it_closes_and_closes_by_the_show() {
+        let show = NOW + Duration::days(10);
+        let window = BookingWindow::new(NOW, NOW + Duration::days(9), show).unwrap();
+        assert!(window.is_open(NOW) && window.is_open(NOW + Duration::days(8)));
+        assert!(!window.is_open(NOW - Duration::seconds(1)) && !window.is_open(NOW + Duration::days(9)));
+        assert_eq!(BookingWindow::new(NOW, NOW, show), Err(BookingError::InvalidWindow));
+        assert_eq!(
+            BookingWindow::new(NOW, show + Duration::hours(1), show),
+            Err(BookingError::InvalidWindow)
+        );
+    }
+
+    #[test]
+    fn a_hold_is_confirmed_only_while_it_lasts() {
+        let until = NOW + Duration::minutes(5);
+        assert_eq!(ReservationStatus::Held.confirm(until, NOW), Ok(ReservationStatus::Confirmed));
+        assert_eq!(ReservationStatus::Held.confirm(until, until), Err(BookingError::HoldExpired));
+        for settled in
+            [ReservationStatus::Confirmed, ReservationStatus::Expired, ReservationStatus::Cancelled]
+        {
+            assert_eq!(settled.confirm(until, NOW), Err(BookingError::NotHeld { status: settled }));
+        }
+    }
+
+    #[test]
+    fn only_a_hold_is_cancelled_and_only_a_run_out_hold_expires() {
+        let until = NOW + Duration::minutes(5);
+        assert_eq!(ReservationStatus::Held.cancel(), Ok(ReservationStatus::Cancelled));
+        assert_eq!(
+            ReservationStatus::Confirmed.cancel(),
+            Err(BookingError::NotHeld { status: ReservationStatus::Confirmed })
+        );
+        assert_eq!(ReservationStatus::Held.expire(until, until), Ok(ReservationStatus::Expired));
+        assert_eq!(ReservationStatus::Held.expire(until, NOW), Err(BookingError::HoldStillLive));
+        assert_eq!(
+            ReservationStatus::Cancelled.expire(until, until),
+            Err(BookingError::NotHeld { status: ReservationStatus::Cancelled })
+        );
+        for status in [
+            ReservationStatus::Held,
+            ReservationStatus::Confirmed,
+            ReservationStatus::Expired,
+            ReservationStatus::Cancelled,
+        ] {
+            assert_eq!(ReservationStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(ReservationStatus::parse("held"), None);
+    }
+
+    #[test]
+    fn a_hold_that_ran_out_shows_available_at_once() {
+        let until = NOW + Duration::minutes(5);
+        assert_eq!(SeatStatus::of(None, NOW), SeatStatus::Available);
+        assert_eq!(SeatStatus::of(Some((ReservationStatus::Held, until)), NOW), SeatStatus::Held);
+        assert_eq!(SeatStatus::of(Some((ReservationStatus::Held, until)), until), SeatStatus::Available);
+        assert_eq!(SeatStatus::of(Some((ReservationStatus::Confirmed, until)), until), SeatStatus::Sold);
+        assert_eq!(SeatStatus::of(Some((ReservationStatus::Cancelled, until)), NOW), SeatStatus::Available);
+    }
+}
