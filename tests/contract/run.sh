@@ -33,7 +33,7 @@ work=$(mktemp -d)
 database="contract_$(date +%s)_$$"
 port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:$port"
-DATABASE_URL="$mysql/$database" REDIS_URL="$redis" HTTP_ADDR="127.0.0.1:$port" RUST_LOG=warn QUEUE_NAME="$database" \
+DATABASE_URL="$mysql/$database" REDIS_URL="$redis" HTTP_ADDR="127.0.0.1:$port" RUST_LOG=warn QUEUE_NAME="$database" QUEUE_ACTIVE_SECONDS=86400 \
   "$server" >"$work/server.log" 2>&1 &
 pid=$!
 cleanup() {

@@ -222,32 +222,36 @@ impl WaitingQueue for MySqlQueue {
                 vec![(now - self.idle_ms()).into()],
             )
             .await?;
-            let count = |status: &'static str| {
+            let count = |status: &'static str, locking: bool| {
                 let txn = &txn;
                 async move {
+                    // Before this step's writes, a locking read: it sees the rows as they
+                    // are now, not a snapshot (MariaDB 11.6+ refuses an update of rows
+                    // changed after a snapshot the step took). After them, a plain read:
+                    // nothing is written past it, and it locks nothing.
+                    let sql = if locking {
+                        "SELECT COUNT(*) AS n FROM queue_tokens WHERE status = ? LOCK IN SHARE MODE"
+                    } else {
+                        "SELECT COUNT(*) AS n FROM queue_tokens WHERE status = ?"
+                    };
                     let row = txn
-                        .query_one_raw(Statement::from_sql_and_values(
-                            DbBackend::MySql,
-                            // A locking read: every read of this step sees the rows as
-                            // they are now, not a snapshot (MariaDB 11.6+ refuses an
-                            // update of rows changed after a snapshot the step took).
-                            "SELECT COUNT(*) AS n FROM queue_tokens WHERE status = ? LOCK IN SHARE MODE",
-                            [status.into()],
-                        ))
+                        .query_one_raw(Statement::from_sql_and_values(DbBackend::MySql, sql, [status.into()]))
                         .await
                         .db_context("failed to count queue tokens")?
                         .context("COUNT(*) answered no row")?;
                     anyhow::Ok(u64::try_from(get::<i64>(&row, "n")?).unwrap_or(0))
                 }
             };
-            let active = count("ACTIVE").await?;
+            let active = count("ACTIVE", true).await?;
             let (max_active, batch, interval) = match config.policy {
                 AdmitPolicy::MaxActive { max_active } => (max_active, None, config.admit_interval),
                 AdmitPolicy::Rate { batch, interval, max_active } => (max_active, Some(batch), interval),
             };
             let mut room = max_active.saturating_sub(active).min(MAX_ADMIT_PER_STEP);
-            // One `rate` batch per interval, whichever instance comes first.
-            let batch_due = now >= last_batch_ms.saturating_add(millis(interval));
+            // One `rate` batch per interval, whichever instance comes first; the mark
+            // advances by whole intervals (as on Redis), keeping the cadence.
+            let interval_ms = millis(interval).max(1);
+            let batch_due = now >= last_batch_ms.saturating_add(interval_ms);
             if let Some(batch) = batch {
                 room = if batch_due { room.min(batch) } else { 0 };
             }
@@ -275,42 +279,46 @@ impl WaitingQueue for MySqlQueue {
                 )
                 .await?;
             }
-            let new_batch_ms = if batch.is_some() && batch_due { now } else { last_batch_ms };
+            let new_batch_ms = if batch.is_some() && batch_due {
+                last_batch_ms + interval_ms * ((now - last_batch_ms) / interval_ms)
+            } else {
+                last_batch_ms
+            };
             let window_start = now - millis(config.rate_window);
             exec("DELETE FROM queue_admission_log WHERE at_ms < ?".to_owned(), vec![window_start.into()])
                 .await?;
+            // As the Redis adapter: what was admitted after the oldest step in the window,
+            // over the time since it; a single step over at least one interval.
             let log = txn
-                .query_one_raw(Statement::from_sql_and_values(
+                .query_all_raw(Statement::from_sql_and_values(
                     DbBackend::MySql,
-                    "SELECT CAST(COALESCE(SUM(admitted), 0) AS SIGNED) AS n, COUNT(*) AS steps, MIN(at_ms) AS oldest, \
-                       CAST(COALESCE((SELECT admitted FROM queue_admission_log WHERE at_ms >= ? ORDER BY at_ms LIMIT 1), 0) AS SIGNED) AS oldest_n \
-                     FROM queue_admission_log WHERE at_ms >= ? LOCK IN SHARE MODE",
-                    [window_start.into(), window_start.into()],
+                    "SELECT at_ms, admitted FROM queue_admission_log WHERE at_ms >= ? ORDER BY at_ms \
+                     LOCK IN SHARE MODE",
+                    [window_start.into()],
                 ))
                 .await
-                .db_context("failed to read the admission log")?
-                .context("the admission log answered no row")?;
-            let recent: i64 = get(&log, "n")?;
-            let steps: i64 = get(&log, "steps")?;
-            let oldest = log.try_get::<Option<i64>>("", "oldest")?.unwrap_or(now);
-            let oldest_n: i64 = get(&log, "oldest_n")?;
-            // As the Redis adapter: what was admitted after the oldest step, over the time
-            // since it; a single step over at least one interval.
+                .db_context("failed to read the admission log")?;
+            let steps: Vec<(i64, i64)> = log
+                .iter()
+                .map(|row| Ok((get::<i64>(row, "at_ms")?, i64::from(get::<i32>(row, "admitted")?))))
+                .collect::<anyhow::Result<_>>()?;
+            let sum: i64 = steps.iter().map(|(_, n)| n).sum();
             #[allow(clippy::cast_precision_loss, reason = "counts and spans far below 2^52")]
-            let rate = if steps >= 2 && now > oldest {
-                (recent - oldest_n) as f64 * 1_000.0 / (now - oldest) as f64
-            } else if steps == 1 {
-                recent as f64 * 1_000.0 / (now - oldest).max(millis(interval).max(1)) as f64
-            } else {
-                0.0
+            let rate = match steps.as_slice() {
+                [] => 0.0,
+                [(at, n)] => *n as f64 * 1_000.0 / (now - at).max(interval_ms) as f64,
+                [(oldest, oldest_n), ..] if now > *oldest => {
+                    (sum - oldest_n) as f64 * 1_000.0 / (now - oldest) as f64
+                }
+                _ => 0.0,
             };
             exec(
                 "UPDATE queue_admission SET last_batch_ms = ?, rate = ? WHERE id = 1".to_owned(),
                 vec![new_batch_ms.into(), rate.into()],
             )
             .await?;
-            let waiting = count("WAITING").await?;
-            let active = count("ACTIVE").await?;
+            let waiting = count("WAITING", false).await?;
+            let active = count("ACTIVE", false).await?;
             anyhow::Ok(Admission { admitted, active, waiting })
         };
         let admission = step.await?;

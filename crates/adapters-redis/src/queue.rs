@@ -36,6 +36,9 @@ const CLEANUP_BATCH: u32 = 1_000;
 /// The most tokens one step admits: a script blocks Redis while it runs, so a step stays
 /// short even when a huge cap frees up at once (the next steps admit the rest).
 pub const MAX_ADMIT_PER_STEP: u64 = 5_000;
+// The script unpacks a step's tokens into one command: Lua 5.1 in Redis takes about 8,000
+// values at most.
+const _: () = assert!(MAX_ADMIT_PER_STEP <= 7_000);
 
 const PRELUDE: &str = r"
 local K = KEYS
@@ -129,58 +132,63 @@ for _, t in ipairs(redis.call('ZRANGEBYSCORE', K[3], '-inf', '(' .. (now - idle)
 end
 local room = math.min(max_active - redis.call('ZCARD', K[4]), tonumber(ARGV[8]))
 if batch > 0 then
-  -- One batch per interval, whichever instance comes first: a batch is due once an
-  -- interval has passed since the last one.
+  -- One batch per interval, whichever instance comes first. The mark advances by whole
+  -- intervals, so batches keep their cadence however the steps' timing jitters, and a
+  -- long pause skips intervals instead of piling up batches.
   local last = tonumber(redis.call('GET', K[7]) or '0')
   if now < last + interval then
     room = 0
   else
-    redis.call('SET', K[7], now)
+    redis.call('SET', K[7], last + interval * math.floor((now - last) / interval))
     room = math.min(room, batch)
   end
 end
 -- Admit the head of the line with a handful of variadic commands (not a few per token):
--- a step of 1,000 costs about as much as a step of one, per command.
+-- a step of 1,000 costs about as much as a step of one, per command. Active entries are
+-- written before the tokens leave the line, so a script failing half-way (scripts do not
+-- roll back) cannot lose a token. Abandoned tokens met at the head (more went idle than
+-- the cleanup above removes per step) are dropped, and the batch is topped up from the
+-- line, a few rounds at most.
 local admitted = 0
 local function each_chunk(list, f)
   for i = 1, #list, 1000 do
     f({unpack(list, i, math.min(i + 999, #list))})
   end
 end
-if room > 0 then
-  local head = redis.call('ZRANGE', K[2], 0, room - 1)
-  if #head > 0 then
-    local stale = now - idle
-    local recs = redis.call('HMGET', K[5], unpack(head))
-    local seens = redis.call('ZMSCORE', K[3], unpack(head))
-    redis.call('ZREMRANGEBYRANK', K[2], 0, #head - 1)
-    each_chunk(head, function(chunk) redis.call('ZREM', K[3], unpack(chunk)) end)
-    local expires = now + lifetime
-    local scored, records, gone = {}, {}, {}
-    for n, t in ipairs(head) do
-      local rec, seen = recs[n], tonumber(seens[n] or '0')
-      if rec and seen >= stale then
-        local _, u, q, i = parse(rec)
-        scored[#scored + 1] = expires
-        scored[#scored + 1] = t
-        records[#records + 1] = t
-        records[#records + 1] = 'A|' .. u .. '|' .. q .. '|' .. i .. '|' .. expires
-        admitted = admitted + 1
-      else
-        -- Abandoned and not cleaned up yet (more than a batch went idle at once).
-        gone[#gone + 1] = t
-        if rec then
-          local _, u = parse(rec)
-          if redis.call('HGET', K[6], u) == t then redis.call('HDEL', K[6], u) end
-        end
+local rounds = 0
+while room - admitted > 0 and rounds < 4 do
+  rounds = rounds + 1
+  local head = redis.call('ZRANGE', K[2], 0, room - admitted - 1)
+  if #head == 0 then break end
+  local stale = now - idle
+  local recs = redis.call('HMGET', K[5], unpack(head))
+  local seens = redis.call('ZMSCORE', K[3], unpack(head))
+  local expires = now + lifetime
+  local scored, records, gone = {}, {}, {}
+  for n, t in ipairs(head) do
+    local rec, seen = recs[n], tonumber(seens[n] or '0')
+    if rec and seen >= stale then
+      local _, u, q, i = parse(rec)
+      scored[#scored + 1] = expires
+      scored[#scored + 1] = t
+      records[#records + 1] = t
+      records[#records + 1] = 'A|' .. u .. '|' .. q .. '|' .. i .. '|' .. expires
+      admitted = admitted + 1
+    else
+      gone[#gone + 1] = t
+      if rec then
+        local _, u = parse(rec)
+        if redis.call('HGET', K[6], u) == t then redis.call('HDEL', K[6], u) end
       end
     end
-    for i = 1, #scored, 2000 do
-      redis.call('ZADD', K[4], unpack(scored, i, math.min(i + 1999, #scored)))
-      redis.call('HSET', K[5], unpack(records, i, math.min(i + 1999, #records)))
-    end
-    each_chunk(gone, function(chunk) redis.call('HDEL', K[5], unpack(chunk)) end)
   end
+  for i = 1, #scored, 2000 do
+    redis.call('ZADD', K[4], unpack(scored, i, math.min(i + 1999, #scored)))
+    redis.call('HSET', K[5], unpack(records, i, math.min(i + 1999, #records)))
+  end
+  redis.call('ZREMRANGEBYRANK', K[2], 0, #head - 1)
+  each_chunk(head, function(chunk) redis.call('ZREM', K[3], unpack(chunk)) end)
+  each_chunk(gone, function(chunk) redis.call('HDEL', K[5], unpack(chunk)) end)
 end
 if admitted > 0 then
   redis.call('LPUSH', K[8], now .. ':' .. admitted)

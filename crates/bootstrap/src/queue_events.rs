@@ -68,8 +68,9 @@ impl QueueEvents {
     /// now on: called when the instance starts stopping, so that open streams do not hold
     /// the graceful shutdown for its whole grace period.
     pub fn close_all(&self) {
-        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Under the lock, so that no `subscribe` can slip in between the flag and the sweep.
         let mut subscribers = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
         for sender in subscribers.values() {
             sender.send_replace(StreamState::Closing);
         }
@@ -79,12 +80,13 @@ impl QueueEvents {
     /// Follows `token`, starting from `first` (the view the handler just read).
     #[must_use]
     pub fn subscribe(&self, token: QueueTokenId, first: TokenView) -> watch::Receiver<StreamState> {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            // Stopping: the stream shows its first view, then ends at once.
             let (sender, receiver) = watch::channel(StreamState::Closing);
             sender.send_replace(StreamState::Closing);
             return receiver;
         }
-        let mut subscribers = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let receiver = match subscribers.get(&token) {
             Some(sender) if !sender.is_closed() => sender.subscribe(),
             _ => {

@@ -239,7 +239,12 @@ impl Application {
             stop_signal().await;
             tracing::info!("stopping: ending event streams, then letting requests finish");
             queue_events.close_all();
-            handle.stop(true).await;
+            let graceful = handle.clone();
+            tokio::spawn(async move { graceful.stop(true).await });
+            // A second signal does not wait for the grace: stop now.
+            stop_signal().await;
+            tracing::warn!("second stop signal: stopping without waiting for requests");
+            handle.stop(false).await;
         });
         let served = self.server.await;
         stopper.abort();
