@@ -124,12 +124,16 @@ for _, t in ipairs(redis.call('ZRANGEBYSCORE', K[4], '-inf', now, 'LIMIT', 0, cl
   if rec then local _; _, u = parse(rec) end
   forget(t, u)
 end
-for _, t in ipairs(redis.call('ZRANGEBYSCORE', K[3], '-inf', '(' .. (now - idle), 'LIMIT', 0, cleanup)) do
+local abandoned = redis.call('ZRANGEBYSCORE', K[3], '-inf', '(' .. (now - idle), 'LIMIT', 0, cleanup)
+for _, t in ipairs(abandoned) do
   local rec = redis.call('HGET', K[5], t)
   local u = nil
   if rec then local _; _, u = parse(rec) end
   forget(t, u)
 end
+-- Fewer than a full batch abandoned: every waiting token left is live, and admission need
+-- not look at when each was last seen.
+local all_live = #abandoned < cleanup
 local room = math.min(max_active - redis.call('ZCARD', K[4]), tonumber(ARGV[8]))
 if batch > 0 then
   -- One batch per interval, whichever instance comes first. The mark advances by whole
@@ -162,17 +166,20 @@ while room - admitted > 0 and rounds < 4 do
   if #head == 0 then break end
   local stale = now - idle
   local recs = redis.call('HMGET', K[5], unpack(head))
-  local seens = redis.call('ZMSCORE', K[3], unpack(head))
+  local seens = {}
+  if not all_live then seens = redis.call('ZMSCORE', K[3], unpack(head)) end
   local expires = now + lifetime
   local scored, records, gone = {}, {}, {}
   for n, t in ipairs(head) do
-    local rec, seen = recs[n], tonumber(seens[n] or '0')
-    if rec and seen >= stale then
-      local _, u, q, i = parse(rec)
+    local rec = recs[n]
+    local live = rec and (all_live or tonumber(seens[n] or '0') >= stale)
+    -- A waiting record is 'W|user|seq|issued|0': the active one swaps the first and last
+    -- fields (no pattern matching per token).
+    if live and string.sub(rec, 1, 2) == 'W|' and string.sub(rec, -2) == '|0' then
       scored[#scored + 1] = expires
       scored[#scored + 1] = t
       records[#records + 1] = t
-      records[#records + 1] = 'A|' .. u .. '|' .. q .. '|' .. i .. '|' .. expires
+      records[#records + 1] = 'A' .. string.sub(rec, 2, -2) .. expires
       admitted = admitted + 1
     else
       gone[#gone + 1] = t
