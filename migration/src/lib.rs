@@ -10,6 +10,7 @@ use sea_orm_migration::prelude::*;
 mod m20261121_000001_users_and_points;
 mod m20261122_000001_idempotency_keys;
 mod m20261122_000002_waiting_queue;
+mod m20261122_000003_booking;
 
 /// Every migration, oldest first.
 #[derive(Debug)]
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000001_users_and_points::Migration),
             Box::new(m20261122_000001_idempotency_keys::Migration),
             Box::new(m20261122_000002_waiting_queue::Migration),
+            Box::new(m20261122_000003_booking::Migration),
         ]
     }
 }

@@ -65,3 +65,66 @@ async fn the_database_itself_refuses_a_negative_or_excessive_balance() {
     }
     db.drop_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_itself_refuses_two_live_reservations_of_one_seat() {
+    let db = Db::fresh("liveseat").await;
+    for sql in [
+        "INSERT INTO users (id, name, created_at) VALUES (UNHEX('00000000000000000000000000000001'), 'kim', NOW(6))",
+        "INSERT INTO concerts (id, title, venue, created_at, updated_at) \
+         VALUES (UNHEX('000000000000000000000000000000c1'), 'Live', 'Hall', NOW(6), NOW(6))",
+        "INSERT INTO schedules (id, concert_id, starts_at, booking_opens_at, booking_closes_at, created_at) \
+         VALUES (UNHEX('000000000000000000000000000000d1'), UNHEX('000000000000000000000000000000c1'), \
+                 NOW(6) + INTERVAL 10 DAY, NOW(6), NOW(6) + INTERVAL 9 DAY, NOW(6))",
+        "INSERT INTO seats (schedule_id, seat_number, price) VALUES (UNHEX('000000000000000000000000000000d1'), 7, 50000)",
+    ] {
+        db.conn.execute_unprepared(sql).await.expect(sql);
+    }
+    let reserve = |n: u8, status: &str| {
+        format!(
+            "INSERT INTO reservations (id, user_id, schedule_id, seat_number, price, status, held_until, created_at, updated_at) \
+             VALUES (UNHEX('{n:032x}'), UNHEX('00000000000000000000000000000001'), \
+                     UNHEX('000000000000000000000000000000d1'), 7, 50000, '{status}', NOW(6) + INTERVAL 5 MINUTE, NOW(6), NOW(6))"
+        )
+    };
+    // Settled reservations do not count; one live one does.
+    for (n, status) in [(1, "CANCELLED"), (2, "EXPIRED"), (3, "HELD")] {
+        db.conn.execute_unprepared(&reserve(n, status)).await.expect(status);
+    }
+    for (n, status) in [(4, "HELD"), (5, "CONFIRMED")] {
+        let refused = db.conn.execute_unprepared(&reserve(n, status)).await;
+        assert!(
+            matches!(
+                refused.as_ref().map_err(sea_orm::DbErr::sql_err),
+                Err(Some(sea_orm::SqlErr::UniqueConstraintViolation(_)))
+            ),
+            "a second live reservation ({status}) of one seat was stored: {refused:?}"
+        );
+    }
+    // Once the hold is settled, the seat can be held again.
+    db.conn
+        .execute_unprepared(
+            "UPDATE reservations SET status = 'EXPIRED' WHERE id = UNHEX('00000000000000000000000000000003')",
+        )
+        .await
+        .expect("expired");
+    db.conn.execute_unprepared(&reserve(6, "HELD")).await.expect("held again");
+    // A seat that is not AVAILABLE names its reservation, and an AVAILABLE one names none.
+    let inconsistent = db
+        .conn
+        .execute_unprepared(
+            "UPDATE seats SET status = 'HELD' WHERE schedule_id = UNHEX('000000000000000000000000000000d1') AND seat_number = 7",
+        )
+        .await;
+    assert!(inconsistent.is_err(), "a HELD seat without a reservation was stored");
+    for bad_seat in [0, 51] {
+        let refused = db
+            .conn
+            .execute_unprepared(&format!(
+                "INSERT INTO seats (schedule_id, seat_number, price) VALUES (UNHEX('000000000000000000000000000000d1'), {bad_seat}, 1)"
+            ))
+            .await;
+        assert!(refused.is_err(), "seat {bad_seat} was stored");
+    }
+    db.drop_now().await;
+}
