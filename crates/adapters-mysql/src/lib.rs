@@ -9,6 +9,7 @@
 //! - `entities`: sea-orm models. They never leave this crate; repositories convert them
 //!   to domain types at the boundary.
 
+pub mod booking;
 pub mod database;
 mod entities;
 pub mod idempotency;

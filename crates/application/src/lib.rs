@@ -18,6 +18,7 @@ pub mod charge_points;
 pub mod clock;
 pub mod create_user;
 pub mod get_balance;
+pub mod hold_seat;
 pub mod idempotency;
 pub mod lock;
 pub mod point_history;

@@ -12,8 +12,12 @@
 
 use std::fmt;
 
+use async_trait::async_trait;
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+use crate::unit_of_work::Tx;
+use crate::user::UserId;
 
 /// Declares a UUID id newtype: v7 when made here, any UUID when read back.
 macro_rules! uuid_id {
@@ -275,6 +279,111 @@ pub enum BookingError {
     HoldStillLive,
 }
 
+/// A concert date.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    pub id: ScheduleId,
+    pub concert_id: ConcertId,
+    pub starts_at: OffsetDateTime,
+    pub window: BookingWindow,
+}
+
+/// A seat as stored: its own status, which may be a HELD whose hold has run out (see
+/// [`SeatStatus::of`] for what it shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seat {
+    pub schedule_id: ScheduleId,
+    pub number: SeatNumber,
+    pub price: Price,
+    pub status: SeatStatus,
+    pub reservation_id: Option<ReservationId>,
+    pub held_until: Option<OffsetDateTime>,
+}
+
+impl Seat {
+    /// What the seat shows at `now`.
+    #[must_use]
+    pub fn status_at(&self, now: OffsetDateTime) -> SeatStatus {
+        match (self.status, self.held_until) {
+            (SeatStatus::Held, Some(until)) if now >= until => SeatStatus::Available,
+            (status, _) => status,
+        }
+    }
+}
+
+/// A seat hold and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: ReservationId,
+    pub user_id: UserId,
+    pub schedule_id: ScheduleId,
+    pub seat_number: SeatNumber,
+    pub price: Price,
+    pub status: ReservationStatus,
+    pub held_until: OffsetDateTime,
+    pub created_at: OffsetDateTime,
+}
+
+impl Reservation {
+    /// A new hold of `seat` for `user_id`, from `now` for `hold`.
+    #[must_use]
+    pub fn hold(user_id: UserId, seat: &Seat, now: OffsetDateTime, hold: time::Duration) -> Self {
+        Self {
+            id: ReservationId::generate(),
+            user_id,
+            schedule_id: seat.schedule_id,
+            seat_number: seat.number,
+            price: seat.price,
+            status: ReservationStatus::Held,
+            held_until: now + hold,
+            created_at: now,
+        }
+    }
+}
+
+/// Where concerts, schedules, seats and reservations are kept.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait BookingRepository: Send + Sync {
+    /// A schedule, outside any transaction.
+    async fn schedule(&self, id: ScheduleId) -> Result<Option<Schedule>, BookingRepositoryError>;
+
+    /// A seat, its row locked in `tx` (`SELECT ... FOR UPDATE`).
+    async fn lock_seat(
+        &self,
+        tx: &mut Tx,
+        schedule_id: ScheduleId,
+        number: SeatNumber,
+    ) -> Result<Option<Seat>, BookingRepositoryError>;
+
+    /// Takes the seat for `reservation` in `tx`: the seat goes HELD only if it is
+    /// AVAILABLE or its hold has run out at `now` (rows affected checked); a run-out hold
+    /// it replaces (`replaces`) becomes EXPIRED; the reservation row is inserted.
+    ///
+    /// # Errors
+    /// [`BookingRepositoryError::SeatTaken`] when the seat is not free (the SQL guards:
+    /// the conditional update, the unique live-seat key).
+    async fn hold_seat(
+        &self,
+        tx: &mut Tx,
+        reservation: &Reservation,
+        replaces: Option<ReservationId>,
+        now: OffsetDateTime,
+    ) -> Result<(), BookingRepositoryError>;
+
+    /// A reservation, outside any transaction.
+    async fn reservation(&self, id: ReservationId) -> Result<Option<Reservation>, BookingRepositoryError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BookingRepositoryError {
+    /// The seat was not free when the write reached the database.
+    #[error("the seat is taken")]
+    SeatTaken,
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
 #[cfg(test)]
 mod tests {
     use time::Duration;
@@ -348,6 +457,25 @@ mod tests {
             assert_eq!(ReservationStatus::parse(status.as_str()), Some(status));
         }
         assert_eq!(ReservationStatus::parse("held"), None);
+    }
+
+    #[test]
+    fn a_stored_hold_that_ran_out_shows_available() {
+        let seat = Seat {
+            schedule_id: ScheduleId::generate(),
+            number: SeatNumber::new(3).unwrap(),
+            price: Price::new(100).unwrap(),
+            status: SeatStatus::Held,
+            reservation_id: Some(ReservationId::generate()),
+            held_until: Some(NOW),
+        };
+        assert_eq!(seat.status_at(NOW - Duration::seconds(1)), SeatStatus::Held);
+        assert_eq!(seat.status_at(NOW), SeatStatus::Available);
+        let held = Reservation::hold(UserId::generate(), &seat, NOW, Duration::minutes(5));
+        assert_eq!(
+            (held.status, held.held_until, held.price),
+            (ReservationStatus::Held, NOW + Duration::minutes(5), seat.price)
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Integration tests of the MySQL adapters against a real MariaDB/MySQL
 //! (`TEST_DATABASE_URL`, or a testcontainers MariaDB). Every test gets a database of its own.
 
+mod booking;
 mod points;
 mod queue;
 mod schema;

@@ -18,7 +18,7 @@ use super::Db;
 
 /// A lock that never excludes anyone: what the database alone must survive.
 #[derive(Debug)]
-struct NoLock;
+pub(crate) struct NoLock;
 
 #[derive(Debug)]
 struct NoGuard(LockKey);

@@ -1,0 +1,191 @@
+//! `BookingRepository` on MySQL, in plain SQL.
+//!
+//! A hold is guarded twice in SQL, whatever the lock did: the seat row changes only
+//! `WHERE status = 'AVAILABLE' OR (status = 'HELD' AND held_until <= now)` (rows affected
+//! checked), and the reservation's insert meets `UNIQUE (schedule_id, live_seat)`.
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use domain::booking::{
+    BookingRepository, BookingRepositoryError, BookingWindow, ConcertId, Price, Reservation, ReservationId,
+    ReservationStatus, Schedule, ScheduleId, Seat, SeatNumber, SeatStatus,
+};
+use domain::unit_of_work::Tx;
+use domain::user::UserId;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, SqlErr, Statement};
+use time::PrimitiveDateTime;
+
+use crate::tx::connection;
+use crate::{DbContext as _, db_error, from_db_time, to_db_time};
+
+#[derive(Clone, Debug)]
+pub struct MySqlBookingRepository {
+    db: DatabaseConnection,
+}
+
+impl MySqlBookingRepository {
+    #[must_use]
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+}
+
+fn get<T: sea_orm::TryGetable>(row: &QueryResult, column: &str) -> anyhow::Result<T> {
+    row.try_get::<T>("", column).with_context(|| format!("booking column {column} unreadable"))
+}
+
+fn seat_from(row: &QueryResult, schedule_id: ScheduleId) -> anyhow::Result<Seat> {
+    let status = match get::<String>(row, "status")?.as_str() {
+        "AVAILABLE" => SeatStatus::Available,
+        "HELD" => SeatStatus::Held,
+        "SOLD" => SeatStatus::Sold,
+        other => anyhow::bail!("unknown seat status {other:?}"),
+    };
+    Ok(Seat {
+        schedule_id,
+        number: SeatNumber::new(i64::from(get::<u8>(row, "seat_number")?)).context("a stored seat number")?,
+        price: Price::new(get(row, "price")?).context("a stored price")?,
+        status,
+        reservation_id: get::<Option<uuid::Uuid>>(row, "reservation_id")?.map(ReservationId::from_uuid),
+        held_until: get::<Option<PrimitiveDateTime>>(row, "held_until")?.map(from_db_time),
+    })
+}
+
+fn reservation_from(row: &QueryResult) -> anyhow::Result<Reservation> {
+    let status = get::<String>(row, "status")?;
+    Ok(Reservation {
+        id: ReservationId::from_uuid(get(row, "id")?),
+        user_id: UserId::from_uuid(get(row, "user_id")?),
+        schedule_id: ScheduleId::from_uuid(get(row, "schedule_id")?),
+        seat_number: SeatNumber::new(i64::from(get::<u8>(row, "seat_number")?))
+            .context("a stored seat number")?,
+        price: Price::new(get(row, "price")?).context("a stored price")?,
+        status: ReservationStatus::parse(&status)
+            .with_context(|| format!("unknown reservation status {status:?}"))?,
+        held_until: from_db_time(get(row, "held_until")?),
+        created_at: from_db_time(get(row, "created_at")?),
+    })
+}
+
+#[async_trait]
+impl BookingRepository for MySqlBookingRepository {
+    async fn schedule(&self, id: ScheduleId) -> Result<Option<Schedule>, BookingRepositoryError> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "SELECT concert_id, starts_at, booking_opens_at, booking_closes_at FROM schedules WHERE id = ?",
+                [(*id.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to read a schedule")?;
+        let Some(row) = row else { return Ok(None) };
+        let starts_at = from_db_time(get(&row, "starts_at")?);
+        let window = BookingWindow::new(
+            from_db_time(get(&row, "booking_opens_at")?),
+            from_db_time(get(&row, "booking_closes_at")?),
+            starts_at,
+        )
+        .context("a stored booking window is invalid")?;
+        Ok(Some(Schedule {
+            id,
+            concert_id: ConcertId::from_uuid(get(&row, "concert_id")?),
+            starts_at,
+            window,
+        }))
+    }
+
+    async fn lock_seat(
+        &self,
+        tx: &mut Tx,
+        schedule_id: ScheduleId,
+        number: SeatNumber,
+    ) -> Result<Option<Seat>, BookingRepositoryError> {
+        let row = connection(tx)?
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "SELECT seat_number, price, status, reservation_id, held_until FROM seats \
+                 WHERE schedule_id = ? AND seat_number = ? FOR UPDATE",
+                [(*schedule_id.as_uuid()).into(), number.get().into()],
+            ))
+            .await
+            .db_context("failed to lock a seat")?;
+        Ok(row.map(|row| seat_from(&row, schedule_id)).transpose()?)
+    }
+
+    async fn hold_seat(
+        &self,
+        tx: &mut Tx,
+        reservation: &Reservation,
+        replaces: Option<ReservationId>,
+        now: time::OffsetDateTime,
+    ) -> Result<(), BookingRepositoryError> {
+        let conn = connection(tx)?;
+        let taken = conn
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "UPDATE seats SET status = 'HELD', reservation_id = ?, held_until = ?, version = version + 1 \
+                 WHERE schedule_id = ? AND seat_number = ? \
+                   AND (status = 'AVAILABLE' OR (status = 'HELD' AND held_until <= ?))",
+                [
+                    (*reservation.id.as_uuid()).into(),
+                    to_db_time(reservation.held_until).into(),
+                    (*reservation.schedule_id.as_uuid()).into(),
+                    reservation.seat_number.get().into(),
+                    to_db_time(now).into(),
+                ],
+            ))
+            .await
+            .db_context("failed to hold a seat")?;
+        if taken.rows_affected() != 1 {
+            return Err(BookingRepositoryError::SeatTaken);
+        }
+        if let Some(old) = replaces {
+            conn.execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "UPDATE reservations SET status = 'EXPIRED', updated_at = ? WHERE id = ? AND status = 'HELD'",
+                [to_db_time(now).into(), (*old.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to expire a run-out hold")?;
+        }
+        let inserted = conn
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "INSERT INTO reservations (id, user_id, schedule_id, seat_number, price, status, held_until, created_at, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, 'HELD', ?, ?, ?)",
+                [
+                    (*reservation.id.as_uuid()).into(),
+                    (*reservation.user_id.as_uuid()).into(),
+                    (*reservation.schedule_id.as_uuid()).into(),
+                    reservation.seat_number.get().into(),
+                    reservation.price.points().into(),
+                    to_db_time(reservation.held_until).into(),
+                    to_db_time(reservation.created_at).into(),
+                    to_db_time(reservation.created_at).into(),
+                ],
+            ))
+            .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                Err(BookingRepositoryError::SeatTaken)
+            }
+            Err(e) => Err(db_error(e, "failed to insert a reservation").into()),
+        }
+    }
+
+    async fn reservation(&self, id: ReservationId) -> Result<Option<Reservation>, BookingRepositoryError> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
+                 FROM reservations WHERE id = ?",
+                [(*id.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to read a reservation")?;
+        Ok(row.map(|row| reservation_from(&row)).transpose()?)
+    }
+}
