@@ -12,6 +12,15 @@ mod m20261122_000001_idempotency_keys;
 mod m20261122_000002_waiting_queue;
 mod m20261122_000003_booking;
 
+/// Runs `statements` in order on the migration's connection: every migration here is a
+/// list of plain DDL statements, up and down.
+async fn execute_all(manager: &SchemaManager<'_>, statements: &[&str]) -> Result<(), DbErr> {
+    for statement in statements {
+        manager.get_connection().execute_unprepared(statement).await?;
+    }
+    Ok(())
+}
+
 /// Every migration, oldest first.
 #[derive(Debug)]
 pub struct Migrator;

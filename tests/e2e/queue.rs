@@ -14,6 +14,14 @@ async fn new_user(http: &awc::Client, base: &str) -> String {
     created.2["id"].as_str().expect("id").to_owned()
 }
 
+/// `POST /api/v1/queue/tokens` for `user` on `base`: its status and body.
+async fn issue(http: &awc::Client, base: &str, user: &str) -> (u16, Value) {
+    let answer =
+        send(http.post(format!("{base}/api/v1/queue/tokens")), Some(&format!(r#"{{"userId": "{user}"}}"#)))
+            .await;
+    (answer.0.as_u16(), answer.2)
+}
+
 async fn view(http: &awc::Client, base: &str, token: &str) -> Value {
     let answer =
         send(http.get(format!("{base}/api/v1/queue/tokens/me")).insert_header(("Queue-Token", token)), None)
@@ -54,22 +62,14 @@ async fn tokens_are_admitted_in_issue_order_across_instances_never_past_the_cap(
     let mut tokens = Vec::new();
     for i in 0..8 {
         let user = new_user(&http, cluster.url(i)).await;
-        let issued = send(
-            http.post(format!("{}/api/v1/queue/tokens", cluster.url(i))),
-            Some(&format!(r#"{{"userId": "{user}"}}"#)),
-        )
-        .await;
-        assert_eq!(issued.0.as_u16(), 201, "{}", issued.2);
-        assert_eq!(issued.2["userId"], user.as_str());
+        let issued = issue(&http, cluster.url(i), &user).await;
+        assert_eq!(issued.0, 201, "{}", issued.1);
+        assert_eq!(issued.1["userId"], user.as_str());
         // Asking again, on another instance, gives the same token back.
-        let again = send(
-            http.post(format!("{}/api/v1/queue/tokens", cluster.url(i + 1))),
-            Some(&format!(r#"{{"userId": "{user}"}}"#)),
-        )
-        .await;
-        assert_eq!(again.0.as_u16(), 200, "{}", again.2);
-        assert_eq!(again.2["token"], issued.2["token"]);
-        tokens.push(issued.2["token"].as_str().expect("token").to_owned());
+        let again = issue(&http, cluster.url(i + 1), &user).await;
+        assert_eq!(again.0, 200, "{}", again.1);
+        assert_eq!(again.1["token"], issued.1["token"]);
+        tokens.push(issued.1["token"].as_str().expect("token").to_owned());
     }
 
     // Every instance runs admission: the first three are let in, the rest wait in order.
@@ -169,12 +169,8 @@ async fn an_event_stream_shows_the_position_falling_then_active_and_ends() {
     let mut tokens = Vec::new();
     for i in 0..6 {
         let user = new_user(&http, cluster.url(i)).await;
-        let issued = send(
-            http.post(format!("{}/api/v1/queue/tokens", cluster.url(i))),
-            Some(&format!(r#"{{"userId": "{user}"}}"#)),
-        )
-        .await;
-        tokens.push(issued.2["token"].as_str().expect("token").to_owned());
+        let issued = issue(&http, cluster.url(i), &user).await;
+        tokens.push(issued.1["token"].as_str().expect("token").to_owned());
     }
     let last = tokens.last().expect("six").clone();
 
@@ -244,12 +240,8 @@ async fn open_event_streams_end_when_the_instance_stops_instead_of_holding_the_s
     let mut tokens = Vec::new();
     for _ in 0..3 {
         let user = new_user(&http, &base).await;
-        let issued = send(
-            http.post(format!("{base}/api/v1/queue/tokens")),
-            Some(&format!(r#"{{"userId": "{user}"}}"#)),
-        )
-        .await;
-        tokens.push(issued.2["token"].as_str().expect("token").to_owned());
+        let issued = issue(&http, &base, &user).await;
+        tokens.push(issued.1["token"].as_str().expect("token").to_owned());
     }
     // One is let in; the other two wait, their streams open.
     let mut streams = Vec::new();

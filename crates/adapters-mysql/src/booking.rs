@@ -16,7 +16,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, SqlEr
 use time::PrimitiveDateTime;
 
 use crate::tx::connection;
-use crate::{DbContext as _, db_error, from_db_time, to_db_time};
+use crate::{DbContext as _, column, db_error, from_db_time, to_db_time};
 
 #[derive(Clone, Debug)]
 pub struct MySqlBookingRepository {
@@ -30,12 +30,8 @@ impl MySqlBookingRepository {
     }
 }
 
-fn get<T: sea_orm::TryGetable>(row: &QueryResult, column: &str) -> anyhow::Result<T> {
-    row.try_get::<T>("", column).with_context(|| format!("booking column {column} unreadable"))
-}
-
 fn seat_from(row: &QueryResult, schedule_id: ScheduleId) -> anyhow::Result<Seat> {
-    let status = match get::<String>(row, "status")?.as_str() {
+    let status = match column::<String>(row, "status")?.as_str() {
         "AVAILABLE" => SeatStatus::Available,
         "HELD" => SeatStatus::Held,
         "SOLD" => SeatStatus::Sold,
@@ -43,27 +39,28 @@ fn seat_from(row: &QueryResult, schedule_id: ScheduleId) -> anyhow::Result<Seat>
     };
     Ok(Seat {
         schedule_id,
-        number: SeatNumber::new(i64::from(get::<u8>(row, "seat_number")?)).context("a stored seat number")?,
-        price: Price::new(get(row, "price")?).context("a stored price")?,
+        number: SeatNumber::new(i64::from(column::<u8>(row, "seat_number")?))
+            .context("a stored seat number")?,
+        price: Price::new(column(row, "price")?).context("a stored price")?,
         status,
-        reservation_id: get::<Option<uuid::Uuid>>(row, "reservation_id")?.map(ReservationId::from_uuid),
-        held_until: get::<Option<PrimitiveDateTime>>(row, "held_until")?.map(from_db_time),
+        reservation_id: column::<Option<uuid::Uuid>>(row, "reservation_id")?.map(ReservationId::from_uuid),
+        held_until: column::<Option<PrimitiveDateTime>>(row, "held_until")?.map(from_db_time),
     })
 }
 
 fn reservation_from(row: &QueryResult) -> anyhow::Result<Reservation> {
-    let status = get::<String>(row, "status")?;
+    let status = column::<String>(row, "status")?;
     Ok(Reservation {
-        id: ReservationId::from_uuid(get(row, "id")?),
-        user_id: UserId::from_uuid(get(row, "user_id")?),
-        schedule_id: ScheduleId::from_uuid(get(row, "schedule_id")?),
-        seat_number: SeatNumber::new(i64::from(get::<u8>(row, "seat_number")?))
+        id: ReservationId::from_uuid(column(row, "id")?),
+        user_id: UserId::from_uuid(column(row, "user_id")?),
+        schedule_id: ScheduleId::from_uuid(column(row, "schedule_id")?),
+        seat_number: SeatNumber::new(i64::from(column::<u8>(row, "seat_number")?))
             .context("a stored seat number")?,
-        price: Price::new(get(row, "price")?).context("a stored price")?,
+        price: Price::new(column(row, "price")?).context("a stored price")?,
         status: ReservationStatus::parse(&status)
             .with_context(|| format!("unknown reservation status {status:?}"))?,
-        held_until: from_db_time(get(row, "held_until")?),
-        created_at: from_db_time(get(row, "created_at")?),
+        held_until: from_db_time(column(row, "held_until")?),
+        created_at: from_db_time(column(row, "created_at")?),
     })
 }
 
@@ -80,16 +77,16 @@ impl BookingRepository for MySqlBookingRepository {
             .await
             .db_context("failed to read a schedule")?;
         let Some(row) = row else { return Ok(None) };
-        let starts_at = from_db_time(get(&row, "starts_at")?);
+        let starts_at = from_db_time(column(&row, "starts_at")?);
         let window = BookingWindow::new(
-            from_db_time(get(&row, "booking_opens_at")?),
-            from_db_time(get(&row, "booking_closes_at")?),
+            from_db_time(column(&row, "booking_opens_at")?),
+            from_db_time(column(&row, "booking_closes_at")?),
             starts_at,
         )
         .context("a stored booking window is invalid")?;
         Ok(Some(Schedule {
             id,
-            concert_id: ConcertId::from_uuid(get(&row, "concert_id")?),
+            concert_id: ConcertId::from_uuid(column(&row, "concert_id")?),
             starts_at,
             window,
         }))

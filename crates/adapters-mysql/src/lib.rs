@@ -25,6 +25,12 @@ use sea_orm::{DbErr, RuntimeErr};
 
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
+/// Column `name` of a raw query's row, with the column named in the error.
+fn column<T: sea_orm::TryGetable>(row: &sea_orm::QueryResult, name: &str) -> anyhow::Result<T> {
+    use anyhow::Context as _;
+    row.try_get::<T>("", name).with_context(|| format!("column {name} unreadable"))
+}
+
 /// `DATETIME(6)` columns hold UTC wall-clock time.
 fn to_db_time(at: OffsetDateTime) -> PrimitiveDateTime {
     let utc = at.to_offset(UtcOffset::UTC);

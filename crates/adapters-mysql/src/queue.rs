@@ -14,12 +14,10 @@ use application::queue::{Issued, QueueConfig, WaitingQueue};
 use async_trait::async_trait;
 use domain::queue::{Admission, AdmitPolicy, QueueStatus, QueueTokenId, TokenState};
 use domain::user::UserId;
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, SqlErr, Statement, TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, SqlErr, Statement, TransactionTrait};
 use time::OffsetDateTime;
 
-use crate::{DbContext as _, commit_error, db_error};
+use crate::{DbContext as _, column, commit_error, db_error};
 
 /// The most expired or abandoned tokens one step deletes (bounds a step's time).
 const CLEANUP_BATCH: u64 = 1_000;
@@ -63,10 +61,10 @@ impl MySqlQueue {
             .await
             .db_context("failed to read a queue token")?;
         let Some(row) = row else { return Ok(None) };
-        let now: i64 = get(&row, "now_ms")?;
-        let status: String = get(&row, "status")?;
-        let user_id = UserId::from_uuid(get(&row, "user_id")?);
-        let rate: f64 = get(&row, "rate")?;
+        let now: i64 = column(&row, "now_ms")?;
+        let status: String = column(&row, "status")?;
+        let user_id = UserId::from_uuid(column(&row, "user_id")?);
+        let rate: f64 = column(&row, "rate")?;
         if status == "ACTIVE" {
             let expires: i64 = row.try_get::<Option<i64>>("", "expires_ms")?.unwrap_or(0);
             if expires <= now {
@@ -81,7 +79,7 @@ impl MySqlQueue {
                 admissions_per_second: rate,
             }));
         }
-        let seen: i64 = get(&row, "seen_ms")?;
+        let seen: i64 = column(&row, "seen_ms")?;
         if seen < now - self.idle_ms() {
             return Ok(None);
         }
@@ -93,7 +91,7 @@ impl MySqlQueue {
             ))
             .await
             .db_context("failed to mark a queue token seen")?;
-        let position: i64 = get(&row, "position")?;
+        let position: i64 = column(&row, "position")?;
         Ok(Some(TokenState {
             token,
             user_id,
@@ -103,10 +101,6 @@ impl MySqlQueue {
             admissions_per_second: rate,
         }))
     }
-}
-
-fn get<T: sea_orm::TryGetable>(row: &QueryResult, column: &str) -> anyhow::Result<T> {
-    row.try_get::<T>("", column).with_context(|| format!("queue column {column} unreadable"))
 }
 
 fn millis(duration: Duration) -> i64 {
@@ -135,7 +129,7 @@ impl WaitingQueue for MySqlQueue {
                 .await
                 .db_context("failed to look up a user's queue token")?;
             if let Some(row) = existing {
-                let token = QueueTokenId::from_uuid(get(&row, "id")?);
+                let token = QueueTokenId::from_uuid(column(&row, "id")?);
                 if let Some(state) = self.describe(token).await? {
                     return Ok(Issued { state, created: false });
                 }
@@ -200,8 +194,8 @@ impl WaitingQueue for MySqlQueue {
                 .await
                 .db_context("failed to lock the admission row")?
                 .context("the queue_admission row is missing")?;
-            let now: i64 = get(&row, "now_ms")?;
-            let last_batch_ms: i64 = get(&row, "last_batch_ms")?;
+            let now: i64 = column(&row, "now_ms")?;
+            let last_batch_ms: i64 = column(&row, "last_batch_ms")?;
             let exec = |sql: String, values: Vec<sea_orm::Value>| {
                 let txn = &txn;
                 async move {
@@ -239,7 +233,7 @@ impl WaitingQueue for MySqlQueue {
                         .await
                         .db_context("failed to count queue tokens")?
                         .context("COUNT(*) answered no row")?;
-                    anyhow::Ok(u64::try_from(get::<i64>(&row, "n")?).unwrap_or(0))
+                    anyhow::Ok(u64::try_from(column::<i64>(&row, "n")?).unwrap_or(0))
                 }
             };
             let active = count("ACTIVE", true).await?;
@@ -300,7 +294,7 @@ impl WaitingQueue for MySqlQueue {
                 .db_context("failed to read the admission log")?;
             let steps: Vec<(i64, i64)> = log
                 .iter()
-                .map(|row| Ok((get::<i64>(row, "at_ms")?, i64::from(get::<i32>(row, "admitted")?))))
+                .map(|row| Ok((column::<i64>(row, "at_ms")?, i64::from(column::<i32>(row, "admitted")?))))
                 .collect::<anyhow::Result<_>>()?;
             let sum: i64 = steps.iter().map(|(_, n)| n).sum();
             #[allow(clippy::cast_precision_loss, reason = "counts and spans far below 2^52")]

@@ -272,6 +272,12 @@ impl RedisQueue {
         }
     }
 
+    /// Every key of this queue (all under its hash tag), e.g. to remove the queue.
+    #[must_use]
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
     async fn run(&self, script: &Script, args: Vec<String>) -> anyhow::Result<Value> {
         script.evalsha_with_reload(self.pool.next(), self.keys.clone(), args).await.map_err(|error| {
             anyhow::Error::new(Unavailable { reason: "redis", source: Box::new(error) })
