@@ -7,13 +7,13 @@
 use anyhow::Context as _;
 use async_trait::async_trait;
 use domain::booking::{
-    BookingRepository, BookingRepositoryError, BookingWindow, ConcertId, Price, Reservation, ReservationId,
-    ReservationStatus, Schedule, ScheduleId, Seat, SeatNumber, SeatStatus,
+    BookingRepository, BookingRepositoryError, Price, Reservation, ReservationId, ReservationStatus,
+    ScheduleId, Seat, SeatNumber, SeatStatus,
 };
 use domain::unit_of_work::Tx;
 use domain::user::UserId;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, SqlErr, Statement};
-use time::PrimitiveDateTime;
+use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::tx::connection;
 use crate::{DbContext as _, column, db_error, from_db_time, to_db_time};
@@ -30,7 +30,7 @@ impl MySqlBookingRepository {
     }
 }
 
-fn seat_from(row: &QueryResult, schedule_id: ScheduleId) -> anyhow::Result<Seat> {
+pub(crate) fn seat_from(row: &QueryResult, schedule_id: ScheduleId) -> anyhow::Result<Seat> {
     let status = match column::<String>(row, "status")?.as_str() {
         "AVAILABLE" => SeatStatus::Available,
         "HELD" => SeatStatus::Held,
@@ -66,32 +66,6 @@ fn reservation_from(row: &QueryResult) -> anyhow::Result<Reservation> {
 
 #[async_trait]
 impl BookingRepository for MySqlBookingRepository {
-    async fn schedule(&self, id: ScheduleId) -> Result<Option<Schedule>, BookingRepositoryError> {
-        let row = self
-            .db
-            .query_one_raw(Statement::from_sql_and_values(
-                DbBackend::MySql,
-                "SELECT concert_id, starts_at, booking_opens_at, booking_closes_at FROM schedules WHERE id = ?",
-                [(*id.as_uuid()).into()],
-            ))
-            .await
-            .db_context("failed to read a schedule")?;
-        let Some(row) = row else { return Ok(None) };
-        let starts_at = from_db_time(column(&row, "starts_at")?);
-        let window = BookingWindow::new(
-            from_db_time(column(&row, "booking_opens_at")?),
-            from_db_time(column(&row, "booking_closes_at")?),
-            starts_at,
-        )
-        .context("a stored booking window is invalid")?;
-        Ok(Some(Schedule {
-            id,
-            concert_id: ConcertId::from_uuid(column(&row, "concert_id")?),
-            starts_at,
-            window,
-        }))
-    }
-
     async fn lock_seat(
         &self,
         tx: &mut Tx,
@@ -184,5 +158,68 @@ impl BookingRepository for MySqlBookingRepository {
             .await
             .db_context("failed to read a reservation")?;
         Ok(row.map(|row| reservation_from(&row)).transpose()?)
+    }
+
+    async fn end_hold(
+        &self,
+        tx: &mut Tx,
+        reservation: ReservationId,
+        to: ReservationStatus,
+        now: OffsetDateTime,
+    ) -> Result<bool, BookingRepositoryError> {
+        // CANCELLED only while the hold lasts, EXPIRED only once it ran out: the state
+        // machine's rule, in the statement itself.
+        let (target, when) = match to {
+            ReservationStatus::Cancelled => ("CANCELLED", "held_until > ?"),
+            ReservationStatus::Expired => ("EXPIRED", "held_until <= ?"),
+            other => {
+                return Err(anyhow::anyhow!("a hold cannot end as {}", other.as_str()).into());
+            }
+        };
+        let conn = connection(tx)?;
+        let ended = conn
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                format!(
+                    "UPDATE reservations SET status = '{target}', updated_at = ? \
+                     WHERE id = ? AND status = 'HELD' AND {when}"
+                ),
+                [to_db_time(now).into(), (*reservation.as_uuid()).into(), to_db_time(now).into()],
+            ))
+            .await
+            .db_context("failed to end a hold")?;
+        if ended.rows_affected() != 1 {
+            return Ok(false);
+        }
+        // The seat may already name a newer hold (a run-out hold is replaced by the next
+        // one without waiting for this job): then it is not ours to free.
+        conn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::MySql,
+            "UPDATE seats s JOIN reservations r ON r.schedule_id = s.schedule_id AND r.seat_number = s.seat_number \
+             SET s.status = 'AVAILABLE', s.reservation_id = NULL, s.held_until = NULL, s.version = s.version + 1 \
+             WHERE r.id = ? AND s.reservation_id = ?",
+            [(*reservation.as_uuid()).into(), (*reservation.as_uuid()).into()],
+        ))
+        .await
+        .db_context("failed to free a seat")?;
+        Ok(true)
+    }
+
+    async fn run_out_holds(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<Reservation>, BookingRepositoryError> {
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
+                 FROM reservations WHERE status = 'HELD' AND held_until <= ? ORDER BY held_until LIMIT ?",
+                [to_db_time(now).into(), limit.into()],
+            ))
+            .await
+            .db_context("failed to find run-out holds")?;
+        Ok(rows.iter().map(reservation_from).collect::<anyhow::Result<_>>()?)
     }
 }

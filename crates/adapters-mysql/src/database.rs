@@ -87,6 +87,16 @@ pub async fn ping(db: &DatabaseConnection) -> anyhow::Result<()> {
 /// # Errors
 /// When the server cannot be reached, the database name is not plain, or a migration fails.
 pub async fn prepare(url: &str) -> anyhow::Result<()> {
+    prepare_with(url, false).await
+}
+
+/// [`prepare`], then, when `seed_demo` is on and the database has no concert yet, the demo
+/// catalog ([`crate::seed`]), under the same lock (so that instances starting together
+/// seed once).
+///
+/// # Errors
+/// As [`prepare`], or when seeding fails.
+pub async fn prepare_with(url: &str, seed_demo: bool) -> anyhow::Result<()> {
     let (server, name) = split_database_url(url)?;
     // The connection that migrates also tells whether the database exists.
     // Migrations may take long: no statement limit on this connection.
@@ -97,12 +107,12 @@ pub async fn prepare(url: &str) -> anyhow::Result<()> {
             connect_plain(url).await?
         }
     };
-    let result = migrate_exclusively(&conn).await;
+    let result = migrate_exclusively(&conn, seed_demo).await;
     conn.close().await.ok();
     result
 }
 
-async fn migrate_exclusively(conn: &DatabaseConnection) -> anyhow::Result<()> {
+async fn migrate_exclusively(conn: &DatabaseConnection, seed_demo: bool) -> anyhow::Result<()> {
     let locked = conn
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::MySql,
@@ -116,7 +126,10 @@ async fn migrate_exclusively(conn: &DatabaseConnection) -> anyhow::Result<()> {
         locked == Some(1),
         "another instance held the migration lock for {MIGRATION_LOCK_WAIT_SECONDS} s"
     );
-    let migrated = Migrator::up(conn, None).await.context("failed to apply migrations");
+    let mut migrated = Migrator::up(conn, None).await.context("failed to apply migrations");
+    if seed_demo && migrated.is_ok() {
+        migrated = crate::seed::seed_demo_data(conn).await.map(drop);
+    }
     conn.execute_raw(Statement::from_sql_and_values(
         DbBackend::MySql,
         "DO RELEASE_LOCK(?)",

@@ -10,11 +10,13 @@
 //!   to domain types at the boundary.
 
 pub mod booking;
+pub mod catalog;
 pub mod database;
 mod entities;
 pub mod idempotency;
 pub mod points;
 pub mod queue;
+pub mod seed;
 pub mod tx;
 pub mod users;
 

@@ -1,82 +1,481 @@
-//! The cache port: cache-aside, values stored as JSON text.
+//! The cache: cache-aside in front of MySQL, shared by every instance, never wrong.
 //!
-//! The cache is an optimisation, never a source of truth: the typed helpers here turn a
-//! value that does not deserialize into a miss, and callers treat [`CacheError`] as a miss
-//! too (log it, count it, read from the database). Locks, on the contrary, fail closed.
+//! [`CachePort`] is what a store must offer (Redis in production): each key has a
+//! *version* besides its value, an entry is valid only for the version it was stored
+//! under, and an eviction moves the version on. [`Cache`] builds the read path on it:
+//!
+//! - **Fresh after every write.** A write evicts after its commit and before its answer
+//!   goes out ([`Cache::invalidate`]); every read asks the store for the current version
+//!   (one small round trip), so no instance serves an answer from before an eviction.
+//! - **The cache-aside race closed.** A loader reads the version *before* it reads MySQL
+//!   and stores its value only if the version is still the same ([`CachePort::store`] is a
+//!   compare-and-set): a reader that loaded the old row before a write committed cannot
+//!   put it back after that write's eviction.
+//! - **Cheap hits.** Each instance keeps a decoded copy of what it read, tagged with its
+//!   version; while the store's version matches, the store sends back no value at all.
+//! - **One loader per key** across all instances when many miss at once: the first claims
+//!   the load in the store, the others (and, within an instance, every other request for
+//!   the key) wait for its value, up to a bound, then load themselves. TTLs get jitter.
+//! - **The cache is never a reason to fail.** A store that cannot be reached, or an entry
+//!   that does not decode, sends the read to MySQL and is counted; locks, by contrast,
+//!   fail closed.
+//!
+//! Metrics (label `cache`, one of a fixed set of names): `cache_requests_total{result}`
+//! (`local` hit, `hit`, `miss`, `bypass` when the store failed), `cache_loads_total`,
+//! `cache_load_waits_total{outcome}` (`filled`, `timeout`), `cache_store_rejected_total`
+//! (a load that lost the race to a write), `cache_decode_failures_total`,
+//! `cache_errors_total{op}`, `cache_evictions_total`.
 
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 
-/// A key-value cache shared by every instance.
+/// Which answer a cache key holds: a fixed name (a metric label) and an id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    name: &'static str,
+    id: String,
+}
+
+impl CacheKey {
+    #[must_use]
+    pub fn new(name: &'static str, id: impl Into<String>) -> Self {
+        Self { name, id: id.into() }
+    }
+
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cache:{}:{}", self.name, self.id)
+    }
+}
+
+/// What [`CachePort::read`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheRead {
+    /// The current version is the one the caller already has a copy of.
+    Unchanged { version: u64 },
+    /// The entry stored for the current version, and how long it has left.
+    Entry { version: u64, json: String, ttl_left: Duration },
+    /// No entry for the current version (none at all, or one from before an eviction).
+    Missing { version: u64 },
+}
+
+/// A key-value store with a version per key. Versions only move forward while a key
+/// lives; when a version is lost (evicted, expired), the store starts it again at a value
+/// no entry was stored under.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait CachePort: Send + Sync {
-    /// The JSON text stored under `key`, if any and not expired.
-    ///
-    /// # Errors
-    /// [`CacheError::Unavailable`] when the cache cannot be reached.
-    async fn get(&self, key: &str) -> Result<Option<String>, CacheError>;
+    /// The current version of `key` and, unless it equals `known`, the entry stored for
+    /// it, in one round trip.
+    async fn read(&self, key: &CacheKey, known: Option<u64>) -> Result<CacheRead, CacheError>;
 
-    /// Stores `json` under `key` for `ttl` (rounded up to whole milliseconds).
-    ///
-    /// # Errors
-    /// [`CacheError::Unavailable`] when the cache cannot be reached;
-    /// [`CacheError::InvalidTtl`] for a zero TTL.
-    async fn set(&self, key: &str, json: String, ttl: Duration) -> Result<(), CacheError>;
+    /// Stores `json` under `key` for `ttl`, only if the current version is still
+    /// `version`; `false` when it moved on (the value may be stale: not stored).
+    async fn store(
+        &self,
+        key: &CacheKey,
+        version: u64,
+        json: String,
+        ttl: Duration,
+    ) -> Result<bool, CacheError>;
 
-    /// Removes `key`; removing an absent key is not an error.
-    ///
-    /// # Errors
-    /// [`CacheError::Unavailable`] when the cache cannot be reached.
-    async fn delete(&self, key: &str) -> Result<(), CacheError>;
+    /// Moves the version of `key` on and drops its entry.
+    async fn invalidate(&self, key: &CacheKey) -> Result<(), CacheError>;
+
+    /// Claims the right to load `key` for `ttl` under `token`: `false` when another
+    /// loader holds it.
+    async fn claim_load(&self, key: &CacheKey, token: u64, ttl: Duration) -> Result<bool, CacheError>;
+
+    /// Gives a claim back, if it is still `token`'s.
+    async fn release_load(&self, key: &CacheKey, token: u64) -> Result<(), CacheError>;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("a cache entry needs a TTL above zero")]
-    InvalidTtl,
-    #[error("the value under {key} is not the JSON expected")]
-    Undecodable {
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
     #[error("the cache is unavailable")]
     Unavailable(#[source] anyhow::Error),
 }
 
-/// Reads `key` and decodes it as `T`.
-///
-/// # Errors
-/// [`CacheError::Undecodable`] when the stored text is not a `T` (an old format after a
-/// deploy, say); callers treat it like a miss. [`CacheError::Unavailable`] as
-/// [`CachePort::get`].
-pub async fn get_json<T: DeserializeOwned>(
-    cache: &dyn CachePort,
-    key: &str,
-) -> Result<Option<T>, CacheError> {
-    let Some(text) = cache.get(key).await? else {
-        return Ok(None);
-    };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|source| CacheError::Undecodable { key: key.to_owned(), source })
+/// One kind of cached answer: its name (in keys and metric labels) and lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSpec {
+    pub name: &'static str,
+    /// The longest an entry lives; each store takes up to a tenth off (jitter), so that
+    /// entries filled together do not all run out together.
+    pub ttl: Duration,
 }
 
-/// Encodes `value` as JSON and stores it under `key` for `ttl`.
-///
-/// # Errors
-/// As [`CachePort::set`]; a value that cannot be encoded is [`CacheError::Undecodable`].
-pub async fn set_json<T: Serialize + Sync>(
-    cache: &dyn CachePort,
-    key: &str,
-    value: &T,
-    ttl: Duration,
-) -> Result<(), CacheError> {
-    let text = serde_json::to_string(value)
-        .map_err(|source| CacheError::Undecodable { key: key.to_owned(), source })?;
-    cache.set(key, text, ttl).await
+impl CacheSpec {
+    fn jittered_ttl(&self) -> Duration {
+        self.ttl.mul_f64(1.0 - fastrand::f64() / 10.0).max(Duration::from_millis(1))
+    }
+}
+
+/// How the read path waits and how much it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// How long a request waits for another instance's loader before loading itself.
+    pub loader_wait: Duration,
+    /// How often it looks for that value meanwhile.
+    pub loader_poll: Duration,
+    /// How long a load claim lasts if its loader dies without giving it back.
+    pub load_claim: Duration,
+    /// Most keys with a local copy per instance.
+    pub local_capacity: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            loader_wait: Duration::from_millis(500),
+            loader_poll: Duration::from_millis(5),
+            load_claim: Duration::from_secs(5),
+            local_capacity: 10_000,
+        }
+    }
+}
+
+/// The read path over a [`CachePort`], or straight to the loader when there is none
+/// (`CACHE_ENABLED=false`, the baseline of the benchmark).
+pub struct Cache {
+    port: Option<Arc<dyn CachePort>>,
+    settings: CacheSettings,
+    slots: Mutex<HashMap<CacheKey, Arc<Slot>>>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("enabled", &self.port.is_some())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key's local copy, and the mutex that lets one request of this instance fill it.
+#[derive(Default)]
+struct Slot {
+    copy: Mutex<Option<LocalCopy>>,
+    fill: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone)]
+struct LocalCopy {
+    version: u64,
+    value: Arc<dyn Any + Send + Sync>,
+    until: Instant,
+}
+
+impl Slot {
+    fn copy(&self) -> Option<LocalCopy> {
+        let copy = self.copy.lock().unwrap_or_else(PoisonError::into_inner);
+        copy.as_ref().filter(|c| c.until > Instant::now()).cloned()
+    }
+
+    fn keep(&self, version: u64, value: Arc<dyn Any + Send + Sync>, ttl: Duration) {
+        let mut copy = self.copy.lock().unwrap_or_else(PoisonError::into_inner);
+        // Never replace a copy of a newer version with an older one.
+        if copy.as_ref().is_none_or(|c| c.version <= version) {
+            *copy = Some(LocalCopy { version, value, until: Instant::now() + ttl });
+        }
+    }
+
+    fn forget(&self) {
+        *self.copy.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    fn is_live(&self) -> bool {
+        self.copy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|c| c.until > Instant::now())
+    }
+}
+
+fn count(name: &'static str, cache: &'static str) {
+    metrics::counter!(name, "cache" => cache).increment(1);
+}
+
+fn count_with(name: &'static str, cache: &'static str, label: &'static str, value: &'static str) {
+    metrics::counter!(name, "cache" => cache, label => value).increment(1);
+}
+
+impl Cache {
+    #[must_use]
+    pub fn new(port: Arc<dyn CachePort>, settings: CacheSettings) -> Self {
+        Self { port: Some(port), settings, slots: Mutex::default() }
+    }
+
+    /// No cache: every read loads.
+    #[must_use]
+    pub fn disabled() -> Self {
+        Self { port: None, settings: CacheSettings::default(), slots: Mutex::default() }
+    }
+
+    /// The value of `spec`/`id`: from this instance's copy while the store's version
+    /// matches it, else from the store, else from `load` (whose value is then stored,
+    /// unless a write evicted the key meanwhile). `Ok(None)` when `load` finds nothing
+    /// (nothing is cached then).
+    ///
+    /// # Errors
+    /// Only `load`'s own errors: the cache's are counted and bypassed.
+    pub async fn get_or_load<T, E, F, Fut>(
+        &self,
+        spec: &CacheSpec,
+        id: &str,
+        load: F,
+    ) -> Result<Option<Arc<T>>, E>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        let Some(port) = &self.port else {
+            return Ok(load().await?.map(Arc::new));
+        };
+        let key = CacheKey::new(spec.name, id);
+        let slot = self.slot(&key);
+        let local = slot.copy();
+        let version = match port.read(&key, local.as_ref().map(|c| c.version)).await {
+            Err(error) => {
+                count_with("cache_requests_total", spec.name, "result", "bypass");
+                count_with("cache_errors_total", spec.name, "op", "read");
+                tracing::debug!(%key, error = format!("{error:#}"), "cache unreachable; reading the database");
+                return Ok(load().await?.map(Arc::new));
+            }
+            Ok(CacheRead::Unchanged { version }) => {
+                if let Some(value) =
+                    local.filter(|c| c.version == version).and_then(|c| c.value.downcast().ok())
+                {
+                    count_with("cache_requests_total", spec.name, "result", "local");
+                    return Ok(Some(value));
+                }
+                version
+            }
+            Ok(CacheRead::Entry { version, json, ttl_left }) => match serde_json::from_str::<T>(&json) {
+                Ok(value) => {
+                    count_with("cache_requests_total", spec.name, "result", "hit");
+                    let value = Arc::new(value);
+                    slot.keep(version, value.clone(), ttl_left);
+                    return Ok(Some(value));
+                }
+                Err(error) => {
+                    // An old format after a deploy, or garbage: reload and overwrite it.
+                    count("cache_decode_failures_total", spec.name);
+                    tracing::warn!(%key, %error, "cached value does not decode; reloading");
+                    version
+                }
+            },
+            Ok(CacheRead::Missing { version }) => version,
+        };
+        count_with("cache_requests_total", spec.name, "result", "miss");
+        self.fill(port.as_ref(), spec, &key, &slot, version, load).await
+    }
+
+    /// The miss path: one request per instance, one loader across instances.
+    async fn fill<T, E, F, Fut>(
+        &self,
+        port: &dyn CachePort,
+        spec: &CacheSpec,
+        key: &CacheKey,
+        slot: &Slot,
+        version: u64,
+        load: F,
+    ) -> Result<Option<Arc<T>>, E>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        let _filling = slot.fill.lock().await;
+        // Another request of this instance may have filled it while this one queued: a
+        // copy of this version or a later one is as fresh as a load would be.
+        if let Some(value) =
+            slot.copy().filter(|c| c.version >= version).and_then(|c| c.value.downcast::<T>().ok())
+        {
+            count_with("cache_load_waits_total", spec.name, "outcome", "filled");
+            return Ok(Some(value));
+        }
+        let token = fastrand::u64(..);
+        let leader = match port.claim_load(key, token, self.settings.load_claim).await {
+            Ok(leader) => leader,
+            Err(error) => {
+                count_with("cache_errors_total", spec.name, "op", "claim");
+                tracing::debug!(%key, error = format!("{error:#}"), "cannot claim the load; loading anyway");
+                true
+            }
+        };
+        if !leader && let Some(value) = self.wait_for_loader::<T>(port, spec, key, slot).await {
+            return Ok(Some(value));
+        }
+        let claim = leader.then(|| Claim::new(self.port.clone(), key.clone(), token));
+        count("cache_loads_total", spec.name);
+        let loaded = load().await;
+        let value = match loaded {
+            Ok(Some(value)) => Arc::new(value),
+            Ok(None) => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let ttl = spec.jittered_ttl();
+        match serde_json::to_string(value.as_ref()) {
+            Ok(json) => match port.store(key, version, json, ttl).await {
+                Ok(true) => slot.keep(version, value.clone(), ttl),
+                Ok(false) => {
+                    // A write evicted the key after this load read its version: the value
+                    // may predate that write, so it is not kept (this request still gets
+                    // it: it began before the write's answer went out).
+                    count("cache_store_rejected_total", spec.name);
+                }
+                Err(error) => {
+                    count_with("cache_errors_total", spec.name, "op", "store");
+                    tracing::debug!(%key, error = format!("{error:#}"), "cannot store a loaded value");
+                }
+            },
+            Err(error) => tracing::error!(%key, %error, "a loaded value does not encode"),
+        }
+        if let Some(claim) = claim {
+            claim.release().await;
+        }
+        Ok(Some(value))
+    }
+
+    async fn wait_for_loader<T>(
+        &self,
+        port: &dyn CachePort,
+        spec: &CacheSpec,
+        key: &CacheKey,
+        slot: &Slot,
+    ) -> Option<Arc<T>>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        let deadline = Instant::now() + self.settings.loader_wait;
+        while Instant::now() < deadline {
+            tokio::time::sleep(self.settings.loader_poll).await;
+            match port.read(key, None).await {
+                Ok(CacheRead::Entry { version, json, ttl_left }) => {
+                    if let Ok(value) = serde_json::from_str::<T>(&json) {
+                        count_with("cache_load_waits_total", spec.name, "outcome", "filled");
+                        let value = Arc::new(value);
+                        slot.keep(version, value.clone(), ttl_left);
+                        return Some(value);
+                    }
+                    break;
+                }
+                Ok(CacheRead::Missing { .. } | CacheRead::Unchanged { .. }) => {}
+                Err(_) => break,
+            }
+        }
+        count_with("cache_load_waits_total", spec.name, "outcome", "timeout");
+        None
+    }
+
+    /// Evicts `spec`/`id` on every instance: call it after the commit of a write that
+    /// changes the answer, before answering. A store that cannot be reached is retried in
+    /// the background for as long as an entry could live.
+    pub async fn invalidate(&self, spec: &CacheSpec, id: &str) {
+        let Some(port) = &self.port else { return };
+        let key = CacheKey::new(spec.name, id);
+        if let Some(slot) = self.slots.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            slot.forget();
+        }
+        count("cache_evictions_total", spec.name);
+        if let Err(error) = port.invalidate(&key).await {
+            count_with("cache_errors_total", spec.name, "op", "invalidate");
+            tracing::warn!(%key, error = format!("{error:#}"), "cache eviction failed; retrying in the background");
+            let port = Arc::clone(port);
+            let until = Instant::now() + spec.ttl;
+            let name = spec.name;
+            tokio::spawn(async move {
+                let mut pause = Duration::from_millis(100);
+                while Instant::now() < until {
+                    tokio::time::sleep(pause).await;
+                    match port.invalidate(&key).await {
+                        Ok(()) => return tracing::info!(%key, "cache eviction done on retry"),
+                        Err(_) => count_with("cache_errors_total", name, "op", "invalidate"),
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                tracing::error!(%key, "cache eviction never succeeded; the entry lives out its TTL");
+            });
+        }
+    }
+
+    fn slot(&self, key: &CacheKey) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = slots.get(key) {
+            return Arc::clone(slot);
+        }
+        if slots.len() >= self.settings.local_capacity {
+            // Bounded: keep what is in use or still fresh; if that is still too much, keep
+            // only what is in use.
+            slots.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.is_live());
+            if slots.len() >= self.settings.local_capacity {
+                slots.retain(|_, slot| Arc::strong_count(slot) > 1);
+            }
+        }
+        Arc::clone(slots.entry(key.clone()).or_default())
+    }
+
+    /// How many keys have a slot on this instance (bounded by `local_capacity` plus those
+    /// in use).
+    #[must_use]
+    pub fn local_keys(&self) -> usize {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+/// A load claim, given back when the load is done, or from `Drop` when the request was
+/// cancelled mid-load (so that other loaders need not wait out its TTL).
+struct Claim {
+    port: Option<Arc<dyn CachePort>>,
+    key: CacheKey,
+    token: u64,
+}
+
+impl Claim {
+    fn new(port: Option<Arc<dyn CachePort>>, key: CacheKey, token: u64) -> Self {
+        Self { port, key, token }
+    }
+
+    async fn release(mut self) {
+        if let Some(port) = self.port.take()
+            && let Err(error) = port.release_load(&self.key, self.token).await
+        {
+            tracing::debug!(key = %self.key, error = format!("{error:#}"), "load claim not given back; it runs out");
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(port) = self.port.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (key, token) = (self.key.clone(), self.token);
+            runtime.spawn(async move {
+                let _ = port.release_load(&key, token).await;
+            });
+        }
+    }
 }

@@ -6,7 +6,13 @@ use time::OffsetDateTime;
 /// so what a use case returns equals what a later read gives back.
 #[must_use]
 pub fn now_utc() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc();
-    let micros = now.nanosecond() / 1_000 * 1_000;
-    now.replace_nanosecond(micros).unwrap_or(now)
+    to_micros(OffsetDateTime::now_utc())
+}
+
+/// `at` in UTC, truncated to whole microseconds (what MySQL keeps of it).
+#[must_use]
+pub fn to_micros(at: OffsetDateTime) -> OffsetDateTime {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let micros = at.nanosecond() / 1_000 * 1_000;
+    at.replace_nanosecond(micros).unwrap_or(at)
 }

@@ -1,12 +1,14 @@
 //! Hold a seat for a few minutes.
 //!
-//! Outside the lock: the schedule must exist and its booking window be open now (cheap
-//! reads that turn requests away before they touch a lock). Under
+//! Outside the lock, from the cached seat map (cheap reads that turn most requests away
+//! before they touch a lock): the schedule must exist, its booking window be open now, and
+//! the seat not be held or sold already. Under
 //! `lock:seat:{scheduleId}:{seatNumber}`, failing fast (another holder means someone else
 //! is taking this seat: 409 at once, no queue): lock the seat row, refuse a seat that is
 //! held (and not run out) or sold, then take it by a conditional update and insert the
 //! reservation, in one transaction. A hold that ran out and was not cleaned up yet is
-//! replaced, and marked EXPIRED in the same transaction.
+//! replaced, and marked EXPIRED in the same transaction. After the commit, the seat map is
+//! evicted on every instance before the answer goes out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,8 @@ use std::time::Duration;
 use domain::booking::{
     BookingRepository, BookingRepositoryError, Reservation, ScheduleId, SeatNumber, SeatStatus,
 };
+
+use crate::catalog::{Catalog, CatalogError};
 use domain::unit_of_work::TxError;
 use domain::user::UserId;
 
@@ -48,6 +52,7 @@ pub enum HoldSeatError {
 /// Holds seats.
 #[derive(Clone)]
 pub struct HoldSeat {
+    catalog: Catalog,
     bookings: Arc<dyn BookingRepository>,
     lock: Arc<dyn DistributedLock>,
     txm: Arc<dyn TransactionManager>,
@@ -63,12 +68,13 @@ impl std::fmt::Debug for HoldSeat {
 impl HoldSeat {
     #[must_use]
     pub fn new(
+        catalog: Catalog,
         bookings: Arc<dyn BookingRepository>,
         lock: Arc<dyn DistributedLock>,
         txm: Arc<dyn TransactionManager>,
         hold: Duration,
     ) -> Self {
-        Self { bookings, lock, txm, hold }
+        Self { catalog, bookings, lock, txm, hold }
     }
 
     /// Holds `seat` of `schedule_id` for `user_id`.
@@ -84,14 +90,21 @@ impl HoldSeat {
         schedule_id: ScheduleId,
         seat: SeatNumber,
     ) -> Result<Reservation, HoldSeatError> {
-        let schedule = self
-            .bookings
-            .schedule(schedule_id)
-            .await
-            .map_err(|e| anyhow::Error::new(e).context("failed to read the schedule"))?
-            .ok_or(HoldSeatError::ScheduleNotFound(schedule_id))?;
-        if !schedule.window.is_open(clock::now_utc()) {
+        let map = self.catalog.seat_map(schedule_id).await.map_err(|error| match error {
+            CatalogError::ScheduleNotFound(id) => HoldSeatError::ScheduleNotFound(id),
+            other => {
+                HoldSeatError::Unexpected(anyhow::Error::new(other).context("failed to read the seat map"))
+            }
+        })?;
+        let now = clock::now_utc();
+        if !map.schedule.is_open(now) {
             return Err(HoldSeatError::BookingClosed);
+        }
+        // A fresh map (every change evicts it before answering) that says taken: no need
+        // to queue on the lock. One that says free may be out of date by a moment; the
+        // lock and the SQL decide.
+        if map.seat(seat).is_none_or(|s| s.status_at(now) != SeatStatus::Available) {
+            return Err(HoldSeatError::SeatUnavailable);
         }
         let bookings = Arc::clone(&self.bookings);
         let hold = time::Duration::try_from(self.hold).map_err(anyhow::Error::new)?;
@@ -123,6 +136,7 @@ impl HoldSeat {
             },
         )
         .await?;
+        self.catalog.seats_changed(schedule_id).await;
         tracing::info!(reservation = %reservation.id, "seat held");
         Ok(reservation)
     }
@@ -157,11 +171,13 @@ impl From<LockError> for HoldSeatError {
 #[cfg(test)]
 mod tests {
     use domain::booking::{
-        BookingWindow, ConcertId, MockBookingRepository, Price, ReservationId, Schedule, Seat,
+        BookingWindow, ConcertId, MockBookingRepository, MockCatalogRepository, Price, ReservationId,
+        Schedule, Seat,
     };
     use domain::unit_of_work::MockUnitOfWork;
 
     use super::*;
+    use crate::cache::Cache;
     use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard};
     use crate::tx::MockTransactionManager;
 
@@ -216,29 +232,70 @@ mod tests {
         (lock, txm)
     }
 
+    /// What the (uncached) seat map shows before the lock: the schedule, if `found`, with
+    /// seat 7 `shown` and every other seat free.
+    fn catalog(found: Option<bool>, shown: SeatStatus) -> MockCatalogRepository {
+        let mut catalog = MockCatalogRepository::new();
+        catalog.expect_schedule().returning(move |id| Ok(found.map(|open| schedule(id, open))));
+        catalog.expect_seats().returning(move |id| {
+            Ok(SeatNumber::all()
+                .map(|n| {
+                    let mut free = seat(id, SeatStatus::Available, None);
+                    free.number = n;
+                    if n.get() == 7 && shown != SeatStatus::Available {
+                        free = seat(id, shown, Some(clock::now_utc() + time::Duration::minutes(3)));
+                    }
+                    free
+                })
+                .collect())
+        });
+        catalog
+    }
+
+    fn use_case_with(
+        catalog: MockCatalogRepository,
+        bookings: MockBookingRepository,
+        lock: MockDistributedLock,
+        txm: MockTransactionManager,
+    ) -> HoldSeat {
+        let catalog = Catalog::new(Arc::new(catalog), Arc::new(Cache::disabled()));
+        HoldSeat::new(catalog, Arc::new(bookings), Arc::new(lock), Arc::new(txm), DEFAULT_HOLD)
+    }
+
+    /// An open schedule whose map shows seat 7 free.
     fn use_case(
         bookings: MockBookingRepository,
         lock: MockDistributedLock,
         txm: MockTransactionManager,
     ) -> HoldSeat {
-        HoldSeat::new(Arc::new(bookings), Arc::new(lock), Arc::new(txm), DEFAULT_HOLD)
+        use_case_with(catalog(Some(true), SeatStatus::Available), bookings, lock, txm)
     }
 
     #[tokio::test]
     async fn an_unknown_schedule_or_a_closed_window_is_refused_before_any_lock() {
-        for (found, expected_closed) in [(false, false), (true, true)] {
+        for (found, shown) in [
+            (None, SeatStatus::Available),
+            (Some(false), SeatStatus::Available),
+            (Some(true), SeatStatus::Held),
+            (Some(true), SeatStatus::Sold),
+        ] {
             let id = ScheduleId::generate();
-            let mut bookings = MockBookingRepository::new();
-            bookings.expect_schedule().returning(move |_| Ok(found.then(|| schedule(id, false))));
             let mut lock = MockDistributedLock::new();
             lock.expect_acquire().never();
-            let result = use_case(bookings, lock, MockTransactionManager::new())
-                .execute(UserId::generate(), id, SeatNumber::new(7).unwrap())
-                .await;
-            if expected_closed {
-                assert!(matches!(result, Err(HoldSeatError::BookingClosed)), "{result:?}");
-            } else {
-                assert!(matches!(result, Err(HoldSeatError::ScheduleNotFound(_))), "{result:?}");
+            let result = use_case_with(
+                catalog(found, shown),
+                MockBookingRepository::new(),
+                lock,
+                MockTransactionManager::new(),
+            )
+            .execute(UserId::generate(), id, SeatNumber::new(7).unwrap())
+            .await;
+            match (found, shown) {
+                (None, _) => assert!(matches!(result, Err(HoldSeatError::ScheduleNotFound(_))), "{result:?}"),
+                (Some(false), _) => {
+                    assert!(matches!(result, Err(HoldSeatError::BookingClosed)), "{result:?}")
+                }
+                _ => assert!(matches!(result, Err(HoldSeatError::SeatUnavailable)), "{result:?}"),
             }
         }
     }
@@ -248,7 +305,6 @@ mod tests {
         let id = ScheduleId::generate();
         let user = UserId::generate();
         let mut bookings = MockBookingRepository::new();
-        bookings.expect_schedule().returning(move |_| Ok(Some(schedule(id, true))));
         bookings
             .expect_lock_seat()
             .times(1)
@@ -273,14 +329,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_live_hold_or_a_sale_makes_the_seat_unavailable_and_nothing_is_written() {
+    async fn a_live_hold_or_a_sale_the_map_did_not_show_yet_is_refused_under_the_lock_and_nothing_is_written()
+    {
         for (status, until) in [
             (SeatStatus::Held, Some(clock::now_utc() + time::Duration::minutes(3))),
             (SeatStatus::Sold, None),
         ] {
             let id = ScheduleId::generate();
             let mut bookings = MockBookingRepository::new();
-            bookings.expect_schedule().returning(move |_| Ok(Some(schedule(id, true))));
             bookings.expect_lock_seat().returning(move |_, s, _| Ok(Some(seat(s, status, until))));
             bookings.expect_hold_seat().never();
             let (lock, txm) = lock_and_tx(false);
@@ -299,7 +355,6 @@ mod tests {
         let stale = seat(id, SeatStatus::Held, Some(clock::now_utc() - time::Duration::seconds(1)));
         let old = stale.reservation_id;
         let mut bookings = MockBookingRepository::new();
-        bookings.expect_schedule().returning(move |_| Ok(Some(schedule(id, true))));
         bookings.expect_lock_seat().returning(move |_, _, _| Ok(Some(stale.clone())));
         bookings
             .expect_hold_seat()
@@ -317,8 +372,7 @@ mod tests {
     #[tokio::test]
     async fn a_seat_someone_else_is_taking_is_unavailable_at_once_without_a_transaction() {
         let id = ScheduleId::generate();
-        let mut bookings = MockBookingRepository::new();
-        bookings.expect_schedule().returning(move |_| Ok(Some(schedule(id, true))));
+        let bookings = MockBookingRepository::new();
         let mut lock = MockDistributedLock::new();
         lock.expect_acquire().times(1).returning(|key, _| Err(LockError::Busy { key: key.clone() }));
         let mut txm = MockTransactionManager::new();

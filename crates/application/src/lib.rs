@@ -7,13 +7,17 @@
 //! - [`lock`]: the [`lock::DistributedLock`] port, its keys and wait policies.
 //! - [`tx`]: the [`tx::TransactionManager`] port and the helpers that order lock and
 //!   transaction.
-//! - [`cache`]: the [`cache::CachePort`] port and typed JSON helpers over it.
+//! - [`cache`]: the [`cache::CachePort`] port and the read path over it ([`cache::Cache`]:
+//!   versioned entries, local copies, one loader per key).
+//! - [`catalog`]: concerts, dates and seat maps through the cache, and the admin writes.
+//! - [`hold_seat`], [`reservations`]: seat holds, their cancel and expiry.
 //! - [`idempotency`]: idempotency keys, one mechanism for every retried operation.
 //! - [`queue`]: the [`queue::WaitingQueue`] port and the queue's use cases.
 //! - one module per use case: [`create_user`], [`charge_points`], [`get_balance`],
 //!   [`point_history`].
 
 pub mod cache;
+pub mod catalog;
 pub mod charge_points;
 pub mod clock;
 pub mod create_user;
@@ -23,6 +27,7 @@ pub mod idempotency;
 pub mod lock;
 pub mod point_history;
 pub mod queue;
+pub mod reservations;
 pub mod tx;
 
 pub use domain;

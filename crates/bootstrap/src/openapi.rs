@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{health, points, queue, users};
+use crate::routes::{admin, catalog, health, points, queue, reservations, users};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -22,6 +22,15 @@ use crate::routes::{health, points, queue, users};
         queue::issue_token,
         queue::my_token,
         queue::my_token_events,
+        catalog::list_concerts,
+        catalog::list_schedules,
+        catalog::seat_map,
+        reservations::hold_seat,
+        reservations::get_reservation,
+        reservations::cancel_reservation,
+        admin::create_concert,
+        admin::update_concert,
+        admin::add_schedule,
         health::live,
         health::ready,
     ),
@@ -37,6 +46,14 @@ use crate::routes::{health, points, queue, users};
             `QUEUE_ADMIT_BATCH` every `QUEUE_ADMIT_INTERVAL_MS` (never past `QUEUE_MAX_ACTIVE`); an active \
             token lasts `QUEUE_ACTIVE_SECONDS`; a waiting token nobody asks about (no view, no open event \
             stream) for `QUEUE_WAITING_IDLE_SECONDS` leaves the line; `QUEUE_BACKEND` is `redis` or `mysql`."),
+        (name = "concerts", description = "Concerts (no token), their open dates and seat maps (ACTIVE queue token). \
+            Served from a cache that is never older than the last change: a seat held, cancelled or sold through \
+            any instance shows so in every answer given after that request returned, and a hold that ran out \
+            shows AVAILABLE at once."),
+        (name = "reservations", description = "Seat holds (ACTIVE queue token; the user is the token's). A hold \
+            lasts RESERVATION_HOLD_SECONDS (default 300); one seat is held by at most one reservation at a time."),
+        (name = "admin", description = "Catalog writes; only when ADMIN_API_KEY is set, with it in X-Admin-Key \
+            (else 401 ADMIN_KEY_INVALID). Each write evicts the cached answers it changes on every instance."),
         (name = "operations", description = "Health"),
     )
 )]

@@ -7,10 +7,14 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
+use application::catalog::CatalogError;
 use application::charge_points::ChargePointsError;
 use application::create_user::CreateUserError;
 use application::get_balance::GetBalanceError;
+use application::hold_seat::HoldSeatError;
 use application::point_history::PointHistoryError;
+use application::reservations::ReservationError;
+use domain::booking::BookingError;
 use domain::point::MAX_BALANCE;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -46,6 +50,20 @@ pub enum ApiError {
     MethodNotAllowed { allow: &'static str },
     #[error("user {0} not found")]
     UserNotFound(uuid::Uuid),
+    #[error("concert {0} not found")]
+    ConcertNotFound(uuid::Uuid),
+    #[error("schedule {0} not found")]
+    ScheduleNotFound(uuid::Uuid),
+    #[error("reservation {0} not found")]
+    ReservationNotFound(uuid::Uuid),
+    #[error("this seat is held or sold, or someone is taking it right now; pick another seat")]
+    SeatUnavailable,
+    #[error("booking for this schedule is not open now")]
+    BookingClosed,
+    #[error("the reservation is {0}; only a HELD reservation whose hold lasts can be cancelled")]
+    ReservationNotHeld(&'static str),
+    #[error("the X-Admin-Key header is missing or wrong, or the admin API is off (ADMIN_API_KEY unset)")]
+    AdminKeyInvalid,
     #[error(
         "the Queue-Token header is missing, malformed, unknown or expired; take a place in line with POST /api/v1/queue/tokens"
     )]
@@ -105,6 +123,13 @@ impl ApiError {
             Self::RouteNotFound => "NOT_FOUND",
             Self::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             Self::UserNotFound(_) => "USER_NOT_FOUND",
+            Self::ConcertNotFound(_) => "CONCERT_NOT_FOUND",
+            Self::ScheduleNotFound(_) => "SCHEDULE_NOT_FOUND",
+            Self::ReservationNotFound(_) => "RESERVATION_NOT_FOUND",
+            Self::SeatUnavailable => "SEAT_UNAVAILABLE",
+            Self::BookingClosed => "BOOKING_CLOSED",
+            Self::ReservationNotHeld(_) => "RESERVATION_NOT_HELD",
+            Self::AdminKeyInvalid => "ADMIN_KEY_INVALID",
             Self::QueueTokenInvalid => "QUEUE_TOKEN_INVALID",
             Self::QueueTokenNotActive => "QUEUE_TOKEN_NOT_ACTIVE",
             Self::BalanceLimitExceeded(_) => "BALANCE_LIMIT_EXCEEDED",
@@ -125,6 +150,13 @@ impl ApiError {
             Self::RouteNotFound => "Not found",
             Self::MethodNotAllowed { .. } => "Method not allowed",
             Self::UserNotFound(_) => "User not found",
+            Self::ConcertNotFound(_) => "Concert not found",
+            Self::ScheduleNotFound(_) => "Schedule not found",
+            Self::ReservationNotFound(_) => "Reservation not found",
+            Self::SeatUnavailable => "Seat unavailable",
+            Self::BookingClosed => "Booking closed",
+            Self::ReservationNotHeld(_) => "Reservation not held",
+            Self::AdminKeyInvalid => "Admin key invalid",
             Self::QueueTokenInvalid => "Queue token invalid",
             Self::QueueTokenNotActive => "Queue token not active",
             Self::BalanceLimitExceeded(_) => "Balance limit exceeded",
@@ -169,7 +201,13 @@ impl ResponseError for ApiError {
         match self {
             Self::Validation { .. } | Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RouteNotFound | Self::UserNotFound(_) => StatusCode::NOT_FOUND,
+            Self::RouteNotFound
+            | Self::UserNotFound(_)
+            | Self::ConcertNotFound(_)
+            | Self::ScheduleNotFound(_)
+            | Self::ReservationNotFound(_) => StatusCode::NOT_FOUND,
+            Self::SeatUnavailable | Self::BookingClosed | Self::ReservationNotHeld(_) => StatusCode::CONFLICT,
+            Self::AdminKeyInvalid => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::QueueTokenInvalid => StatusCode::UNAUTHORIZED,
             Self::QueueTokenNotActive => StatusCode::FORBIDDEN,
@@ -222,13 +260,63 @@ impl From<ChargePointsError> for ApiError {
             ChargePointsError::Contended(_) => Self::Busy(
                 "too many concurrent changes to this account; nothing was changed, retry shortly".into(),
             ),
-            ChargePointsError::LockUnavailable(source) => {
-                tracing::warn!(error = format!("{source:#}"), "lock store unavailable");
-                Self::Unavailable("the lock service is unavailable; nothing was changed".into())
-            }
+            ChargePointsError::LockUnavailable(source) => lock_unavailable(&source),
             ChargePointsError::Unexpected(e) => e.into(),
         }
     }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(error: CatalogError) -> Self {
+        match error {
+            CatalogError::ConcertNotFound(id) => Self::ConcertNotFound(*id.as_uuid()),
+            CatalogError::ScheduleNotFound(id) => Self::ScheduleNotFound(*id.as_uuid()),
+            CatalogError::Invalid(e) => Self::validation(invalid_field(&e), e.to_string()),
+            CatalogError::Unexpected(e) => e.into(),
+        }
+    }
+}
+
+/// The request field a domain rule is about.
+fn invalid_field(error: &BookingError) -> &'static str {
+    match error {
+        BookingError::SeatOutOfRange { .. } => "seatNumber",
+        BookingError::PriceOutOfRange { .. } => "seatPrice",
+        BookingError::InvalidWindow => "bookingClosesAt",
+        BookingError::InvalidLabel { what } => what,
+        _ => "body",
+    }
+}
+
+impl From<HoldSeatError> for ApiError {
+    fn from(error: HoldSeatError) -> Self {
+        match error {
+            HoldSeatError::ScheduleNotFound(id) => Self::ScheduleNotFound(*id.as_uuid()),
+            HoldSeatError::BookingClosed => Self::BookingClosed,
+            HoldSeatError::SeatUnavailable => Self::SeatUnavailable,
+            HoldSeatError::LockUnavailable(source) => lock_unavailable(&source),
+            HoldSeatError::Unexpected(e) => e.into(),
+        }
+    }
+}
+
+impl From<ReservationError> for ApiError {
+    fn from(error: ReservationError) -> Self {
+        match error {
+            ReservationError::NotFound(id) => Self::ReservationNotFound(*id.as_uuid()),
+            ReservationError::NotHeld(status) => Self::ReservationNotHeld(status.as_str()),
+            ReservationError::Busy(_) => {
+                Self::Busy("this seat is being changed right now; nothing was changed, retry shortly".into())
+            }
+            ReservationError::LockUnavailable(source) => lock_unavailable(&source),
+            ReservationError::Unexpected(e) => e.into(),
+        }
+    }
+}
+
+fn lock_unavailable(source: &anyhow::Error) -> ApiError {
+    tracing::warn!(error = format!("{source:#}"), "lock store unavailable");
+    ApiError::Unavailable("the lock service is unavailable; nothing was changed".into())
 }
 
 impl From<GetBalanceError> for ApiError {

@@ -80,6 +80,20 @@ pub struct Settings {
     /// `QUEUE_NAME`: the queue's Redis hash tag (every key is `{name}:...`), so that
     /// deployments (or tests) sharing one Redis keep separate lines.
     pub queue_name: String,
+    /// `RESERVATION_HOLD_SECONDS`: how long a seat hold lasts.
+    pub reservation_hold: Duration,
+    /// `HOLD_EXPIRY_INTERVAL_MS`: how often each instance expires run-out holds.
+    pub hold_expiry_interval: Duration,
+    /// `HOLD_EXPIRY_BATCH`: the most holds one round expires.
+    pub hold_expiry_batch: u32,
+    /// `ADMIN_API_KEY`: the admin API's key (header `X-Admin-Key`); unset, the admin API
+    /// answers 401 to everything.
+    pub admin_api_key: Option<String>,
+    /// `SEED_DEMO_DATA`: demo concerts when the database has none.
+    pub seed_demo_data: bool,
+    /// `CACHE_ENABLED`: `false` sends every catalog read to MySQL (the benchmark's
+    /// baseline).
+    pub cache_enabled: bool,
 }
 
 /// A variable that is set but cannot be used.
@@ -221,7 +235,36 @@ impl Settings {
                 problem: "must be 1..=64 letters, digits, '-', '_', ':' or '.'".into(),
             });
         }
+        let flag = |name: &'static str, default: bool| {
+            let Some(raw) = lookup(name) else { return Ok(default) };
+            match raw.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(SettingsError { name, value: raw, problem: "must be true or false".into() }),
+            }
+        };
+        let admin_api_key = match lookup("ADMIN_API_KEY") {
+            None => None,
+            Some(key) if key.len() >= 16 && key.len() <= 256 && key.bytes().all(|b| b.is_ascii_graphic()) => {
+                Some(key)
+            }
+            Some(_) => {
+                return Err(SettingsError {
+                    name: "ADMIN_API_KEY",
+                    value: "***".into(),
+                    problem:
+                        "must be 16..=256 visible ASCII characters; leave it unset to turn the admin API off"
+                            .into(),
+                });
+            }
+        };
         Ok(Self {
+            reservation_hold: Duration::from_secs(number("RESERVATION_HOLD_SECONDS", 300, 1..=86_400)?),
+            hold_expiry_interval: ms("HOLD_EXPIRY_INTERVAL_MS", Duration::from_secs(2), 100..=600_000)?,
+            hold_expiry_batch: u32::try_from(number("HOLD_EXPIRY_BATCH", 200, 1..=10_000)?).unwrap_or(200),
+            admin_api_key,
+            seed_demo_data: flag("SEED_DEMO_DATA", true)?,
+            cache_enabled: flag("CACHE_ENABLED", true)?,
             queue_backend,
             queue,
             queue_name,
@@ -289,6 +332,34 @@ mod tests {
         assert_eq!(s.queue.policy, AdmitPolicy::MaxActive { max_active: 1_000 });
         assert_eq!(s.queue.active_lifetime, Duration::from_secs(600));
         assert_eq!(s.queue.admit_interval, Duration::from_secs(1));
+        assert_eq!(s.reservation_hold, Duration::from_secs(300));
+        assert_eq!((s.admin_api_key, s.seed_demo_data, s.cache_enabled), (None, true, true));
+    }
+
+    #[test]
+    fn booking_settings_are_read_and_checked() {
+        let s = settings(&[
+            ("RESERVATION_HOLD_SECONDS", "3"),
+            ("ADMIN_API_KEY", "a-long-enough-admin-key"),
+            ("SEED_DEMO_DATA", "false"),
+            ("CACHE_ENABLED", "0"),
+        ])
+        .unwrap();
+        assert_eq!(s.reservation_hold, Duration::from_secs(3));
+        assert_eq!(s.admin_api_key.as_deref(), Some("a-long-enough-admin-key"));
+        assert!(!s.seed_demo_data && !s.cache_enabled);
+        for (name, value) in [
+            ("RESERVATION_HOLD_SECONDS", "0"),
+            ("ADMIN_API_KEY", ""),
+            ("ADMIN_API_KEY", "short"),
+            ("ADMIN_API_KEY", "sixteen chars but a space"),
+            ("SEED_DEMO_DATA", "maybe"),
+            ("HOLD_EXPIRY_BATCH", "0"),
+        ] {
+            let error = settings(&[(name, value)]).unwrap_err().to_string();
+            assert!(error.starts_with(name), "{error}");
+            assert!(!error.contains("short"), "the key is never echoed: {error}");
+        }
     }
 
     #[test]

@@ -8,20 +8,27 @@ use std::time::Duration;
 use actix_web::dev::Server;
 use actix_web::http::header;
 use actix_web::{App, HttpResponse, HttpServer, web};
+use adapters_mysql::booking::MySqlBookingRepository;
+use adapters_mysql::catalog::MySqlCatalogRepository;
 use adapters_mysql::idempotency::MySqlIdempotencyStore;
 use adapters_mysql::points::MySqlPointRepository;
 use adapters_mysql::tx::MySqlTransactionManager;
 use adapters_mysql::users::MySqlUserRepository;
 use adapters_mysql::{DatabaseConnection, database};
+use adapters_redis::cache::RedisCache;
 use adapters_redis::connection::RedisConnections;
 use adapters_redis::lock::{DEFAULT_FALLBACK_POLL, LockOptions, RedisLock, WaitStrategy};
 use anyhow::Context as _;
+use application::cache::{Cache, CacheSettings};
+use application::catalog::Catalog;
 use application::charge_points::ChargePoints;
 use application::create_user::CreateUser;
 use application::get_balance::GetBalance;
+use application::hold_seat::HoldSeat;
 use application::idempotency::{DEFAULT_RETENTION, Idempotency};
 use application::point_history::PointHistory;
 use application::queue::{IssueToken, QueueReader, WaitingQueue};
+use application::reservations::Reservations;
 use tokio::task::JoinHandle;
 use utoipa::OpenApi as _;
 use utoipa_swagger_ui::SwaggerUi;
@@ -29,6 +36,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::openapi::ApiDoc;
 use crate::problem::ApiError;
 use crate::queue_events::QueueEvents;
+use crate::routes::admin::AdminKey;
 use crate::routes::{self, AppState, health::Readiness};
 use crate::settings::{LockWaitMode, QueueBackend, Settings, redact};
 use crate::telemetry;
@@ -50,6 +58,7 @@ pub struct Application {
     upkeep: JoinHandle<()>,
     purge: JoinHandle<()>,
     admission: JoinHandle<()>,
+    expiry: JoinHandle<()>,
     events: JoinHandle<()>,
     queue_events: QueueEvents,
 }
@@ -68,7 +77,9 @@ impl Application {
     /// When MySQL or Redis cannot be reached, a migration fails, or the address is taken.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         tracing::info!(database = %redact(&settings.database_url), redis = %redact(&settings.redis_url), "starting");
-        database::prepare(&settings.database_url).await.context("database not ready")?;
+        database::prepare_with(&settings.database_url, settings.seed_demo_data)
+            .await
+            .context("database not ready")?;
         let db = database::connect(
             &settings.database_url,
             settings.database_max_connections,
@@ -128,6 +139,22 @@ impl Application {
             queue_reader.clone(),
             settings.queue.admit_interval.min(Duration::from_secs(1)),
         );
+        let cache = Arc::new(if settings.cache_enabled {
+            Cache::new(Arc::new(RedisCache::new(redis.pool.clone())), CacheSettings::default())
+        } else {
+            tracing::warn!("CACHE_ENABLED=false: every catalog read goes to MySQL");
+            Cache::disabled()
+        });
+        let catalog = Catalog::new(Arc::new(MySqlCatalogRepository::new(db.clone())), cache);
+        let bookings = Arc::new(MySqlBookingRepository::new(db.clone()));
+        let hold_seat = HoldSeat::new(
+            catalog.clone(),
+            bookings.clone(),
+            Arc::clone(&lock_port),
+            txm.clone(),
+            settings.reservation_hold,
+        );
+        let reservations = Reservations::new(catalog.clone(), bookings, Arc::clone(&lock_port), txm.clone());
         let metrics = telemetry::prometheus();
         let state = web::Data::new(AppState {
             create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),
@@ -144,10 +171,14 @@ impl Application {
             issue_token: IssueToken::new(users, Arc::clone(&queue)),
             queue_reader,
             queue_events: queue_events.clone(),
+            catalog,
+            hold_seat,
+            reservations: reservations.clone(),
             readiness: Readiness { db: db.clone(), redis: redis.clone() },
             metrics: metrics.clone(),
         });
 
+        let admin_key = web::Data::new(AdminKey(settings.admin_api_key.clone()));
         let listener = TcpListener::bind(&settings.http_addr)
             .with_context(|| format!("failed to listen on {}", settings.http_addr))?;
         let address = listener.local_addr()?;
@@ -157,6 +188,7 @@ impl Application {
                 .app_data(state.clone())
                 // What the queue gate (`routes::queue::Admitted`) reads tokens with.
                 .app_data(gate.clone())
+                .app_data(admin_key.clone())
                 .app_data(web::QueryConfig::default().error_handler(|error, _| {
                     ApiError::validation("query", format!("the query string cannot be read: {error}")).into()
                 }))
@@ -204,6 +236,11 @@ impl Application {
         // Twice per interval: with one instance, a step landing just before an interval's
         // end would otherwise skip the next; the step itself keeps the rate exact.
         let admission = tokio::spawn(admit_forever(queue, settings.queue.admit_interval / 2));
+        let expiry = tokio::spawn(expire_forever(
+            reservations,
+            settings.hold_expiry_interval,
+            settings.hold_expiry_batch,
+        ));
         tracing::info!("listening on http://{address}");
         Ok(Self {
             port: address.port(),
@@ -214,6 +251,7 @@ impl Application {
             upkeep,
             purge,
             admission,
+            expiry,
             events,
             queue_events,
         })
@@ -251,6 +289,7 @@ impl Application {
         self.upkeep.abort();
         self.purge.abort();
         self.admission.abort();
+        self.expiry.abort();
         self.events.abort();
         self.lock.release_all(RELEASE_AT_SHUTDOWN).await;
         self.redis.quit().await;
@@ -288,6 +327,30 @@ async fn admit_forever(queue: Arc<dyn WaitingQueue>, interval: Duration) {
                 }
             }
             Err(error) => tracing::warn!(error = format!("{error:#}"), "queue admission step failed"),
+        }
+    }
+}
+
+/// The hold expiry job, every `interval`, on every instance (each hold is expired once,
+/// under its seat's lock, by a conditional update). A full batch goes again at once.
+async fn expire_forever(reservations: Reservations, interval: Duration, batch: u32) {
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        loop {
+            match reservations.expire_run_out(batch).await {
+                Ok(expired) => {
+                    metrics::counter!("reservation_holds_expired_total").increment(expired as u64);
+                    if expired < batch as usize {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "hold expiry round failed");
+                    break;
+                }
+            }
         }
     }
 }

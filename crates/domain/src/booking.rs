@@ -207,15 +207,27 @@ impl ReservationStatus {
         }
     }
 
-    /// HELD -> CANCELLED (by the user who holds it; a hold that ran out may still be
-    /// cancelled: the seat is free either way, and the answer is the same).
+    /// HELD -> CANCELLED, by the user who holds it, while the hold lasts. A hold that ran
+    /// out counts as EXPIRED (whether or not the expiry job has run), so it cannot be
+    /// cancelled any more: the seat is free already.
     ///
     /// # Errors
-    /// [`BookingError::NotHeld`] from any other state.
-    pub fn cancel(self) -> Result<Self, BookingError> {
-        match self {
+    /// [`BookingError::NotHeld`] from any other state, a run-out hold included (as
+    /// EXPIRED).
+    pub fn cancel(self, held_until: OffsetDateTime, now: OffsetDateTime) -> Result<Self, BookingError> {
+        match self.at(held_until, now) {
             Self::Held => Ok(Self::Cancelled),
             other => Err(BookingError::NotHeld { status: other }),
+        }
+    }
+
+    /// What a reservation in this stored state shows at `now`: a HELD whose hold ran out
+    /// shows EXPIRED at once, whether or not the expiry job has run.
+    #[must_use]
+    pub fn at(self, held_until: OffsetDateTime, now: OffsetDateTime) -> Self {
+        match self {
+            Self::Held if now >= held_until => Self::Expired,
+            other => other,
         }
     }
 
@@ -277,6 +289,40 @@ pub enum BookingError {
     HoldExpired,
     #[error("the hold has not run out yet")]
     HoldStillLive,
+    #[error("{what} must be 1 to 200 characters without control characters")]
+    InvalidLabel { what: &'static str },
+}
+
+/// A concert's title or venue: 1..=200 characters, trimmed, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label(String);
+
+impl Label {
+    pub const MAX_CHARS: usize = 200;
+
+    /// # Errors
+    /// [`BookingError::InvalidLabel`], naming `what` (`title`, `venue`).
+    pub fn new(what: &'static str, raw: &str) -> Result<Self, BookingError> {
+        let trimmed = raw.trim();
+        let chars = trimmed.chars().count();
+        if chars == 0 || chars > Self::MAX_CHARS || trimmed.chars().any(char::is_control) {
+            return Err(BookingError::InvalidLabel { what });
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A concert: what is played where. Its dates are [`Schedule`]s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Concert {
+    pub id: ConcertId,
+    pub title: Label,
+    pub venue: Label,
 }
 
 /// A concert date.
@@ -325,6 +371,12 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// What the reservation shows at `now` (a run-out hold is EXPIRED).
+    #[must_use]
+    pub fn status_at(&self, now: OffsetDateTime) -> ReservationStatus {
+        self.status.at(self.held_until, now)
+    }
+
     /// A new hold of `seat` for `user_id`, from `now` for `hold`.
     #[must_use]
     pub fn hold(user_id: UserId, seat: &Seat, now: OffsetDateTime, hold: time::Duration) -> Self {
@@ -341,13 +393,48 @@ impl Reservation {
     }
 }
 
-/// Where concerts, schedules, seats and reservations are kept.
+/// A new concert date to add: its seats all get `seat_price`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSchedule {
+    pub schedule: Schedule,
+    pub seat_price: Price,
+}
+
+/// Where concerts, their dates and seats are kept: the reads of the catalog (all outside
+/// any transaction) and its admin writes (each one transaction of its own, no lock: they
+/// create rows or change labels, never a seat's state).
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait CatalogRepository: Send + Sync {
+    /// Every concert, by title.
+    async fn concerts(&self) -> Result<Vec<Concert>, BookingRepositoryError>;
+
+    /// One concert.
+    async fn concert(&self, id: ConcertId) -> Result<Option<Concert>, BookingRepositoryError>;
+
+    /// Every date of a concert, by start time.
+    async fn schedules_of(&self, concert: ConcertId) -> Result<Vec<Schedule>, BookingRepositoryError>;
+
+    /// One date.
+    async fn schedule(&self, id: ScheduleId) -> Result<Option<Schedule>, BookingRepositoryError>;
+
+    /// The seats of a date as stored, ascending (a run-out hold still says HELD here).
+    async fn seats(&self, schedule: ScheduleId) -> Result<Vec<Seat>, BookingRepositoryError>;
+
+    async fn insert_concert(&self, concert: &Concert) -> Result<(), BookingRepositoryError>;
+
+    /// Changes a concert's title and venue; `false` when there is no such concert.
+    async fn update_concert(&self, concert: &Concert) -> Result<bool, BookingRepositoryError>;
+
+    /// Inserts a date and its 50 seats, in one transaction; `false` when the concert does
+    /// not exist.
+    async fn insert_schedule(&self, new: &NewSchedule) -> Result<bool, BookingRepositoryError>;
+}
+
+/// Where seat holds are taken and settled, inside the transactions the use cases open.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait BookingRepository: Send + Sync {
-    /// A schedule, outside any transaction.
-    async fn schedule(&self, id: ScheduleId) -> Result<Option<Schedule>, BookingRepositoryError>;
-
     /// A seat, its row locked in `tx` (`SELECT ... FOR UPDATE`).
     async fn lock_seat(
         &self,
@@ -373,6 +460,25 @@ pub trait BookingRepository: Send + Sync {
 
     /// A reservation, outside any transaction.
     async fn reservation(&self, id: ReservationId) -> Result<Option<Reservation>, BookingRepositoryError>;
+
+    /// Ends a hold in `tx`: the reservation goes HELD -> `to` (CANCELLED only while the
+    /// hold lasts at `now`, EXPIRED only once it ran out: both conditions are in the SQL,
+    /// rows affected checked) and its seat AVAILABLE again if the seat still names it.
+    /// `false` when the reservation was not in that state any more (nothing changed).
+    async fn end_hold(
+        &self,
+        tx: &mut Tx,
+        reservation: ReservationId,
+        to: ReservationStatus,
+        now: OffsetDateTime,
+    ) -> Result<bool, BookingRepositoryError>;
+
+    /// Up to `limit` holds that ran out by `now` and are still HELD, oldest first.
+    async fn run_out_holds(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<Reservation>, BookingRepositoryError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -437,11 +543,18 @@ mod tests {
     #[test]
     fn only_a_hold_is_cancelled_and_only_a_run_out_hold_expires() {
         let until = NOW + Duration::minutes(5);
-        assert_eq!(ReservationStatus::Held.cancel(), Ok(ReservationStatus::Cancelled));
+        assert_eq!(ReservationStatus::Held.cancel(until, NOW), Ok(ReservationStatus::Cancelled));
         assert_eq!(
-            ReservationStatus::Confirmed.cancel(),
+            ReservationStatus::Held.cancel(until, until),
+            Err(BookingError::NotHeld { status: ReservationStatus::Expired }),
+            "a run-out hold is EXPIRED, not cancellable"
+        );
+        assert_eq!(
+            ReservationStatus::Confirmed.cancel(until, NOW),
             Err(BookingError::NotHeld { status: ReservationStatus::Confirmed })
         );
+        assert_eq!(ReservationStatus::Held.at(until, until), ReservationStatus::Expired);
+        assert_eq!(ReservationStatus::Confirmed.at(until, until), ReservationStatus::Confirmed);
         assert_eq!(ReservationStatus::Held.expire(until, until), Ok(ReservationStatus::Expired));
         assert_eq!(ReservationStatus::Held.expire(until, NOW), Err(BookingError::HoldStillLive));
         assert_eq!(

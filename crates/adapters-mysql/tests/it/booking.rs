@@ -5,7 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adapters_mysql::booking::MySqlBookingRepository;
+use adapters_mysql::catalog::MySqlCatalogRepository;
+use application::cache::Cache;
+use application::catalog::{Catalog, ScheduleDraft};
 use application::hold_seat::{HoldSeat, HoldSeatError};
+use application::reservations::{ReservationError, Reservations};
+use domain::booking::{ConcertId, ReservationStatus};
 use domain::booking::{ScheduleId, SeatNumber};
 use domain::user::UserId;
 use sea_orm::ConnectionTrait as _;
@@ -59,8 +64,23 @@ async fn users(db: &Db, n: usize) -> Vec<UserId> {
     ids
 }
 
+/// The catalog read straight from MySQL (no cache).
+fn catalog(db: &Db) -> Catalog {
+    Catalog::new(Arc::new(MySqlCatalogRepository::new(db.conn.clone())), Arc::new(Cache::disabled()))
+}
+
+fn reservations_without_lock(db: &Db) -> Reservations {
+    Reservations::new(
+        catalog(db),
+        Arc::new(MySqlBookingRepository::new(db.conn.clone())),
+        Arc::new(NoLock),
+        db.txm.clone(),
+    )
+}
+
 fn hold_without_lock(db: &Db, hold: Duration) -> HoldSeat {
     HoldSeat::new(
+        catalog(db),
         Arc::new(MySqlBookingRepository::new(db.conn.clone())),
         Arc::new(NoLock),
         db.txm.clone(),
@@ -130,5 +150,148 @@ async fn a_hold_that_ran_out_can_be_taken_over_and_is_expired_on_the_way() {
     let old =
         domain::booking::BookingRepository::reservation(&old, first.id).await.expect("read").expect("kept");
     assert_eq!(old.status, domain::booking::ReservationStatus::Expired);
+    db.drop_now().await;
+}
+
+async fn count(db: &Db, sql: &str) -> i64 {
+    db.conn
+        .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql))
+        .await
+        .expect("count")
+        .expect("row")
+        .try_get("", "n")
+        .expect("n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_frees_the_seat_once_and_a_run_out_hold_is_expired_not_cancelled() {
+    let db = Db::fresh("cancel").await;
+    let schedule = open_schedule(&db).await;
+    let people = users(&db, 2).await;
+    let reservations = reservations_without_lock(&db);
+    let held = hold_without_lock(&db, Duration::from_secs(300))
+        .execute(people[0], schedule, SeatNumber::new(9).unwrap())
+        .await
+        .expect("held");
+
+    // Another user's reservation does not exist for them.
+    assert!(matches!(reservations.cancel(people[1], held.id).await, Err(ReservationError::NotFound(_))));
+    // Eight concurrent cancels of one hold: one changes it, the others find it CANCELLED.
+    let results = futures::future::join_all((0..8).map(|_| reservations.cancel(people[0], held.id))).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .filter(|r| r.is_err())
+            .all(|r| matches!(r, Err(ReservationError::NotHeld(ReservationStatus::Cancelled))))
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM seats WHERE status <> 'AVAILABLE'").await, 0);
+
+    // A hold that ran out reads EXPIRED and cannot be cancelled; the job expires it once.
+    let short = hold_without_lock(&db, Duration::from_millis(100))
+        .execute(people[1], schedule, SeatNumber::new(10).unwrap())
+        .await
+        .expect("held");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reservations.get(people[1], short.id).await.expect("read").status != ReservationStatus::Expired {
+        assert!(std::time::Instant::now() < deadline, "the hold never ran out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(
+        reservations.cancel(people[1], short.id).await,
+        Err(ReservationError::NotHeld(ReservationStatus::Expired))
+    ));
+    let rounds = futures::future::join_all((0..4).map(|_| reservations.expire_run_out(100))).await;
+    assert_eq!(rounds.iter().map(|r| *r.as_ref().expect("round")).sum::<usize>(), 1, "{rounds:?}");
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM reservations WHERE status = 'EXPIRED'").await, 1);
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM seats WHERE status <> 'AVAILABLE'").await, 0);
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expiry_job_never_frees_a_seat_that_a_newer_hold_took() {
+    let db = Db::fresh("expiry_newer").await;
+    let schedule = open_schedule(&db).await;
+    let people = users(&db, 2).await;
+    let seat = SeatNumber::new(4).unwrap();
+    let old = hold_without_lock(&db, Duration::from_millis(50))
+        .execute(people[0], schedule, seat)
+        .await
+        .expect("held");
+    // The old hold runs out; mark it back HELD-and-run-out after a newer hold replaced it,
+    // as if the job had listed it just before the replacement.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let newer = loop {
+        match hold_without_lock(&db, Duration::from_secs(300)).execute(people[1], schedule, seat).await {
+            Ok(newer) => break newer,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    };
+    db.conn
+        .execute_unprepared(&format!(
+            "UPDATE reservations SET status = 'HELD' WHERE id = UNHEX('{}')",
+            old.id.as_uuid().simple()
+        ))
+        .await
+        .expect_err("the unique live-seat key refuses a second live reservation of the seat");
+
+    let expired = reservations_without_lock(&db).expire_run_out(100).await.expect("round");
+
+    assert_eq!(expired, 0);
+    let seat_row = count(
+        &db,
+        &format!(
+            "SELECT COUNT(*) AS n FROM seats WHERE status = 'HELD' AND reservation_id = UNHEX('{}')",
+            newer.id.as_uuid().simple()
+        ),
+    )
+    .await;
+    assert_eq!(seat_row, 1, "the newer hold keeps its seat");
+    db.drop_now().await;
+}
+
+#[tokio::test]
+async fn the_catalog_writes_and_reads_concerts_dates_and_seats() {
+    let db = Db::fresh("catalog").await;
+    assert!(
+        adapters_mysql::seed::seed_demo_data(&db.conn).await.expect("seed"),
+        "an empty database is seeded"
+    );
+    assert!(!adapters_mysql::seed::seed_demo_data(&db.conn).await.expect("seed"), "but only once");
+    let catalog = catalog(&db);
+    let seeded = catalog.concerts().await.expect("concerts");
+    assert_eq!(seeded.len(), 3);
+    let open = catalog.open_schedules(ConcertId::from_uuid(seeded[0].id)).await.expect("dates");
+    assert!(!open.is_empty() && open.iter().all(|s| s.total_seats == 50 && s.available_seats == 50));
+
+    let created = catalog.create_concert("  Spring Tour ", "Main Hall").await.expect("created");
+    assert_eq!(created.title, "Spring Tour", "trimmed");
+    let id = ConcertId::from_uuid(created.id);
+    let renamed = catalog.update_concert(id, "Spring Tour 2027", "Main Hall").await.expect("renamed");
+    assert_eq!(renamed.title, "Spring Tour 2027");
+    assert!(catalog.update_concert(ConcertId::generate(), "x", "y").await.is_err());
+    let now = application::clock::now_utc();
+    let draft = |opens: time::Duration| ScheduleDraft {
+        starts_at: now + time::Duration::days(30),
+        booking_opens_at: now + opens,
+        booking_closes_at: now + time::Duration::days(29),
+        seat_price: 70_000,
+    };
+    let date = catalog.add_schedule(id, &draft(-time::Duration::hours(1))).await.expect("date");
+    catalog.add_schedule(id, &draft(time::Duration::days(1))).await.expect("a date not open yet");
+    assert!(catalog.add_schedule(ConcertId::generate(), &draft(time::Duration::ZERO)).await.is_err());
+    let bad =
+        ScheduleDraft { booking_closes_at: now + time::Duration::days(31), ..draft(time::Duration::ZERO) };
+    assert!(catalog.add_schedule(id, &bad).await.is_err(), "closing after the show");
+
+    let open = catalog.open_schedules(id).await.expect("dates");
+    assert_eq!(open.len(), 1, "only the open date is listed");
+    assert_eq!(open[0].schedule, date);
+    let map = catalog.seat_map(ScheduleId::from_uuid(date.id)).await.expect("seats");
+    assert_eq!(map.seats.iter().map(|s| s.number).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
+    assert!(map.seats.iter().all(|s| s.price == 70_000));
     db.drop_now().await;
 }

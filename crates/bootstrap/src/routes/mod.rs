@@ -2,17 +2,23 @@
 //! call one use case, and shape the answer; errors become problems through
 //! [`crate::problem::ApiError`].
 
+pub mod admin;
+pub mod catalog;
 pub mod health;
 pub mod points;
 pub mod queue;
+pub mod reservations;
 pub mod users;
 
 use actix_web::{HttpResponse, web};
+use application::catalog::Catalog;
 use application::charge_points::ChargePoints;
 use application::create_user::CreateUser;
 use application::get_balance::GetBalance;
+use application::hold_seat::HoldSeat;
 use application::point_history::PointHistory;
 use application::queue::{IssueToken, QueueReader};
+use application::reservations::Reservations;
 
 use crate::problem::ApiError;
 
@@ -25,6 +31,9 @@ pub struct AppState {
     pub issue_token: IssueToken,
     pub queue_reader: QueueReader,
     pub queue_events: crate::queue_events::QueueEvents,
+    pub catalog: Catalog,
+    pub hold_seat: HoldSeat,
+    pub reservations: Reservations,
     pub readiness: health::Readiness,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -78,6 +87,36 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::get().to(points::point_history))
                     .route(web::head().to(points::point_history))
                     .default_service(allow("GET, HEAD")),
+            )
+            .service(get_and_head("/concerts", catalog::list_concerts))
+            .service(get_and_head("/concerts/{concertId}/schedules", catalog::list_schedules))
+            .service(get_and_head("/schedules/{scheduleId}/seats", catalog::seat_map))
+            .service(
+                web::resource("/reservations")
+                    .route(web::post().to(reservations::hold_seat))
+                    .default_service(allow("POST")),
+            )
+            .service(
+                web::resource("/reservations/{reservationId}")
+                    .route(web::get().to(reservations::get_reservation))
+                    .route(web::head().to(reservations::get_reservation))
+                    .route(web::delete().to(reservations::cancel_reservation))
+                    .default_service(allow("GET, HEAD, DELETE")),
+            )
+            .service(
+                web::resource("/admin/concerts")
+                    .route(web::post().to(admin::create_concert))
+                    .default_service(allow("POST")),
+            )
+            .service(
+                web::resource("/admin/concerts/{concertId}")
+                    .route(web::put().to(admin::update_concert))
+                    .default_service(allow("PUT")),
+            )
+            .service(
+                web::resource("/admin/concerts/{concertId}/schedules")
+                    .route(web::post().to(admin::add_schedule))
+                    .default_service(allow("POST")),
             ),
     )
     .service(get_and_head("/health/live", health::live))

@@ -1,0 +1,349 @@
+//! The catalog: concerts, their dates with seat counts, and seat maps, read through the
+//! cache; and the admin writes that change them.
+//!
+//! What is cached, and for how long (see `docs/caching.md` for the reasons):
+//! | answer | key | TTL | evicted by |
+//! |---|---|---|---|
+//! | concerts | `cache:concerts:all` | 1 h | admin create/update |
+//! | a concert's dates | `cache:schedules:{concertId}` | 30 min | admin create date/update |
+//! | a date's seats | `cache:seats:{scheduleId}` | 10 s | hold, cancel, expiry, payment (after commit) |
+//!
+//! Nothing cached depends on the clock: dates are cached whatever their booking window and
+//! filtered when read; seats are cached as stored (a hold with its end) and their status
+//! is worked out when read. So a hold that ran out shows AVAILABLE in the very first answer
+//! after its end, cached or not, and a window opens or closes on time. A date's
+//! `availableSeats` is counted from its (fresh) seat map, not cached on its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::booking::{
+    BookingError, BookingRepositoryError, BookingWindow, CatalogRepository, Concert, ConcertId, Label,
+    NewSchedule, Price, Schedule, ScheduleId, Seat, SeatNumber, SeatStatus,
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::cache::{Cache, CacheSpec};
+use crate::clock;
+
+pub const CONCERTS: CacheSpec = CacheSpec { name: "concerts", ttl: Duration::from_secs(60 * 60) };
+pub const SCHEDULES: CacheSpec = CacheSpec { name: "schedules", ttl: Duration::from_secs(30 * 60) };
+pub const SEATS: CacheSpec = CacheSpec { name: "seats", ttl: Duration::from_secs(10) };
+
+/// A concert as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConcertView {
+    pub id: Uuid,
+    pub title: String,
+    pub venue: String,
+}
+
+impl From<&Concert> for ConcertView {
+    fn from(concert: &Concert) -> Self {
+        Self {
+            id: *concert.id.as_uuid(),
+            title: concert.title.as_str().to_owned(),
+            venue: concert.venue.as_str().to_owned(),
+        }
+    }
+}
+
+/// A date as cached: its times, not whether it is open (that depends on when it is read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleView {
+    pub id: Uuid,
+    pub concert_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub starts_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub booking_opens_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub booking_closes_at: OffsetDateTime,
+}
+
+impl ScheduleView {
+    /// Whether booking is open at `now` (opening included, closing excluded).
+    #[must_use]
+    pub fn is_open(&self, now: OffsetDateTime) -> bool {
+        self.booking_opens_at <= now && now < self.booking_closes_at
+    }
+}
+
+impl From<&Schedule> for ScheduleView {
+    fn from(schedule: &Schedule) -> Self {
+        Self {
+            id: *schedule.id.as_uuid(),
+            concert_id: *schedule.concert_id.as_uuid(),
+            starts_at: schedule.starts_at,
+            booking_opens_at: schedule.window.opens_at(),
+            booking_closes_at: schedule.window.closes_at(),
+        }
+    }
+}
+
+/// A seat's stored state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StoredSeat {
+    Available,
+    Held,
+    Sold,
+}
+
+/// A seat as cached: as stored, with the end of its hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeatView {
+    pub number: u8,
+    pub price: i64,
+    pub stored: StoredSeat,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub held_until: Option<OffsetDateTime>,
+}
+
+impl SeatView {
+    /// What the seat shows at `now`: a hold that ran out is AVAILABLE.
+    #[must_use]
+    pub fn status_at(&self, now: OffsetDateTime) -> SeatStatus {
+        match (self.stored, self.held_until) {
+            (StoredSeat::Sold, _) => SeatStatus::Sold,
+            (StoredSeat::Held, Some(until)) if now < until => SeatStatus::Held,
+            _ => SeatStatus::Available,
+        }
+    }
+}
+
+impl From<&Seat> for SeatView {
+    fn from(seat: &Seat) -> Self {
+        Self {
+            number: seat.number.get(),
+            price: seat.price.points(),
+            stored: match seat.status {
+                SeatStatus::Available => StoredSeat::Available,
+                SeatStatus::Held => StoredSeat::Held,
+                SeatStatus::Sold => StoredSeat::Sold,
+            },
+            held_until: seat.held_until,
+        }
+    }
+}
+
+/// A date and its 50 seats, ascending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeatMap {
+    pub schedule: ScheduleView,
+    pub seats: Vec<SeatView>,
+}
+
+impl SeatMap {
+    /// Seats AVAILABLE at `now`.
+    #[must_use]
+    pub fn available_at(&self, now: OffsetDateTime) -> usize {
+        self.seats.iter().filter(|seat| seat.status_at(now) == SeatStatus::Available).count()
+    }
+
+    #[must_use]
+    pub fn seat(&self, number: SeatNumber) -> Option<&SeatView> {
+        self.seats.iter().find(|seat| seat.number == number.get())
+    }
+}
+
+/// A date open for booking now, with its seat counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenSchedule {
+    pub schedule: ScheduleView,
+    pub total_seats: usize,
+    pub available_seats: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("concert {0} not found")]
+    ConcertNotFound(ConcertId),
+    #[error("schedule {0} not found")]
+    ScheduleNotFound(ScheduleId),
+    #[error(transparent)]
+    Invalid(#[from] BookingError),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl From<BookingRepositoryError> for CatalogError {
+    fn from(error: BookingRepositoryError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("catalog storage failed"))
+    }
+}
+
+/// A new date, as an admin describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleDraft {
+    pub starts_at: OffsetDateTime,
+    pub booking_opens_at: OffsetDateTime,
+    pub booking_closes_at: OffsetDateTime,
+    pub seat_price: i64,
+}
+
+/// Reads and admin writes of the catalog.
+#[derive(Clone)]
+pub struct Catalog {
+    repository: Arc<dyn CatalogRepository>,
+    cache: Arc<Cache>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("cache", &self.cache).finish_non_exhaustive()
+    }
+}
+
+impl Catalog {
+    #[must_use]
+    pub fn new(repository: Arc<dyn CatalogRepository>, cache: Arc<Cache>) -> Self {
+        Self { repository, cache }
+    }
+
+    /// Every concert.
+    ///
+    /// # Errors
+    /// [`CatalogError::Unexpected`] when MySQL fails (the cache's failures are bypassed).
+    pub async fn concerts(&self) -> Result<Arc<Vec<ConcertView>>, CatalogError> {
+        let repository = Arc::clone(&self.repository);
+        let concerts = self
+            .cache
+            .get_or_load(&CONCERTS, "all", || async move {
+                let concerts = repository.concerts().await?;
+                Ok::<_, CatalogError>(Some(concerts.iter().map(ConcertView::from).collect::<Vec<_>>()))
+            })
+            .await?;
+        Ok(concerts.unwrap_or_default())
+    }
+
+    /// The dates of `concert` whose booking window is open now, with their seat counts.
+    ///
+    /// # Errors
+    /// [`CatalogError::ConcertNotFound`], or [`CatalogError::Unexpected`].
+    pub async fn open_schedules(&self, concert: ConcertId) -> Result<Vec<OpenSchedule>, CatalogError> {
+        let repository = Arc::clone(&self.repository);
+        let schedules = self
+            .cache
+            .get_or_load(&SCHEDULES, &concert.to_string(), || async move {
+                if repository.concert(concert).await?.is_none() {
+                    return Ok::<_, CatalogError>(None);
+                }
+                let schedules = repository.schedules_of(concert).await?;
+                Ok(Some(schedules.iter().map(ScheduleView::from).collect::<Vec<_>>()))
+            })
+            .await?
+            .ok_or(CatalogError::ConcertNotFound(concert))?;
+        let now = clock::now_utc();
+        let open: Vec<&ScheduleView> = schedules.iter().filter(|s| s.is_open(now)).collect();
+        let maps =
+            futures::future::join_all(open.iter().map(|s| self.seat_map(ScheduleId::from_uuid(s.id)))).await;
+        let mut answer = Vec::with_capacity(open.len());
+        for (schedule, map) in open.into_iter().zip(maps) {
+            match map {
+                Ok(map) => answer.push(OpenSchedule {
+                    schedule: schedule.clone(),
+                    total_seats: map.seats.len(),
+                    available_seats: map.available_at(now),
+                }),
+                // Gone since the list was cached (no route deletes dates today).
+                Err(CatalogError::ScheduleNotFound(_)) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(answer)
+    }
+
+    /// A date's seats as stored (see [`SeatView::status_at`] for what each shows).
+    ///
+    /// # Errors
+    /// [`CatalogError::ScheduleNotFound`], or [`CatalogError::Unexpected`].
+    pub async fn seat_map(&self, schedule: ScheduleId) -> Result<Arc<SeatMap>, CatalogError> {
+        let repository = Arc::clone(&self.repository);
+        self.cache
+            .get_or_load(&SEATS, &schedule.to_string(), || async move {
+                let Some(found) = repository.schedule(schedule).await? else {
+                    return Ok::<_, CatalogError>(None);
+                };
+                let seats = repository.seats(schedule).await?;
+                Ok(Some(SeatMap {
+                    schedule: ScheduleView::from(&found),
+                    seats: seats.iter().map(SeatView::from).collect(),
+                }))
+            })
+            .await?
+            .ok_or(CatalogError::ScheduleNotFound(schedule))
+    }
+
+    /// Evicts a date's seat map everywhere: after the commit of any change to its seats.
+    pub async fn seats_changed(&self, schedule: ScheduleId) {
+        self.cache.invalidate(&SEATS, &schedule.to_string()).await;
+    }
+
+    /// Adds a concert.
+    ///
+    /// # Errors
+    /// [`CatalogError::Invalid`] for a bad title or venue; [`CatalogError::Unexpected`].
+    pub async fn create_concert(&self, title: &str, venue: &str) -> Result<ConcertView, CatalogError> {
+        let concert = Concert {
+            id: ConcertId::generate(),
+            title: Label::new("title", title)?,
+            venue: Label::new("venue", venue)?,
+        };
+        self.repository.insert_concert(&concert).await?;
+        self.cache.invalidate(&CONCERTS, "all").await;
+        tracing::info!(concert = %concert.id, "concert created");
+        Ok(ConcertView::from(&concert))
+    }
+
+    /// Renames a concert or moves it to another venue.
+    ///
+    /// # Errors
+    /// [`CatalogError::ConcertNotFound`], [`CatalogError::Invalid`],
+    /// [`CatalogError::Unexpected`].
+    pub async fn update_concert(
+        &self,
+        id: ConcertId,
+        title: &str,
+        venue: &str,
+    ) -> Result<ConcertView, CatalogError> {
+        let concert = Concert { id, title: Label::new("title", title)?, venue: Label::new("venue", venue)? };
+        if !self.repository.update_concert(&concert).await? {
+            return Err(CatalogError::ConcertNotFound(id));
+        }
+        self.cache.invalidate(&CONCERTS, "all").await;
+        self.cache.invalidate(&SCHEDULES, &id.to_string()).await;
+        Ok(ConcertView::from(&concert))
+    }
+
+    /// Adds a date with 50 seats at `seat_price`.
+    ///
+    /// # Errors
+    /// [`CatalogError::ConcertNotFound`], [`CatalogError::Invalid`] (window, price),
+    /// [`CatalogError::Unexpected`].
+    pub async fn add_schedule(
+        &self,
+        concert: ConcertId,
+        draft: &ScheduleDraft,
+    ) -> Result<ScheduleView, CatalogError> {
+        let schedule = Schedule {
+            id: ScheduleId::generate(),
+            concert_id: concert,
+            starts_at: clock::to_micros(draft.starts_at),
+            window: BookingWindow::new(
+                clock::to_micros(draft.booking_opens_at),
+                clock::to_micros(draft.booking_closes_at),
+                clock::to_micros(draft.starts_at),
+            )?,
+        };
+        let new = NewSchedule { schedule, seat_price: Price::new(draft.seat_price)? };
+        if !self.repository.insert_schedule(&new).await? {
+            return Err(CatalogError::ConcertNotFound(concert));
+        }
+        self.cache.invalidate(&SCHEDULES, &concert.to_string()).await;
+        tracing::info!(%concert, schedule = %new.schedule.id, "schedule added");
+        Ok(ScheduleView::from(&new.schedule))
+    }
+}

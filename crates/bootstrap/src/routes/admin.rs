@@ -1,0 +1,204 @@
+//! `/api/v1/admin/*`: the catalog's writes, for operators. On only when `ADMIN_API_KEY` is
+//! set; every request must carry it in `X-Admin-Key`. Each write evicts the cached answers
+//! it changes, on every instance.
+
+use actix_web::dev::Payload;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use application::catalog::{OpenSchedule, ScheduleDraft};
+use domain::booking::{ConcertId, SEATS_PER_SCHEDULE};
+use futures::future::{Ready, ready};
+use serde::Deserialize;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::catalog::{ConcertResponse, ScheduleResponse};
+use super::{AppState, uuid_param};
+use crate::extract::ValidJson;
+use crate::problem::{ApiError, Problem};
+
+/// The header that carries the admin key.
+pub const ADMIN_KEY: &str = "X-Admin-Key";
+
+/// The configured admin key (`None`: the admin API is off).
+#[derive(Debug, Clone)]
+pub struct AdminKey(pub Option<String>);
+
+/// Proof that the request carried the admin key.
+#[derive(Debug, Clone, Copy)]
+pub struct Admin;
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let expected = req.app_data::<web::Data<AdminKey>>().and_then(|key| key.0.clone());
+        let mut sent = req.headers().get_all(ADMIN_KEY);
+        let allowed = match (expected, sent.next(), sent.next()) {
+            (Some(expected), Some(value), None) => constant_time_eq(expected.as_bytes(), value.as_bytes()),
+            _ => false,
+        };
+        ready(if allowed { Ok(Self) } else { Err(ApiError::AdminKeyInvalid) })
+    }
+}
+
+/// Compares without stopping at the first difference, so that the time taken does not
+/// tell how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConcertRequest {
+    /// 1..=200 characters (trimmed), no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1F\x7F]*\S[^\x00-\x1F\x7F]*$",
+        example = "Winter Lights Orchestra"
+    )]
+    pub title: String,
+    /// 1..=200 characters (trimmed), no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1F\x7F]*\S[^\x00-\x1F\x7F]*$",
+        example = "Seoul Arts Center"
+    )]
+    pub venue: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleRequest {
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    /// RFC 3339, years 2000 to 9998 (as are the two below).
+    pub starts_at: OffsetDateTime,
+    /// Before `bookingClosesAt`.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub booking_opens_at: OffsetDateTime,
+    /// After `bookingOpensAt`, no later than `startsAt`.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub booking_closes_at: OffsetDateTime,
+    /// The price of each of the 50 seats, in points.
+    #[schema(minimum = 0, maximum = 10_000_000, example = 80_000)]
+    #[serde(deserialize_with = "crate::extract::integer")]
+    pub seat_price: i64,
+}
+
+/// Add a concert.
+///
+/// # Errors
+/// 400 for a bad title or venue, 401 without the admin key.
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/concerts",
+    tag = "admin",
+    params(("X-Admin-Key" = String, Header, description = "The admin key (ADMIN_API_KEY)")),
+    request_body = ConcertRequest,
+    responses(
+        (status = 201, description = "The concert", body = ConcertResponse),
+        (status = 400, description = "Malformed body, title or venue", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "ADMIN_KEY_INVALID: missing or wrong X-Admin-Key, or the admin API is off", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create_concert(
+    state: web::Data<AppState>,
+    _admin: Admin,
+    ValidJson(body): ValidJson<ConcertRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let concert = state.catalog.create_concert(&body.title, &body.venue).await?;
+    Ok(HttpResponse::Created().json(ConcertResponse::from(&concert)))
+}
+
+/// Rename a concert or move it.
+///
+/// # Errors
+/// 400 for a malformed id, title or venue, 401 without the admin key, 404 for an unknown
+/// concert.
+#[utoipa::path(
+    put,
+    path = "/api/v1/admin/concerts/{concertId}",
+    tag = "admin",
+    params(
+        ("concertId" = uuid::Uuid, Path, description = "The concert's id"),
+        ("X-Admin-Key" = String, Header, description = "The admin key (ADMIN_API_KEY)"),
+    ),
+    request_body = ConcertRequest,
+    responses(
+        (status = 200, description = "The concert", body = ConcertResponse),
+        (status = 400, description = "Malformed id, body, title or venue", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "ADMIN_KEY_INVALID", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "CONCERT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn update_concert(
+    state: web::Data<AppState>,
+    _admin: Admin,
+    path: web::Path<String>,
+    ValidJson(body): ValidJson<ConcertRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let id = ConcertId::from_uuid(uuid_param(&path, "concertId")?);
+    let concert = state.catalog.update_concert(id, &body.title, &body.venue).await?;
+    Ok(HttpResponse::Ok().json(ConcertResponse::from(&concert)))
+}
+
+/// Add a date with 50 seats at `seatPrice`.
+///
+/// # Errors
+/// 400 for a malformed id or body, a window that does not open before it closes or closes
+/// after the show starts, or a price out of range; 401 without the admin key; 404 for an
+/// unknown concert.
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/concerts/{concertId}/schedules",
+    tag = "admin",
+    params(
+        ("concertId" = uuid::Uuid, Path, description = "The concert's id"),
+        ("X-Admin-Key" = String, Header, description = "The admin key (ADMIN_API_KEY)"),
+    ),
+    request_body = ScheduleRequest,
+    responses(
+        (status = 201, description = "The date, with its 50 seats available", body = ScheduleResponse),
+        (status = 400, description = "Malformed id or body; bookingOpensAt < bookingClosesAt <= startsAt is required; seatPrice 0..=10,000,000", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "ADMIN_KEY_INVALID", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "CONCERT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn add_schedule(
+    state: web::Data<AppState>,
+    _admin: Admin,
+    path: web::Path<String>,
+    ValidJson(body): ValidJson<ScheduleRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let concert = ConcertId::from_uuid(uuid_param(&path, "concertId")?);
+    for (field, at) in [
+        ("startsAt", body.starts_at),
+        ("bookingOpensAt", body.booking_opens_at),
+        ("bookingClosesAt", body.booking_closes_at),
+    ] {
+        if !(2000..=9998).contains(&at.to_offset(time::UtcOffset::UTC).year()) {
+            return Err(ApiError::validation(field, "must be a time in the years 2000 to 9998 (UTC)"));
+        }
+    }
+    let draft = ScheduleDraft {
+        starts_at: body.starts_at,
+        booking_opens_at: body.booking_opens_at,
+        booking_closes_at: body.booking_closes_at,
+        seat_price: body.seat_price,
+    };
+    let schedule = state.catalog.add_schedule(concert, &draft).await?;
+    let seats = usize::from(SEATS_PER_SCHEDULE);
+    let open = OpenSchedule { schedule, total_seats: seats, available_seats: seats };
+    Ok(HttpResponse::Created().json(ScheduleResponse::from(&open)))
+}

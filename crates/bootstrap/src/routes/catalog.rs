@@ -1,0 +1,186 @@
+//! `/api/v1/concerts`, `/api/v1/concerts/{concertId}/schedules`,
+//! `/api/v1/schedules/{scheduleId}/seats`: the catalog, read through the cache.
+
+use actix_web::{HttpResponse, web};
+use application::catalog::{ConcertView, OpenSchedule, SeatMap};
+use domain::booking::{ConcertId, ScheduleId};
+use serde::Serialize;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::queue::Admitted;
+use super::{AppState, uuid_param};
+use crate::problem::{ApiError, Problem};
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConcertResponse {
+    pub id: uuid::Uuid,
+    #[schema(example = "Winter Lights Orchestra")]
+    pub title: String,
+    #[schema(example = "Seoul Arts Center")]
+    pub venue: String,
+}
+
+impl From<&ConcertView> for ConcertResponse {
+    fn from(concert: &ConcertView) -> Self {
+        Self { id: concert.id, title: concert.title.clone(), venue: concert.venue.clone() }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleResponse {
+    pub id: uuid::Uuid,
+    pub concert_id: uuid::Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub starts_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub booking_opens_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub booking_closes_at: OffsetDateTime,
+    #[schema(example = 50, minimum = 0)]
+    pub total_seats: u32,
+    /// Seats AVAILABLE now (a hold that ran out counts as available).
+    #[schema(example = 37, minimum = 0)]
+    pub available_seats: u32,
+}
+
+impl From<&OpenSchedule> for ScheduleResponse {
+    fn from(open: &OpenSchedule) -> Self {
+        let s = &open.schedule;
+        Self {
+            id: s.id,
+            concert_id: s.concert_id,
+            starts_at: s.starts_at,
+            booking_opens_at: s.booking_opens_at,
+            booking_closes_at: s.booking_closes_at,
+            total_seats: u32::try_from(open.total_seats).unwrap_or(u32::MAX),
+            available_seats: u32::try_from(open.available_seats).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SeatResponse {
+    #[schema(minimum = 1, maximum = 50, example = 7)]
+    pub seat_number: u8,
+    #[schema(minimum = 0, maximum = 10_000_000, example = 80_000)]
+    pub price: i64,
+    /// `AVAILABLE`, `HELD` or `SOLD`, as of this answer.
+    #[schema(pattern = "^(AVAILABLE|HELD|SOLD)$", example = "AVAILABLE")]
+    pub status: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SeatMapResponse {
+    pub schedule_id: uuid::Uuid,
+    /// All 50 seats, numbers ascending.
+    pub seats: Vec<SeatResponse>,
+}
+
+impl SeatMapResponse {
+    fn at(map: &SeatMap, now: OffsetDateTime) -> Self {
+        Self {
+            schedule_id: map.schedule.id,
+            seats: map
+                .seats
+                .iter()
+                .map(|seat| SeatResponse {
+                    seat_number: seat.number,
+                    price: seat.price,
+                    status: seat.status_at(now).as_str(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Every concert. No queue token needed.
+///
+/// # Errors
+/// 503 when MySQL is unavailable and the answer is not cached.
+#[utoipa::path(
+    get,
+    path = "/api/v1/concerts",
+    tag = "concerts",
+    responses(
+        (status = 200, description = "Every concert, by title", body = [ConcertResponse]),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_concerts(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let concerts = state.catalog.concerts().await?;
+    Ok(HttpResponse::Ok().json(concerts.iter().map(ConcertResponse::from).collect::<Vec<_>>()))
+}
+
+/// The concert's dates whose booking window is open now, with their seat counts.
+///
+/// # Errors
+/// 400 for a malformed id, 401/403 without an ACTIVE queue token, 404 for an unknown
+/// concert, 503 when a store is unavailable.
+#[utoipa::path(
+    get,
+    path = "/api/v1/concerts/{concertId}/schedules",
+    tag = "concerts",
+    params(
+        ("concertId" = uuid::Uuid, Path, description = "The concert's id"),
+        ("Queue-Token" = uuid::Uuid, Header, description = "An ACTIVE queue token"),
+    ),
+    responses(
+        (status = 200, description = "Open dates, by start time", body = [ScheduleResponse]),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "QUEUE_TOKEN_INVALID", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "QUEUE_TOKEN_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "CONCERT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_schedules(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    _admitted: Admitted,
+) -> Result<HttpResponse, ApiError> {
+    let concert = ConcertId::from_uuid(uuid_param(&path, "concertId")?);
+    let schedules = state.catalog.open_schedules(concert).await?;
+    Ok(HttpResponse::Ok().json(schedules.iter().map(ScheduleResponse::from).collect::<Vec<_>>()))
+}
+
+/// The date's 50 seats and their status now. Served from the cache, yet never older than
+/// the last change: a seat held or sold through any instance shows so in every answer
+/// given after that request returned; a hold that ran out shows AVAILABLE at once.
+///
+/// # Errors
+/// 400 for a malformed id, 401/403 without an ACTIVE queue token, 404 for an unknown
+/// schedule, 503 when a store is unavailable.
+#[utoipa::path(
+    get,
+    path = "/api/v1/schedules/{scheduleId}/seats",
+    tag = "concerts",
+    params(
+        ("scheduleId" = uuid::Uuid, Path, description = "The schedule's (date's) id"),
+        ("Queue-Token" = uuid::Uuid, Header, description = "An ACTIVE queue token"),
+    ),
+    responses(
+        (status = 200, description = "The seat map", body = SeatMapResponse),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "QUEUE_TOKEN_INVALID", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "QUEUE_TOKEN_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "SCHEDULE_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn seat_map(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    _admitted: Admitted,
+) -> Result<HttpResponse, ApiError> {
+    let schedule = ScheduleId::from_uuid(uuid_param(&path, "scheduleId")?);
+    let map = state.catalog.seat_map(schedule).await?;
+    Ok(HttpResponse::Ok().json(SeatMapResponse::at(&map, application::clock::now_utc())))
+}
