@@ -1,5 +1,6 @@
 //! End-to-end tests: several real `concert-server` processes, one MySQL, one Redis.
 
+mod booking;
 mod failures;
 mod idempotency;
 mod points;

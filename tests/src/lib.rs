@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+pub mod booking;
+
 /// How long an instance may take to migrate and bind.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -127,3 +127,42 @@ pub enum LockError {
     #[error("the lock store is unavailable")]
     Unavailable(#[source] anyhow::Error),
 }
+
+/// A lock that never excludes anyone. Only for proving that the SQL guards alone keep
+/// every write exact (tests, and the server's `DISABLE_LOCKS_FOR_TESTING`); never for
+/// production, where it would turn every race into database contention.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLock;
+
+#[derive(Debug)]
+struct NoGuard(LockKey);
+
+#[async_trait]
+impl DistributedLock for NoLock {
+    async fn acquire(&self, key: &LockKey, _wait: WaitPolicy) -> Result<Box<dyn LockGuard>, LockError> {
+        Ok(Box::new(NoGuard(key.clone())))
+    }
+}
+
+#[async_trait]
+impl LockGuard for NoGuard {
+    fn key(&self) -> &LockKey {
+        &self.0
+    }
+
+    fn fencing_token(&self) -> FencingToken {
+        FencingToken(0)
+    }
+
+    fn is_lost(&self) -> bool {
+        false
+    }
+
+    fn lease_lost(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::pending())
+    }
+
+    async fn release(self: Box<Self>) -> Result<(), LockError> {
+        Ok(())
+    }
+}

@@ -32,21 +32,58 @@ impl<T: DeserializeOwned + 'static> FromRequest for ValidJson<T> {
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let checked = check_headers(req);
-        let mut payload = payload.take();
+        let payload = payload.take();
         Box::pin(async move {
             checked?;
-            let mut body = web::BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk =
-                    chunk.map_err(|_| ApiError::MalformedJson("the body could not be read".into()))?;
-                if body.len() + chunk.len() > BODY_LIMIT {
-                    return Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT });
-                }
-                body.extend_from_slice(&chunk);
-            }
-            parse(&body).map(ValidJson)
+            read_json(payload).await.map(ValidJson)
         })
     }
+}
+
+/// A body read only when the handler asks for it ([`LateJson::read`]): for handlers whose
+/// other checks (the queue gate) must answer first. Extractors of one handler run side by
+/// side, so a [`ValidJson`] refusal could otherwise overtake a slower gate's.
+pub struct LateJson {
+    checked: Result<(), ApiError>,
+    payload: Payload,
+}
+
+impl std::fmt::Debug for LateJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LateJson").finish_non_exhaustive()
+    }
+}
+
+impl LateJson {
+    /// Reads and parses the body, as [`ValidJson`] does.
+    ///
+    /// # Errors
+    /// As [`ValidJson`]: 413, 400 `MALFORMED_JSON` or `VALIDATION_FAILED`.
+    pub async fn read<T: DeserializeOwned>(self) -> Result<T, ApiError> {
+        self.checked?;
+        read_json(self.payload).await
+    }
+}
+
+impl FromRequest for LateJson {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        std::future::ready(Ok(Self { checked: check_headers(req), payload: payload.take() }))
+    }
+}
+
+async fn read_json<T: DeserializeOwned>(mut payload: Payload) -> Result<T, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| ApiError::MalformedJson("the body could not be read".into()))?;
+        if body.len() + chunk.len() > BODY_LIMIT {
+            return Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    parse(&body)
 }
 
 fn check_headers(req: &HttpRequest) -> Result<(), ApiError> {

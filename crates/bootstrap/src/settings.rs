@@ -94,6 +94,10 @@ pub struct Settings {
     /// `CACHE_ENABLED`: `false` sends every catalog read to MySQL (the benchmark's
     /// baseline).
     pub cache_enabled: bool,
+    /// `DISABLE_LOCKS_FOR_TESTING`: replaces the distributed lock by one that excludes no
+    /// one, so that tests can show the SQL guards alone keep every write exact. Never in
+    /// production.
+    pub disable_locks_for_testing: bool,
 }
 
 /// A variable that is set but cannot be used.
@@ -265,6 +269,7 @@ impl Settings {
             admin_api_key,
             seed_demo_data: flag("SEED_DEMO_DATA", true)?,
             cache_enabled: flag("CACHE_ENABLED", true)?,
+            disable_locks_for_testing: flag("DISABLE_LOCKS_FOR_TESTING", false)?,
             queue_backend,
             queue,
             queue_name,

@@ -114,7 +114,14 @@ impl Application {
         let users = Arc::new(MySqlUserRepository::new(db.clone()));
         let points = Arc::new(MySqlPointRepository::new(db.clone()));
         let txm = Arc::new(MySqlTransactionManager::new(db.clone()));
-        let lock_port: Arc<dyn application::lock::DistributedLock> = Arc::new(lock.clone());
+        let lock_port: Arc<dyn application::lock::DistributedLock> = if settings.disable_locks_for_testing {
+            tracing::error!(
+                "DISABLE_LOCKS_FOR_TESTING=true: distributed locks are OFF; only the SQL guards keep writes exact. Never run this in production"
+            );
+            Arc::new(application::lock::NoLock)
+        } else {
+            Arc::new(lock.clone())
+        };
         // A duplicate waits for the first request with its key: its lock wait plus its
         // longest hold.
         let idempotency = Idempotency::new(

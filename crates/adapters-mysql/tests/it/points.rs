@@ -5,49 +5,15 @@ use application::charge_points::ChargePoints;
 use application::clock;
 use application::create_user::CreateUser;
 use application::idempotency::{DEFAULT_RETENTION, Idempotency, IdempotencyKey, Outcome};
-use application::lock::{DistributedLock, FencingToken, LockError, LockGuard, LockKey, WaitPolicy};
 use application::tx::TransactionManager;
-use async_trait::async_trait;
 use domain::point::{
     Balance, ChargeAmount, HistoryLimit, PointHistoryKind, PointRepository, PointRepositoryError,
 };
 use domain::user::{User, UserName};
-use futures::future::BoxFuture;
 
 use super::Db;
 
-/// A lock that never excludes anyone: what the database alone must survive.
-#[derive(Debug)]
-pub(crate) struct NoLock;
-
-#[derive(Debug)]
-struct NoGuard(LockKey);
-
-#[async_trait]
-impl DistributedLock for NoLock {
-    async fn acquire(&self, key: &LockKey, _wait: WaitPolicy) -> Result<Box<dyn LockGuard>, LockError> {
-        Ok(Box::new(NoGuard(key.clone())))
-    }
-}
-
-#[async_trait]
-impl LockGuard for NoGuard {
-    fn key(&self) -> &LockKey {
-        &self.0
-    }
-    fn fencing_token(&self) -> FencingToken {
-        FencingToken(0)
-    }
-    fn is_lost(&self) -> bool {
-        false
-    }
-    fn lease_lost(&self) -> BoxFuture<'static, ()> {
-        Box::pin(std::future::pending())
-    }
-    async fn release(self: Box<Self>) -> Result<(), LockError> {
-        Ok(())
-    }
-}
+pub(crate) use application::lock::NoLock;
 
 async fn registered_user(db: &Db) -> User {
     CreateUser::new(db.users.clone(), db.points.clone(), db.txm.clone())

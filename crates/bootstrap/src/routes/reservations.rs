@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::queue::Admitted;
 use super::{AppState, uuid_param};
-use crate::extract::ValidJson;
+use crate::extract::LateJson;
 use crate::problem::{ApiError, Problem};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -82,8 +82,10 @@ impl From<&Reservation> for ReservationResponse {
 pub async fn hold_seat(
     state: web::Data<AppState>,
     Admitted(user): Admitted,
-    ValidJson(body): ValidJson<HoldRequest>,
+    body: LateJson,
 ) -> Result<HttpResponse, ApiError> {
+    // The gate has answered; only now is the body read.
+    let body: HoldRequest = body.read().await?;
     let seat =
         SeatNumber::new(body.seat_number).map_err(|e| ApiError::validation("seatNumber", e.to_string()))?;
     let reservation = state.hold_seat.execute(user, ScheduleId::from_uuid(body.schedule_id), seat).await?;
