@@ -33,7 +33,10 @@ work=$(mktemp -d)
 database="contract_$(date +%s)_$$"
 port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:$port"
+CONTRACT_ADMIN_KEY="contract-admin-key-$$-$RANDOM$RANDOM"
+export CONTRACT_ADMIN_KEY
 DATABASE_URL="$mysql/$database" REDIS_URL="$redis" HTTP_ADDR="127.0.0.1:$port" RUST_LOG=warn QUEUE_NAME="$database" QUEUE_ACTIVE_SECONDS=86400 \
+  ADMIN_API_KEY="$CONTRACT_ADMIN_KEY" \
   "$server" >"$work/server.log" 2>&1 &
 pid=$!
 cleanup() {

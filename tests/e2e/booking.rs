@@ -146,7 +146,7 @@ async fn twenty_seats_storm(locks: bool) {
     .await;
 
     assert!(answers.iter().all(|(_, (s, _))| *s == 201 || *s == 409), "locks {locks}: {answers:?}");
-    let mut winners = vec![0; 21];
+    let mut winners = [0; 21];
     for (seat, (status, _)) in &answers {
         if *status == 201 {
             winners[usize::try_from(*seat).unwrap_or(0)] += 1;

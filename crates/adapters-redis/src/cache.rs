@@ -1,14 +1,17 @@
-//! `CachePort` on Redis: a version key and an entry key per cached answer, each operation
-//! one Lua script (atomic, one round trip).
+//! `CachePort` on Redis: per cached answer a version key, an entry key, a sorted set of
+//! write marks and a load claim; each operation is one Lua script (atomic, one round
+//! trip), with Redis's clock as the only clock.
 //!
-//! Keys of one answer share a hash tag, so every script touches one slot of a Redis
-//! Cluster: `cache:{name}:{<id>}:v` (the version), `...:e` (the entry, `<version>:<json>`),
-//! `...:l` (the load claim).
+//! The keys of one answer share a hash tag, so every script touches one slot of a Redis
+//! Cluster: `cache:{name}:{<id>}:v` (the version), `...:e` (the entry,
+//! `<version>:<json>`), `...:w` (write marks: token scored by when it runs out), `...:l`
+//! (the load claim).
 //!
-//! Versions: a missing version key is started at Redis's clock in microseconds, so a
-//! version lost to eviction or expiry starts again above every version it had (an entry
-//! stored under an old version can never look current); an invalidation increments it.
-//! The version key outlives any entry (7 days, renewed by each invalidation).
+//! Versions: reads never create one (an id that does not exist leaves nothing behind); a
+//! store creates it only if still missing; every write moves it to `max(v + 1, now in
+//! microseconds)`, so a version lost to a failover or an eviction never comes back to a
+//! value an entry was stored under. It lives 7 days past the last write, far longer than
+//! any entry.
 
 use std::time::Duration;
 
@@ -19,45 +22,73 @@ use fred::prelude::KeysInterface;
 use fred::types::Value;
 use fred::types::scripts::Script;
 
-/// How long a version key lives without an invalidation; far above any entry's TTL.
+/// How long a version key lives after the last write; far above any entry's TTL.
 const VERSION_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
-/// Starts the version key when missing. Leaves `v` set.
-const START_VERSION: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then
-  local t = redis.call('TIME')
-  v = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', KEYS[1], v, 'PX', ARGV[1])
+/// Redis's clock, and whether a write is marked on KEYS[3] now.
+const CLOCK: &str = r"
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function writing()
+  return redis.call('ZCOUNT', KEYS[3], now_ms, '+inf') > 0
+end
+local function bump()
+  local v = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local next = now_us
+  if v + 1 > next then next = v + 1 end
+  redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', ARGV[1])
+  redis.call('DEL', KEYS[2])
 end
 ";
 
-/// KEYS: version, entry. ARGV: version TTL ms, the caller's version or ''.
-/// Returns {v} when v is the caller's, {v, json, pttl} for a current entry, {v, 0} else.
+/// KEYS: version, entry, marks. ARGV: version TTL ms, the caller's version or ''.
+/// {'w'} while a write is marked; {'u', v} when v is the caller's; {'e', v, json, pttl}
+/// for the current entry; {'m', v} else (v = '0' when there is no version yet).
 const READ: &str = r"
-if v == ARGV[2] then return {v} end
+if writing() then return {'w'} end
+local v = redis.call('GET', KEYS[1])
+if not v then return {'m', '0'} end
+if v == ARGV[2] then return {'u', v} end
 local e = redis.call('GET', KEYS[2])
 if e then
   local sep = string.find(e, ':', 1, true)
   if sep and string.sub(e, 1, sep - 1) == v then
-    return {v, string.sub(e, sep + 1), redis.call('PTTL', KEYS[2])}
+    return {'e', v, string.sub(e, sep + 1), redis.call('PTTL', KEYS[2])}
   end
 end
-return {v, 0}
+return {'m', v}
 ";
 
-/// KEYS: version, entry. ARGV: version TTL ms, version, json, ttl ms. 1 if stored.
+/// KEYS: version, entry, marks. ARGV: version TTL ms, version, json, ttl ms.
+/// The version stored under, or 0 when refused.
 const STORE: &str = r"
-if v ~= ARGV[2] then return 0 end
-redis.call('SET', KEYS[2], ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[4])
+if writing() then return 0 end
+local v = redis.call('GET', KEYS[1])
+if not v then
+  if ARGV[2] ~= '0' then return 0 end
+  v = string.format('%.0f', now_us)
+  redis.call('SET', KEYS[1], v, 'PX', ARGV[1])
+elseif v ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[2], v .. ':' .. ARGV[3], 'PX', ARGV[4])
+return v
+";
+
+/// KEYS: version, entry, marks. ARGV: version TTL ms, token, mark ttl ms.
+const BEGIN_WRITE: &str = r"
+bump()
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms - 1)
+redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 1
 ";
 
-/// KEYS: version, entry. ARGV: version TTL ms.
-const INVALIDATE: &str = r"
-redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
+/// KEYS: version, entry, marks. ARGV: version TTL ms, token.
+const END_WRITE: &str = r"
+bump()
+redis.call('ZREM', KEYS[3], ARGV[2])
 return 1
 ";
 
@@ -74,7 +105,8 @@ pub struct RedisCache {
     prefix: String,
     read: Script,
     store: Script,
-    invalidate: Script,
+    begin_write: Script,
+    end_write: Script,
     release_claim: Script,
 }
 
@@ -86,25 +118,26 @@ impl RedisCache {
 
     #[must_use]
     pub fn with_prefix(pool: Pool, prefix: String) -> Self {
-        let versioned = |body: &str| Script::from_lua(format!("{START_VERSION}{body}"));
+        let clocked = |body: &str| Script::from_lua(format!("{CLOCK}{body}"));
         Self {
             pool,
             prefix,
-            read: versioned(READ),
-            store: versioned(STORE),
-            invalidate: versioned(INVALIDATE),
+            read: clocked(READ),
+            store: clocked(STORE),
+            begin_write: clocked(BEGIN_WRITE),
+            end_write: clocked(END_WRITE),
             release_claim: Script::from_lua(RELEASE_CLAIM),
         }
     }
 
-    /// The Redis key of `key` with `suffix` (`v`, `e`, `l`).
+    /// The Redis key of `key` with `suffix` (`v`, `e`, `w`, `l`).
     #[must_use]
     pub fn redis_key(&self, key: &CacheKey, suffix: &str) -> String {
         format!("{}cache:{}:{{{}}}:{suffix}", self.prefix, key.name(), key.id())
     }
 
-    fn pair(&self, key: &CacheKey) -> Vec<String> {
-        vec![self.redis_key(key, "v"), self.redis_key(key, "e")]
+    fn keys(&self, key: &CacheKey) -> Vec<String> {
+        vec![self.redis_key(key, "v"), self.redis_key(key, "e"), self.redis_key(key, "w")]
     }
 
     async fn run(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> Result<Value, CacheError> {
@@ -134,16 +167,17 @@ impl CachePort for RedisCache {
     async fn read(&self, key: &CacheKey, known: Option<u64>) -> Result<CacheRead, CacheError> {
         let known = known.map(|v| v.to_string()).unwrap_or_default();
         let reply =
-            self.run(&self.read, self.pair(key), vec![millis(VERSION_TTL), known]).await?.into_array();
-        let version = version_of(reply.first())?;
-        match reply.len() {
-            1 => Ok(CacheRead::Unchanged { version }),
-            3 => {
-                let json = reply[1].as_string().ok_or_else(|| malformed("entry"))?;
-                let ttl_left = reply[2].as_u64().map_or(Duration::ZERO, Duration::from_millis);
-                Ok(CacheRead::Entry { version, json, ttl_left })
-            }
-            _ => Ok(CacheRead::Missing { version }),
+            self.run(&self.read, self.keys(key), vec![millis(VERSION_TTL), known]).await?.into_array();
+        match reply.first().and_then(Value::as_string).as_deref() {
+            Some("w") => Ok(CacheRead::Writing),
+            Some("u") => Ok(CacheRead::Unchanged { version: version_of(reply.get(1))? }),
+            Some("e") => Ok(CacheRead::Entry {
+                version: version_of(reply.get(1))?,
+                json: reply.get(2).and_then(Value::as_string).ok_or_else(|| malformed("entry"))?,
+                ttl_left: reply.get(3).and_then(Value::as_u64).map_or(Duration::ZERO, Duration::from_millis),
+            }),
+            Some("m") => Ok(CacheRead::Missing { version: version_of(reply.get(1))? }),
+            _ => Err(malformed("read")),
         }
     }
 
@@ -153,19 +187,27 @@ impl CachePort for RedisCache {
         version: u64,
         json: String,
         ttl: Duration,
-    ) -> Result<bool, CacheError> {
+    ) -> Result<Option<u64>, CacheError> {
         let reply = self
             .run(
                 &self.store,
-                self.pair(key),
+                self.keys(key),
                 vec![millis(VERSION_TTL), version.to_string(), json, millis(ttl)],
             )
             .await?;
-        Ok(reply.as_i64() == Some(1))
+        Ok(reply.as_string().and_then(|v| v.parse::<u64>().ok()).filter(|v| *v != 0))
     }
 
-    async fn invalidate(&self, key: &CacheKey) -> Result<(), CacheError> {
-        self.run(&self.invalidate, self.pair(key), vec![millis(VERSION_TTL)]).await.map(drop)
+    async fn begin_write(&self, key: &CacheKey, token: u64, ttl: Duration) -> Result<(), CacheError> {
+        self.run(&self.begin_write, self.keys(key), vec![millis(VERSION_TTL), token.to_string(), millis(ttl)])
+            .await
+            .map(drop)
+    }
+
+    async fn end_write(&self, key: &CacheKey, token: u64) -> Result<(), CacheError> {
+        self.run(&self.end_write, self.keys(key), vec![millis(VERSION_TTL), token.to_string()])
+            .await
+            .map(drop)
     }
 
     async fn claim_load(&self, key: &CacheKey, token: u64, ttl: Duration) -> Result<bool, CacheError> {

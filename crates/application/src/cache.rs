@@ -4,9 +4,15 @@
 //! *version* besides its value, an entry is valid only for the version it was stored
 //! under, and an eviction moves the version on. [`Cache`] builds the read path on it:
 //!
-//! - **Fresh after every write.** A write evicts after its commit and before its answer
-//!   goes out ([`Cache::invalidate`]); every read asks the store for the current version
-//!   (one small round trip), so no instance serves an answer from before an eviction.
+//! - **Fresh after every write, whatever fails.** A write marks the key *before* its
+//!   commit ([`Cache::begin_write`]: the version moves on, the entry goes, and until the
+//!   mark is lifted every read goes to MySQL and no load may store), and lifts the mark
+//!   after its commit, before its answer goes out ([`Cache::end_write`], moving the version
+//!   on again). A mark that cannot be set fails the write (nothing changed, 503), as a
+//!   lock does; one that cannot be lifted (Redis gone, the request cancelled) simply runs
+//!   out, and meanwhile reads bypass the cache. Every read asks the store for the current
+//!   version and marks (one small round trip), so no instance serves an answer from
+//!   before a write that returned.
 //! - **The cache-aside race closed.** A loader reads the version *before* it reads MySQL
 //!   and stores its value only if the version is still the same ([`CachePort::store`] is a
 //!   compare-and-set): a reader that loaded the old row before a write committed cannot
@@ -21,10 +27,11 @@
 //!   fail closed.
 //!
 //! Metrics (label `cache`, one of a fixed set of names): `cache_requests_total{result}`
-//! (`local` hit, `hit`, `miss`, `bypass` when the store failed), `cache_loads_total`,
+//! (`local` hit, `hit`, `miss`, `writing` while a write is marked, `bypass` when the store
+//! failed), `cache_loads_total`,
 //! `cache_load_waits_total{outcome}` (`filled`, `timeout`), `cache_store_rejected_total`
 //! (a load that lost the race to a write), `cache_decode_failures_total`,
-//! `cache_errors_total{op}`, `cache_evictions_total`.
+//! `cache_errors_total{op}`, `cache_writes_total`.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -70,36 +77,45 @@ impl std::fmt::Display for CacheKey {
 /// What [`CachePort::read`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheRead {
+    /// A write to this answer is under way: read the database, store nothing.
+    Writing,
     /// The current version is the one the caller already has a copy of.
     Unchanged { version: u64 },
     /// The entry stored for the current version, and how long it has left.
     Entry { version: u64, json: String, ttl_left: Duration },
-    /// No entry for the current version (none at all, or one from before an eviction).
+    /// No entry for the current version (none at all, or one from before a write).
+    /// Version 0 means the key has no version yet.
     Missing { version: u64 },
 }
 
-/// A key-value store with a version per key. Versions only move forward while a key
-/// lives; when a version is lost (evicted, expired), the store starts it again at a value
-/// no entry was stored under.
+/// A key-value store with a version and write marks per key. A version only moves
+/// forward, and each write moves it to at least the store's clock in microseconds, so a
+/// version lost with a failover or an eviction never comes back to a value an entry was
+/// stored under.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait CachePort: Send + Sync {
-    /// The current version of `key` and, unless it equals `known`, the entry stored for
-    /// it, in one round trip.
+    /// Whether a write is marked and, if not, the current version of `key` and (unless it
+    /// equals `known`) the entry stored for it, in one round trip. Creates nothing.
     async fn read(&self, key: &CacheKey, known: Option<u64>) -> Result<CacheRead, CacheError>;
 
-    /// Stores `json` under `key` for `ttl`, only if the current version is still
-    /// `version`; `false` when it moved on (the value may be stale: not stored).
+    /// Stores `json` under `key` for `ttl`, only if no write is marked and the current
+    /// version is still `version` (0: still none); the version it was stored under, or
+    /// `None` when refused (the value may be stale: not stored).
     async fn store(
         &self,
         key: &CacheKey,
         version: u64,
         json: String,
         ttl: Duration,
-    ) -> Result<bool, CacheError>;
+    ) -> Result<Option<u64>, CacheError>;
 
-    /// Moves the version of `key` on and drops its entry.
-    async fn invalidate(&self, key: &CacheKey) -> Result<(), CacheError>;
+    /// Marks a write under `token` for at most `ttl`, moves the version on and drops the
+    /// entry.
+    async fn begin_write(&self, key: &CacheKey, token: u64, ttl: Duration) -> Result<(), CacheError>;
+
+    /// Moves the version on, drops the entry and lifts `token`'s mark.
+    async fn end_write(&self, key: &CacheKey, token: u64) -> Result<(), CacheError>;
 
     /// Claims the right to load `key` for `ttl` under `token`: `false` when another
     /// loader holds it.
@@ -141,6 +157,9 @@ pub struct CacheSettings {
     pub load_claim: Duration,
     /// Most keys with a local copy per instance.
     pub local_capacity: usize,
+    /// The longest a write mark lasts if it is never lifted: longer than any write may
+    /// take between its mark and its commit (the lock's longest hold).
+    pub write_mark: Duration,
 }
 
 impl Default for CacheSettings {
@@ -150,6 +169,7 @@ impl Default for CacheSettings {
             loader_poll: Duration::from_millis(5),
             load_claim: Duration::from_secs(5),
             local_capacity: 10_000,
+            write_mark: Duration::from_secs(30),
         }
     }
 }
@@ -199,10 +219,6 @@ impl Slot {
         }
     }
 
-    fn forget(&self) {
-        *self.copy.lock().unwrap_or_else(PoisonError::into_inner) = None;
-    }
-
     fn is_live(&self) -> bool {
         self.copy
             .lock()
@@ -234,8 +250,8 @@ impl Cache {
 
     /// The value of `spec`/`id`: from this instance's copy while the store's version
     /// matches it, else from the store, else from `load` (whose value is then stored,
-    /// unless a write evicted the key meanwhile). `Ok(None)` when `load` finds nothing
-    /// (nothing is cached then).
+    /// unless a write moved the version on meanwhile). `Ok(None)` when `load` finds
+    /// nothing (nothing is cached then). While a write is marked, straight from `load`.
     ///
     /// # Errors
     /// Only `load`'s own errors: the cache's are counted and bypassed.
@@ -263,6 +279,10 @@ impl Cache {
                 tracing::debug!(%key, error = format!("{error:#}"), "cache unreachable; reading the database");
                 return Ok(load().await?.map(Arc::new));
             }
+            Ok(CacheRead::Writing) => {
+                count_with("cache_requests_total", spec.name, "result", "writing");
+                return Ok(load().await?.map(Arc::new));
+            }
             Ok(CacheRead::Unchanged { version }) => {
                 if let Some(value) =
                     local.filter(|c| c.version == version).and_then(|c| c.value.downcast().ok())
@@ -272,24 +292,48 @@ impl Cache {
                 }
                 version
             }
-            Ok(CacheRead::Entry { version, json, ttl_left }) => match serde_json::from_str::<T>(&json) {
-                Ok(value) => {
-                    count_with("cache_requests_total", spec.name, "result", "hit");
-                    let value = Arc::new(value);
-                    slot.keep(version, value.clone(), ttl_left);
-                    return Ok(Some(value));
+            Ok(CacheRead::Entry { version, json, ttl_left }) => {
+                match self.decode::<T>(spec, &key, &slot, version, &json, ttl_left) {
+                    Some(value) => {
+                        count_with("cache_requests_total", spec.name, "result", "hit");
+                        return Ok(Some(value));
+                    }
+                    None => version,
                 }
-                Err(error) => {
-                    // An old format after a deploy, or garbage: reload and overwrite it.
-                    count("cache_decode_failures_total", spec.name);
-                    tracing::warn!(%key, %error, "cached value does not decode; reloading");
-                    version
-                }
-            },
+            }
             Ok(CacheRead::Missing { version }) => version,
         };
         count_with("cache_requests_total", spec.name, "result", "miss");
         self.fill(port.as_ref(), spec, &key, &slot, version, load).await
+    }
+
+    /// Decodes an entry and keeps it as this instance's copy; `None` (counted, logged)
+    /// when it does not decode: an old format after a deploy, or garbage, reloaded and
+    /// overwritten by the miss path.
+    fn decode<T>(
+        &self,
+        spec: &CacheSpec,
+        key: &CacheKey,
+        slot: &Slot,
+        version: u64,
+        json: &str,
+        ttl: Duration,
+    ) -> Option<Arc<T>>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        match serde_json::from_str::<T>(json) {
+            Ok(value) => {
+                let value = Arc::new(value);
+                slot.keep(version, value.clone(), ttl);
+                Some(value)
+            }
+            Err(error) => {
+                count("cache_decode_failures_total", spec.name);
+                tracing::warn!(%key, %error, "cached value does not decode; reloading");
+                None
+            }
+        }
     }
 
     /// The miss path: one request per instance, one loader across instances.
@@ -308,16 +352,15 @@ impl Cache {
         Fut: Future<Output = Result<Option<T>, E>>,
     {
         let _filling = slot.fill.lock().await;
-        // Another request of this instance may have filled it while this one queued: a
-        // copy of this version or a later one is as fresh as a load would be.
+        // Another request of this instance may have filled it while this one queued.
         if let Some(value) =
-            slot.copy().filter(|c| c.version >= version).and_then(|c| c.value.downcast::<T>().ok())
+            slot.copy().filter(|c| c.version == version).and_then(|c| c.value.downcast::<T>().ok())
         {
             count_with("cache_load_waits_total", spec.name, "outcome", "filled");
             return Ok(Some(value));
         }
         let token = fastrand::u64(..);
-        let leader = match port.claim_load(key, token, self.settings.load_claim).await {
+        let mut leader = match port.claim_load(key, token, self.settings.load_claim).await {
             Ok(leader) => leader,
             Err(error) => {
                 count_with("cache_errors_total", spec.name, "op", "claim");
@@ -325,33 +368,40 @@ impl Cache {
                 true
             }
         };
-        if !leader && let Some(value) = self.wait_for_loader::<T>(port, spec, key, slot).await {
-            return Ok(Some(value));
+        if !leader {
+            match self.wait_for_loader::<T>(port, spec, key, slot, token).await {
+                Waited::Value(value) => return Ok(Some(value)),
+                Waited::Claimed => leader = true,
+                Waited::GaveUp => {}
+            }
         }
         let claim = leader.then(|| Claim::new(self.port.clone(), key.clone(), token));
+        // The version to store under is read again right before loading: writes may have
+        // moved it while this request queued, and a value loaded now is fresh for the
+        // version as it is now.
+        let store_under = match port.read(key, None).await {
+            Ok(CacheRead::Entry { version, json, ttl_left }) => {
+                if let Some(value) = self.decode::<T>(spec, key, slot, version, &json, ttl_left) {
+                    count_with("cache_load_waits_total", spec.name, "outcome", "filled");
+                    if let Some(claim) = claim {
+                        claim.release().await;
+                    }
+                    return Ok(Some(value));
+                }
+                Some(version)
+            }
+            Ok(CacheRead::Missing { version } | CacheRead::Unchanged { version }) => Some(version),
+            Ok(CacheRead::Writing) => None,
+            Err(_) => Some(version),
+        };
         count("cache_loads_total", spec.name);
-        let loaded = load().await;
-        let value = match loaded {
+        let value = match load().await {
             Ok(Some(value)) => Arc::new(value),
             Ok(None) => return Ok(None),
             Err(error) => return Err(error),
         };
-        let ttl = spec.jittered_ttl();
-        match serde_json::to_string(value.as_ref()) {
-            Ok(json) => match port.store(key, version, json, ttl).await {
-                Ok(true) => slot.keep(version, value.clone(), ttl),
-                Ok(false) => {
-                    // A write evicted the key after this load read its version: the value
-                    // may predate that write, so it is not kept (this request still gets
-                    // it: it began before the write's answer went out).
-                    count("cache_store_rejected_total", spec.name);
-                }
-                Err(error) => {
-                    count_with("cache_errors_total", spec.name, "op", "store");
-                    tracing::debug!(%key, error = format!("{error:#}"), "cannot store a loaded value");
-                }
-            },
-            Err(error) => tracing::error!(%key, %error, "a loaded value does not encode"),
+        if let Some(version) = store_under {
+            self.store(port, spec, key, slot, version, &value).await;
         }
         if let Some(claim) = claim {
             claim.release().await;
@@ -359,13 +409,47 @@ impl Cache {
         Ok(Some(value))
     }
 
+    async fn store<T>(
+        &self,
+        port: &dyn CachePort,
+        spec: &CacheSpec,
+        key: &CacheKey,
+        slot: &Slot,
+        version: u64,
+        value: &Arc<T>,
+    ) where
+        T: Serialize + Send + Sync + 'static,
+    {
+        let ttl = spec.jittered_ttl();
+        let json = match serde_json::to_string(value.as_ref()) {
+            Ok(json) => json,
+            Err(error) => return tracing::error!(%key, %error, "a loaded value does not encode"),
+        };
+        match port.store(key, version, json, ttl).await {
+            Ok(Some(stored)) => slot.keep(stored, value.clone(), ttl),
+            Ok(None) => {
+                // A write moved the version on (or is marked) since this load read it: the
+                // value may predate that write, so it is not kept. This request still gets
+                // it: it began before that write's answer went out.
+                count("cache_store_rejected_total", spec.name);
+            }
+            Err(error) => {
+                count_with("cache_errors_total", spec.name, "op", "store");
+                tracing::debug!(%key, error = format!("{error:#}"), "cannot store a loaded value");
+            }
+        }
+    }
+
+    /// Waits for another instance's loader: its value, or the claim once it is given up
+    /// with nothing stored (a load that found nothing, or failed), or the bound.
     async fn wait_for_loader<T>(
         &self,
         port: &dyn CachePort,
         spec: &CacheSpec,
         key: &CacheKey,
         slot: &Slot,
-    ) -> Option<Arc<T>>
+        token: u64,
+    ) -> Waited<T>
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
@@ -374,51 +458,56 @@ impl Cache {
             tokio::time::sleep(self.settings.loader_poll).await;
             match port.read(key, None).await {
                 Ok(CacheRead::Entry { version, json, ttl_left }) => {
-                    if let Ok(value) = serde_json::from_str::<T>(&json) {
+                    if let Some(value) = self.decode::<T>(spec, key, slot, version, &json, ttl_left) {
                         count_with("cache_load_waits_total", spec.name, "outcome", "filled");
-                        let value = Arc::new(value);
-                        slot.keep(version, value.clone(), ttl_left);
-                        return Some(value);
+                        return Waited::Value(value);
                     }
-                    break;
+                    return Waited::GaveUp;
                 }
-                Ok(CacheRead::Missing { .. } | CacheRead::Unchanged { .. }) => {}
-                Err(_) => break,
+                Ok(CacheRead::Missing { .. } | CacheRead::Unchanged { .. }) => {
+                    if let Ok(true) = port.claim_load(key, token, self.settings.load_claim).await {
+                        return Waited::Claimed;
+                    }
+                }
+                Ok(CacheRead::Writing) | Err(_) => return Waited::GaveUp,
             }
         }
         count_with("cache_load_waits_total", spec.name, "outcome", "timeout");
-        None
+        Waited::GaveUp
     }
 
-    /// Evicts `spec`/`id` on every instance: call it after the commit of a write that
-    /// changes the answer, before answering. A store that cannot be reached is retried in
-    /// the background for as long as an entry could live.
-    pub async fn invalidate(&self, spec: &CacheSpec, id: &str) {
-        let Some(port) = &self.port else { return };
+    /// Marks a write of `spec`/`id` (call it inside the write's lock, before its commit):
+    /// the version moves on, the entry goes, and until [`Cache::end_write`] (or the mark's
+    /// lifetime) every read bypasses the cache and no load stores. `None` when there is
+    /// no cache.
+    ///
+    /// # Errors
+    /// [`CacheError::Unavailable`]: the write must not go ahead (it could leave a stale
+    /// answer cached), as when its lock cannot be had.
+    pub async fn begin_write(&self, spec: &CacheSpec, id: &str) -> Result<Option<WriteMark>, CacheError> {
+        let Some(port) = &self.port else { return Ok(None) };
         let key = CacheKey::new(spec.name, id);
-        if let Some(slot) = self.slots.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
-            slot.forget();
+        let token = fastrand::u64(..);
+        port.begin_write(&key, token, self.settings.write_mark).await.inspect_err(|_| {
+            count_with("cache_errors_total", spec.name, "op", "begin_write");
+        })?;
+        count("cache_writes_total", spec.name);
+        Ok(Some(WriteMark { port: Arc::clone(port), key, token, name: spec.name }))
+    }
+
+    /// Lifts write marks after the write's commit, before its answer goes out. Runs to
+    /// the end even if the request is cancelled meanwhile; a mark that cannot be lifted
+    /// runs out on its own (reads bypass the cache until then), so this never fails.
+    pub async fn end_write(&self, marks: Vec<WriteMark>) {
+        if marks.is_empty() {
+            return;
         }
-        count("cache_evictions_total", spec.name);
-        if let Err(error) = port.invalidate(&key).await {
-            count_with("cache_errors_total", spec.name, "op", "invalidate");
-            tracing::warn!(%key, error = format!("{error:#}"), "cache eviction failed; retrying in the background");
-            let port = Arc::clone(port);
-            let until = Instant::now() + spec.ttl;
-            let name = spec.name;
-            tokio::spawn(async move {
-                let mut pause = Duration::from_millis(100);
-                while Instant::now() < until {
-                    tokio::time::sleep(pause).await;
-                    match port.invalidate(&key).await {
-                        Ok(()) => return tracing::info!(%key, "cache eviction done on retry"),
-                        Err(_) => count_with("cache_errors_total", name, "op", "invalidate"),
-                    }
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                tracing::error!(%key, "cache eviction never succeeded; the entry lives out its TTL");
-            });
-        }
+        let lifted = tokio::spawn(async move {
+            for mark in marks {
+                mark.lift().await;
+            }
+        });
+        let _ = lifted.await;
     }
 
     fn slot(&self, key: &CacheKey) -> Arc<Slot> {
@@ -442,6 +531,38 @@ impl Cache {
     #[must_use]
     pub fn local_keys(&self) -> usize {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+enum Waited<T> {
+    Value(Arc<T>),
+    Claimed,
+    GaveUp,
+}
+
+/// A write marked on one cached answer; lift it with [`Cache::end_write`] after the
+/// commit. Dropped without that (a failed commit, a cancelled request), it stays until it
+/// runs out: lifting it early could let a read store rows from before a commit that is
+/// still landing.
+pub struct WriteMark {
+    port: Arc<dyn CachePort>,
+    key: CacheKey,
+    token: u64,
+    name: &'static str,
+}
+
+impl std::fmt::Debug for WriteMark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteMark").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl WriteMark {
+    async fn lift(self) {
+        if let Err(error) = self.port.end_write(&self.key, self.token).await {
+            count_with("cache_errors_total", self.name, "op", "end_write");
+            tracing::warn!(key = %self.key, error = format!("{error:#}"), "write mark not lifted; it runs out on its own");
+        }
     }
 }
 

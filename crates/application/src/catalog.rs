@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::cache::{Cache, CacheSpec};
+use crate::cache::{Cache, CacheError, CacheSpec, WriteMark};
 use crate::clock;
 
 pub const CONCERTS: CacheSpec = CacheSpec { name: "concerts", ttl: Duration::from_secs(60 * 60) };
@@ -165,6 +165,9 @@ pub enum CatalogError {
     ScheduleNotFound(ScheduleId),
     #[error(transparent)]
     Invalid(#[from] BookingError),
+    /// A write could not mark the cached answers it changes: not done (nothing changed).
+    #[error("the cache cannot be told of the write")]
+    CacheUnavailable(#[source] CacheError),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -277,9 +280,30 @@ impl Catalog {
             .ok_or(CatalogError::ScheduleNotFound(schedule))
     }
 
-    /// Evicts a date's seat map everywhere: after the commit of any change to its seats.
-    pub async fn seats_changed(&self, schedule: ScheduleId) {
-        self.cache.invalidate(&SEATS, &schedule.to_string()).await;
+    /// Marks a change to a date's seats (inside the change's lock, before its commit):
+    /// until [`Catalog::changes_done`], every instance reads that seat map from MySQL.
+    ///
+    /// # Errors
+    /// [`CatalogError::CacheUnavailable`]: the change must not be committed.
+    pub async fn seats_changing(&self, schedule: ScheduleId) -> Result<Option<WriteMark>, CatalogError> {
+        self.cache.begin_write(&SEATS, &schedule.to_string()).await.map_err(CatalogError::CacheUnavailable)
+    }
+
+    /// After the commit of the changes `marks` were taken for, before answering: every
+    /// instance reads the new state from here on.
+    pub async fn changes_done(&self, marks: impl IntoIterator<Item = Option<WriteMark>>) {
+        self.cache.end_write(marks.into_iter().flatten().collect()).await;
+    }
+
+    async fn marking(
+        &self,
+        answers: &[(&CacheSpec, String)],
+    ) -> Result<Vec<Option<WriteMark>>, CatalogError> {
+        let mut marks = Vec::with_capacity(answers.len());
+        for (spec, id) in answers {
+            marks.push(self.cache.begin_write(spec, id).await.map_err(CatalogError::CacheUnavailable)?);
+        }
+        Ok(marks)
     }
 
     /// Adds a concert.
@@ -292,8 +316,9 @@ impl Catalog {
             title: Label::new("title", title)?,
             venue: Label::new("venue", venue)?,
         };
+        let marks = self.marking(&[(&CONCERTS, "all".to_owned())]).await?;
         self.repository.insert_concert(&concert).await?;
-        self.cache.invalidate(&CONCERTS, "all").await;
+        self.changes_done(marks).await;
         tracing::info!(concert = %concert.id, "concert created");
         Ok(ConcertView::from(&concert))
     }
@@ -310,11 +335,12 @@ impl Catalog {
         venue: &str,
     ) -> Result<ConcertView, CatalogError> {
         let concert = Concert { id, title: Label::new("title", title)?, venue: Label::new("venue", venue)? };
-        if !self.repository.update_concert(&concert).await? {
+        let marks = self.marking(&[(&CONCERTS, "all".to_owned()), (&SCHEDULES, id.to_string())]).await?;
+        let found = self.repository.update_concert(&concert).await?;
+        self.changes_done(marks).await;
+        if !found {
             return Err(CatalogError::ConcertNotFound(id));
         }
-        self.cache.invalidate(&CONCERTS, "all").await;
-        self.cache.invalidate(&SCHEDULES, &id.to_string()).await;
         Ok(ConcertView::from(&concert))
     }
 
@@ -339,10 +365,12 @@ impl Catalog {
             )?,
         };
         let new = NewSchedule { schedule, seat_price: Price::new(draft.seat_price)? };
-        if !self.repository.insert_schedule(&new).await? {
+        let marks = self.marking(&[(&SCHEDULES, concert.to_string())]).await?;
+        let inserted = self.repository.insert_schedule(&new).await?;
+        self.changes_done(marks).await;
+        if !inserted {
             return Err(CatalogError::ConcertNotFound(concert));
         }
-        self.cache.invalidate(&SCHEDULES, &concert.to_string()).await;
         tracing::info!(%concert, schedule = %new.schedule.id, "schedule added");
         Ok(ScheduleView::from(&new.schedule))
     }

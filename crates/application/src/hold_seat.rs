@@ -45,6 +45,9 @@ pub enum HoldSeatError {
     SeatUnavailable,
     #[error("the lock service is unavailable")]
     LockUnavailable(#[source] anyhow::Error),
+    /// The seat map's cache could not be marked for the change: not done.
+    #[error("the cache is unavailable")]
+    CacheUnavailable(#[source] anyhow::Error),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -107,8 +110,9 @@ impl HoldSeat {
             return Err(HoldSeatError::SeatUnavailable);
         }
         let bookings = Arc::clone(&self.bookings);
+        let catalog = self.catalog.clone();
         let hold = time::Duration::try_from(self.hold).map_err(anyhow::Error::new)?;
-        let reservation = locked_tx(
+        let (reservation, mark) = locked_tx(
             self.lock.as_ref(),
             self.txm.as_ref(),
             &seat_lock_key(schedule_id, seat),
@@ -131,12 +135,21 @@ impl HoldSeat {
                         BookingRepositoryError::SeatTaken => HoldSeatError::SeatUnavailable,
                         other => other.into(),
                     })?;
-                    Ok(reservation)
+                    // Before the commit: from here every instance reads this map from
+                    // MySQL until the mark is lifted, so none shows the seat free after
+                    // this request returned, whatever happens next.
+                    let mark = catalog.seats_changing(schedule_id).await.map_err(|e| match e {
+                        CatalogError::CacheUnavailable(source) => {
+                            HoldSeatError::CacheUnavailable(anyhow::Error::new(source))
+                        }
+                        other => HoldSeatError::Unexpected(anyhow::Error::new(other)),
+                    })?;
+                    Ok((reservation, mark))
                 })
             },
         )
         .await?;
-        self.catalog.seats_changed(schedule_id).await;
+        self.catalog.changes_done([mark]).await;
         tracing::info!(reservation = %reservation.id, "seat held");
         Ok(reservation)
     }

@@ -8,7 +8,6 @@
 //! milliseconds); the job does not wait: a seat someone is working on is left to the next
 //! round.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,8 @@ use domain::booking::{
 use domain::unit_of_work::TxError;
 use domain::user::UserId;
 
-use crate::catalog::Catalog;
+use crate::cache::WriteMark;
+use crate::catalog::{Catalog, CatalogError};
 use crate::clock;
 use crate::hold_seat::seat_lock_key;
 use crate::lock::{DistributedLock, LockError, WaitPolicy};
@@ -40,6 +40,9 @@ pub enum ReservationError {
     Busy(#[source] LockError),
     #[error("the lock service is unavailable")]
     LockUnavailable(#[source] anyhow::Error),
+    /// The seat map's cache could not be marked for the change: not done.
+    #[error("the cache is unavailable")]
+    CacheUnavailable(#[source] anyhow::Error),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -63,6 +66,19 @@ impl From<LockError> for ReservationError {
             other => Self::Busy(other),
         }
     }
+}
+
+/// Marks the seat map of `schedule` as changing, inside the change's transaction.
+async fn marked(
+    catalog: &Catalog,
+    schedule: domain::booking::ScheduleId,
+) -> Result<Option<WriteMark>, ReservationError> {
+    catalog.seats_changing(schedule).await.map_err(|e| match e {
+        CatalogError::CacheUnavailable(source) => {
+            ReservationError::CacheUnavailable(anyhow::Error::new(source))
+        }
+        other => ReservationError::Unexpected(anyhow::Error::new(other)),
+    })
 }
 
 /// Reads and cancels reservations, and expires run-out holds.
@@ -123,8 +139,9 @@ impl Reservations {
             .status
             .cancel(reservation.held_until, clock::now_utc())
             .map_err(|_| ReservationError::NotHeld(reservation.status_at(clock::now_utc())))?;
-        let bookings = Arc::clone(&self.bookings);
-        locked_tx(
+        let (bookings, catalog, schedule) =
+            (Arc::clone(&self.bookings), self.catalog.clone(), reservation.schedule_id);
+        let mark = locked_tx(
             self.lock.as_ref(),
             self.txm.as_ref(),
             &seat_lock_key(reservation.schedule_id, reservation.seat_number),
@@ -133,7 +150,7 @@ impl Reservations {
                 Box::pin(async move {
                     // Inside: the SQL allows the change only from a hold that still lasts.
                     if bookings.end_hold(tx, id, cancelled, clock::now_utc()).await? {
-                        return Ok(());
+                        return marked(&catalog, schedule).await;
                     }
                     let now = bookings.reservation(id).await?.map(|r| r.status_at(clock::now_utc()));
                     Err(ReservationError::NotHeld(now.unwrap_or(ReservationStatus::Expired)))
@@ -141,7 +158,7 @@ impl Reservations {
             },
         )
         .await?;
-        self.catalog.seats_changed(reservation.schedule_id).await;
+        self.catalog.changes_done([mark]).await;
         tracing::info!("hold cancelled");
         reservation.status = cancelled;
         Ok(reservation)
@@ -159,38 +176,41 @@ impl Reservations {
     pub async fn expire_run_out(&self, batch: u32) -> Result<usize, ReservationError> {
         let due = self.bookings.run_out_holds(clock::now_utc(), batch).await?;
         let mut expired = 0;
-        let mut changed = BTreeSet::new();
+        let mut marks = Vec::new();
         for hold in due {
-            let bookings = Arc::clone(&self.bookings);
+            let (bookings, catalog, schedule) =
+                (Arc::clone(&self.bookings), self.catalog.clone(), hold.schedule_id);
             let id = hold.id;
-            let ended: Result<bool, ReservationError> = locked_tx(
+            let ended: Result<Option<Option<WriteMark>>, ReservationError> = locked_tx(
                 self.lock.as_ref(),
                 self.txm.as_ref(),
                 &seat_lock_key(hold.schedule_id, hold.seat_number),
                 WaitPolicy::FailFast,
                 move |tx| {
                     Box::pin(async move {
-                        Ok(bookings.end_hold(tx, id, ReservationStatus::Expired, clock::now_utc()).await?)
+                        if bookings.end_hold(tx, id, ReservationStatus::Expired, clock::now_utc()).await? {
+                            Ok(Some(marked(&catalog, schedule).await?))
+                        } else {
+                            Ok(None)
+                        }
                     })
                 },
             )
             .await;
             match ended {
-                Ok(true) => {
+                Ok(Some(mark)) => {
                     expired += 1;
-                    changed.insert(hold.schedule_id);
+                    marks.push(mark);
                 }
                 // Settled meanwhile (paid, cancelled, replaced, or another instance's job).
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(ReservationError::Busy(_)) => tracing::debug!(reservation = %id, "seat busy; next round"),
                 Err(error) => {
                     tracing::warn!(reservation = %id, error = format!("{error:#}"), "failed to expire a hold");
                 }
             }
         }
-        for schedule in changed {
-            self.catalog.seats_changed(schedule).await;
-        }
+        self.catalog.changes_done(marks).await;
         if expired > 0 {
             tracing::info!(expired, "run-out holds expired");
         }

@@ -272,6 +272,7 @@ impl From<CatalogError> for ApiError {
             CatalogError::ConcertNotFound(id) => Self::ConcertNotFound(*id.as_uuid()),
             CatalogError::ScheduleNotFound(id) => Self::ScheduleNotFound(*id.as_uuid()),
             CatalogError::Invalid(e) => Self::validation(invalid_field(&e), e.to_string()),
+            CatalogError::CacheUnavailable(source) => cache_unavailable(&anyhow::Error::new(source)),
             CatalogError::Unexpected(e) => e.into(),
         }
     }
@@ -295,6 +296,7 @@ impl From<HoldSeatError> for ApiError {
             HoldSeatError::BookingClosed => Self::BookingClosed,
             HoldSeatError::SeatUnavailable => Self::SeatUnavailable,
             HoldSeatError::LockUnavailable(source) => lock_unavailable(&source),
+            HoldSeatError::CacheUnavailable(source) => cache_unavailable(&source),
             HoldSeatError::Unexpected(e) => e.into(),
         }
     }
@@ -309,9 +311,17 @@ impl From<ReservationError> for ApiError {
                 Self::Busy("this seat is being changed right now; nothing was changed, retry shortly".into())
             }
             ReservationError::LockUnavailable(source) => lock_unavailable(&source),
+            ReservationError::CacheUnavailable(source) => cache_unavailable(&source),
             ReservationError::Unexpected(e) => e.into(),
         }
     }
+}
+
+/// A write whose cached answers could not be marked is not made (it could leave a stale
+/// answer cached): like a lock, the cache fails closed for writes.
+fn cache_unavailable(source: &anyhow::Error) -> ApiError {
+    tracing::warn!(error = format!("{source:#}"), "cache unavailable for a write");
+    ApiError::Unavailable("the cache service is unavailable; nothing was changed".into())
 }
 
 fn lock_unavailable(source: &anyhow::Error) -> ApiError {

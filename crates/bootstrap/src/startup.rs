@@ -147,7 +147,12 @@ impl Application {
             settings.queue.admit_interval.min(Duration::from_secs(1)),
         );
         let cache = Arc::new(if settings.cache_enabled {
-            Cache::new(Arc::new(RedisCache::new(redis.pool.clone())), CacheSettings::default())
+            // A write's mark must outlast the longest a write may hold its lock.
+            let settings = CacheSettings {
+                write_mark: settings.lock_max_hold + settings.lock_lease,
+                ..CacheSettings::default()
+            };
+            Cache::new(Arc::new(RedisCache::new(redis.pool.clone())), settings)
         } else {
             tracing::warn!("CACHE_ENABLED=false: every catalog read goes to MySQL");
             Cache::disabled()

@@ -293,7 +293,8 @@ pub enum BookingError {
     InvalidLabel { what: &'static str },
 }
 
-/// A concert's title or venue: 1..=200 characters, trimmed, no control characters.
+/// A concert's title or venue: 1..=200 characters as sent, not only spaces, no control
+/// characters; kept trimmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Label(String);
 
@@ -304,8 +305,7 @@ impl Label {
     /// [`BookingError::InvalidLabel`], naming `what` (`title`, `venue`).
     pub fn new(what: &'static str, raw: &str) -> Result<Self, BookingError> {
         let trimmed = raw.trim();
-        let chars = trimmed.chars().count();
-        if chars == 0 || chars > Self::MAX_CHARS || trimmed.chars().any(char::is_control) {
+        if trimmed.is_empty() || raw.chars().count() > Self::MAX_CHARS || raw.chars().any(char::is_control) {
             return Err(BookingError::InvalidLabel { what });
         }
         Ok(Self(trimmed.to_owned()))

@@ -29,9 +29,10 @@ async fn an_entry_is_valid_only_for_the_version_it_was_stored_under() {
     let key = CacheKey::new("seats", "s1");
 
     let CacheRead::Missing { version } = cache.read(&key, None).await.expect("read") else { panic!("empty") };
-    assert!(
-        cache.store(&key, version, "{\"held\":[]}".into(), Duration::from_secs(60)).await.expect("store")
-    );
+    assert_eq!(version, 0, "a read creates no version");
+    let stored =
+        cache.store(&key, version, "{\"held\":[]}".into(), Duration::from_secs(60)).await.expect("store");
+    let version = stored.expect("stored, under a version made for it");
     match cache.read(&key, None).await.expect("read") {
         CacheRead::Entry { version: v, json, ttl_left } => {
             assert_eq!((v, json.as_str()), (version, "{\"held\":[]}"));
@@ -41,14 +42,22 @@ async fn an_entry_is_valid_only_for_the_version_it_was_stored_under() {
     }
     assert_eq!(cache.read(&key, Some(version)).await.expect("read"), CacheRead::Unchanged { version });
 
-    cache.invalidate(&key).await.expect("invalidate");
+    cache.begin_write(&key, 1, Duration::from_secs(30)).await.expect("begin");
+    assert_eq!(cache.read(&key, Some(version)).await.expect("read"), CacheRead::Writing, "reads bypass");
+    assert_eq!(
+        cache.store(&key, version, "{\"held\":[]}".into(), Duration::from_secs(60)).await.expect("store"),
+        None,
+        "no store while a write is marked"
+    );
+    cache.end_write(&key, 1).await.expect("end");
 
     let CacheRead::Missing { version: after } = cache.read(&key, Some(version)).await.expect("read") else {
         panic!("evicted")
     };
     assert!(after > version);
-    assert!(
-        !cache.store(&key, version, "{\"held\":[1]}".into(), Duration::from_secs(60)).await.expect("store"),
+    assert_eq!(
+        cache.store(&key, version, "{\"held\":[1]}".into(), Duration::from_secs(60)).await.expect("store"),
+        None,
         "a value loaded under the old version is refused"
     );
     assert!(matches!(cache.read(&key, None).await.expect("read"), CacheRead::Missing { .. }));
@@ -59,18 +68,77 @@ async fn a_lost_version_starts_again_above_every_old_one() {
     let prefix = test_support::unique_prefix("cache");
     let cache = port(&prefix).await;
     let key = CacheKey::new("seats", "s2");
-    let CacheRead::Missing { version } = cache.read(&key, None).await.expect("read") else { panic!() };
-    cache.store(&key, version, "{\"held\":[]}".into(), Duration::from_secs(60)).await.expect("store");
+    let first = cache.store(&key, 0, "{\"held\":[]}".into(), Duration::from_secs(60)).await.expect("store");
+    let first = first.expect("stored");
     // Redis evicts the version key (maxmemory) but keeps the entry.
     let admin = connect().await;
     let _: i64 = admin.pool.del(cache.redis_key(&key, "v")).await.expect("del");
 
-    let read = cache.read(&key, None).await.expect("read");
+    let read = cache.read(&key, Some(first)).await.expect("read");
 
-    let CacheRead::Missing { version: restarted } = read else {
-        panic!("the old entry must not look current: {read:?}")
+    assert_eq!(read, CacheRead::Missing { version: 0 }, "the old entry must not look current");
+    let again = cache.store(&key, 0, "{\"held\":[1]}".into(), Duration::from_secs(60)).await.expect("store");
+    assert!(again.expect("stored") > first);
+}
+
+#[tokio::test]
+async fn a_version_rolled_back_by_a_failover_never_revalidates_a_newer_local_copy() {
+    let prefix = test_support::unique_prefix("cache");
+    let port = port(&prefix).await;
+    let a = Cache::new(Arc::new(port.clone()), CacheSettings::default());
+    let writer = Cache::new(Arc::new(port.clone()), CacheSettings::default());
+    let key = CacheKey::new("seats", "rollback");
+    let old = |held: Vec<u8>| move || async move { Ok::<_, String>(Some(Map { held })) };
+    a.get_or_load(&SEATS, "rollback", old(vec![])).await.expect("load");
+    let CacheRead::Entry { version: copied, .. } = port.read(&key, None).await.expect("read") else {
+        panic!()
     };
-    assert!(restarted > version);
+    // A failover loses the last increments: the version goes back below A's copy.
+    let admin = connect().await;
+    let _: () = admin
+        .pool
+        .set(port.redis_key(&key, "v"), (copied - 5).to_string(), None, None, false)
+        .await
+        .expect("set");
+    // A write lands on the new primary.
+    let mark = writer.begin_write(&SEATS, "rollback").await.expect("marked");
+    writer.end_write(mark.into_iter().collect()).await;
+
+    let seen = a.get_or_load(&SEATS, "rollback", old(vec![7])).await.expect("load").expect("value");
+
+    assert_eq!(*seen, Map { held: vec![7] }, "A served its copy from before the write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_mark_never_lifted_sends_reads_to_the_database_until_it_runs_out() {
+    let prefix = test_support::unique_prefix("cache");
+    let settings = CacheSettings { write_mark: Duration::from_millis(400), ..CacheSettings::default() };
+    let cache = Cache::new(Arc::new(port(&prefix).await), settings);
+    let loads = Arc::new(AtomicUsize::new(0));
+    cache.get_or_load(&SEATS, "marked", counting_loader(&loads)).await.expect("load");
+    // A write marks the key, commits, and its request is cancelled before lifting it.
+    drop(cache.begin_write(&SEATS, "marked").await.expect("marked"));
+
+    let started = std::time::Instant::now();
+    let mut bypassed = 0;
+    while started.elapsed() < Duration::from_millis(300) {
+        cache.get_or_load(&SEATS, "marked", counting_loader(&loads)).await.expect("load");
+        bypassed += 1;
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1 + bypassed, "every read under the mark went to the database");
+    // Once it runs out, the cache fills again and serves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut before = loads.load(Ordering::SeqCst);
+    loop {
+        cache.get_or_load(&SEATS, "marked", counting_loader(&loads)).await.expect("load");
+        cache.get_or_load(&SEATS, "marked", counting_loader(&loads)).await.expect("load");
+        let after = loads.load(Ordering::SeqCst);
+        if after <= before + 1 {
+            break;
+        }
+        before = after;
+        assert!(std::time::Instant::now() < deadline, "the mark never ran out");
+    }
 }
 
 type Load = futures::future::BoxFuture<'static, Result<Option<Map>, String>>;
@@ -136,7 +204,8 @@ async fn a_reader_that_loaded_before_a_write_cannot_store_its_stale_value_after_
     });
     loaded_rx.await.expect("the reader loaded");
     // 2. A write commits (seat 7 held) and evicts.
-    writer.invalidate(&SEATS, "race").await;
+    let mark = writer.begin_write(&SEATS, "race").await.expect("marked");
+    writer.end_write(mark.into_iter().collect()).await;
     evicted_tx.send(()).ok();
     let stale = slow.await.expect("task").expect("load").expect("value");
     assert_eq!(*stale, Map { held: vec![] }, "the slow reader still answers its own request");
@@ -198,8 +267,8 @@ async fn with_redis_down_every_read_goes_to_the_loader_and_none_fails() {
         assert_eq!(value.as_deref(), Some(&Map { held: vec![7] }));
     }
     assert_eq!(loads.load(Ordering::SeqCst), 4, "each read went to the database");
-    // An eviction while Redis is down does not fail the write that asked for it.
-    tokio::time::timeout(Duration::from_secs(2), cache.invalidate(&SEATS, "down")).await.expect("returns");
+    // A write cannot be marked while Redis is down: the write must not go ahead.
+    assert!(cache.begin_write(&SEATS, "down").await.is_err());
 }
 
 #[tokio::test]

@@ -51,19 +51,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConcertRequest {
-    /// 1..=200 characters (trimmed), no control characters.
+    /// 1..=200 characters, not only spaces, no control characters (stored trimmed).
     #[schema(
         min_length = 1,
         max_length = 200,
-        pattern = r"^[^\x00-\x1F\x7F]*\S[^\x00-\x1F\x7F]*$",
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x1F\x7F-\x9F]*$",
         example = "Winter Lights Orchestra"
     )]
     pub title: String,
-    /// 1..=200 characters (trimmed), no control characters.
+    /// 1..=200 characters, not only spaces, no control characters (stored trimmed).
     #[schema(
         min_length = 1,
         max_length = 200,
-        pattern = r"^[^\x00-\x1F\x7F]*\S[^\x00-\x1F\x7F]*$",
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x1F\x7F-\x9F]*$",
         example = "Seoul Arts Center"
     )]
     pub venue: String,
@@ -187,7 +187,9 @@ pub async fn add_schedule(
         ("bookingOpensAt", body.booking_opens_at),
         ("bookingClosesAt", body.booking_closes_at),
     ] {
-        if !(2000..=9998).contains(&at.to_offset(time::UtcOffset::UTC).year()) {
+        // checked: a local time late on 9999-12-31 is year 10000 in UTC.
+        let year = at.checked_to_offset(time::UtcOffset::UTC).map(|utc| utc.year());
+        if !year.is_some_and(|year| (2000..=9998).contains(&year)) {
             return Err(ApiError::validation(field, "must be a time in the years 2000 to 9998 (UTC)"));
         }
     }
