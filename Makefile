@@ -37,10 +37,11 @@ fmt: ## Format the code
 build: ## Build everything
 	$(CARGO) build --workspace --all-targets --locked
 
-bench: services ## Measure lock contention and the waiting queue (release build); writes docs/report/
+bench: services ## Measure lock contention, the waiting queue and booking (release build); writes docs/report/
 	$(CARGO) build --release --workspace --bins --locked
 	./target/release/bench-points
 	./target/release/bench-queue
+	./target/release/bench-booking
 
 services: ## Make sure MariaDB and Redis answer on 127.0.0.1 (start them if not)
 	./deploy/local-services.sh

@@ -69,6 +69,15 @@ impl Instance {
         }
     }
 
+    /// The process's peak resident memory (`VmHWM`), in KiB, where `/proc` tells it.
+    #[must_use]
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let pid = self.child.lock().ok()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// Kills the process with SIGKILL: a crash, with requests and transactions in flight
     /// and locks held, not a graceful shutdown.
     pub fn crash(&self) {

@@ -600,3 +600,166 @@ impl Drop for Claim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    const SPEC: CacheSpec = CacheSpec { name: "seats", ttl: Duration::from_secs(10) };
+
+    fn down() -> CacheError {
+        CacheError::Unavailable(anyhow::anyhow!("connection refused"))
+    }
+
+    /// A port whose reads answer `reads` in order, recording the version each asked with.
+    fn port_reading(reads: Vec<CacheRead>, known: Arc<Mutex<Vec<Option<u64>>>>) -> MockCachePort {
+        let reads = Mutex::new(VecDeque::from(reads));
+        let mut port = MockCachePort::new();
+        port.expect_read().returning(move |_, asked| {
+            known.lock().unwrap().push(asked);
+            Ok(reads.lock().unwrap().pop_front().expect("no more reads expected"))
+        });
+        port
+    }
+
+    async fn get(cache: &Cache, loads: &AtomicUsize, value: u32) -> Option<u32> {
+        let found = cache
+            .get_or_load(&SPEC, "s", || async move {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(Some(value))
+            })
+            .await
+            .expect("never fails");
+        found.map(|v| *v)
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_be_reached_sends_every_read_to_the_loader_and_stores_nothing() {
+        let mut port = MockCachePort::new();
+        port.expect_read().returning(|_, _| Err(down()));
+        port.expect_claim_load().never();
+        port.expect_store().never();
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        let loads = AtomicUsize::new(0);
+
+        assert_eq!(get(&cache, &loads, 1).await, Some(1));
+        assert_eq!(get(&cache, &loads, 2).await, Some(2));
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn while_a_write_is_marked_reads_go_to_the_loader_and_store_nothing() {
+        let known = Arc::default();
+        let mut port = port_reading(vec![CacheRead::Writing, CacheRead::Writing], Arc::clone(&known));
+        port.expect_store().never();
+        port.expect_claim_load().never();
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        let loads = AtomicUsize::new(0);
+
+        assert_eq!(get(&cache, &loads, 7).await, Some(7));
+        assert_eq!(get(&cache, &loads, 8).await, Some(8));
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_stored_value_is_served_from_the_local_copy_while_its_version_holds() {
+        let known = Arc::new(Mutex::new(Vec::new()));
+        let mut port = port_reading(
+            vec![
+                CacheRead::Missing { version: 0 },
+                CacheRead::Missing { version: 0 },
+                CacheRead::Unchanged { version: 41 },
+                CacheRead::Missing { version: 42 },
+                CacheRead::Missing { version: 42 },
+            ],
+            Arc::clone(&known),
+        );
+        port.expect_claim_load().returning(|_, _, _| Ok(true));
+        port.expect_release_load().returning(|_, _| Ok(()));
+        let mut stored = VecDeque::from([41_u64, 42]);
+        port.expect_store().times(2).returning(move |_, _, _, _| Ok(stored.pop_front()));
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        let loads = AtomicUsize::new(0);
+
+        assert_eq!(get(&cache, &loads, 1).await, Some(1), "a miss loads and stores");
+        assert_eq!(get(&cache, &loads, 2).await, Some(1), "the version held: the local copy, no load");
+        assert_eq!(get(&cache, &loads, 3).await, Some(3), "the version moved: loaded again");
+
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+        assert_eq!(*known.lock().unwrap(), vec![None, None, Some(41), Some(41), None]);
+    }
+
+    #[tokio::test]
+    async fn a_value_whose_store_was_refused_answers_its_request_but_is_not_kept() {
+        let known = Arc::new(Mutex::new(Vec::new()));
+        let mut port = port_reading(
+            vec![
+                CacheRead::Missing { version: 5 },
+                CacheRead::Missing { version: 5 },
+                CacheRead::Missing { version: 6 },
+                CacheRead::Missing { version: 6 },
+            ],
+            Arc::clone(&known),
+        );
+        port.expect_claim_load().returning(|_, _, _| Ok(true));
+        port.expect_release_load().returning(|_, _| Ok(()));
+        let mut stored = VecDeque::from([None, Some(6)]);
+        port.expect_store().times(2).returning(move |_, _, _, _| Ok(stored.pop_front().flatten()));
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        let loads = AtomicUsize::new(0);
+
+        assert_eq!(get(&cache, &loads, 1).await, Some(1));
+        assert_eq!(get(&cache, &loads, 2).await, Some(2));
+
+        assert_eq!(known.lock().unwrap()[2], None, "no local copy was kept of the refused value");
+    }
+
+    #[tokio::test]
+    async fn an_entry_that_does_not_decode_is_reloaded_and_stored_over() {
+        let known = Arc::new(Mutex::new(Vec::new()));
+        let mut port = port_reading(
+            vec![
+                CacheRead::Entry {
+                    version: 9,
+                    json: "\"not a number\"".into(),
+                    ttl_left: Duration::from_secs(5),
+                },
+                CacheRead::Missing { version: 9 },
+            ],
+            known,
+        );
+        port.expect_claim_load().returning(|_, _, _| Ok(true));
+        port.expect_release_load().returning(|_, _| Ok(()));
+        port.expect_store()
+            .withf(|_, v, json, _| *v == 9 && json == "4")
+            .times(1)
+            .returning(|_, _, _, _| Ok(Some(9)));
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        let loads = AtomicUsize::new(0);
+
+        assert_eq!(get(&cache, &loads, 4).await, Some(4));
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_cannot_be_marked_is_refused_and_without_a_cache_there_is_nothing_to_mark() {
+        let mut port = MockCachePort::new();
+        port.expect_begin_write().returning(|_, _, _| Err(down()));
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        assert!(cache.begin_write(&SPEC, "s").await.is_err());
+        assert!(Cache::disabled().begin_write(&SPEC, "s").await.expect("no cache").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_write_mark_is_lifted_after_the_commit_even_if_redis_refuses_it_then() {
+        let mut port = MockCachePort::new();
+        port.expect_begin_write().times(1).returning(|_, _, _| Ok(()));
+        port.expect_end_write().times(1).returning(|_, _| Err(down()));
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        let mark = cache.begin_write(&SPEC, "s").await.expect("marked");
+        cache.end_write(mark.into_iter().collect()).await;
+    }
+}

@@ -375,3 +375,111 @@ impl Catalog {
         Ok(ScheduleView::from(&new.schedule))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use domain::booking::{MockCatalogRepository, ReservationId};
+
+    use super::*;
+
+    fn schedule(concert: ConcertId, opens: time::Duration, closes: time::Duration) -> Schedule {
+        let now = clock::now_utc();
+        Schedule {
+            id: ScheduleId::generate(),
+            concert_id: concert,
+            starts_at: now + time::Duration::days(10),
+            window: BookingWindow::new(now + opens, now + closes, now + time::Duration::days(10)).unwrap(),
+        }
+    }
+
+    fn catalog(repository: MockCatalogRepository) -> Catalog {
+        Catalog::new(Arc::new(repository), Arc::new(Cache::disabled()))
+    }
+
+    #[tokio::test]
+    async fn open_dates_only_with_seat_counts_where_a_run_out_hold_counts_as_available() {
+        let concert = ConcertId::generate();
+        let open = schedule(concert, -time::Duration::hours(1), time::Duration::days(1));
+        let later = schedule(concert, time::Duration::hours(1), time::Duration::days(1));
+        let (open_id, dates) = (open.id, vec![open.clone(), later]);
+        let mut repository = MockCatalogRepository::new();
+        repository.expect_concert().returning(move |id| {
+            Ok(Some(Concert {
+                id,
+                title: Label::new("title", "t").unwrap(),
+                venue: Label::new("venue", "v").unwrap(),
+            }))
+        });
+        repository.expect_schedules_of().returning(move |_| Ok(dates.clone()));
+        repository
+            .expect_schedule()
+            .withf(move |id| *id == open_id)
+            .returning(move |_| Ok(Some(open.clone())));
+        repository.expect_seats().returning(|id| {
+            let now = clock::now_utc();
+            Ok(SeatNumber::all()
+                .map(|number| {
+                    let (status, held_until) = match number.get() {
+                        1 => (SeatStatus::Sold, None),
+                        2 => (SeatStatus::Held, Some(now + time::Duration::minutes(3))),
+                        3 => (SeatStatus::Held, Some(now - time::Duration::seconds(1))),
+                        _ => (SeatStatus::Available, None),
+                    };
+                    Seat {
+                        schedule_id: id,
+                        number,
+                        price: Price::new(100).unwrap(),
+                        status,
+                        reservation_id: (status != SeatStatus::Available).then(ReservationId::generate),
+                        held_until,
+                    }
+                })
+                .collect())
+        });
+
+        let listed = catalog(repository).open_schedules(concert).await.unwrap();
+
+        assert_eq!(listed.len(), 1, "the date not open yet is not listed");
+        assert_eq!(
+            (listed[0].schedule.id, listed[0].total_seats, listed[0].available_seats),
+            (*open_id.as_uuid(), 50, 48)
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_ids_and_bad_admin_input_are_refused_and_write_nothing() {
+        let mut repository = MockCatalogRepository::new();
+        repository.expect_concert().returning(|_| Ok(None));
+        repository.expect_schedule().returning(|_| Ok(None));
+        repository.expect_insert_concert().never();
+        repository.expect_insert_schedule().never();
+        let catalog = catalog(repository);
+
+        assert!(matches!(
+            catalog.open_schedules(ConcertId::generate()).await,
+            Err(CatalogError::ConcertNotFound(_))
+        ));
+        assert!(matches!(
+            catalog.seat_map(ScheduleId::generate()).await,
+            Err(CatalogError::ScheduleNotFound(_))
+        ));
+        assert!(matches!(catalog.create_concert(" ", "Hall").await, Err(CatalogError::Invalid(_))));
+        assert!(matches!(catalog.create_concert("Show", "\u{7}").await, Err(CatalogError::Invalid(_))));
+        let now = clock::now_utc();
+        let backwards = ScheduleDraft {
+            starts_at: now + time::Duration::days(3),
+            booking_opens_at: now + time::Duration::days(2),
+            booking_closes_at: now + time::Duration::days(1),
+            seat_price: 10,
+        };
+        assert!(matches!(
+            catalog.add_schedule(ConcertId::generate(), &backwards).await,
+            Err(CatalogError::Invalid(_))
+        ));
+        let priced = ScheduleDraft { booking_opens_at: now, seat_price: -1, ..backwards };
+        assert!(matches!(
+            catalog.add_schedule(ConcertId::generate(), &priced).await,
+            Err(CatalogError::Invalid(_))
+        ));
+    }
+}

@@ -396,4 +396,27 @@ mod tests {
 
         assert!(matches!(result, Err(HoldSeatError::SeatUnavailable)), "{result:?}");
     }
+
+    #[tokio::test]
+    async fn a_hold_whose_seat_map_cannot_be_marked_is_rolled_back() {
+        use crate::cache::{CacheError, CacheSettings, MockCachePort};
+        let down = || CacheError::Unavailable(anyhow::anyhow!("redis down"));
+        let mut port = MockCachePort::new();
+        // Reads fall back to MySQL; the write's mark fails closed.
+        port.expect_read().returning(move |_, _| Err(down()));
+        port.expect_begin_write().times(1).returning(move |_, _, _| Err(down()));
+        port.expect_end_write().never();
+        let cache = Arc::new(Cache::new(Arc::new(port), CacheSettings::default()));
+        let catalog = Catalog::new(Arc::new(catalog(Some(true), SeatStatus::Available)), cache);
+        let mut bookings = MockBookingRepository::new();
+        bookings.expect_lock_seat().returning(|_, s, _| Ok(Some(seat(s, SeatStatus::Available, None))));
+        bookings.expect_hold_seat().times(1).returning(|_, _, _, _| Ok(()));
+        let (lock, txm) = lock_and_tx(false);
+        let hold = HoldSeat::new(catalog, Arc::new(bookings), Arc::new(lock), Arc::new(txm), DEFAULT_HOLD);
+
+        let result =
+            hold.execute(UserId::generate(), ScheduleId::generate(), SeatNumber::new(7).unwrap()).await;
+
+        assert!(matches!(result, Err(HoldSeatError::CacheUnavailable(_))), "{result:?}");
+    }
 }

@@ -217,3 +217,217 @@ impl Reservations {
         Ok(expired)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use domain::booking::{MockBookingRepository, MockCatalogRepository, Price, ScheduleId, SeatNumber};
+    use domain::unit_of_work::MockUnitOfWork;
+
+    use super::*;
+    use crate::cache::Cache;
+    use crate::lock::{FencingToken, LockKey, MockDistributedLock, MockLockGuard};
+    use crate::tx::MockTransactionManager;
+
+    fn reservation(user: UserId, status: ReservationStatus, left: time::Duration) -> Reservation {
+        let now = clock::now_utc();
+        Reservation {
+            id: ReservationId::generate(),
+            user_id: user,
+            schedule_id: ScheduleId::generate(),
+            seat_number: SeatNumber::new(5).unwrap(),
+            price: Price::new(1_000).unwrap(),
+            status,
+            held_until: now + left,
+            created_at: now - time::Duration::minutes(1),
+        }
+    }
+
+    fn use_case(
+        bookings: MockBookingRepository,
+        lock: MockDistributedLock,
+        txm: MockTransactionManager,
+    ) -> Reservations {
+        let catalog = Catalog::new(Arc::new(MockCatalogRepository::new()), Arc::new(Cache::disabled()));
+        Reservations::new(catalog, Arc::new(bookings), Arc::new(lock), Arc::new(txm))
+    }
+
+    /// A guard that is released once.
+    fn guard() -> MockLockGuard {
+        let mut guard = MockLockGuard::new();
+        guard.expect_is_lost().return_const(false);
+        guard.expect_key().return_const(LockKey::new("seat", "x"));
+        guard.expect_fencing_token().return_const(FencingToken(1));
+        guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
+        guard.expect_release().times(1).returning(|| Ok(()));
+        guard
+    }
+
+    /// A lock taken once with `wait`, and a transaction that commits or rolls back.
+    fn lock_and_tx(wait: WaitPolicy, commit: bool) -> (MockDistributedLock, MockTransactionManager) {
+        let guard = guard();
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire()
+            .withf(move |key, w| key.as_str().starts_with("lock:seat:") && *w == wait)
+            .times(1)
+            .return_once(move |_, _| Ok(Box::new(guard)));
+        (lock, tx(commit))
+    }
+
+    /// A transaction begun once, that commits or rolls back.
+    fn tx(commit: bool) -> MockTransactionManager {
+        let mut uow = MockUnitOfWork::new();
+        if commit {
+            uow.expect_commit().times(1).returning(|| Ok(()));
+        } else {
+            uow.expect_commit().never();
+            uow.expect_rollback().times(1).returning(|| Ok(()));
+        }
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
+        txm
+    }
+
+    fn no_lock() -> (MockDistributedLock, MockTransactionManager) {
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire().never();
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().never();
+        (lock, txm)
+    }
+
+    #[tokio::test]
+    async fn another_users_reservation_does_not_exist_and_a_run_out_hold_reads_expired() {
+        let owner = UserId::generate();
+        let held = reservation(owner, ReservationStatus::Held, -time::Duration::seconds(1));
+        let id = held.id;
+        let mut bookings = MockBookingRepository::new();
+        bookings.expect_reservation().returning(move |_| Ok(Some(held.clone())));
+        let (lock, txm) = no_lock();
+        let reservations = use_case(bookings, lock, txm);
+
+        assert!(matches!(reservations.get(UserId::generate(), id).await, Err(ReservationError::NotFound(_))));
+        assert_eq!(reservations.get(owner, id).await.unwrap().status, ReservationStatus::Expired);
+    }
+
+    #[tokio::test]
+    async fn only_a_live_hold_of_ones_own_is_cancelled_and_others_are_refused_before_the_lock() {
+        let owner = UserId::generate();
+        for (status, left, expected) in [
+            (ReservationStatus::Confirmed, time::Duration::minutes(3), ReservationStatus::Confirmed),
+            (ReservationStatus::Cancelled, time::Duration::minutes(3), ReservationStatus::Cancelled),
+            (ReservationStatus::Held, -time::Duration::seconds(1), ReservationStatus::Expired),
+        ] {
+            let found = reservation(owner, status, left);
+            let id = found.id;
+            let mut bookings = MockBookingRepository::new();
+            bookings.expect_reservation().returning(move |_| Ok(Some(found.clone())));
+            bookings.expect_end_hold().never();
+            let (lock, txm) = no_lock();
+            let result = use_case(bookings, lock, txm).cancel(owner, id).await;
+            assert!(matches!(result, Err(ReservationError::NotHeld(s)) if s == expected), "{result:?}");
+        }
+        let mut bookings = MockBookingRepository::new();
+        bookings.expect_reservation().returning(|_| Ok(None));
+        let (lock, txm) = no_lock();
+        let result = use_case(bookings, lock, txm).cancel(owner, ReservationId::generate()).await;
+        assert!(matches!(result, Err(ReservationError::NotFound(_))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_ends_the_hold_under_the_seat_lock_waiting_for_it() {
+        let owner = UserId::generate();
+        let held = reservation(owner, ReservationStatus::Held, time::Duration::minutes(3));
+        let id = held.id;
+        let mut bookings = MockBookingRepository::new();
+        bookings.expect_reservation().returning(move |_| Ok(Some(held.clone())));
+        bookings
+            .expect_end_hold()
+            .withf(move |_, r, to, _| *r == id && *to == ReservationStatus::Cancelled)
+            .times(1)
+            .returning(|_, _, _, _| Ok(true));
+        let (lock, txm) = lock_and_tx(WaitPolicy::WaitUpTo(CANCEL_LOCK_WAIT), true);
+
+        let cancelled = use_case(bookings, lock, txm).cancel(owner, id).await.unwrap();
+
+        assert_eq!(cancelled.status, ReservationStatus::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn a_hold_that_changed_under_the_lock_is_not_cancelled_and_nothing_commits() {
+        let owner = UserId::generate();
+        let held = reservation(owner, ReservationStatus::Held, time::Duration::minutes(3));
+        let paid = Reservation { status: ReservationStatus::Confirmed, ..held.clone() };
+        let id = held.id;
+        let mut reads = vec![paid, held];
+        let mut bookings = MockBookingRepository::new();
+        bookings.expect_reservation().times(2).returning(move |_| Ok(reads.pop()));
+        bookings.expect_end_hold().times(1).returning(|_, _, _, _| Ok(false));
+        let (lock, txm) = lock_and_tx(WaitPolicy::WaitUpTo(CANCEL_LOCK_WAIT), false);
+
+        let result = use_case(bookings, lock, txm).cancel(owner, id).await;
+
+        assert!(matches!(result, Err(ReservationError::NotHeld(ReservationStatus::Confirmed))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_seat_that_stays_busy_or_a_lock_store_that_is_down_changes_nothing() {
+        let owner = UserId::generate();
+        for down in [false, true] {
+            let held = reservation(owner, ReservationStatus::Held, time::Duration::minutes(3));
+            let id = held.id;
+            let mut bookings = MockBookingRepository::new();
+            bookings.expect_reservation().returning(move |_| Ok(Some(held.clone())));
+            bookings.expect_end_hold().never();
+            let mut lock = MockDistributedLock::new();
+            lock.expect_acquire().times(1).returning(move |key, _| {
+                Err(if down {
+                    LockError::Unavailable(anyhow::anyhow!("redis down"))
+                } else {
+                    LockError::Timeout { key: key.clone(), waited: CANCEL_LOCK_WAIT }
+                })
+            });
+            let mut txm = MockTransactionManager::new();
+            txm.expect_begin().never();
+            let result = use_case(bookings, lock, txm).cancel(owner, id).await;
+            if down {
+                assert!(matches!(result, Err(ReservationError::LockUnavailable(_))), "{result:?}");
+            } else {
+                assert!(matches!(result, Err(ReservationError::Busy(_))), "{result:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_expiry_job_skips_a_busy_seat_and_expires_the_rest_failing_fast() {
+        let user = UserId::generate();
+        let busy = reservation(user, ReservationStatus::Held, -time::Duration::seconds(5));
+        let due = reservation(user, ReservationStatus::Held, -time::Duration::seconds(1));
+        let busy_key = seat_lock_key(busy.schedule_id, busy.seat_number);
+        let due_id = due.id;
+        let mut bookings = MockBookingRepository::new();
+        let listed = vec![busy.clone(), due.clone()];
+        bookings
+            .expect_run_out_holds()
+            .withf(|_, limit| *limit == 10)
+            .returning(move |_, _| Ok(listed.clone()));
+        bookings
+            .expect_end_hold()
+            .withf(move |_, r, to, _| *r == due_id && *to == ReservationStatus::Expired)
+            .times(1)
+            .returning(|_, _, _, _| Ok(true));
+        let txm = tx(true);
+        // The busy seat's lock is held elsewhere; the other one is taken as usual.
+        let mut combined = MockDistributedLock::new();
+        combined.expect_acquire().times(2).returning(move |key, wait| {
+            assert_eq!(wait, WaitPolicy::FailFast);
+            if *key == busy_key {
+                return Err(LockError::Busy { key: key.clone() });
+            }
+            Ok(Box::new(guard()))
+        });
+
+        let expired = use_case(bookings, combined, txm).expire_run_out(10).await.unwrap();
+
+        assert_eq!(expired, 1);
+    }
+}
