@@ -42,6 +42,7 @@ bench: services ## Measure lock contention, the waiting queue and booking (relea
 	./target/release/bench-points
 	./target/release/bench-queue
 	./target/release/bench-booking
+	./docs/explain.sh
 
 services: ## Make sure MariaDB and Redis answer on 127.0.0.1 (start them if not)
 	./deploy/local-services.sh
