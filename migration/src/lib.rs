@@ -11,6 +11,7 @@ mod m20261121_000001_users_and_points;
 mod m20261122_000001_idempotency_keys;
 mod m20261122_000002_waiting_queue;
 mod m20261122_000003_booking;
+mod m20261122_000004_payments;
 
 /// Runs `statements` in order on the migration's connection: every migration here is a
 /// list of plain DDL statements, up and down.
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_idempotency_keys::Migration),
             Box::new(m20261122_000002_waiting_queue::Migration),
             Box::new(m20261122_000003_booking::Migration),
+            Box::new(m20261122_000004_payments::Migration),
         ]
     }
 }

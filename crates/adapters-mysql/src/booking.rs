@@ -64,6 +64,25 @@ fn reservation_from(row: &QueryResult) -> anyhow::Result<Reservation> {
     })
 }
 
+/// Locks a reservation's row by its primary key before a conditional update of it. On a
+/// small table the optimizer may run `UPDATE ... WHERE id = ? AND status = 'HELD' AND
+/// held_until > ?` through `ix_reservations_expiry` and lock a range of it; two such
+/// updates of one row (only possible when the distributed lock is gone) then deadlock.
+/// With the row locked first, a second writer waits here, touching no index range.
+async fn lock_reservation_row(
+    conn: &sea_orm::DatabaseTransaction,
+    id: ReservationId,
+) -> Result<(), BookingRepositoryError> {
+    conn.query_one_raw(Statement::from_sql_and_values(
+        DbBackend::MySql,
+        "SELECT id FROM reservations WHERE id = ? FOR UPDATE",
+        [(*id.as_uuid()).into()],
+    ))
+    .await
+    .db_context("failed to lock a reservation")?;
+    Ok(())
+}
+
 #[async_trait]
 impl BookingRepository for MySqlBookingRepository {
     async fn lock_seat(
@@ -177,6 +196,7 @@ impl BookingRepository for MySqlBookingRepository {
             }
         };
         let conn = connection(tx)?;
+        lock_reservation_row(conn, reservation).await?;
         let ended = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
@@ -202,6 +222,47 @@ impl BookingRepository for MySqlBookingRepository {
         ))
         .await
         .db_context("failed to free a seat")?;
+        Ok(true)
+    }
+
+    async fn confirm(
+        &self,
+        tx: &mut Tx,
+        reservation: &Reservation,
+        now: OffsetDateTime,
+    ) -> Result<bool, BookingRepositoryError> {
+        let conn = connection(tx)?;
+        lock_reservation_row(conn, reservation.id).await?;
+        let confirmed = conn
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "UPDATE reservations SET status = 'CONFIRMED', updated_at = ? \
+                 WHERE id = ? AND status = 'HELD' AND held_until > ?",
+                [to_db_time(now).into(), (*reservation.id.as_uuid()).into(), to_db_time(now).into()],
+            ))
+            .await
+            .db_context("failed to confirm a reservation")?;
+        if confirmed.rows_affected() != 1 {
+            return Ok(false);
+        }
+        let sold = conn
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "UPDATE seats SET status = 'SOLD', held_until = NULL, version = version + 1 \
+                 WHERE schedule_id = ? AND seat_number = ? AND reservation_id = ? AND status = 'HELD'",
+                [
+                    (*reservation.schedule_id.as_uuid()).into(),
+                    reservation.seat_number.get().into(),
+                    (*reservation.id.as_uuid()).into(),
+                ],
+            ))
+            .await
+            .db_context("failed to sell a seat")?;
+        if sold.rows_affected() != 1 {
+            // A live hold always names its seat (the unique live-seat key): this is a broken
+            // invariant, and the transaction is rolled back.
+            return Err(anyhow::anyhow!("seat of reservation {} does not name it", reservation.id).into());
+        }
         Ok(true)
     }
 

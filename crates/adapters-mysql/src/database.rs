@@ -165,6 +165,12 @@ fn quiet(url: &str) -> ConnectOptions {
     options
 }
 
+/// The database name of `url` (`mysql://.../name?...`), if it is a plain one.
+#[must_use]
+pub fn database_name(url: &str) -> Option<String> {
+    split_database_url(url).ok().map(|(_, name)| name)
+}
+
 /// Splits `mysql://user@host:port/name?options` into the server URL (options kept) and
 /// the database name, which must be plain (letters, digits, `_`, `$`) since it is spliced
 /// into DDL.

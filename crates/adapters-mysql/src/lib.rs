@@ -14,6 +14,8 @@ pub mod catalog;
 pub mod database;
 mod entities;
 pub mod idempotency;
+pub mod outbox;
+pub mod payments;
 pub mod points;
 pub mod queue;
 pub mod seed;

@@ -81,7 +81,10 @@ const BEGIN_WRITE: &str = r"
 bump()
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms - 1)
 redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
+-- The set lives as long as its latest mark (never shortened by a writer with a shorter
+-- TTL than an earlier one's).
+local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[3], last[2])
 return 1
 ";
 

@@ -5,10 +5,12 @@
 //!   renewed by a watchdog, fencing numbers, and three ways of waiting.
 //! - [`cache`]: [`cache::RedisCache`], the `CachePort` port.
 //! - [`queue`]: [`queue::RedisQueue`], the `WaitingQueue` port (the default queue).
+//! - [`events`]: payment events on a Redis Stream: the outbox publisher, an idempotent consumer.
 //!
 //! This crate never decides *what* to lock or cache; application use cases do.
 
 pub mod cache;
 pub mod connection;
+pub mod events;
 pub mod lock;
 pub mod queue;

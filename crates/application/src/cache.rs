@@ -351,10 +351,17 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
-        let _filling = slot.fill.lock().await;
-        // Another request of this instance may have filled it while this one queued.
+        // Bounded: a request that queued this long behind its instance's loader (MySQL slow
+        // or down) loads by itself rather than wait for every one ahead of it.
+        let Ok(_filling) = tokio::time::timeout(self.settings.loader_wait, slot.fill.lock()).await else {
+            count_with("cache_load_waits_total", spec.name, "outcome", "timeout");
+            count("cache_loads_total", spec.name);
+            return Ok(load().await?.map(Arc::new));
+        };
+        // Another request of this instance may have filled it while this one queued (a
+        // later version is as fresh: versions only grow past any this request saw).
         if let Some(value) =
-            slot.copy().filter(|c| c.version == version).and_then(|c| c.value.downcast::<T>().ok())
+            slot.copy().filter(|c| c.version >= version).and_then(|c| c.value.downcast::<T>().ok())
         {
             count_with("cache_load_waits_total", spec.name, "outcome", "filled");
             return Ok(Some(value));

@@ -170,11 +170,15 @@ impl From<TxError> for HoldSeatError {
 impl From<LockError> for HoldSeatError {
     fn from(error: LockError) -> Self {
         match error {
-            // Someone else is taking this seat right now (or our lease ran out and the
-            // work was rolled back): either way, not yours.
-            LockError::Busy { key } | LockError::Timeout { key, .. } | LockError::LeaseLost { key } => {
+            // Someone else is taking this seat right now: not yours.
+            LockError::Busy { key } | LockError::Timeout { key, .. } => {
                 tracing::debug!(%key, "seat contended");
                 Self::SeatUnavailable
+            }
+            // Our lease ran out and the work was rolled back: the seat may still be free,
+            // and a retry may get it.
+            LockError::LeaseLost { key } => {
+                Self::LockUnavailable(anyhow::anyhow!("the lease on {key} ran out before the commit"))
             }
             LockError::Unavailable(source) => Self::LockUnavailable(source),
         }

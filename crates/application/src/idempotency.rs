@@ -316,15 +316,16 @@ impl Idempotency {
                 };
                 match operation(Some(recorder)).await {
                     Ok(value) => Ok(Outcome::Fresh(value)),
-                    // Another run of this key committed first: answer as it did.
-                    Err(error) if collided.load(Ordering::SeqCst) => {
-                        match self.replay(user_id, &key, &fingerprint).await {
-                            Ok(Some(answer)) => Ok(Outcome::Replayed(answer)),
-                            Ok(None) => Err(error),
-                            Err(replay_error) => Err(E::from(replay_error)),
-                        }
-                    }
-                    Err(error) => Err(error),
+                    // Another run of this key may have completed meanwhile: it collided
+                    // with this one's record, or (the lock store having lost a lease) it
+                    // got there first and made this one fail, e.g. as already paid.
+                    // Either way the key has an answer: give it.
+                    Err(error) => match self.replay(user_id, &key, &fingerprint).await {
+                        Ok(Some(answer)) => Ok(Outcome::Replayed(answer)),
+                        Ok(None) => Err(error),
+                        Err(replay_error) if collided.load(Ordering::SeqCst) => Err(E::from(replay_error)),
+                        Err(_) => Err(error),
+                    },
                 }
             }
         };
@@ -332,6 +333,20 @@ impl Idempotency {
             tracing::warn!(key = %lock_key, error = %error, "idempotency lock release failed; the lease will free it");
         }
         outcome
+    }
+
+    /// The stored answer for (user, key), if any, without running anything: for a retry
+    /// that can no longer run (its payment expired the queue token it would need).
+    ///
+    /// # Errors
+    /// [`IdempotencyError::KeyReused`] when the key was used for another request.
+    pub async fn lookup<T: DeserializeOwned>(
+        &self,
+        user_id: UserId,
+        key: &IdempotencyKey,
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<T>, IdempotencyError> {
+        self.replay(user_id, key, fingerprint).await
     }
 
     /// The stored answer for (user, key) if the request matches it.
@@ -581,7 +596,9 @@ mod tests {
     #[tokio::test]
     async fn a_failed_operation_is_not_recorded_and_its_error_returned() {
         let mut store = MockIdempotencyStore::new();
-        store.expect_find().times(2).returning(|_, _| Ok(None));
+        // Before the lock, under it, and once more after the failure (no other run of
+        // the key completed meanwhile).
+        store.expect_find().times(3).returning(|_, _| Ok(None));
         store.expect_insert().never();
 
         let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock_acquired_once())
@@ -589,6 +606,21 @@ mod tests {
             .await;
 
         assert!(matches!(outcome, Err(TestError::Failed)));
+    }
+
+    #[tokio::test]
+    async fn an_operation_that_failed_because_another_run_of_its_key_completed_answers_as_that_one() {
+        let user_id = UserId::generate();
+        let mut store = MockIdempotencyStore::new();
+        let mut finds = vec![Some(record(user_id, 5, 105)), None, None];
+        store.expect_find().times(3).returning(move |_, _| Ok(finds.pop().flatten()));
+        store.expect_insert().never();
+
+        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock_acquired_once())
+            .run(user_id, Some(key("k-1")), fingerprint(5), |_| async { Err(TestError::Failed) })
+            .await;
+
+        assert_eq!(outcome.unwrap(), Outcome::Replayed(Answer { balance: 105 }));
     }
 
     #[tokio::test]

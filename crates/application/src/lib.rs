@@ -11,6 +11,7 @@
 //!   versioned entries, local copies, one loader per key).
 //! - [`catalog`]: concerts, dates and seat maps through the cache, and the admin writes.
 //! - [`hold_seat`], [`reservations`]: seat holds, their cancel and expiry.
+//! - [`pay`]: paying a hold with points; [`outbox`]: the outbox its events leave by.
 //! - [`idempotency`]: idempotency keys, one mechanism for every retried operation.
 //! - [`queue`]: the [`queue::WaitingQueue`] port and the queue's use cases.
 //! - one module per use case: [`create_user`], [`charge_points`], [`get_balance`],
@@ -25,6 +26,8 @@ pub mod get_balance;
 pub mod hold_seat;
 pub mod idempotency;
 pub mod lock;
+pub mod outbox;
+pub mod pay;
 pub mod point_history;
 pub mod queue;
 pub mod reservations;

@@ -176,7 +176,6 @@ impl Reservations {
     pub async fn expire_run_out(&self, batch: u32) -> Result<usize, ReservationError> {
         let due = self.bookings.run_out_holds(clock::now_utc(), batch).await?;
         let mut expired = 0;
-        let mut marks = Vec::new();
         for hold in due {
             let (bookings, catalog, schedule) =
                 (Arc::clone(&self.bookings), self.catalog.clone(), hold.schedule_id);
@@ -200,7 +199,8 @@ impl Reservations {
             match ended {
                 Ok(Some(mark)) => {
                     expired += 1;
-                    marks.push(mark);
+                    // Lifted at once: the seat map bypasses the cache only while needed.
+                    self.catalog.changes_done([mark]).await;
                 }
                 // Settled meanwhile (paid, cancelled, replaced, or another instance's job).
                 Ok(None) => {}
@@ -210,7 +210,6 @@ impl Reservations {
                 }
             }
         }
-        self.catalog.changes_done(marks).await;
         if expired > 0 {
             tracing::info!(expired, "run-out holds expired");
         }

@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{admin, catalog, health, points, queue, reservations, users};
+use crate::routes::{admin, catalog, health, payments, points, queue, reservations, users};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -28,6 +28,7 @@ use crate::routes::{admin, catalog, health, points, queue, reservations, users};
         reservations::hold_seat,
         reservations::get_reservation,
         reservations::cancel_reservation,
+        payments::pay,
         admin::create_concert,
         admin::update_concert,
         admin::add_schedule,
@@ -52,6 +53,10 @@ use crate::routes::{admin, catalog, health, points, queue, reservations, users};
             shows AVAILABLE at once."),
         (name = "reservations", description = "Seat holds (ACTIVE queue token; the user is the token's). A hold \
             lasts RESERVATION_HOLD_SECONDS (default 300); one seat is held by at most one reservation at a time."),
+        (name = "payments", description = "Paying a hold with points: exactly once whatever the retries (Idempotency-Key), \
+            atomically (points, history, payment, reservation CONFIRMED, seat SOLD, outbox event), then the queue token \
+            expired. Events go to the Redis Stream events:payments through a transactional outbox, at least once, in \
+            order per reservation."),
         (name = "admin", description = "Catalog writes; only when ADMIN_API_KEY is set, with it in X-Admin-Key \
             (else 401 ADMIN_KEY_INVALID). Each write evicts the cached answers it changes on every instance."),
         (name = "operations", description = "Health"),

@@ -12,6 +12,7 @@ use application::charge_points::ChargePointsError;
 use application::create_user::CreateUserError;
 use application::get_balance::GetBalanceError;
 use application::hold_seat::HoldSeatError;
+use application::pay::PayError;
 use application::point_history::PointHistoryError;
 use application::reservations::ReservationError;
 use domain::booking::BookingError;
@@ -64,6 +65,14 @@ pub enum ApiError {
     ReservationNotHeld(&'static str),
     #[error("the X-Admin-Key header is missing or wrong, or the admin API is off (ADMIN_API_KEY unset)")]
     AdminKeyInvalid,
+    #[error("the reservation is {0}: its hold ran out or ended, so it can no longer be paid")]
+    ReservationExpired(&'static str),
+    #[error("the reservation is paid already")]
+    AlreadyPaid,
+    #[error("another payment of this reservation is in progress; read the reservation to see how it ended")]
+    PaymentInProgress,
+    #[error("{0}")]
+    InsufficientBalance(String),
     #[error(
         "the Queue-Token header is missing, malformed, unknown or expired; take a place in line with POST /api/v1/queue/tokens"
     )]
@@ -130,6 +139,10 @@ impl ApiError {
             Self::BookingClosed => "BOOKING_CLOSED",
             Self::ReservationNotHeld(_) => "RESERVATION_NOT_HELD",
             Self::AdminKeyInvalid => "ADMIN_KEY_INVALID",
+            Self::ReservationExpired(_) => "RESERVATION_EXPIRED",
+            Self::AlreadyPaid => "ALREADY_PAID",
+            Self::PaymentInProgress => "PAYMENT_IN_PROGRESS",
+            Self::InsufficientBalance(_) => "INSUFFICIENT_BALANCE",
             Self::QueueTokenInvalid => "QUEUE_TOKEN_INVALID",
             Self::QueueTokenNotActive => "QUEUE_TOKEN_NOT_ACTIVE",
             Self::BalanceLimitExceeded(_) => "BALANCE_LIMIT_EXCEEDED",
@@ -157,6 +170,10 @@ impl ApiError {
             Self::BookingClosed => "Booking closed",
             Self::ReservationNotHeld(_) => "Reservation not held",
             Self::AdminKeyInvalid => "Admin key invalid",
+            Self::ReservationExpired(_) => "Reservation expired",
+            Self::AlreadyPaid => "Already paid",
+            Self::PaymentInProgress => "Payment in progress",
+            Self::InsufficientBalance(_) => "Insufficient balance",
             Self::QueueTokenInvalid => "Queue token invalid",
             Self::QueueTokenNotActive => "Queue token not active",
             Self::BalanceLimitExceeded(_) => "Balance limit exceeded",
@@ -206,7 +223,13 @@ impl ResponseError for ApiError {
             | Self::ConcertNotFound(_)
             | Self::ScheduleNotFound(_)
             | Self::ReservationNotFound(_) => StatusCode::NOT_FOUND,
-            Self::SeatUnavailable | Self::BookingClosed | Self::ReservationNotHeld(_) => StatusCode::CONFLICT,
+            Self::SeatUnavailable
+            | Self::BookingClosed
+            | Self::ReservationNotHeld(_)
+            | Self::ReservationExpired(_)
+            | Self::AlreadyPaid
+            | Self::PaymentInProgress
+            | Self::InsufficientBalance(_) => StatusCode::CONFLICT,
             Self::AdminKeyInvalid => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::QueueTokenInvalid => StatusCode::UNAUTHORIZED,
@@ -313,6 +336,27 @@ impl From<ReservationError> for ApiError {
             ReservationError::LockUnavailable(source) => lock_unavailable(&source),
             ReservationError::CacheUnavailable(source) => cache_unavailable(&source),
             ReservationError::Unexpected(e) => e.into(),
+        }
+    }
+}
+
+impl From<PayError> for ApiError {
+    fn from(error: PayError) -> Self {
+        match error {
+            PayError::ReservationNotFound(id) => Self::ReservationNotFound(*id.as_uuid()),
+            PayError::ReservationExpired(status) => Self::ReservationExpired(status.as_str()),
+            PayError::AlreadyPaid => Self::AlreadyPaid,
+            PayError::PaymentInProgress => Self::PaymentInProgress,
+            PayError::InsufficientBalance { balance, amount } => Self::InsufficientBalance(format!(
+                "the balance of {balance} points does not cover the price of {amount}; charge points and pay again"
+            )),
+            PayError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            PayError::Contended(_) => Self::Busy(
+                "too many concurrent changes to this account; nothing was changed, retry shortly".into(),
+            ),
+            PayError::LockUnavailable(source) => lock_unavailable(&source),
+            PayError::CacheUnavailable(source) => cache_unavailable(&source),
+            PayError::Unexpected(e) => e.into(),
         }
     }
 }

@@ -98,6 +98,16 @@ pub struct Settings {
     /// one, so that tests can show the SQL guards alone keep every write exact. Never in
     /// production.
     pub disable_locks_for_testing: bool,
+    /// `CACHE_PREFIX`: put before every cache key, so that deployments (or tests) sharing
+    /// one Redis with different databases never read each other's answers. Default: the
+    /// database's name and a colon.
+    pub cache_prefix: String,
+    /// `PAYMENT_EVENTS_STREAM`: the Redis Stream payment events go to.
+    pub payment_events_stream: String,
+    /// `OUTBOX_RELAY_INTERVAL_MS`: how often every instance sends pending outbox events.
+    pub outbox_relay_interval: Duration,
+    /// `OUTBOX_BATCH`: the most events one relay round sends.
+    pub outbox_batch: u32,
 }
 
 /// A variable that is set but cannot be used.
@@ -270,6 +280,38 @@ impl Settings {
             seed_demo_data: flag("SEED_DEMO_DATA", true)?,
             cache_enabled: flag("CACHE_ENABLED", true)?,
             disable_locks_for_testing: flag("DISABLE_LOCKS_FOR_TESTING", false)?,
+            cache_prefix: {
+                let default = adapters_mysql::database::database_name(&database_url)
+                    .map(|name| format!("{name}:"))
+                    .unwrap_or_default();
+                let prefix = text("CACHE_PREFIX", &default);
+                if prefix.len() > 64
+                    || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_:.".contains(&b))
+                {
+                    return Err(SettingsError {
+                        name: "CACHE_PREFIX",
+                        value: prefix,
+                        problem: "must be at most 64 letters, digits, '-', '_', ':' or '.'".into(),
+                    });
+                }
+                prefix
+            },
+            payment_events_stream: {
+                let stream = text("PAYMENT_EVENTS_STREAM", adapters_redis::events::PAYMENTS_STREAM);
+                if stream.is_empty()
+                    || stream.len() > 128
+                    || !stream.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_:.{}".contains(&b))
+                {
+                    return Err(SettingsError {
+                        name: "PAYMENT_EVENTS_STREAM",
+                        value: stream,
+                        problem: "must be 1..=128 letters, digits, '-', '_', ':', '.', '{' or '}'".into(),
+                    });
+                }
+                stream
+            },
+            outbox_relay_interval: ms("OUTBOX_RELAY_INTERVAL_MS", Duration::from_millis(200), 10..=60_000)?,
+            outbox_batch: u32::try_from(number("OUTBOX_BATCH", 100, 1..=10_000)?).unwrap_or(100),
             queue_backend,
             queue,
             queue_name,
@@ -339,6 +381,8 @@ mod tests {
         assert_eq!(s.queue.admit_interval, Duration::from_secs(1));
         assert_eq!(s.reservation_hold, Duration::from_secs(300));
         assert_eq!((s.admin_api_key, s.seed_demo_data, s.cache_enabled), (None, true, true));
+        assert_eq!(s.cache_prefix, "concert:", "the database's name");
+        assert_eq!(s.payment_events_stream, "events:payments");
     }
 
     #[test]

@@ -11,12 +11,15 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use adapters_mysql::booking::MySqlBookingRepository;
 use adapters_mysql::catalog::MySqlCatalogRepository;
 use adapters_mysql::idempotency::MySqlIdempotencyStore;
+use adapters_mysql::outbox::MySqlOutboxStore;
+use adapters_mysql::payments::MySqlPaymentRepository;
 use adapters_mysql::points::MySqlPointRepository;
 use adapters_mysql::tx::MySqlTransactionManager;
 use adapters_mysql::users::MySqlUserRepository;
 use adapters_mysql::{DatabaseConnection, database};
 use adapters_redis::cache::RedisCache;
 use adapters_redis::connection::RedisConnections;
+use adapters_redis::events::RedisEventPublisher;
 use adapters_redis::lock::{DEFAULT_FALLBACK_POLL, LockOptions, RedisLock, WaitStrategy};
 use anyhow::Context as _;
 use application::cache::{Cache, CacheSettings};
@@ -26,6 +29,8 @@ use application::create_user::CreateUser;
 use application::get_balance::GetBalance;
 use application::hold_seat::HoldSeat;
 use application::idempotency::{DEFAULT_RETENTION, Idempotency};
+use application::outbox::OutboxRelay;
+use application::pay::{Pay, PayPorts};
 use application::point_history::PointHistory;
 use application::queue::{IssueToken, QueueReader, WaitingQueue};
 use application::reservations::Reservations;
@@ -59,6 +64,7 @@ pub struct Application {
     purge: JoinHandle<()>,
     admission: JoinHandle<()>,
     expiry: JoinHandle<()>,
+    relay: JoinHandle<()>,
     events: JoinHandle<()>,
     queue_events: QueueEvents,
 }
@@ -146,13 +152,14 @@ impl Application {
             queue_reader.clone(),
             settings.queue.admit_interval.min(Duration::from_secs(1)),
         );
+        let cache_prefix = settings.cache_prefix.clone();
         let cache = Arc::new(if settings.cache_enabled {
             // A write's mark must outlast the longest a write may hold its lock.
             let settings = CacheSettings {
                 write_mark: settings.lock_max_hold + settings.lock_lease,
                 ..CacheSettings::default()
             };
-            Cache::new(Arc::new(RedisCache::new(redis.pool.clone())), settings)
+            Cache::new(Arc::new(RedisCache::with_prefix(redis.pool.clone(), cache_prefix)), settings)
         } else {
             tracing::warn!("CACHE_ENABLED=false: every catalog read goes to MySQL");
             Cache::disabled()
@@ -166,7 +173,29 @@ impl Application {
             txm.clone(),
             settings.reservation_hold,
         );
-        let reservations = Reservations::new(catalog.clone(), bookings, Arc::clone(&lock_port), txm.clone());
+        let reservations =
+            Reservations::new(catalog.clone(), bookings.clone(), Arc::clone(&lock_port), txm.clone());
+        let outbox = Arc::new(MySqlOutboxStore::new(db.clone()));
+        let pay = Pay::new(
+            PayPorts {
+                bookings,
+                points: points.clone(),
+                payments: Arc::new(MySqlPaymentRepository::new(db.clone())),
+                outbox: outbox.clone(),
+                catalog: catalog.clone(),
+                queue: Arc::clone(&queue),
+                lock: Arc::clone(&lock_port),
+                txm: txm.clone(),
+                idempotency: idempotency.clone(),
+            },
+            settings.point_lock_wait,
+        );
+        let relay = OutboxRelay::new(
+            outbox,
+            Arc::new(RedisEventPublisher::new(redis.pool.clone(), settings.payment_events_stream.clone())),
+            txm.clone(),
+            settings.outbox_batch,
+        );
         let metrics = telemetry::prometheus();
         let state = web::Data::new(AppState {
             create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),
@@ -186,6 +215,7 @@ impl Application {
             catalog,
             hold_seat,
             reservations: reservations.clone(),
+            pay,
             readiness: Readiness { db: db.clone(), redis: redis.clone() },
             metrics: metrics.clone(),
         });
@@ -248,6 +278,7 @@ impl Application {
         // Twice per interval: with one instance, a step landing just before an interval's
         // end would otherwise skip the next; the step itself keeps the rate exact.
         let admission = tokio::spawn(admit_forever(queue, settings.queue.admit_interval / 2));
+        let relay = tokio::spawn(relay_forever(relay, settings.outbox_relay_interval));
         let expiry = tokio::spawn(expire_forever(
             reservations,
             settings.hold_expiry_interval,
@@ -264,6 +295,7 @@ impl Application {
             purge,
             admission,
             expiry,
+            relay,
             events,
             queue_events,
         })
@@ -302,6 +334,7 @@ impl Application {
         self.purge.abort();
         self.admission.abort();
         self.expiry.abort();
+        self.relay.abort();
         self.events.abort();
         self.lock.release_all(RELEASE_AT_SHUTDOWN).await;
         self.redis.quit().await;
@@ -362,6 +395,37 @@ async fn expire_forever(reservations: Reservations, interval: Duration, batch: u
                     tracing::warn!(error = format!("{error:#}"), "hold expiry round failed");
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// The outbox relay, every `interval`, on every instance (rows are claimed with `SKIP
+/// LOCKED`, so instances never send one row at the same time). A full batch goes again at
+/// once; the pending count is exported every few seconds.
+async fn relay_forever(relay: OutboxRelay, interval: Duration) {
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_observed = std::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        every.tick().await;
+        loop {
+            match relay.relay_once().await {
+                Ok(sent) if sent == relay.batch() as usize => {}
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "outbox relay round failed; the events stay pending"
+                    );
+                    break;
+                }
+            }
+        }
+        if last_observed.elapsed() >= Duration::from_secs(5) {
+            last_observed = std::time::Instant::now();
+            if let Err(error) = relay.observe_pending().await {
+                tracing::debug!(error = format!("{error:#}"), "outbox pending count unavailable");
             }
         }
     }

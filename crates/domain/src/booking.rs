@@ -14,43 +14,9 @@ use std::fmt;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 use crate::unit_of_work::Tx;
 use crate::user::UserId;
-
-/// Declares a UUID id newtype: v7 when made here, any UUID when read back.
-macro_rules! uuid_id {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(Uuid);
-
-        impl $name {
-            /// A fresh, time-ordered id.
-            #[must_use]
-            pub fn generate() -> Self {
-                Self(Uuid::now_v7())
-            }
-
-            #[must_use]
-            pub const fn from_uuid(id: Uuid) -> Self {
-                Self(id)
-            }
-
-            #[must_use]
-            pub const fn as_uuid(&self) -> &Uuid {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                self.0.fmt(f)
-            }
-        }
-    };
-}
 
 uuid_id!(
     /// A concert's id.
@@ -304,7 +270,8 @@ impl Label {
     /// # Errors
     /// [`BookingError::InvalidLabel`], naming `what` (`title`, `venue`).
     pub fn new(what: &'static str, raw: &str) -> Result<Self, BookingError> {
-        let trimmed = raw.trim();
+        // U+FEFF counts as a space too, as JSON Schema's (ECMAScript's) `\s` has it.
+        let trimmed = raw.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
         if trimmed.is_empty() || raw.chars().count() > Self::MAX_CHARS || raw.chars().any(char::is_control) {
             return Err(BookingError::InvalidLabel { what });
         }
@@ -470,6 +437,17 @@ pub trait BookingRepository: Send + Sync {
         tx: &mut Tx,
         reservation: ReservationId,
         to: ReservationStatus,
+        now: OffsetDateTime,
+    ) -> Result<bool, BookingRepositoryError>;
+
+    /// Confirms a paid hold in `tx`: the reservation HELD -> CONFIRMED only while the
+    /// hold lasts at `now`, and its seat SOLD only if the seat still names it (both in the
+    /// SQL, rows affected checked). `false` when the reservation was not a live hold any
+    /// more (nothing changed).
+    async fn confirm(
+        &self,
+        tx: &mut Tx,
+        reservation: &Reservation,
         now: OffsetDateTime,
     ) -> Result<bool, BookingRepositoryError>;
 

@@ -9,12 +9,47 @@
 //! - [`user`]: users and their repository port.
 //! - [`booking`]: concerts, schedules, seats and the reservation state machine (the
 //!   booking routes build on it).
+//! - [`payment`]: payments of seat holds and their repository port.
 //! - [`point`]: point accounts, history entries and their repository port.
 //! - [`queue`]: waiting-queue tokens, their states and the admission policies.
 //! - [`unit_of_work`]: the handle of a live transaction that repository ports write through.
 //! - [`unavailable`]: the marker of a storage failure the caller may retry (answered 503).
 
+/// Declares a UUID id newtype: v7 when made here, any UUID when read back.
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(::uuid::Uuid);
+
+        impl $name {
+            /// A fresh, time-ordered id.
+            #[must_use]
+            pub fn generate() -> Self {
+                Self(::uuid::Uuid::now_v7())
+            }
+
+            #[must_use]
+            pub const fn from_uuid(id: ::uuid::Uuid) -> Self {
+                Self(id)
+            }
+
+            #[must_use]
+            pub const fn as_uuid(&self) -> &::uuid::Uuid {
+                &self.0
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
 pub mod booking;
+pub mod payment;
 pub mod point;
 pub mod queue;
 pub mod unavailable;

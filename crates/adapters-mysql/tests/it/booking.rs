@@ -183,7 +183,8 @@ async fn a_cancel_frees_the_seat_once_and_a_run_out_hold_is_expired_not_cancelle
         results
             .iter()
             .filter(|r| r.is_err())
-            .all(|r| matches!(r, Err(ReservationError::NotHeld(ReservationStatus::Cancelled))))
+            .all(|r| matches!(r, Err(ReservationError::NotHeld(ReservationStatus::Cancelled)))),
+        "{results:?}"
     );
     assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM seats WHERE status <> 'AVAILABLE'").await, 0);
 

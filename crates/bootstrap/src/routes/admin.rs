@@ -105,7 +105,7 @@ pub struct ScheduleRequest {
         (status = 400, description = "Malformed body, title or venue", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "ADMIN_KEY_INVALID: missing or wrong X-Admin-Key, or the admin API is off", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or Redis (the cache) is unavailable; nothing changed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create_concert(
@@ -137,7 +137,7 @@ pub async fn create_concert(
         (status = 401, description = "ADMIN_KEY_INVALID", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "CONCERT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or Redis (the cache) is unavailable; nothing changed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn update_concert(
@@ -172,7 +172,7 @@ pub async fn update_concert(
         (status = 401, description = "ADMIN_KEY_INVALID", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "CONCERT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or Redis (the cache) is unavailable; nothing changed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn add_schedule(

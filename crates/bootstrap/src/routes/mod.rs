@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod catalog;
 pub mod health;
+pub mod payments;
 pub mod points;
 pub mod queue;
 pub mod reservations;
@@ -34,6 +35,7 @@ pub struct AppState {
     pub catalog: Catalog,
     pub hold_seat: HoldSeat,
     pub reservations: Reservations,
+    pub pay: application::pay::Pay,
     pub readiness: health::Readiness,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -102,6 +104,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::head().to(reservations::get_reservation))
                     .route(web::delete().to(reservations::cancel_reservation))
                     .default_service(allow("GET, HEAD, DELETE")),
+            )
+            .service(
+                web::resource("/payments")
+                    .route(web::post().to(payments::pay))
+                    .default_service(allow("POST")),
             )
             .service(
                 web::resource("/admin/concerts")

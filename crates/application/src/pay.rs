@@ -1,0 +1,402 @@
+//! Pay for a seat hold with points.
+//!
+//! 1. Outside any lock (fail fast): the reservation exists and is the caller's (else 404,
+//!    another user's included), is a hold that still lasts (else EXPIRED / ALREADY_PAID).
+//! 2. `lock:reservation:{id}`, failing fast: another payment of this hold is running, and
+//!    this one would only be refused after it (409 `PAYMENT_IN_PROGRESS`).
+//! 3. `lock:point:{userId}`, waiting: shared with charges, so a charge and a payment of one
+//!    user never run at once. Always in this order (reservation, then points): a lock
+//!    order that no other use case inverts (charges take only the second).
+//! 4. One transaction: the reservation HELD -> CONFIRMED while the hold lasts and its seat
+//!    SOLD (conditional updates, rows affected checked); the balance deducted (row locked,
+//!    compare-and-set on its version, never below zero) with a USE history row; the
+//!    payment (unique per reservation); the `PaymentCompleted` event in the outbox; the
+//!    idempotency record; the seat map marked as changing. Commit, unlock (points, then
+//!    reservation).
+//! 5. After commit: the queue token expired, the seat map mark lifted, then the answer.
+//!
+//! With an `Idempotency-Key` all of it runs through [`Idempotency`]: at most once per
+//! (user, key), the first answer recorded in the payment's own transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::booking::{
+    BookingRepository, BookingRepositoryError, Reservation, ReservationId, ReservationStatus,
+};
+use domain::payment::{Payment, PaymentRepository, PaymentRepositoryError};
+use domain::point::{PointAmount, PointError, PointRepository, PointRepositoryError};
+use domain::queue::QueueTokenId;
+use domain::unit_of_work::TxError;
+use domain::user::UserId;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::cache::WriteMark;
+use crate::catalog::{Catalog, CatalogError};
+use crate::clock;
+use crate::idempotency::{Fingerprint, Idempotency, IdempotencyError, IdempotencyKey, Outcome};
+use crate::lock::{DistributedLock, LockError, LockKey, WaitPolicy};
+use crate::outbox::{OutboxEvent, OutboxStore};
+use crate::queue::WaitingQueue;
+use crate::tx::{TransactionManager, locked_tx};
+
+/// The event type a payment writes to the outbox.
+pub const PAYMENT_COMPLETED: &str = "PaymentCompleted";
+
+/// `lock:reservation:{reservationId}`.
+#[must_use]
+pub fn reservation_lock_key(id: ReservationId) -> LockKey {
+    LockKey::new("reservation", id)
+}
+
+/// A payment as answered (and as its idempotency record keeps it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentView {
+    pub id: Uuid,
+    pub reservation_id: Uuid,
+    pub amount: i64,
+    pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub paid_at: OffsetDateTime,
+}
+
+impl From<&Payment> for PaymentView {
+    fn from(payment: &Payment) -> Self {
+        Self {
+            id: *payment.id.as_uuid(),
+            reservation_id: *payment.reservation_id.as_uuid(),
+            amount: payment.amount.points(),
+            status: payment.status().to_owned(),
+            paid_at: payment.paid_at,
+        }
+    }
+}
+
+/// The `PaymentCompleted` event, as published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentCompleted {
+    pub event_id: Uuid,
+    pub payment_id: Uuid,
+    pub reservation_id: Uuid,
+    pub user_id: Uuid,
+    pub schedule_id: Uuid,
+    pub seat_number: u8,
+    pub amount: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub paid_at: OffsetDateTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PayError {
+    /// No such reservation, or another user's (not told apart).
+    #[error("reservation {0} not found")]
+    ReservationNotFound(ReservationId),
+    /// The hold ran out, or was cancelled.
+    #[error("the reservation is {}, no longer a hold that can be paid", .0.as_str())]
+    ReservationExpired(ReservationStatus),
+    #[error("the reservation is paid already")]
+    AlreadyPaid,
+    /// Another payment of this reservation is running right now.
+    #[error("a payment of this reservation is in progress")]
+    PaymentInProgress,
+    #[error("the balance of {balance} points does not cover {amount}")]
+    InsufficientBalance { balance: i64, amount: i64 },
+    #[error("the idempotency key was used for a different payment")]
+    IdempotencyKeyReused,
+    /// The user's points stayed locked for the whole wait; nothing changed.
+    #[error("{0} stayed busy for the whole wait")]
+    Contended(LockKey),
+    #[error("the lock service is unavailable")]
+    LockUnavailable(#[source] anyhow::Error),
+    #[error("the cache is unavailable")]
+    CacheUnavailable(#[source] anyhow::Error),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// Pays for seat holds.
+#[derive(Clone)]
+pub struct Pay {
+    bookings: Arc<dyn BookingRepository>,
+    points: Arc<dyn PointRepository>,
+    payments: Arc<dyn PaymentRepository>,
+    outbox: Arc<dyn OutboxStore>,
+    catalog: Catalog,
+    queue: Arc<dyn WaitingQueue>,
+    lock: Arc<dyn DistributedLock>,
+    txm: Arc<dyn TransactionManager>,
+    idempotency: Idempotency,
+    point_lock_wait: Duration,
+}
+
+impl std::fmt::Debug for Pay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pay").finish_non_exhaustive()
+    }
+}
+
+/// What [`Pay::new`] needs.
+#[derive(Clone)]
+#[allow(missing_debug_implementations, reason = "ports")]
+pub struct PayPorts {
+    pub bookings: Arc<dyn BookingRepository>,
+    pub points: Arc<dyn PointRepository>,
+    pub payments: Arc<dyn PaymentRepository>,
+    pub outbox: Arc<dyn OutboxStore>,
+    pub catalog: Catalog,
+    pub queue: Arc<dyn WaitingQueue>,
+    pub lock: Arc<dyn DistributedLock>,
+    pub txm: Arc<dyn TransactionManager>,
+    pub idempotency: Idempotency,
+}
+
+fn fingerprint(reservation: ReservationId) -> Fingerprint {
+    Fingerprint::of("pay", &serde_json::json!({ "reservationId": reservation.to_string() }))
+}
+
+impl Pay {
+    #[must_use]
+    pub fn new(ports: PayPorts, point_lock_wait: Duration) -> Self {
+        let PayPorts { bookings, points, payments, outbox, catalog, queue, lock, txm, idempotency } = ports;
+        Self { bookings, points, payments, outbox, catalog, queue, lock, txm, idempotency, point_lock_wait }
+    }
+
+    /// Pays `reservation_id` for `user_id`, who holds the ACTIVE queue `token` (expired
+    /// once paid). With `key`, a repetition answers the first payment
+    /// ([`Outcome::Replayed`]) and changes nothing.
+    ///
+    /// # Errors
+    /// See [`PayError`]; on every error nothing is changed.
+    #[tracing::instrument(name = "pay", skip(self, key), fields(%user_id, reservation = %reservation_id, keyed = key.is_some()))]
+    pub async fn execute(
+        &self,
+        user_id: UserId,
+        token: QueueTokenId,
+        reservation_id: ReservationId,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Outcome<PaymentView>, PayError> {
+        let outcome = self
+            .idempotency
+            .run(user_id, key, fingerprint(reservation_id), |recorder| async move {
+                let reservation = self.payable(user_id, reservation_id).await?;
+                let outer = self
+                    .lock
+                    .acquire(&reservation_lock_key(reservation_id), WaitPolicy::FailFast)
+                    .await
+                    .map_err(|error| match error {
+                        LockError::Unavailable(source) => PayError::LockUnavailable(source),
+                        _ => PayError::PaymentInProgress,
+                    })?;
+                let paid = self.pay_under_lock(reservation, token, recorder).await;
+                if let Err(error) = outer.release().await {
+                    tracing::warn!(error = %error, "reservation lock release failed; the lease will free it");
+                }
+                let (view, mark) = paid?;
+                // After the commit: the token has done its work; the seat map shows SOLD.
+                if let Err(error) = self.queue.expire(token).await {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "the paid queue token could not be expired; it runs out on its own"
+                    );
+                }
+                self.catalog.changes_done([mark]).await;
+                Ok::<_, PayError>(view)
+            })
+            .await?;
+        tracing::info!(replayed = outcome.is_replay(), "paid");
+        Ok(outcome)
+    }
+
+    /// The answer of an earlier payment of `reservation_id` under `key`, if there is one:
+    /// for a retry whose queue token that payment expired.
+    ///
+    /// # Errors
+    /// [`PayError::IdempotencyKeyReused`] when the key was used for another request.
+    pub async fn replay(
+        &self,
+        user_id: UserId,
+        reservation_id: ReservationId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<PaymentView>, PayError> {
+        Ok(self.idempotency.lookup(user_id, key, &fingerprint(reservation_id)).await?)
+    }
+
+    /// The user whose payment expired `token`, if one did.
+    ///
+    /// # Errors
+    /// When the payments cannot be read.
+    pub async fn user_of_spent_token(&self, token: QueueTokenId) -> Result<Option<UserId>, PayError> {
+        self.payments
+            .user_of_spent_token(token)
+            .await
+            .map_err(|e| PayError::Unexpected(anyhow::Error::new(e).context("failed to read payments")))
+    }
+
+    /// The fail-fast checks: the caller's reservation, a hold that still lasts.
+    async fn payable(&self, user_id: UserId, id: ReservationId) -> Result<Reservation, PayError> {
+        let reservation = self
+            .bookings
+            .reservation(id)
+            .await?
+            .filter(|r| r.user_id == user_id)
+            .ok_or(PayError::ReservationNotFound(id))?;
+        match reservation.status_at(clock::now_utc()) {
+            ReservationStatus::Held => Ok(reservation),
+            ReservationStatus::Confirmed => Err(PayError::AlreadyPaid),
+            other => Err(PayError::ReservationExpired(other)),
+        }
+    }
+
+    async fn pay_under_lock(
+        &self,
+        reservation: Reservation,
+        token: QueueTokenId,
+        recorder: Option<crate::idempotency::Recorder>,
+    ) -> Result<(PaymentView, Option<WriteMark>), PayError> {
+        let (bookings, points, payments, outbox, catalog) = (
+            Arc::clone(&self.bookings),
+            Arc::clone(&self.points),
+            Arc::clone(&self.payments),
+            Arc::clone(&self.outbox),
+            self.catalog.clone(),
+        );
+        let user_id = reservation.user_id;
+        locked_tx(
+            self.lock.as_ref(),
+            self.txm.as_ref(),
+            &LockKey::point(user_id),
+            WaitPolicy::WaitUpTo(self.point_lock_wait),
+            move |tx| {
+                Box::pin(async move {
+                    let now = clock::now_utc();
+                    // Re-checked inside: the hold may have run out, been paid or cancelled.
+                    if !bookings.confirm(tx, &reservation, now).await? {
+                        let status = bookings.reservation(reservation.id).await?.map(|r| r.status_at(now));
+                        return Err(match status {
+                            Some(ReservationStatus::Confirmed) => PayError::AlreadyPaid,
+                            other => {
+                                PayError::ReservationExpired(other.unwrap_or(ReservationStatus::Expired))
+                            }
+                        });
+                    }
+                    if reservation.price.points() > 0 {
+                        let amount = PointAmount::new(reservation.price.points())
+                            .map_err(|e| anyhow::Error::new(e).context("a price is not a point amount"))?;
+                        let mut account = points
+                            .lock_account(tx, user_id)
+                            .await?
+                            .ok_or_else(|| anyhow::anyhow!("user {user_id} has no point account"))?;
+                        let read_at = account.version();
+                        let entry = account.deduct(amount, now)?;
+                        points.save_balance(tx, &account, read_at).await?;
+                        points.append_history(tx, &entry).await?;
+                    }
+                    let payment = Payment::of(&reservation, now);
+                    payments.insert(tx, &payment, Some(token)).await?;
+                    let event = PaymentCompleted {
+                        event_id: Uuid::now_v7(),
+                        payment_id: *payment.id.as_uuid(),
+                        reservation_id: *reservation.id.as_uuid(),
+                        user_id: *user_id.as_uuid(),
+                        schedule_id: *reservation.schedule_id.as_uuid(),
+                        seat_number: reservation.seat_number.get(),
+                        amount: payment.amount.points(),
+                        paid_at: payment.paid_at,
+                    };
+                    outbox
+                        .append(
+                            tx,
+                            &OutboxEvent {
+                                id: event.event_id,
+                                aggregate_id: event.reservation_id,
+                                event_type: PAYMENT_COMPLETED,
+                                payload: serde_json::to_string(&event).map_err(anyhow::Error::new)?,
+                                created_at: now,
+                            },
+                        )
+                        .await?;
+                    let view = PaymentView::from(&payment);
+                    if let Some(recorder) = &recorder {
+                        recorder.record(tx, &view).await?;
+                    }
+                    // Before the commit: no instance shows the seat as held after this.
+                    let mark =
+                        catalog.seats_changing(reservation.schedule_id).await.map_err(|e| match e {
+                            CatalogError::CacheUnavailable(source) => {
+                                PayError::CacheUnavailable(anyhow::Error::new(source))
+                            }
+                            other => PayError::Unexpected(anyhow::Error::new(other)),
+                        })?;
+                    Ok((view, mark))
+                })
+            },
+        )
+        .await
+    }
+}
+
+impl From<IdempotencyError> for PayError {
+    fn from(error: IdempotencyError) -> Self {
+        match error {
+            IdempotencyError::KeyReused => Self::IdempotencyKeyReused,
+            IdempotencyError::Busy(key) => Self::Contended(key),
+            IdempotencyError::LockUnavailable(source) => Self::LockUnavailable(source),
+            IdempotencyError::Duplicate => Self::Unexpected(anyhow::anyhow!("idempotency key stored twice")),
+            IdempotencyError::Unexpected(error) => Self::Unexpected(error),
+        }
+    }
+}
+
+impl From<PointError> for PayError {
+    fn from(error: PointError) -> Self {
+        match error {
+            PointError::InsufficientBalance { balance, amount } => {
+                Self::InsufficientBalance { balance, amount }
+            }
+            other => Self::Unexpected(anyhow::Error::new(other).context("point rule violated in storage")),
+        }
+    }
+}
+
+impl From<PointRepositoryError> for PayError {
+    fn from(error: PointRepositoryError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("failed to deduct points"))
+    }
+}
+
+impl From<BookingRepositoryError> for PayError {
+    fn from(error: BookingRepositoryError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("failed to confirm the reservation"))
+    }
+}
+
+impl From<PaymentRepositoryError> for PayError {
+    fn from(error: PaymentRepositoryError) -> Self {
+        match error {
+            PaymentRepositoryError::AlreadyPaid => Self::AlreadyPaid,
+            PaymentRepositoryError::Unexpected(e) => {
+                Self::Unexpected(e.context("failed to store the payment"))
+            }
+        }
+    }
+}
+
+impl From<TxError> for PayError {
+    fn from(error: TxError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("payment transaction failed"))
+    }
+}
+
+impl From<LockError> for PayError {
+    fn from(error: LockError) -> Self {
+        match error {
+            LockError::Busy { key } | LockError::Timeout { key, .. } | LockError::LeaseLost { key } => {
+                Self::Contended(key)
+            }
+            LockError::Unavailable(source) => Self::LockUnavailable(source),
+        }
+    }
+}

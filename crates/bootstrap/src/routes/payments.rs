@@ -1,0 +1,128 @@
+//! `POST /api/v1/payments`: pay for a seat hold with points, exactly once.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use application::pay::PaymentView;
+use application::queue::GateError;
+use domain::booking::ReservationId;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::points::{IDEMPOTENT_REPLAYED, idempotency_key};
+use super::queue::queue_token;
+use crate::extract::LateJson;
+use crate::problem::{ApiError, Problem};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PayRequest {
+    /// The caller's HELD reservation.
+    pub reservation_id: uuid::Uuid,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentResponse {
+    pub id: uuid::Uuid,
+    pub reservation_id: uuid::Uuid,
+    /// Points deducted: the seat's price.
+    #[schema(minimum = 0, maximum = 10_000_000, example = 80_000)]
+    pub amount: i64,
+    #[schema(pattern = "^COMPLETED$", example = "COMPLETED")]
+    pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub paid_at: OffsetDateTime,
+}
+
+impl From<PaymentView> for PaymentResponse {
+    fn from(view: PaymentView) -> Self {
+        Self {
+            id: view.id,
+            reservation_id: view.reservation_id,
+            amount: view.amount,
+            status: view.status,
+            paid_at: view.paid_at,
+        }
+    }
+}
+
+fn created(view: PaymentView, replayed: bool) -> HttpResponse {
+    let mut response = HttpResponse::Created();
+    if replayed {
+        response.insert_header((IDEMPOTENT_REPLAYED, "true"));
+    }
+    response.json(PaymentResponse::from(view))
+}
+
+/// Pay for a seat hold with points.
+///
+/// Atomically: deducts the seat's price once, records a USE point history row and the
+/// payment, marks the reservation CONFIRMED and the seat SOLD, writes a
+/// `PaymentCompleted` event to the outbox (published to the Redis Stream
+/// `events:payments`), and expires the queue token. A failed payment changes nothing.
+///
+/// With an `Idempotency-Key`, a repetition (a retry after a lost answer, a double click,
+/// on any instance) gets the first answer back, status and body alike, marked
+/// `Idempotent-Replayed: true`, even though that payment expired the queue token; one that
+/// arrives while the first is still running waits for it. The same key with another
+/// reservation is 422. Keys are scoped to the user and kept at least 24 hours.
+///
+/// # Errors
+/// 400, 401, 403, 404 `RESERVATION_NOT_FOUND`, 409 `RESERVATION_EXPIRED`, `ALREADY_PAID`,
+/// `PAYMENT_IN_PROGRESS`, `INSUFFICIENT_BALANCE`, 422, 429, 503.
+#[utoipa::path(
+    post,
+    path = "/api/v1/payments",
+    tag = "payments",
+    params(
+        ("Queue-Token" = uuid::Uuid, Header, description = "An ACTIVE queue token (or, for a replay, the token the replayed payment expired)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the payment idempotent: 1..=64 visible ASCII characters (`!` to `~`), scoped to the user, kept at least 24 hours", min_length = 1, max_length = 64, pattern = r"^[!-~]{1,64}$"),
+    ),
+    request_body = PayRequest,
+    responses(
+        (status = 201, description = "Paid (or, for a replayed key, the first answer: see the header)", body = PaymentResponse,
+            headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer of an earlier request with the same key"))),
+        (status = 400, description = "Malformed body, reservationId or Idempotency-Key", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "QUEUE_TOKEN_INVALID", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "QUEUE_TOKEN_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "RESERVATION_NOT_FOUND (also another user's)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "RESERVATION_EXPIRED (the hold ran out or was cancelled), ALREADY_PAID, PAYMENT_IN_PROGRESS (another payment of it is running now), INSUFFICIENT_BALANCE; nothing changed", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used for another reservation; nothing changed", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "RESOURCE_BUSY: the account stayed busy; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, nothing changed. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit; retry with the same Idempotency-Key, which is always safe", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn pay(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: LateJson,
+) -> Result<HttpResponse, ApiError> {
+    let token = queue_token(&req)?;
+    match state.queue_reader.admit_holder(token).await {
+        Ok(user) => {
+            let key = idempotency_key(&req)?;
+            let body: PayRequest = body.read().await?;
+            let outcome =
+                state.pay.execute(user, token, ReservationId::from_uuid(body.reservation_id), key).await?;
+            let replayed = outcome.is_replay();
+            Ok(created(outcome.into_inner(), replayed))
+        }
+        // The token may be one a payment expired: a retry of that payment, with its key,
+        // still gets its answer.
+        Err(GateError::Invalid) => {
+            let Ok(Some(key)) = idempotency_key(&req) else { return Err(ApiError::QueueTokenInvalid) };
+            let Some(user) = state.pay.user_of_spent_token(token).await? else {
+                return Err(ApiError::QueueTokenInvalid);
+            };
+            let body: PayRequest = body.read().await?;
+            match state.pay.replay(user, ReservationId::from_uuid(body.reservation_id), &key).await? {
+                Some(view) => Ok(created(view, true)),
+                None => Err(ApiError::QueueTokenInvalid),
+            }
+        }
+        Err(other) => Err(other.into()),
+    }
+}
