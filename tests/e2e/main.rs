@@ -3,6 +3,7 @@
 mod booking;
 mod failures;
 mod idempotency;
+mod payments;
 mod points;
 mod queue;
 mod users;

@@ -400,3 +400,296 @@ impl From<LockError> for PayError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use domain::booking::{MockBookingRepository, MockCatalogRepository, Price, ScheduleId, SeatNumber};
+    use domain::payment::MockPaymentRepository;
+    use domain::point::{Balance, MockPointRepository, PointAccount};
+    use domain::unit_of_work::MockUnitOfWork;
+    use mockall::Sequence;
+
+    use super::*;
+    use crate::cache::Cache;
+    use crate::idempotency::{DEFAULT_RETENTION, MockIdempotencyStore};
+    use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard};
+    use crate::outbox::MockOutboxStore;
+    use crate::queue::MockWaitingQueue;
+    use crate::tx::MockTransactionManager;
+
+    fn reservation(user: UserId, status: ReservationStatus, left: time::Duration) -> Reservation {
+        let now = clock::now_utc();
+        Reservation {
+            id: ReservationId::generate(),
+            user_id: user,
+            schedule_id: ScheduleId::generate(),
+            seat_number: SeatNumber::new(12).unwrap(),
+            price: Price::new(80_000).unwrap(),
+            status,
+            held_until: now + left,
+            created_at: now - time::Duration::minutes(1),
+        }
+    }
+
+    /// Every port, none expecting anything yet.
+    struct Ports {
+        bookings: MockBookingRepository,
+        points: MockPointRepository,
+        payments: MockPaymentRepository,
+        outbox: MockOutboxStore,
+        queue: MockWaitingQueue,
+        lock: MockDistributedLock,
+        txm: MockTransactionManager,
+    }
+
+    impl Ports {
+        fn new() -> Self {
+            Self {
+                bookings: MockBookingRepository::new(),
+                points: MockPointRepository::new(),
+                payments: MockPaymentRepository::new(),
+                outbox: MockOutboxStore::new(),
+                queue: MockWaitingQueue::new(),
+                lock: MockDistributedLock::new(),
+                txm: MockTransactionManager::new(),
+            }
+        }
+
+        fn pay(self) -> Pay {
+            let lock: Arc<dyn DistributedLock> = Arc::new(self.lock);
+            let idempotency = Idempotency::new(
+                Arc::new(MockIdempotencyStore::new()),
+                Arc::clone(&lock),
+                Duration::from_secs(1),
+                DEFAULT_RETENTION,
+            );
+            Pay::new(
+                PayPorts {
+                    bookings: Arc::new(self.bookings),
+                    points: Arc::new(self.points),
+                    payments: Arc::new(self.payments),
+                    outbox: Arc::new(self.outbox),
+                    catalog: Catalog::new(
+                        Arc::new(MockCatalogRepository::new()),
+                        Arc::new(Cache::disabled()),
+                    ),
+                    queue: Arc::new(self.queue),
+                    lock,
+                    txm: Arc::new(self.txm),
+                    idempotency,
+                },
+                Duration::from_secs(3),
+            )
+        }
+    }
+
+    fn guard(key: LockKey, released: &mut Sequence) -> MockLockGuard {
+        let mut guard = MockLockGuard::new();
+        guard.expect_is_lost().return_const(false);
+        guard.expect_key().return_const(key);
+        guard.expect_fencing_token().return_const(FencingToken(1));
+        guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
+        guard.expect_release().times(1).in_sequence(released).returning(|| Ok(()));
+        guard
+    }
+
+    #[tokio::test]
+    async fn a_payment_takes_the_reservation_lock_then_the_point_lock_and_releases_them_after_the_commit() {
+        let user = UserId::generate();
+        let held = reservation(user, ReservationStatus::Held, time::Duration::minutes(3));
+        let (id, token) = (held.id, QueueTokenId::generate());
+        let mut seq = Sequence::new();
+        let mut ports = Ports::new();
+        let read = held.clone();
+        ports.bookings.expect_reservation().times(1).returning(move |_| Ok(Some(read.clone())));
+        // Both guards are made up front; their releases are ordered below.
+        let mut releases = Sequence::new();
+        let point_guard = Mutex::new(Some(guard(LockKey::point(user), &mut releases)));
+        let reservation_guard = Mutex::new(Some(guard(reservation_lock_key(id), &mut releases)));
+        ports
+            .lock
+            .expect_acquire()
+            .withf(move |key, wait| *key == reservation_lock_key(id) && *wait == WaitPolicy::FailFast)
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(move |_, _| Ok(Box::new(reservation_guard.lock().unwrap().take().unwrap())));
+        ports
+            .lock
+            .expect_acquire()
+            .withf(move |key, wait| *key == LockKey::point(user) && matches!(wait, WaitPolicy::WaitUpTo(_)))
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(move |_, _| Ok(Box::new(point_guard.lock().unwrap().take().unwrap())));
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().times(1).returning(|| Ok(()));
+        ports.txm.expect_begin().times(1).in_sequence(&mut seq).return_once(move || Ok(Box::new(uow)));
+        ports.bookings.expect_confirm().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(true));
+        ports
+            .points
+            .expect_lock_account()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(move |_, u| Ok(Some(PointAccount::restore(u, Balance::new(100_000).unwrap(), 4))));
+        ports
+            .points
+            .expect_save_balance()
+            .withf(|_, account, read_at| account.balance().points() == 20_000 && *read_at == 4)
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _, _| Ok(()));
+        ports
+            .points
+            .expect_append_history()
+            .withf(|_, entry| entry.amount().points() == 80_000 && entry.kind().as_str() == "USE")
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _| Ok(()));
+        ports
+            .payments
+            .expect_insert()
+            .withf(move |_, p, t| p.reservation_id == id && p.amount.points() == 80_000 && *t == Some(token))
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _, _| Ok(()));
+        ports
+            .outbox
+            .expect_append()
+            .withf(move |_, e| e.event_type == PAYMENT_COMPLETED && e.aggregate_id == *id.as_uuid())
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _| Ok(()));
+        ports.queue.expect_expire().withf(move |t| *t == token).times(1).returning(|_| Ok(true));
+
+        let paid = ports.pay().execute(user, token, id, None).await.unwrap();
+
+        let paid = paid.into_inner();
+        assert_eq!((paid.amount, paid.status.as_str()), (80_000, "COMPLETED"));
+    }
+
+    #[tokio::test]
+    async fn what_can_be_told_outside_the_locks_is_refused_before_any_lock() {
+        let user = UserId::generate();
+        for (owner, status, left) in [
+            (UserId::generate(), ReservationStatus::Held, time::Duration::minutes(3)),
+            (user, ReservationStatus::Held, -time::Duration::seconds(1)),
+            (user, ReservationStatus::Cancelled, time::Duration::minutes(3)),
+            (user, ReservationStatus::Confirmed, time::Duration::minutes(3)),
+        ] {
+            let found = reservation(owner, status, left);
+            let id = found.id;
+            let mut ports = Ports::new();
+            ports.bookings.expect_reservation().returning(move |_| Ok(Some(found.clone())));
+            ports.lock.expect_acquire().never();
+            ports.queue.expect_expire().never();
+            let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
+            match (owner == user, status, left.is_negative()) {
+                (false, _, _) => {
+                    assert!(matches!(result, Err(PayError::ReservationNotFound(_))), "{result:?}")
+                }
+                (_, ReservationStatus::Confirmed, _) => {
+                    assert!(matches!(result, Err(PayError::AlreadyPaid)), "{result:?}")
+                }
+                (_, ReservationStatus::Held, true) => {
+                    assert!(
+                        matches!(result, Err(PayError::ReservationExpired(ReservationStatus::Expired))),
+                        "{result:?}"
+                    );
+                }
+                _ => assert!(
+                    matches!(result, Err(PayError::ReservationExpired(ReservationStatus::Cancelled))),
+                    "{result:?}"
+                ),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_payment_of_a_hold_already_being_paid_is_refused_at_once() {
+        let user = UserId::generate();
+        let held = reservation(user, ReservationStatus::Held, time::Duration::minutes(3));
+        let id = held.id;
+        let mut ports = Ports::new();
+        ports.bookings.expect_reservation().returning(move |_| Ok(Some(held.clone())));
+        ports.lock.expect_acquire().times(1).returning(|key, _| Err(LockError::Busy { key: key.clone() }));
+        ports.txm.expect_begin().never();
+        ports.queue.expect_expire().never();
+
+        let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
+
+        assert!(matches!(result, Err(PayError::PaymentInProgress)), "{result:?}");
+    }
+
+    /// Locks that are granted; a transaction that must roll back.
+    fn granted_and_rolled_back(ports: &mut Ports, user: UserId, id: ReservationId) {
+        let mut releases = Sequence::new();
+        let guards = Mutex::new(vec![
+            guard(LockKey::point(user), &mut releases),
+            guard(reservation_lock_key(id), &mut releases),
+        ]);
+        ports
+            .lock
+            .expect_acquire()
+            .times(2)
+            .returning(move |_, _| Ok(Box::new(guards.lock().unwrap().pop().unwrap())));
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().never();
+        uow.expect_rollback().times(1).returning(|| Ok(()));
+        ports.txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
+    }
+
+    #[tokio::test]
+    async fn an_insufficient_balance_changes_nothing_and_keeps_the_token() {
+        let user = UserId::generate();
+        let held = reservation(user, ReservationStatus::Held, time::Duration::minutes(3));
+        let id = held.id;
+        let mut ports = Ports::new();
+        ports.bookings.expect_reservation().returning(move |_| Ok(Some(held.clone())));
+        granted_and_rolled_back(&mut ports, user, id);
+        ports.bookings.expect_confirm().times(1).returning(|_, _, _| Ok(true));
+        ports
+            .points
+            .expect_lock_account()
+            .returning(|_, u| Ok(Some(PointAccount::restore(u, Balance::new(79_999).unwrap(), 1))));
+        ports.points.expect_save_balance().never();
+        ports.payments.expect_insert().never();
+        ports.outbox.expect_append().never();
+        ports.queue.expect_expire().never();
+
+        let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
+
+        assert!(
+            matches!(result, Err(PayError::InsufficientBalance { balance: 79_999, amount: 80_000 })),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hold_paid_or_run_out_under_the_lock_is_refused_and_rolled_back() {
+        for (now_status, expected_paid) in
+            [(ReservationStatus::Confirmed, true), (ReservationStatus::Expired, false)]
+        {
+            let user = UserId::generate();
+            let held = reservation(user, ReservationStatus::Held, time::Duration::minutes(3));
+            let id = held.id;
+            let later = Reservation { status: now_status, ..held.clone() };
+            let mut reads = vec![later, held];
+            let mut ports = Ports::new();
+            ports.bookings.expect_reservation().times(2).returning(move |_| Ok(reads.pop()));
+            granted_and_rolled_back(&mut ports, user, id);
+            ports.bookings.expect_confirm().times(1).returning(|_, _, _| Ok(false));
+            ports.points.expect_lock_account().never();
+            ports.payments.expect_insert().never();
+            ports.queue.expect_expire().never();
+
+            let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
+
+            if expected_paid {
+                assert!(matches!(result, Err(PayError::AlreadyPaid)), "{result:?}");
+            } else {
+                assert!(matches!(result, Err(PayError::ReservationExpired(_))), "{result:?}");
+            }
+        }
+    }
+}
