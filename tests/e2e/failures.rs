@@ -24,6 +24,16 @@ async fn with_redis_gone_charges_fail_closed_reads_go_on_and_readiness_names_red
     assert_eq!(balance.2["balance"], 100, "reads do not need Redis: {}", balance.2);
     let history = send(http.get(format!("{base}/api/v1/users/{user}/points/history")), None).await;
     assert_eq!(history.2.as_array().map(Vec::len), Some(1));
+    // The cache is never a reason to fail: the catalog is read from MySQL, and counted.
+    let concerts = send(http.get(format!("{base}/api/v1/concerts")), None).await;
+    assert_eq!(concerts.0.as_u16(), 200, "{}", concerts.2);
+    assert_eq!(concerts.2.as_array().map(Vec::len), Some(3), "the demo concerts: {}", concerts.2);
+    let mut scrape = http.get(format!("{base}/metrics")).send().await.expect("metrics");
+    let text = String::from_utf8_lossy(&scrape.body().await.expect("body")).into_owned();
+    assert!(
+        text.lines().any(|l| l.starts_with("cache_requests_total{cache=\"concerts\",result=\"bypass\"}")),
+        "the bypass is counted"
+    );
     let ready = send(http.get(format!("{base}/health/ready")), None).await;
     assert_problem(&ready, 503, "NOT_READY", None);
     assert_eq!(ready.2["checks"]["redis"], "DOWN");
@@ -136,6 +146,8 @@ async fn with_mysql_unreachable_every_route_answers_503_with_retry_after_never_5
         ("GET", format!("{base}/api/v1/users/{user}/points"), None),
         ("POST", format!("{base}/api/v1/users/{user}/points/charge"), Some(r#"{"amount": 100}"#)),
         ("GET", format!("{base}/api/v1/users/{user}/points/history"), None),
+        // Never read before the cut, so not cached: the catalog needs MySQL too.
+        ("GET", format!("{base}/api/v1/concerts"), None),
     ];
     let answers = futures::future::join_all(requests.iter().map(|(method, url, body)| {
         let request = if *method == "POST" { http.post(url) } else { http.get(url) };
