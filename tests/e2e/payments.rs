@@ -89,12 +89,14 @@ async fn events_on(stream: &str, at_least: usize) -> Vec<Value> {
     let mut events = Vec::new();
     while events.len() < at_least {
         assert!(Instant::now() < deadline, "only {} events reached {stream}", events.len());
-        for event in consumer.poll(100, Duration::from_millis(100)).await.expect("poll") {
+        let batch = consumer.poll(100, Duration::from_millis(100)).await.expect("poll");
+        for event in &batch {
             assert_eq!(event.event_type, "PaymentCompleted");
             if event.first_time {
                 events.push(serde_json::from_str(&event.payload).expect("json"));
             }
         }
+        consumer.acknowledge(&batch).await.expect("acknowledged");
     }
     events
 }

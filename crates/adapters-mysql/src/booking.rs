@@ -64,15 +64,33 @@ fn reservation_from(row: &QueryResult) -> anyhow::Result<Reservation> {
     })
 }
 
-/// Locks a reservation's row by its primary key before a conditional update of it. On a
-/// small table the optimizer may run `UPDATE ... WHERE id = ? AND status = 'HELD' AND
-/// held_until > ?` through `ix_reservations_expiry` and lock a range of it; two such
-/// updates of one row (only possible when the distributed lock is gone) then deadlock.
-/// With the row locked first, a second writer waits here, touching no index range.
-async fn lock_reservation_row(
+/// Locks a reservation's seat row, then the reservation's row, by their primary keys,
+/// before a conditional update of the reservation: the same order as a hold (seat row, then
+/// reservations), so that a payment or cancel never waits for a hold in the other order
+/// (a deadlock, otherwise possible around a hold's end). Locking by primary key first also
+/// keeps the conditional update from locking a range of `ix_reservations_expiry`, where two
+/// updates of one row (possible only without the distributed lock) would deadlock.
+async fn lock_seat_and_reservation(
     conn: &sea_orm::DatabaseTransaction,
     id: ReservationId,
 ) -> Result<(), BookingRepositoryError> {
+    // The seat a reservation is for never changes: a plain read finds it.
+    let seat = conn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::MySql,
+            "SELECT schedule_id, seat_number FROM reservations WHERE id = ?",
+            [(*id.as_uuid()).into()],
+        ))
+        .await
+        .db_context("failed to read a reservation")?;
+    let Some(seat) = seat else { return Ok(()) };
+    conn.query_one_raw(Statement::from_sql_and_values(
+        DbBackend::MySql,
+        "SELECT seat_number FROM seats WHERE schedule_id = ? AND seat_number = ? FOR UPDATE",
+        [column::<uuid::Uuid>(&seat, "schedule_id")?.into(), column::<u8>(&seat, "seat_number")?.into()],
+    ))
+    .await
+    .db_context("failed to lock a seat")?;
     conn.query_one_raw(Statement::from_sql_and_values(
         DbBackend::MySql,
         "SELECT id FROM reservations WHERE id = ? FOR UPDATE",
@@ -196,7 +214,7 @@ impl BookingRepository for MySqlBookingRepository {
             }
         };
         let conn = connection(tx)?;
-        lock_reservation_row(conn, reservation).await?;
+        lock_seat_and_reservation(conn, reservation).await?;
         let ended = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
@@ -232,7 +250,7 @@ impl BookingRepository for MySqlBookingRepository {
         now: OffsetDateTime,
     ) -> Result<bool, BookingRepositoryError> {
         let conn = connection(tx)?;
-        lock_reservation_row(conn, reservation.id).await?;
+        lock_seat_and_reservation(conn, reservation.id).await?;
         let confirmed = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,

@@ -102,4 +102,17 @@ impl OutboxStore for MySqlOutboxStore {
             .db_context("failed to count outbox events")?;
         Ok(row.map(|row| column::<i64>(&row, "n")).transpose()?.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
     }
+
+    async fn purge_sent(&self, before: OffsetDateTime, limit: u32) -> anyhow::Result<u64> {
+        let deleted = self
+            .db
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "DELETE FROM outbox_events WHERE sent_at IS NOT NULL AND sent_at < ? ORDER BY sent_at LIMIT ?",
+                [to_db_time(before).into(), limit.into()],
+            ))
+            .await
+            .db_context("failed to purge sent outbox events")?;
+        Ok(deleted.rows_affected())
+    }
 }

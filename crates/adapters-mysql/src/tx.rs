@@ -34,6 +34,15 @@ impl TransactionManager for MySqlTransactionManager {
         let txn = self.db.begin().await.db_context("failed to begin a transaction")?;
         Ok(Box::new(SeaOrmUnitOfWork { txn }))
     }
+
+    async fn begin_read_committed(&self) -> Result<Box<Tx>, TxError> {
+        let txn = self
+            .db
+            .begin_with_config(Some(sea_orm::IsolationLevel::ReadCommitted), None)
+            .await
+            .db_context("failed to begin a transaction")?;
+        Ok(Box::new(SeaOrmUnitOfWork { txn }))
+    }
 }
 
 /// A live sea-orm transaction.

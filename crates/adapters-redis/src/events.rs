@@ -3,9 +3,9 @@
 //!
 //! Entries of `events:payments` carry `eventId`, `type`, `aggregateId` and `payload` (the
 //! event's JSON). Publication is at least once (a relay that dies before marking its rows
-//! sent publishes them again), so the consumer deduplicates by `eventId`: it records each
-//! event under `{prefix}:{eventId}` with `SET NX` (kept 7 days) before acknowledging it,
-//! and an event already recorded is acknowledged and reported as a duplicate.
+//! sent publishes them again), so the consumer deduplicates by `eventId`: an event is
+//! handled, then recorded under `{stream}:processed:{group}:{eventId}` (kept 7 days) and
+//! acknowledged; one already recorded is reported as a duplicate and only acknowledged.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -106,30 +106,58 @@ impl EventConsumer {
         }
     }
 
-    /// Reads up to `count` events (first those delivered to this consumer before and not
-    /// acknowledged, e.g. after a crash; then new ones, waiting up to `block`), records
-    /// each, acknowledges it, and returns them in stream order.
+    /// Reads up to `count` events: first those delivered to this consumer before and never
+    /// acknowledged (it crashed, or its acknowledgement failed), then new ones, waiting up
+    /// to `block`. Each is flagged `first_time: false` when this group processed it
+    /// already (a resend, or a repeat within the batch). Handle the new ones, then
+    /// [`EventConsumer::acknowledge`] the batch: an event handled but not acknowledged is
+    /// delivered again (at least once), never lost.
     ///
     /// # Errors
-    /// When Redis fails; unacknowledged events are delivered again next time.
+    /// When Redis fails; nothing is acknowledged then.
     pub async fn poll(&self, count: u64, block: Duration) -> anyhow::Result<Vec<ConsumedEvent>> {
         let mut events = self.read("0", count, None).await?;
         if events.is_empty() {
             let block = u64::try_from(block.as_millis()).unwrap_or(u64::MAX);
             events = self.read(">", count, Some(block)).await?;
         }
+        let mut seen = std::collections::HashSet::new();
         let mut consumed = Vec::with_capacity(events.len());
         for (entry, fields) in events {
             let field = |name: &str| fields.get(name).cloned().unwrap_or_default();
             let event_id = field("eventId");
-            let recorded: Option<String> = self
+            let processed: bool = self
+                .pool
+                .exists(self.processed_key(&event_id))
+                .await
+                .map_err(|e| anyhow::Error::new(e).context("failed to look up an event"))?;
+            let first_time = !processed && seen.insert(event_id.clone());
+            consumed.push(ConsumedEvent {
+                entry,
+                event_id,
+                event_type: field("type"),
+                payload: field("payload"),
+                first_time,
+            });
+        }
+        Ok(consumed)
+    }
+
+    /// Records `events` as processed by this group (kept 7 days) and acknowledges them.
+    /// Call it once they are handled.
+    ///
+    /// # Errors
+    /// When Redis fails: what was not acknowledged is delivered again, as a duplicate if it
+    /// was recorded.
+    pub async fn acknowledge(&self, events: &[ConsumedEvent]) -> anyhow::Result<()> {
+        let ttl = i64::try_from(PROCESSED_TTL.as_secs()).unwrap_or(i64::MAX);
+        for event in events {
+            let _: Option<String> = self
                 .pool
                 .set(
-                    format!("{}:{event_id}", self.processed_prefix),
-                    field("payload"),
-                    Some(fred::types::Expiration::EX(
-                        i64::try_from(PROCESSED_TTL.as_secs()).unwrap_or(i64::MAX),
-                    )),
+                    self.processed_key(&event.event_id),
+                    "1",
+                    Some(fred::types::Expiration::EX(ttl)),
                     Some(fred::types::SetOptions::NX),
                     false,
                 )
@@ -137,18 +165,15 @@ impl EventConsumer {
                 .map_err(|e| anyhow::Error::new(e).context("failed to record an event"))?;
             let _: i64 = self
                 .pool
-                .xack(&self.stream, &self.group, entry.as_str())
+                .xack(&self.stream, &self.group, event.entry.as_str())
                 .await
                 .map_err(|e| anyhow::Error::new(e).context("failed to acknowledge an event"))?;
-            consumed.push(ConsumedEvent {
-                entry,
-                event_id,
-                event_type: field("type"),
-                payload: field("payload"),
-                first_time: recorded.is_some(),
-            });
         }
-        Ok(consumed)
+        Ok(())
+    }
+
+    fn processed_key(&self, event_id: &str) -> String {
+        format!("{}:{event_id}", self.processed_prefix)
     }
 
     async fn read(

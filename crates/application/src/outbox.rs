@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::clock;
-use crate::tx::{TransactionManager, in_tx};
+use crate::tx::TransactionManager;
 
 /// An event to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,9 @@ pub trait OutboxStore: Send + Sync {
 
     /// How many events are unsent.
     async fn pending(&self) -> anyhow::Result<u64>;
+
+    /// Deletes up to `limit` events sent before `before`; returns how many went.
+    async fn purge_sent(&self, before: OffsetDateTime, limit: u32) -> anyhow::Result<u64>;
 }
 
 /// Where events go (a Redis Stream).
@@ -113,22 +116,22 @@ impl OutboxRelay {
     /// When the store or the publisher fails: what was claimed stays unsent (nothing is
     /// marked), and the next round sends it.
     pub async fn relay_once(&self) -> Result<usize, RelayError> {
-        let (store, publisher, batch) = (Arc::clone(&self.store), Arc::clone(&self.publisher), self.batch);
-        let sent = in_tx(self.txm.as_ref(), move |tx| {
-            Box::pin(async move {
-                let events = store.claim(tx, batch).await?;
-                if events.is_empty() {
-                    return Ok::<_, RelayError>(Vec::new());
+        // READ COMMITTED: the claim locks the rows it returns and no gap after them, so
+        // payments appending events meanwhile are not held up by this relay's round trips
+        // to Redis.
+        let mut tx = self.txm.begin_read_committed().await?;
+        let sent = match self.send(tx.as_mut()).await {
+            Ok(sent) => {
+                tx.commit().await?;
+                sent
+            }
+            Err(error) => {
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::warn!(error = %rollback, "outbox relay rollback failed; the connection drops it");
                 }
-                for event in &events {
-                    publisher.publish(event).await?;
-                }
-                let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-                store.mark_sent(tx, &seqs, clock::now_utc()).await?;
-                Ok(events)
-            })
-        })
-        .await?;
+                return Err(error);
+            }
+        };
         let now = clock::now_utc();
         for event in &sent {
             let lag = (now - event.created_at).as_seconds_f64().max(0.0);
@@ -136,6 +139,33 @@ impl OutboxRelay {
         }
         metrics::counter!("outbox_published_total").increment(sent.len() as u64);
         Ok(sent.len())
+    }
+
+    async fn send(&self, tx: &mut Tx) -> Result<Vec<PendingEvent>, RelayError> {
+        let events = self.store.claim(tx, self.batch).await?;
+        for event in &events {
+            self.publisher.publish(event).await?;
+        }
+        if !events.is_empty() {
+            let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+            self.store.mark_sent(tx, &seqs, clock::now_utc()).await?;
+        }
+        Ok(events)
+    }
+
+    /// Deletes events sent before `before`, `batch` at a time; returns how many went.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn purge_sent(&self, before: OffsetDateTime, batch: u32) -> anyhow::Result<u64> {
+        let mut purged = 0;
+        loop {
+            let deleted = self.store.purge_sent(before, batch).await?;
+            purged += deleted;
+            if deleted < u64::from(batch) {
+                return Ok(purged);
+            }
+        }
     }
 
     /// The number of unsent events, exported as `outbox_pending`.
@@ -183,7 +213,7 @@ mod tests {
             uow.expect_rollback().times(1).returning(|| Ok(()));
         }
         let mut txm = MockTransactionManager::new();
-        txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
+        txm.expect_begin_read_committed().times(1).return_once(move || Ok(Box::new(uow)));
         txm
     }
 

@@ -13,7 +13,9 @@
 //!    payment (unique per reservation); the `PaymentCompleted` event in the outbox; the
 //!    idempotency record; the seat map marked as changing. Commit, unlock (points, then
 //!    reservation).
-//! 5. After commit: the queue token expired, the seat map mark lifted, then the answer.
+//! 5. After commit: the seat map mark lifted and the queue token expired (also when a
+//!    request replays a payment: the first may have been cut off before this step), then
+//!    the answer.
 //!
 //! With an `Idempotency-Key` all of it runs through [`Idempotency`]: at most once per
 //! (user, key), the first answer recorded in the payment's own transaction.
@@ -195,17 +197,25 @@ impl Pay {
                     tracing::warn!(error = %error, "reservation lock release failed; the lease will free it");
                 }
                 let (view, mark) = paid?;
-                // After the commit: the token has done its work; the seat map shows SOLD.
-                if let Err(error) = self.queue.expire(token).await {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "the paid queue token could not be expired; it runs out on its own"
-                    );
-                }
+                // After the commit: every instance shows the seat SOLD from here.
                 self.catalog.changes_done([mark]).await;
                 Ok::<_, PayError>(view)
             })
             .await?;
+        // The token has done its work, whether this request paid or replays a payment
+        // (whose own request may have been cut off before it got here). Spawned, so that a
+        // client hanging up now does not stop it; expiring twice is harmless.
+        let queue = Arc::clone(&self.queue);
+        match tokio::spawn(async move { queue.expire(token).await }).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "the paid queue token could not be expired; it runs out on its own"
+                );
+            }
+            Err(error) => tracing::warn!(%error, "the token expiry task failed"),
+        }
         tracing::info!(replayed = outcome.is_replay(), "paid");
         Ok(outcome)
     }

@@ -32,6 +32,14 @@ pub trait TransactionManager: Send + Sync {
     /// # Errors
     /// [`TxError::Unexpected`] when no connection can be had or the database refuses.
     async fn begin(&self) -> Result<Box<Tx>, TxError>;
+
+    /// Begins a transaction whose locking reads lock only the rows they return (no gaps):
+    /// for queue-like work (the outbox relay) that must not hold up writers appending
+    /// after it.
+    ///
+    /// # Errors
+    /// As [`TransactionManager::begin`].
+    async fn begin_read_committed(&self) -> Result<Box<Tx>, TxError>;
 }
 
 /// Runs `work` inside a transaction: begin, work, then commit on `Ok` or roll back on

@@ -50,6 +50,9 @@ use crate::telemetry;
 const PURGE_EVERY: Duration = Duration::from_secs(10 * 60);
 const PURGE_BATCH: u64 = 1_000;
 
+/// How long sent outbox events are kept (an audit trail for a week), then purged.
+const OUTBOX_RETENTION: time::Duration = time::Duration::days(7);
+
 /// How long shutdown waits for Redis to confirm the release of locks still held.
 const RELEASE_AT_SHUTDOWN: Duration = Duration::from_secs(3);
 
@@ -262,6 +265,7 @@ impl Application {
         });
         // Expired idempotency keys go in batches; every instance may do it (a DELETE of
         // what another already deleted deletes nothing).
+        let purging_relay = relay.clone();
         let purge = tokio::spawn(async move {
             let mut every = tokio::time::interval(PURGE_EVERY);
             loop {
@@ -272,6 +276,12 @@ impl Application {
                     Err(error) => {
                         tracing::warn!(error = format!("{error:#}"), "idempotency key purge failed")
                     }
+                }
+                let before = application::clock::now_utc() - OUTBOX_RETENTION;
+                match purging_relay.purge_sent(before, PURGE_BATCH as u32).await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::info!(purged, "sent outbox events purged"),
+                    Err(error) => tracing::warn!(error = format!("{error:#}"), "outbox purge failed"),
                 }
             }
         });

@@ -1,6 +1,6 @@
 //! Payment events on a real Redis Stream: a resent event reaches the consumer's handler
 //! once, and an event delivered but never acknowledged (a consumer that crashed) comes
-//! back to that consumer.
+//! back to that consumer until it is acknowledged.
 
 use std::time::Duration;
 
@@ -37,6 +37,7 @@ async fn an_event_published_twice_is_processed_once() {
     consumer.ensure_group().await.expect("an existing group is fine");
 
     let seen = consumer.poll(10, Duration::from_millis(10)).await.expect("poll");
+    consumer.acknowledge(&seen).await.expect("acknowledged");
 
     let summary: Vec<(String, bool)> = seen.iter().map(|e| (e.event_id.clone(), e.first_time)).collect();
     assert_eq!(
@@ -65,9 +66,12 @@ async fn an_event_delivered_but_not_acknowledged_comes_back_and_is_not_processed
         .expect("read without ack");
 
     let seen = consumer.poll(10, Duration::from_millis(10)).await.expect("poll");
-
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!((seen[0].event_id.clone(), seen[0].first_time), (lost.id.to_string(), true));
+    // Handled, then the consumer dies before acknowledging: it comes back, still new.
+    let again = consumer.poll(10, Duration::from_millis(10)).await.expect("poll");
+    assert_eq!((again[0].event_id.clone(), again[0].first_time), (lost.id.to_string(), true));
+    consumer.acknowledge(&again).await.expect("acknowledged");
     assert!(consumer.poll(10, Duration::from_millis(10)).await.expect("poll").is_empty());
     let _: i64 = redis.pool.del(&stream).await.unwrap_or(0);
 }

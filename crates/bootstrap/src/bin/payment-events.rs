@@ -1,6 +1,7 @@
 //! `payment-events`: a small consumer of the payment events stream. Prints each event
-//! once, as a JSON line on stdout, however many times the outbox relay sent it; a resend
-//! is acknowledged and reported on stderr.
+//! once, as a JSON line on stdout, however many times the outbox relay sent it (a resend
+//! is acknowledged and reported on stderr); an event is acknowledged only after it was
+//! printed.
 //!
 //! ```sh
 //! cargo run --bin payment-events -- --once        # what is there now, then exit
@@ -56,6 +57,8 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("duplicate of event {} ignored (entry {})", event.event_id, event.entry);
             }
         }
+        // Printed first, acknowledged after: a crash in between prints them again.
+        events.acknowledge(&batch).await?;
         if once && batch.is_empty() {
             break;
         }
