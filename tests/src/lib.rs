@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 pub mod booking;
+pub mod stats;
 
 /// How long an instance may take to migrate and bind.
 const START_TIMEOUT: Duration = Duration::from_secs(60);

@@ -359,9 +359,12 @@ impl Cache {
             return Ok(load().await?.map(Arc::new));
         };
         // Another request of this instance may have filled it while this one queued (a
-        // later version is as fresh: versions only grow past any this request saw).
-        if let Some(value) =
-            slot.copy().filter(|c| c.version >= version).and_then(|c| c.value.downcast::<T>().ok())
+        // later version is as fresh: versions only grow past any this request saw). Not
+        // when Redis has no version at all (0): then no copy can be shown current.
+        if let Some(value) = slot
+            .copy()
+            .filter(|c| version != 0 && c.version >= version)
+            .and_then(|c| c.value.downcast::<T>().ok())
         {
             count_with("cache_load_waits_total", spec.name, "outcome", "filled");
             return Ok(Some(value));
@@ -697,6 +700,31 @@ mod tests {
 
         assert_eq!(loads.load(Ordering::SeqCst), 2);
         assert_eq!(*known.lock().unwrap(), vec![None, None, Some(41), Some(41), None]);
+    }
+
+    #[tokio::test]
+    async fn a_local_copy_is_never_served_once_redis_lost_the_version() {
+        let known = Arc::new(Mutex::new(Vec::new()));
+        let mut port = port_reading(
+            vec![
+                CacheRead::Missing { version: 0 },
+                CacheRead::Missing { version: 0 },
+                // The version key was evicted (maxmemory): no version at all.
+                CacheRead::Missing { version: 0 },
+                CacheRead::Missing { version: 0 },
+            ],
+            Arc::clone(&known),
+        );
+        port.expect_claim_load().returning(|_, _, _| Ok(true));
+        port.expect_release_load().returning(|_, _| Ok(()));
+        let mut stored = VecDeque::from([41_u64, 50]);
+        port.expect_store().times(2).returning(move |_, _, _, _| Ok(stored.pop_front()));
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        let loads = AtomicUsize::new(0);
+
+        assert_eq!(get(&cache, &loads, 1).await, Some(1));
+        assert_eq!(get(&cache, &loads, 2).await, Some(2), "the copy of version 41 was not shown");
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

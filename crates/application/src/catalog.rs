@@ -284,9 +284,9 @@ impl Catalog {
     /// until [`Catalog::changes_done`], every instance reads that seat map from MySQL.
     ///
     /// # Errors
-    /// [`CatalogError::CacheUnavailable`]: the change must not be committed.
-    pub async fn seats_changing(&self, schedule: ScheduleId) -> Result<Option<WriteMark>, CatalogError> {
-        self.cache.begin_write(&SEATS, &schedule.to_string()).await.map_err(CatalogError::CacheUnavailable)
+    /// [`CacheError`]: the change must not be committed (it could leave a stale map).
+    pub async fn seats_changing(&self, schedule: ScheduleId) -> Result<Option<WriteMark>, CacheError> {
+        self.cache.begin_write(&SEATS, &schedule.to_string()).await
     }
 
     /// After the commit of the changes `marks` were taken for, before answering: every

@@ -17,6 +17,7 @@ use domain::booking::{
     BookingRepository, BookingRepositoryError, Reservation, ScheduleId, SeatNumber, SeatStatus,
 };
 
+use crate::cache::CacheError;
 use crate::catalog::{Catalog, CatalogError};
 use domain::unit_of_work::TxError;
 use domain::user::UserId;
@@ -138,12 +139,7 @@ impl HoldSeat {
                     // Before the commit: from here every instance reads this map from
                     // MySQL until the mark is lifted, so none shows the seat free after
                     // this request returned, whatever happens next.
-                    let mark = catalog.seats_changing(schedule_id).await.map_err(|e| match e {
-                        CatalogError::CacheUnavailable(source) => {
-                            HoldSeatError::CacheUnavailable(anyhow::Error::new(source))
-                        }
-                        other => HoldSeatError::Unexpected(anyhow::Error::new(other)),
-                    })?;
+                    let mark = catalog.seats_changing(schedule_id).await?;
                     Ok((reservation, mark))
                 })
             },
@@ -158,6 +154,12 @@ impl HoldSeat {
 impl From<BookingRepositoryError> for HoldSeatError {
     fn from(error: BookingRepositoryError) -> Self {
         Self::Unexpected(anyhow::Error::new(error).context("failed to hold the seat"))
+    }
+}
+
+impl From<CacheError> for HoldSeatError {
+    fn from(error: CacheError) -> Self {
+        Self::CacheUnavailable(anyhow::Error::new(error))
     }
 }
 

@@ -35,8 +35,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::cache::WriteMark;
-use crate::catalog::{Catalog, CatalogError};
+use crate::cache::{CacheError, WriteMark};
+use crate::catalog::Catalog;
 use crate::clock;
 use crate::idempotency::{Fingerprint, Idempotency, IdempotencyError, IdempotencyKey, Outcome};
 use crate::lock::{DistributedLock, LockError, LockKey, WaitPolicy};
@@ -333,13 +333,7 @@ impl Pay {
                         recorder.record(tx, &view).await?;
                     }
                     // Before the commit: no instance shows the seat as held after this.
-                    let mark =
-                        catalog.seats_changing(reservation.schedule_id).await.map_err(|e| match e {
-                            CatalogError::CacheUnavailable(source) => {
-                                PayError::CacheUnavailable(anyhow::Error::new(source))
-                            }
-                            other => PayError::Unexpected(anyhow::Error::new(other)),
-                        })?;
+                    let mark = catalog.seats_changing(reservation.schedule_id).await?;
                     Ok((view, mark))
                 })
             },
@@ -391,6 +385,12 @@ impl From<PaymentRepositoryError> for PayError {
                 Self::Unexpected(e.context("failed to store the payment"))
             }
         }
+    }
+}
+
+impl From<CacheError> for PayError {
+    fn from(error: CacheError) -> Self {
+        Self::CacheUnavailable(anyhow::Error::new(error))
     }
 }
 

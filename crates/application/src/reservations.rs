@@ -17,8 +17,8 @@ use domain::booking::{
 use domain::unit_of_work::TxError;
 use domain::user::UserId;
 
-use crate::cache::WriteMark;
-use crate::catalog::{Catalog, CatalogError};
+use crate::cache::{CacheError, WriteMark};
+use crate::catalog::Catalog;
 use crate::clock;
 use crate::hold_seat::seat_lock_key;
 use crate::lock::{DistributedLock, LockError, WaitPolicy};
@@ -68,17 +68,10 @@ impl From<LockError> for ReservationError {
     }
 }
 
-/// Marks the seat map of `schedule` as changing, inside the change's transaction.
-async fn marked(
-    catalog: &Catalog,
-    schedule: domain::booking::ScheduleId,
-) -> Result<Option<WriteMark>, ReservationError> {
-    catalog.seats_changing(schedule).await.map_err(|e| match e {
-        CatalogError::CacheUnavailable(source) => {
-            ReservationError::CacheUnavailable(anyhow::Error::new(source))
-        }
-        other => ReservationError::Unexpected(anyhow::Error::new(other)),
-    })
+impl From<CacheError> for ReservationError {
+    fn from(error: CacheError) -> Self {
+        Self::CacheUnavailable(anyhow::Error::new(error))
+    }
 }
 
 /// Reads and cancels reservations, and expires run-out holds.
@@ -150,7 +143,7 @@ impl Reservations {
                 Box::pin(async move {
                     // Inside: the SQL allows the change only from a hold that still lasts.
                     if bookings.end_hold(tx, id, cancelled, clock::now_utc()).await? {
-                        return marked(&catalog, schedule).await;
+                        return Ok(catalog.seats_changing(schedule).await?);
                     }
                     let now = bookings.reservation(id).await?.map(|r| r.status_at(clock::now_utc()));
                     Err(ReservationError::NotHeld(now.unwrap_or(ReservationStatus::Expired)))
@@ -188,7 +181,7 @@ impl Reservations {
                 move |tx| {
                     Box::pin(async move {
                         if bookings.end_hold(tx, id, ReservationStatus::Expired, clock::now_utc()).await? {
-                            Ok(Some(marked(&catalog, schedule).await?))
+                            Ok(Some(catalog.seats_changing(schedule).await?))
                         } else {
                             Ok(None)
                         }

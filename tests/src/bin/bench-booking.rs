@@ -24,26 +24,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use e2e::booking::{admitted_users, env, open_schedule};
+use e2e::stats::{ms, percentile};
 use e2e::{Cluster, ClusterOptions, client};
 use serde_json::json;
 
 const REPORT: &str = "docs/report/booking.md";
 const CLIENTS: usize = 64;
 const MAP_REQUESTS: usize = 20_000;
-
-fn percentile(samples: &[Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1_000.0
-}
 
 /// The MySQL server's `Com_select` counter (every SELECT it ran, all sessions).
 fn com_select() -> anyhow::Result<u64> {

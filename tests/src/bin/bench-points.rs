@@ -16,6 +16,7 @@ use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use e2e::stats::{ms, percentile};
 use e2e::{Cluster, ClusterOptions, client};
 use futures::future::join_all;
 
@@ -37,10 +38,7 @@ struct Run {
 
 impl Run {
     fn percentile(&self, p: f64) -> Duration {
-        let mut sorted = self.latencies.clone();
-        sorted.sort_unstable();
-        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-        sorted[rank.clamp(1, sorted.len()) - 1]
+        percentile(&self.latencies, p)
     }
 }
 
@@ -158,10 +156,6 @@ fn redis_command(redis_url: &str, command: &str) -> anyhow::Result<String> {
     let mut body = vec![0_u8; length];
     reader.read_exact(&mut body)?;
     Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1_000.0
 }
 
 async fn render(runs: &[Run], redis_url: &str) -> anyhow::Result<String> {

@@ -31,6 +31,7 @@ use anyhow::Context as _;
 use application::queue::{QueueConfig, WaitingQueue};
 use domain::queue::{AdmitPolicy, QueueStatus, QueueTokenId};
 use domain::user::UserId;
+use e2e::stats::{ms, percentile};
 use e2e::{Cluster, ClusterOptions};
 use futures::StreamExt as _;
 
@@ -45,17 +46,6 @@ fn config(policy: AdmitPolicy) -> QueueConfig {
         admit_interval: Duration::from_millis(100),
         rate_window: Duration::from_secs(60),
     }
-}
-
-fn percentile(samples: &[Duration], p: f64) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1_000.0
 }
 
 /// `n` issue + status pairs over `CLIENTS` concurrent clients: pairs per second, and the
