@@ -62,16 +62,21 @@ pub struct PaymentView {
     pub status: String,
     #[serde(with = "time::serde::rfc3339")]
     pub paid_at: OffsetDateTime,
+    /// The queue token the payment ended (kept in its idempotency record, not answered):
+    /// a replay expires that one, not whatever token the retry came with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_token: Option<Uuid>,
 }
 
-impl From<&Payment> for PaymentView {
-    fn from(payment: &Payment) -> Self {
+impl PaymentView {
+    fn of(payment: &Payment, token: QueueTokenId) -> Self {
         Self {
             id: *payment.id.as_uuid(),
             reservation_id: *payment.reservation_id.as_uuid(),
             amount: payment.amount.points(),
             status: payment.status().to_owned(),
             paid_at: payment.paid_at,
+            queue_token: Some(*token.as_uuid()),
         }
     }
 }
@@ -202,11 +207,13 @@ impl Pay {
                 Ok::<_, PayError>(view)
             })
             .await?;
-        // The token has done its work, whether this request paid or replays a payment
-        // (whose own request may have been cut off before it got here). Spawned, so that a
-        // client hanging up now does not stop it; expiring twice is harmless.
+        // The token the payment ended has done its work, whether this request paid or
+        // replays a payment (whose own request may have been cut off before it got here).
+        // Spawned, so that a client hanging up now does not stop it; expiring twice is
+        // harmless.
+        let spent = outcome.clone().into_inner().queue_token.map_or(token, QueueTokenId::from_uuid);
         let queue = Arc::clone(&self.queue);
-        match tokio::spawn(async move { queue.expire(token).await }).await {
+        match tokio::spawn(async move { queue.expire(spent).await }).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
                 tracing::warn!(
@@ -328,7 +335,7 @@ impl Pay {
                             },
                         )
                         .await?;
-                    let view = PaymentView::from(&payment);
+                    let view = PaymentView::of(&payment, token);
                     if let Some(recorder) = &recorder {
                         recorder.record(tx, &view).await?;
                     }
@@ -701,5 +708,48 @@ mod tests {
                 assert!(matches!(result, Err(PayError::ReservationExpired(_))), "{result:?}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_replay_expires_the_token_its_payment_ended_not_the_one_it_came_with() {
+        use crate::idempotency::IdempotencyRecord;
+        let user = UserId::generate();
+        let (spent, retry_token) = (QueueTokenId::generate(), QueueTokenId::generate());
+        let reservation_id = ReservationId::generate();
+        let first = PaymentView {
+            id: Uuid::now_v7(),
+            reservation_id: *reservation_id.as_uuid(),
+            amount: 80_000,
+            status: "COMPLETED".into(),
+            paid_at: clock::now_utc(),
+            queue_token: Some(*spent.as_uuid()),
+        };
+        let key = IdempotencyKey::new("pay-1").unwrap();
+        let record = IdempotencyRecord {
+            user_id: user,
+            key: key.clone(),
+            fingerprint: fingerprint(reservation_id),
+            response: serde_json::to_string(&first).unwrap(),
+            created_at: clock::now_utc(),
+            expires_at: clock::now_utc() + DEFAULT_RETENTION,
+        };
+        let mut store = MockIdempotencyStore::new();
+        store.expect_find().returning(move |_, _| Ok(Some(record.clone())));
+        let mut ports = Ports::new();
+        ports.bookings.expect_reservation().never();
+        ports.lock.expect_acquire().never();
+        ports.queue.expect_expire().withf(move |t| *t == spent).times(1).returning(|_| Ok(false));
+        let mut pay = ports.pay();
+        pay.idempotency = Idempotency::new(
+            Arc::new(store),
+            Arc::new(MockDistributedLock::new()),
+            Duration::from_secs(1),
+            DEFAULT_RETENTION,
+        );
+
+        let outcome = pay.execute(user, retry_token, reservation_id, Some(key)).await.unwrap();
+
+        assert!(outcome.is_replay());
+        assert_eq!(outcome.into_inner(), first);
     }
 }
