@@ -7,7 +7,8 @@
 //! 3. 10,000 users over 50 seats, three instances: wall time, outcomes, latencies, 5xx,
 //!    each instance's peak RSS.
 //!
-//! Release-build servers (`target/release/concert-server`, next to this program); the
+//! `BENCH_SEAT_MAP_ONLY=1` runs part 1 alone and writes nothing (for trying a change to the
+//! read path). Release-build servers (`target/release/concert-server`, next to this program); the
 //! load generator runs in this process on the same machine, so the figures are a lower
 //! bound of what the servers can do. Needs `TEST_DATABASE_URL` and `TEST_REDIS_URL`.
 
@@ -275,6 +276,10 @@ async fn main() -> anyhow::Result<()> {
     )?;
 
     seat_map_rates(&http, &mut out).await?;
+    if std::env::var_os("BENCH_SEAT_MAP_ONLY").is_some() {
+        println!("BENCH_SEAT_MAP_ONLY: storms skipped, report not written");
+        return Ok(());
+    }
 
     println!("2-3. storms on three instances");
     let mut env = env(12_000);
