@@ -635,6 +635,14 @@ mod tests {
         port
     }
 
+    /// [`port_reading`] where this instance always wins the load claim.
+    fn leading_port_reading(reads: Vec<CacheRead>, known: Arc<Mutex<Vec<Option<u64>>>>) -> MockCachePort {
+        let mut port = port_reading(reads, known);
+        port.expect_claim_load().returning(|_, _, _| Ok(true));
+        port.expect_release_load().returning(|_, _| Ok(()));
+        port
+    }
+
     async fn get(cache: &Cache, loads: &AtomicUsize, value: u32) -> Option<u32> {
         let found = cache
             .get_or_load(&SPEC, "s", || async move {
@@ -677,7 +685,7 @@ mod tests {
     #[tokio::test]
     async fn a_stored_value_is_served_from_the_local_copy_while_its_version_holds() {
         let known = Arc::new(Mutex::new(Vec::new()));
-        let mut port = port_reading(
+        let mut port = leading_port_reading(
             vec![
                 CacheRead::Missing { version: 0 },
                 CacheRead::Missing { version: 0 },
@@ -687,8 +695,6 @@ mod tests {
             ],
             Arc::clone(&known),
         );
-        port.expect_claim_load().returning(|_, _, _| Ok(true));
-        port.expect_release_load().returning(|_, _| Ok(()));
         let mut stored = VecDeque::from([41_u64, 42]);
         port.expect_store().times(2).returning(move |_, _, _, _| Ok(stored.pop_front()));
         let cache = Cache::new(Arc::new(port), CacheSettings::default());
@@ -705,7 +711,7 @@ mod tests {
     #[tokio::test]
     async fn a_local_copy_is_never_served_once_redis_lost_the_version() {
         let known = Arc::new(Mutex::new(Vec::new()));
-        let mut port = port_reading(
+        let mut port = leading_port_reading(
             vec![
                 CacheRead::Missing { version: 0 },
                 CacheRead::Missing { version: 0 },
@@ -715,8 +721,6 @@ mod tests {
             ],
             Arc::clone(&known),
         );
-        port.expect_claim_load().returning(|_, _, _| Ok(true));
-        port.expect_release_load().returning(|_, _| Ok(()));
         let mut stored = VecDeque::from([41_u64, 50]);
         port.expect_store().times(2).returning(move |_, _, _, _| Ok(stored.pop_front()));
         let cache = Cache::new(Arc::new(port), CacheSettings::default());
@@ -730,7 +734,7 @@ mod tests {
     #[tokio::test]
     async fn a_value_whose_store_was_refused_answers_its_request_but_is_not_kept() {
         let known = Arc::new(Mutex::new(Vec::new()));
-        let mut port = port_reading(
+        let mut port = leading_port_reading(
             vec![
                 CacheRead::Missing { version: 5 },
                 CacheRead::Missing { version: 5 },
@@ -739,8 +743,6 @@ mod tests {
             ],
             Arc::clone(&known),
         );
-        port.expect_claim_load().returning(|_, _, _| Ok(true));
-        port.expect_release_load().returning(|_, _| Ok(()));
         let mut stored = VecDeque::from([None, Some(6)]);
         port.expect_store().times(2).returning(move |_, _, _, _| Ok(stored.pop_front().flatten()));
         let cache = Cache::new(Arc::new(port), CacheSettings::default());
@@ -755,7 +757,7 @@ mod tests {
     #[tokio::test]
     async fn an_entry_that_does_not_decode_is_reloaded_and_stored_over() {
         let known = Arc::new(Mutex::new(Vec::new()));
-        let mut port = port_reading(
+        let mut port = leading_port_reading(
             vec![
                 CacheRead::Entry {
                     version: 9,
@@ -766,8 +768,6 @@ mod tests {
             ],
             known,
         );
-        port.expect_claim_load().returning(|_, _, _| Ok(true));
-        port.expect_release_load().returning(|_, _| Ok(()));
         port.expect_store()
             .withf(|_, v, json, _| *v == 9 && json == "4")
             .times(1)

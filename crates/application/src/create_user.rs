@@ -80,23 +80,14 @@ impl From<TxError> for CreateUserError {
 #[cfg(test)]
 mod tests {
     use domain::point::MockPointRepository;
-    use domain::unit_of_work::MockUnitOfWork;
     use domain::user::MockUserRepository;
 
     use super::*;
+    use crate::mocks::one_tx;
     use crate::tx::MockTransactionManager;
 
     fn txm(commit: bool) -> MockTransactionManager {
-        let mut uow = MockUnitOfWork::new();
-        if commit {
-            uow.expect_commit().times(1).returning(|| Ok(()));
-        } else {
-            uow.expect_commit().never();
-            uow.expect_rollback().times(1).returning(|| Ok(()));
-        }
-        let mut txm = MockTransactionManager::new();
-        txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
-        txm
+        one_tx(commit)
     }
 
     #[tokio::test]

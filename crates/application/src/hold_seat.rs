@@ -193,11 +193,11 @@ mod tests {
         BookingWindow, ConcertId, MockBookingRepository, MockCatalogRepository, Price, ReservationId,
         Schedule, Seat,
     };
-    use domain::unit_of_work::MockUnitOfWork;
 
     use super::*;
     use crate::cache::Cache;
-    use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard};
+    use crate::lock::MockDistributedLock;
+    use crate::mocks::{one_tx, released_guard};
     use crate::tx::MockTransactionManager;
 
     fn schedule(id: ScheduleId, open: bool) -> Schedule {
@@ -228,27 +228,13 @@ mod tests {
 
     /// A lock and a transaction that are taken once; `commit` says how the work ends.
     fn lock_and_tx(commit: bool) -> (MockDistributedLock, MockTransactionManager) {
-        let mut guard = MockLockGuard::new();
-        guard.expect_is_lost().return_const(false);
-        guard.expect_key().return_const(LockKey::new("seat", "x"));
-        guard.expect_fencing_token().return_const(FencingToken(1));
-        guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
-        guard.expect_release().times(1).returning(|| Ok(()));
+        let guard = released_guard(LockKey::new("seat", "x"));
         let mut lock = MockDistributedLock::new();
         lock.expect_acquire()
             .withf(|key, wait| key.as_str().starts_with("lock:seat:") && *wait == WaitPolicy::FailFast)
             .times(1)
             .return_once(move |_, _| Ok(Box::new(guard)));
-        let mut uow = MockUnitOfWork::new();
-        if commit {
-            uow.expect_commit().times(1).returning(|| Ok(()));
-        } else {
-            uow.expect_commit().never();
-            uow.expect_rollback().times(1).returning(|| Ok(()));
-        }
-        let mut txm = MockTransactionManager::new();
-        txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
-        (lock, txm)
+        (lock, one_tx(commit))
     }
 
     /// What the (uncached) seat map shows before the lock: the schedule, if `found`, with

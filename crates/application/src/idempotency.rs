@@ -285,7 +285,7 @@ impl Idempotency {
         let Some(key) = key else {
             return operation(None).await.map(Outcome::Fresh);
         };
-        if let Some(answer) = self.replay(user_id, &key, &fingerprint).await? {
+        if let Some(answer) = self.lookup(user_id, &key, &fingerprint).await? {
             return Ok(Outcome::Replayed(answer));
         }
 
@@ -301,7 +301,7 @@ impl Idempotency {
                 },
             )?;
         // A duplicate that waited for the first finds its record now.
-        let outcome = match self.replay(user_id, &key, &fingerprint).await {
+        let outcome = match self.lookup(user_id, &key, &fingerprint).await {
             Ok(Some(answer)) => Ok(Outcome::Replayed(answer)),
             Err(error) => Err(E::from(error)),
             Ok(None) => {
@@ -320,7 +320,7 @@ impl Idempotency {
                     // with this one's record, or (the lock store having lost a lease) it
                     // got there first and made this one fail, e.g. as already paid.
                     // Either way the key has an answer: give it.
-                    Err(error) => match self.replay(user_id, &key, &fingerprint).await {
+                    Err(error) => match self.lookup(user_id, &key, &fingerprint).await {
                         Ok(Some(answer)) => Ok(Outcome::Replayed(answer)),
                         Ok(None) => Err(error),
                         Err(replay_error) if collided.load(Ordering::SeqCst) => Err(E::from(replay_error)),
@@ -335,22 +335,13 @@ impl Idempotency {
         outcome
     }
 
-    /// The stored answer for (user, key), if any, without running anything: for a retry
-    /// that can no longer run (its payment expired the queue token it would need).
+    /// The stored answer for (user, key) if the request matches it, without running
+    /// anything: what [`Idempotency::run`] replays, and what a retry that can no longer run
+    /// gets (its payment expired the queue token it would need).
     ///
     /// # Errors
     /// [`IdempotencyError::KeyReused`] when the key was used for another request.
     pub async fn lookup<T: DeserializeOwned>(
-        &self,
-        user_id: UserId,
-        key: &IdempotencyKey,
-        fingerprint: &Fingerprint,
-    ) -> Result<Option<T>, IdempotencyError> {
-        self.replay(user_id, key, fingerprint).await
-    }
-
-    /// The stored answer for (user, key) if the request matches it.
-    async fn replay<T: DeserializeOwned>(
         &self,
         user_id: UserId,
         key: &IdempotencyKey,

@@ -26,6 +26,8 @@ pub mod get_balance;
 pub mod hold_seat;
 pub mod idempotency;
 pub mod lock;
+#[cfg(test)]
+mod mocks;
 pub mod outbox;
 pub mod pay;
 pub mod point_history;

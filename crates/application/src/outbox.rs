@@ -187,10 +187,10 @@ impl OutboxRelay {
 
 #[cfg(test)]
 mod tests {
-    use domain::unit_of_work::MockUnitOfWork;
     use mockall::Sequence;
 
     use super::*;
+    use crate::mocks::unit_of_work;
     use crate::tx::MockTransactionManager;
 
     fn pending(seq: u64) -> PendingEvent {
@@ -205,13 +205,7 @@ mod tests {
     }
 
     fn txm(commit: bool) -> MockTransactionManager {
-        let mut uow = MockUnitOfWork::new();
-        if commit {
-            uow.expect_commit().times(1).returning(|| Ok(()));
-        } else {
-            uow.expect_commit().never();
-            uow.expect_rollback().times(1).returning(|| Ok(()));
-        }
+        let uow = unit_of_work(commit);
         let mut txm = MockTransactionManager::new();
         txm.expect_begin_read_committed().times(1).return_once(move || Ok(Box::new(uow)));
         txm

@@ -425,13 +425,13 @@ mod tests {
     use domain::booking::{MockBookingRepository, MockCatalogRepository, Price, ScheduleId, SeatNumber};
     use domain::payment::MockPaymentRepository;
     use domain::point::{Balance, MockPointRepository, PointAccount};
-    use domain::unit_of_work::MockUnitOfWork;
     use mockall::Sequence;
 
     use super::*;
     use crate::cache::Cache;
     use crate::idempotency::{DEFAULT_RETENTION, MockIdempotencyStore};
-    use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard};
+    use crate::lock::{MockDistributedLock, MockLockGuard};
+    use crate::mocks::{held_guard, unit_of_work};
     use crate::outbox::MockOutboxStore;
     use crate::queue::MockWaitingQueue;
     use crate::tx::MockTransactionManager;
@@ -502,12 +502,9 @@ mod tests {
         }
     }
 
+    /// A guard of `key` released once, in `released` order.
     fn guard(key: LockKey, released: &mut Sequence) -> MockLockGuard {
-        let mut guard = MockLockGuard::new();
-        guard.expect_is_lost().return_const(false);
-        guard.expect_key().return_const(key);
-        guard.expect_fencing_token().return_const(FencingToken(1));
-        guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
+        let mut guard = held_guard(key);
         guard.expect_release().times(1).in_sequence(released).returning(|| Ok(()));
         guard
     }
@@ -539,8 +536,7 @@ mod tests {
             .times(1)
             .in_sequence(&mut seq)
             .returning(move |_, _| Ok(Box::new(point_guard.lock().unwrap().take().unwrap())));
-        let mut uow = MockUnitOfWork::new();
-        uow.expect_commit().times(1).returning(|| Ok(()));
+        let uow = unit_of_work(true);
         ports.txm.expect_begin().times(1).in_sequence(&mut seq).return_once(move || Ok(Box::new(uow)));
         ports.bookings.expect_confirm().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(true));
         ports
@@ -650,9 +646,7 @@ mod tests {
             .expect_acquire()
             .times(2)
             .returning(move |_, _| Ok(Box::new(guards.lock().unwrap().pop().unwrap())));
-        let mut uow = MockUnitOfWork::new();
-        uow.expect_commit().never();
-        uow.expect_rollback().times(1).returning(|| Ok(()));
+        let uow = unit_of_work(false);
         ports.txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
     }
 

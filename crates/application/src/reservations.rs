@@ -213,11 +213,11 @@ impl Reservations {
 #[cfg(test)]
 mod tests {
     use domain::booking::{MockBookingRepository, MockCatalogRepository, Price, ScheduleId, SeatNumber};
-    use domain::unit_of_work::MockUnitOfWork;
 
     use super::*;
     use crate::cache::Cache;
-    use crate::lock::{FencingToken, LockKey, MockDistributedLock, MockLockGuard};
+    use crate::lock::{LockKey, MockDistributedLock};
+    use crate::mocks::{one_tx, released_guard};
     use crate::tx::MockTransactionManager;
 
     fn reservation(user: UserId, status: ReservationStatus, left: time::Duration) -> Reservation {
@@ -243,40 +243,15 @@ mod tests {
         Reservations::new(catalog, Arc::new(bookings), Arc::new(lock), Arc::new(txm))
     }
 
-    /// A guard that is released once.
-    fn guard() -> MockLockGuard {
-        let mut guard = MockLockGuard::new();
-        guard.expect_is_lost().return_const(false);
-        guard.expect_key().return_const(LockKey::new("seat", "x"));
-        guard.expect_fencing_token().return_const(FencingToken(1));
-        guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
-        guard.expect_release().times(1).returning(|| Ok(()));
-        guard
-    }
-
     /// A lock taken once with `wait`, and a transaction that commits or rolls back.
     fn lock_and_tx(wait: WaitPolicy, commit: bool) -> (MockDistributedLock, MockTransactionManager) {
-        let guard = guard();
+        let guard = released_guard(LockKey::new("seat", "x"));
         let mut lock = MockDistributedLock::new();
         lock.expect_acquire()
             .withf(move |key, w| key.as_str().starts_with("lock:seat:") && *w == wait)
             .times(1)
             .return_once(move |_, _| Ok(Box::new(guard)));
-        (lock, tx(commit))
-    }
-
-    /// A transaction begun once, that commits or rolls back.
-    fn tx(commit: bool) -> MockTransactionManager {
-        let mut uow = MockUnitOfWork::new();
-        if commit {
-            uow.expect_commit().times(1).returning(|| Ok(()));
-        } else {
-            uow.expect_commit().never();
-            uow.expect_rollback().times(1).returning(|| Ok(()));
-        }
-        let mut txm = MockTransactionManager::new();
-        txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
-        txm
+        (lock, one_tx(commit))
     }
 
     fn no_lock() -> (MockDistributedLock, MockTransactionManager) {
@@ -407,7 +382,7 @@ mod tests {
             .withf(move |_, r, to, _| *r == due_id && *to == ReservationStatus::Expired)
             .times(1)
             .returning(|_, _, _, _| Ok(true));
-        let txm = tx(true);
+        let txm = one_tx(true);
         // The busy seat's lock is held elsewhere; the other one is taken as usual.
         let mut combined = MockDistributedLock::new();
         combined.expect_acquire().times(2).returning(move |key, wait| {
@@ -415,7 +390,7 @@ mod tests {
             if *key == busy_key {
                 return Err(LockError::Busy { key: key.clone() });
             }
-            Ok(Box::new(guard()))
+            Ok(Box::new(released_guard(LockKey::new("seat", "x"))))
         });
 
         let expired = use_case(bookings, combined, txm).expire_run_out(10).await.unwrap();
