@@ -47,7 +47,7 @@ async fn seat_everywhere(
 }
 
 async fn one_seat_storm(locks: bool) {
-    let extra: &[(&str, &str)] = if locks { &[] } else { &[("DISABLE_LOCKS_FOR_TESTING", "true")] };
+    let extra: &[(&str, &str)] = if locks { &[] } else { e2e::NO_LOCKS };
     let cluster = cluster(extra, 1_000).await;
     let http = client();
     let racers = admitted_users(&http, &bases(&cluster), 120).await.expect("racers");
@@ -131,7 +131,7 @@ async fn with_the_lock_removed_the_database_alone_still_gives_one_seat_one_hold(
 }
 
 async fn twenty_seats_storm(locks: bool) {
-    let extra: &[(&str, &str)] = if locks { &[] } else { &[("DISABLE_LOCKS_FOR_TESTING", "true")] };
+    let extra: &[(&str, &str)] = if locks { &[] } else { e2e::NO_LOCKS };
     let cluster = cluster(extra, 1_000).await;
     let http = client();
     let racers = admitted_users(&http, &bases(&cluster), 60).await.expect("racers");
@@ -180,13 +180,26 @@ async fn a_hold_that_runs_out_shows_available_everywhere_at_once_and_the_job_the
     let schedule = open_schedule(&http, cluster.url(0), 1_000).await.expect("schedule");
     let (status, held) = hold(&http, cluster.url(0), &people[0].1, &schedule, 3).await;
     assert_eq!(status, 201, "{held}");
-    assert!(seat_everywhere(&http, &cluster, &people[1].1, &schedule, 3).await.iter().all(|s| s == "HELD"));
     let id = held["id"].as_str().expect("id");
     let held_until = held["heldUntil"].as_str().expect("heldUntil").to_owned();
+    // Its whole second, written as `rfc3339` writes times (the hold lasts at least that long).
+    let held_until_second = held_until[..19].to_owned() + "Z";
+
+    // HELD on every instance while it lasts. A 3 s hold may run out before a slow machine
+    // has read three seat maps, so a map is checked only when it was read before the hold's
+    // end (on a fast machine, all three; the storms check HELD everywhere with holds that
+    // cannot run out).
+    for base in bases(&cluster) {
+        let map = seat_statuses(&http, base, &people[1].1, &schedule).await.expect("seat map");
+        let seat = map.into_iter().find(|(n, _)| *n == 3).expect("seat 3").1;
+        if e2e::booking::rfc3339(now_secs()) < held_until_second {
+            assert_eq!(seat, "HELD", "on {base}, before {held_until}");
+        }
+    }
 
     // Right after the hold's end, every answer (cached maps included) shows it free.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while e2e::booking::rfc3339(now_secs()) <= held_until[..19].to_owned() + "Z" {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while e2e::booking::rfc3339(now_secs()) <= held_until_second {
         assert!(Instant::now() < deadline, "the clock never passed {held_until}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -211,7 +224,7 @@ async fn a_hold_that_runs_out_shows_available_everywhere_at_once_and_the_job_the
     assert_problem(&cancel, 409, "RESERVATION_NOT_HELD", None);
 
     // The job marks it EXPIRED in the database (counted once over all instances).
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut expired = 0.0;
         for base in bases(&cluster) {

@@ -49,12 +49,12 @@ async fn an_instance_crashing_mid_storm_loses_no_point_and_makes_none_up() {
 
     use tokio::sync::Notify;
 
-    // A short lease, so the locks the crashed instance held free up well within the
-    // survivors' 3 s wait (the Redis command timeout must then be a third of it at most).
-    let options = ClusterOptions {
-        env: vec![("LOCK_LEASE_MS".into(), "1000".into()), ("REDIS_COMMAND_TIMEOUT_MS".into(), "300".into())],
-        ..ClusterOptions::default()
-    };
+    // The locks the crashed instance held stay until their lease runs out (the product's
+    // 10 s), and the survivors' charges queue behind them and behind each other: they get
+    // the longest wait there is (60 s), so that none gives up however slow the machine. The
+    // lease and the Redis command timeout are the product's too: a 300 ms command timeout
+    // (which a 1 s lease requires) is within reach of a busy machine's round trips.
+    let options = ClusterOptions::with_env(e2e::PATIENT_LOCKS);
     let cluster = Cluster::start_with(3, &options).await.expect("cluster");
     let http = client();
     let created =
@@ -188,15 +188,15 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
     use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
 
     const USERS: usize = 3;
-    // The grace is shorter than the database's row-lock wait: the requests are still
-    // holding their point locks when the grace ends and the server drops them.
-    let options = ClusterOptions {
-        env: vec![
-            ("SHUTDOWN_GRACE_SECONDS".into(), "1".into()),
-            ("DATABASE_STATEMENT_TIMEOUT_MS".into(), "8000".into()),
-        ],
-        ..ClusterOptions::default()
-    };
+    // The grace (1 s) is far shorter than the database's row-lock wait (2 minutes, far
+    // longer than the test takes to see the locks taken, however slow the machine): the
+    // requests are still holding their point locks when the grace ends and the server drops
+    // them. (`LOCK_MAX_HOLD_MS` must be above the statement timeout.)
+    let options = ClusterOptions::with_env(&[
+        ("SHUTDOWN_GRACE_SECONDS", "1"),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "120000"),
+        ("LOCK_MAX_HOLD_MS", "180000"),
+    ]);
     let cluster = Cluster::start_with(1, &options).await.expect("cluster");
     let http = client();
     let base = cluster.url(0).to_owned();
@@ -245,13 +245,15 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
             })
         })
         .collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while exists(redis.clone(), keys.clone()).await < i64::try_from(USERS).expect("small") {
         assert!(std::time::Instant::now() < deadline, "the charges never took their locks");
         actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
-    cluster.instances[0].terminate_and_wait(std::time::Duration::from_secs(20)).expect("stopped");
+    // The stop takes about the grace; the limit only makes a hung stop fail, and is above
+    // the row-lock wait so that not even a stop that waited for it could fail on time.
+    cluster.instances[0].terminate_and_wait(std::time::Duration::from_secs(180)).expect("stopped");
 
     assert_eq!(exists(redis.clone(), keys.clone()).await, 0, "locks left behind by a graceful stop");
     blocker.rollback().await.expect("rollback");

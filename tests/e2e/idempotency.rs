@@ -3,7 +3,7 @@
 use std::io::Write as _;
 
 use awc::http::StatusCode;
-use e2e::{Cluster, client};
+use e2e::{Cluster, ClusterOptions, client};
 use futures::future::join_all;
 
 use super::{assert_problem, send};
@@ -42,7 +42,10 @@ async fn balance_and_history(http: &awc::Client, base: &str, user: &str) -> (i64
 
 #[actix_web::test]
 async fn replays_and_concurrent_duplicates_of_a_keyed_charge_are_applied_once_with_identical_answers() {
-    let cluster = Cluster::start(3).await.expect("cluster");
+    // Concurrent duplicates wait for the first with their key: none may give up for want of
+    // time on a slow machine.
+    let options = ClusterOptions::with_env(e2e::PATIENT_LOCKS);
+    let cluster = Cluster::start_with(3, &options).await.expect("cluster");
     let http = client();
     let user = new_user(&http, cluster.url(0)).await;
 
@@ -96,7 +99,9 @@ async fn replays_and_concurrent_duplicates_of_a_keyed_charge_are_applied_once_wi
 #[actix_web::test]
 async fn a_charge_whose_answer_was_lost_is_applied_once_when_retried_with_its_key() {
     const CHARGES: usize = 6;
-    let cluster = Cluster::start(2).await.expect("cluster");
+    // A retry may arrive while its first attempt still runs, and then waits for it.
+    let options = ClusterOptions::with_env(e2e::PATIENT_LOCKS);
+    let cluster = Cluster::start_with(2, &options).await.expect("cluster");
     let http = client();
     let user = new_user(&http, cluster.url(0)).await;
     let address = cluster.url(0).trim_start_matches("http://").to_owned();

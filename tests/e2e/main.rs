@@ -1,6 +1,7 @@
 //! End-to-end tests: several real `concert-server` processes, one MySQL, one Redis.
 
 mod booking;
+mod consolidation;
 mod failures;
 mod idempotency;
 mod payments;

@@ -22,25 +22,82 @@ async fn issue(http: &awc::Client, base: &str, user: &str) -> (u16, Value) {
     (answer.0.as_u16(), answer.2)
 }
 
-async fn view(http: &awc::Client, base: &str, token: &str) -> Value {
-    let answer =
-        send(http.get(format!("{base}/api/v1/queue/tokens/me")).insert_header(("Queue-Token", token)), None)
-            .await;
-    assert_eq!(answer.0.as_u16(), 200, "{}", answer.2);
-    answer.2
+/// A token as one read of its view shows it. A token only ever moves forward through
+/// these: waiting (at a place that only falls), active, gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Waiting(u64),
+    Active,
+    Gone,
 }
 
-/// A token's status as the gate of its view says it: `ACTIVE`, `WAITING <position>`, or
-/// `GONE` (401).
-async fn status(http: &awc::Client, base: &str, token: &str) -> String {
+impl Seen {
+    /// How far along it is: 0 waiting, 1 active, 2 gone.
+    const fn stage(self) -> u8 {
+        match self {
+            Self::Waiting(_) => 0,
+            Self::Active => 1,
+            Self::Gone => 2,
+        }
+    }
+}
+
+/// Reads `token`'s view on `base` (401 is gone), checking that its fields fit its status.
+async fn read(http: &awc::Client, base: &str, token: &str) -> Seen {
     let answer =
         send(http.get(format!("{base}/api/v1/queue/tokens/me")).insert_header(("Queue-Token", token)), None)
             .await;
-    match answer.0.as_u16() {
-        401 => "GONE".to_owned(),
-        200 if answer.2["status"] == "WAITING" => format!("WAITING {}", answer.2["position"]),
-        200 => answer.2["status"].as_str().unwrap_or("?").to_owned(),
-        other => panic!("unexpected {other}: {}", answer.2),
+    if answer.0.as_u16() == 401 {
+        assert_problem(&answer, 401, "QUEUE_TOKEN_INVALID", None);
+        return Seen::Gone;
+    }
+    let view = &answer.2;
+    assert_eq!(answer.0.as_u16(), 200, "{view}");
+    match view["status"].as_str() {
+        Some("ACTIVE") => {
+            assert!(view["expiresAt"].as_str().is_some_and(|at| at.ends_with('Z')), "{view}");
+            assert!(view["position"].is_null() && view["estimatedWaitSeconds"].is_null(), "{view}");
+            Seen::Active
+        }
+        Some("WAITING") => {
+            assert!(view["expiresAt"].is_null(), "{view}");
+            let position = view["position"].as_u64().unwrap_or_else(|| panic!("no position: {view}"));
+            assert!(position >= 1, "{view}");
+            Seen::Waiting(position)
+        }
+        _ => panic!("not a token view: {view}"),
+    }
+}
+
+/// Checks one pass over a line of tokens (`pass[i]`: the token issued `i`-th), read from
+/// the last token to the first. `left_line[i]`: token `i` was seen active or gone in an
+/// earlier pass.
+///
+/// A pass is not a snapshot, and on a slow machine it may take long, so what is checked is
+/// what holds however the reads fall in time. The line is first come, first served and
+/// every token lives as long, so at any instant no token is further along than one issued
+/// before it; each token is read after every token behind it, when it can only be as far
+/// along or further, so the pass must show that order. The same reasoning makes the cap
+/// exact: every token read ACTIVE was active at the instant the rearmost of them was read.
+/// And a waiting token's place counts, at its read, at least the tokens ahead of it read
+/// waiting after it (they were waiting then too) and at most those not yet seen out of the
+/// line.
+fn check_pass(pass: &[Seen], left_line: &[bool], cap: usize) {
+    for (i, pair) in pass.windows(2).enumerate() {
+        assert!(pair[0].stage() >= pair[1].stage(), "token {} ahead of token {i}: {pass:?}", i + 1);
+    }
+    let active = pass.iter().filter(|seen| **seen == Seen::Active).count();
+    assert!(active <= cap, "{active} active at once, over the cap of {cap}: {pass:?}");
+    let mut previous = 0;
+    for (j, seen) in pass.iter().enumerate() {
+        let Seen::Waiting(position) = *seen else { continue };
+        let surely_ahead = pass[..j].iter().filter(|seen| matches!(seen, Seen::Waiting(_))).count();
+        let maybe_ahead = left_line[..j].iter().filter(|left| !**left).count();
+        let low = u64::try_from(surely_ahead + 1).expect("small");
+        let high = u64::try_from(maybe_ahead + 1).expect("small");
+        assert!((low..=high).contains(&position), "token {j} at {position}, not {low}..={high}: {pass:?}");
+        assert!(position > previous, "places out of issue order: {pass:?}");
+        previous = position;
     }
 }
 
@@ -57,10 +114,15 @@ fn options(max_active: &str, active_seconds: &str) -> ClusterOptions {
 
 #[actix_web::test]
 async fn tokens_are_admitted_in_issue_order_across_instances_never_past_the_cap() {
-    let cluster = Cluster::start_with(3, &options("3", "3")).await.expect("cluster");
+    const TOKENS: usize = 8;
+    const CAP: usize = 3;
+    const LIFETIME: Duration = Duration::from_secs(3);
+    let options = options(&CAP.to_string(), &LIFETIME.as_secs().to_string());
+    let cluster = Cluster::start_with(3, &options).await.expect("cluster");
     let http = client();
+    let issuing = Instant::now();
     let mut tokens = Vec::new();
-    for i in 0..8 {
+    for i in 0..TOKENS {
         let user = new_user(&http, cluster.url(i)).await;
         let issued = issue(&http, cluster.url(i), &user).await;
         assert_eq!(issued.0, 201, "{}", issued.1);
@@ -72,75 +134,71 @@ async fn tokens_are_admitted_in_issue_order_across_instances_never_past_the_cap(
         tokens.push(issued.1["token"].as_str().expect("token").to_owned());
     }
 
-    // Every instance runs admission: the first three are let in, the rest wait in order.
-    // (A pass reads the tokens one after another, not at one instant, so the cap itself
-    // is checked where it can be exactly: the contract suite's eight concurrent admitters.)
-    let expected: Vec<String> = ["ACTIVE", "ACTIVE", "ACTIVE"]
-        .into_iter()
-        .map(str::to_owned)
-        .chain((1..=5).map(|p| format!("WAITING {p}")))
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Every instance runs admission: three at a time are let in, in issue order, each for
+    // its lifetime; then they are gone (401), and the next get in. The line is watched
+    // until every token has been through it. No pass is expected to be a given snapshot
+    // (with 3 s lifetimes, a slow machine may miss any one of them): each pass is checked
+    // against what holds whenever its reads fall (`check_pass`).
+    let mut left_line = [false; TOKENS];
+    let mut seen_active = [false; TOKENS];
+    let mut last_read: [Option<Instant>; TOKENS] = [None; TOKENS];
+    let mut longest_gap = Duration::ZERO;
+    let mut first_pass_done = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let mut seen = Vec::new();
-        for (i, token) in tokens.iter().enumerate() {
-            seen.push(status(&http, cluster.url(i), token).await);
+        let mut pass = [Seen::Gone; TOKENS];
+        for i in (0..TOKENS).rev() {
+            pass[i] = read(&http, cluster.url(i), &tokens[i]).await;
+            let now = Instant::now();
+            if let Some(before) = last_read[i] {
+                longest_gap = longest_gap.max(now - before);
+            }
+            last_read[i] = Some(now);
         }
-        if seen == expected {
+        if first_pass_done.is_none() {
+            first_pass_done = Some(Instant::now());
+        }
+        check_pass(&pass, &left_line, CAP);
+        for (i, seen) in pass.iter().enumerate() {
+            left_line[i] |= !matches!(seen, Seen::Waiting(_));
+            seen_active[i] |= *seen == Seen::Active;
+        }
+        if pass.iter().all(|seen| *seen == Seen::Gone) {
             break;
         }
-        assert!(Instant::now() < deadline, "not admitted in issue order: {seen:?}");
+        assert!(Instant::now() < deadline, "the line never emptied: {pass:?}");
         actix_web::rt::time::sleep(Duration::from_millis(50)).await;
     }
-    let first = view(&http, cluster.url(0), &tokens[0]).await;
-    assert!(first["expiresAt"].as_str().expect("expiresAt").ends_with('Z'));
-    assert!(first["position"].is_null() && first["estimatedWaitSeconds"].is_null());
-    let fourth = view(&http, cluster.url(1), &tokens[3]).await;
-    assert!(fourth["expiresAt"].is_null());
-
-    // Their lifetime runs out: they are gone (401 at the gate and at their view), and the
-    // next three get in, in order.
-    let expected: Vec<String> =
-        ["GONE", "GONE", "GONE", "ACTIVE", "ACTIVE", "ACTIVE", "WAITING 1", "WAITING 2"]
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut seen = Vec::new();
-        for (i, token) in tokens.iter().enumerate() {
-            seen.push(status(&http, cluster.url(i), token).await);
-        }
-        if seen == expected {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the line did not move as it should: {seen:?}");
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    // Each token was caught ACTIVE, when every token was read at least once per lifetime
+    // from before the first could have been let in until it was gone. A machine too slow
+    // for that still had order, cap and places checked above.
+    let margin = Duration::from_millis(500);
+    let read_often_enough = first_pass_done.is_some_and(|done| done - issuing + margin < LIFETIME)
+        && longest_gap + margin < LIFETIME;
+    if read_often_enough {
+        assert!(seen_active.iter().all(|active| *active), "a token was never seen active: {seen_active:?}");
+    } else {
+        eprintln!("reads too far apart (at most {longest_gap:?}) to catch every token active: not checked");
     }
-    let gone = send(
-        http.get(format!("{}/api/v1/queue/tokens/me", cluster.url(0)))
-            .insert_header(("Queue-Token", tokens[0].as_str())),
-        None,
-    )
-    .await;
-    assert_problem(&gone, 401, "QUEUE_TOKEN_INVALID", None);
     cluster.shut_down().await;
 }
 
-/// Reads SSE frames from `response` until the stream ends or `within` passes.
+/// Reads SSE frames from `response` until the stream ends or `within` passes: the events,
+/// and whether the stream ended.
 async fn read_events(
     mut body: awc::ClientResponse<
         impl futures::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin,
     >,
     within: Duration,
-) -> Vec<(String, Value)> {
+) -> (Vec<(String, Value)>, bool) {
     let mut buffer = String::new();
     let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + within;
-    loop {
+    let ended = loop {
         let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
             Ok(Some(chunk)) => chunk.expect("a chunk"),
-            Ok(None) | Err(_) => break,
+            Ok(None) => break true,
+            Err(_) => break false,
         };
         buffer.push_str(std::str::from_utf8(&chunk).expect("utf-8"));
         while let Some(end) = buffer.find("\n\n") {
@@ -158,13 +216,15 @@ async fn read_events(
                 events.push((name, data));
             }
         }
-    }
-    events
+    };
+    (events, ended)
 }
 
 #[actix_web::test]
 async fn an_event_stream_shows_the_position_falling_then_active_and_ends() {
-    let cluster = Cluster::start_with(2, &options("2", "1")).await.expect("cluster");
+    // Two let in at a time, for 3 s each.
+    const CAP: u64 = 2;
+    let cluster = Cluster::start_with(2, &options(&CAP.to_string(), "3")).await.expect("cluster");
     let http = client();
     let mut tokens = Vec::new();
     for i in 0..6 {
@@ -186,9 +246,8 @@ async fn an_event_stream_shows_the_position_falling_then_active_and_ends() {
         response.headers().get("content-type").and_then(|v| v.to_str().ok()),
         Some("text/event-stream")
     );
-    let reading = Instant::now();
-    let events = read_events(response, Duration::from_secs(30)).await;
-    assert!(reading.elapsed() < Duration::from_secs(30), "the stream did not end after ACTIVE");
+    let (events, ended) = read_events(response, Duration::from_secs(90)).await;
+    assert!(ended, "the stream did not end after ACTIVE: {events:?}");
 
     assert!(events.iter().all(|(name, _)| name == "status"), "{events:?}");
     let (_, final_view) = events.last().expect("events");
@@ -196,9 +255,15 @@ async fn an_event_stream_shows_the_position_falling_then_active_and_ends() {
     let positions: Vec<u64> = events.iter().filter_map(|(_, v)| v["position"].as_u64()).collect();
     // A view changes with its estimate too, so a position may repeat; it never rises.
     assert!(positions.windows(2).all(|w| w[0] >= w[1]), "positions only fall: {positions:?}");
-    // Two are let in per second, and it starts behind at least two others: it sees its
-    // place fall at least once before its turn.
-    assert!(positions.first() > positions.last(), "the position was seen falling: {positions:?}");
+    // From behind more than two others, it cannot be let in before a whole lifetime (3 s)
+    // has passed with it at a lower place, which the stream (polled every 100 ms) shows. A
+    // slow machine may open the stream later, at place 1 or 2 or already ACTIVE: then
+    // there is no fall to see.
+    if positions.first().is_some_and(|first| *first > CAP) {
+        assert!(positions.first() > positions.last(), "the position was seen falling: {positions:?}");
+    } else {
+        eprintln!("the stream opened at {positions:?}, too late to see the place fall: not checked");
+    }
     cluster.shut_down().await;
 }
 
@@ -232,8 +297,10 @@ async fn bad_queue_requests_are_problems() {
 
 #[actix_web::test]
 async fn open_event_streams_end_when_the_instance_stops_instead_of_holding_the_shutdown() {
+    // A grace far longer than the stop may take, however slow the machine: a stop that
+    // waited for the open streams would take all of it.
     let mut options = options("1", "600");
-    options.env.push(("SHUTDOWN_GRACE_SECONDS".into(), "30".into()));
+    options.env.push(("SHUTDOWN_GRACE_SECONDS".into(), "180".into()));
     let cluster = Cluster::start_with(1, &options).await.expect("cluster");
     let http = client();
     let base = cluster.url(0).to_owned();
@@ -257,16 +324,15 @@ async fn open_event_streams_end_when_the_instance_stops_instead_of_holding_the_s
         streams.push(response);
     }
     let readers: Vec<_> =
-        streams.into_iter().map(|s| actix_web::rt::spawn(read_events(s, Duration::from_secs(40)))).collect();
+        streams.into_iter().map(|s| actix_web::rt::spawn(read_events(s, Duration::from_secs(90)))).collect();
 
-    let stopping = Instant::now();
     cluster.instances[0]
-        .terminate_and_wait(Duration::from_secs(15))
+        .terminate_and_wait(Duration::from_secs(60))
         .expect("stopped without waiting out the grace");
 
-    assert!(stopping.elapsed() < Duration::from_secs(15));
     for reader in readers {
-        let events = reader.await.expect("read");
+        let (events, ended) = reader.await.expect("read");
+        assert!(ended, "a stream did not end with its instance: {events:?}");
         assert!(
             events.iter().all(|(name, view)| name == "status" && view["status"] == "WAITING"),
             "{events:?}"

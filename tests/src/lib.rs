@@ -15,8 +15,11 @@ use anyhow::Context as _;
 pub mod booking;
 pub mod stats;
 
-/// How long an instance may take to migrate and bind.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an instance may take to migrate and bind. Generous: instances starting together
+/// migrate one at a time, the others waiting for the migration lock (the server itself waits
+/// up to 120 s for it), and a debug build on a slow, busy machine is slow at all of it. An
+/// instance that exits early is reported at once, not after this.
+const START_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Several instances of the server sharing one database.
 #[derive(Debug)]
@@ -82,10 +85,10 @@ impl Instance {
     /// Kills the process with SIGKILL: a crash, with requests and transactions in flight
     /// and locks held, not a graceful shutdown.
     pub fn crash(&self) {
-        if let Ok(mut child) = self.child.lock() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Also when a panic poisoned the lock: the process must not outlive the test.
+        let mut child = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -100,6 +103,44 @@ pub struct ClusterOptions {
     /// e.g. a [`TcpProxy`] in front of it that a test cuts.
     pub database_server: Option<String>,
 }
+
+impl ClusterOptions {
+    /// Options with `env` for every instance.
+    #[must_use]
+    pub fn with_env(env: &[(&str, &str)]) -> Self {
+        Self { env: owned(env), ..Self::default() }
+    }
+}
+
+/// `(name, value)` pairs as [`ClusterOptions::env`] holds them.
+#[must_use]
+pub fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter().map(|(name, value)| ((*name).to_owned(), (*value).to_owned())).collect()
+}
+
+/// `POINT_LOCK_WAIT_MS` at the largest value the server takes (60 s), for every test whose
+/// requests queue for a point lock: storms of charges, payments racing charges, keyed
+/// retries (a duplicate waits for its key's lock as long as that, plus `LOCK_MAX_HOLD_MS`).
+///
+/// Charges of one account are served one at a time, so the last of a storm of N waits for
+/// the N - 1 before it, and how long that takes is the machine's speed: a debug build on
+/// two busy cores did not get through 300 in the default 3 s. A test of exactness must not
+/// depend on that. (The default is the product's; a test of a wait that runs out sets its
+/// own.)
+pub const PATIENT_LOCKS: &[(&str, &str)] = &[("POINT_LOCK_WAIT_MS", "60000")];
+
+/// The distributed lock removed (`DISABLE_LOCKS_FOR_TESTING`), for the tests that show the
+/// SQL guards alone keep every write exact.
+///
+/// Concurrent requests then queue on MySQL's row locks instead, and a row-lock wait is cut
+/// at `DATABASE_STATEMENT_TIMEOUT_MS` (5 s by default): how long that queue takes is the
+/// machine's speed again, so the timeout is 30 s here (and `LOCK_MAX_HOLD_MS` above it, as
+/// the server requires).
+pub const NO_LOCKS: &[(&str, &str)] = &[
+    ("DISABLE_LOCKS_FOR_TESTING", "true"),
+    ("DATABASE_STATEMENT_TIMEOUT_MS", "30000"),
+    ("LOCK_MAX_HOLD_MS", "60000"),
+];
 
 impl Cluster {
     /// Starts `count` instances at once against a database that does not exist yet (they
@@ -129,20 +170,29 @@ impl Cluster {
         // A line of its own on the shared Redis (a test may still name one).
         let mut env = vec![("QUEUE_NAME".to_owned(), format!("e2e-{name}"))];
         env.extend(options.env.iter().cloned());
-        let spawned: Vec<_> = (0..count)
-            .map(|_| spawn(&binary, &database_url, &redis_url, &env))
-            .collect::<anyhow::Result<_>>()?;
+        // Each process belongs to an `Instance` from the moment it exists, so that whatever
+        // fails below (another spawn, another start) kills it on the way out.
         let mut instances = Vec::with_capacity(count);
-        for (child, ready, output) in spawned {
-            let base_url = tokio::task::spawn_blocking(move || ready.recv_timeout(START_TIMEOUT))
+        let mut readiness = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (child, ready, output) = spawn(&binary, &database_url, &redis_url, &env)?;
+            instances.push(Instance { child: Mutex::new(child), base_url: String::new(), output });
+            readiness.push(ready);
+        }
+        for (instance, ready) in instances.iter_mut().zip(readiness) {
+            let output = Arc::clone(&instance.output);
+            instance.base_url = tokio::task::spawn_blocking(move || ready.recv_timeout(START_TIMEOUT))
                 .await?
-                .map_err(|_| {
+                .map_err(|error| {
+                    let why = match error {
+                        mpsc::RecvTimeoutError::Timeout => format!("did not listen within {START_TIMEOUT:?}"),
+                        mpsc::RecvTimeoutError::Disconnected => "exited before listening".to_owned(),
+                    };
                     anyhow::anyhow!(
-                        "an instance did not start:\n{}",
+                        "an instance {why}:\n{}",
                         output.lock().map(|o| o.join("\n")).unwrap_or_default()
                     )
                 })?;
-            instances.push(Instance { child: Mutex::new(child), base_url, output });
         }
         Ok(Self { instances, database_url, direct_database_url })
     }
@@ -291,10 +341,21 @@ impl Drop for TcpProxy {
 }
 
 /// An HTTP client for many concurrent requests.
+///
+/// Its timeouts are not what a test measures, so they outlast every wait a test gives its
+/// servers (a lock wait of 60 s, a keyed duplicate's wait of that plus `LOCK_MAX_HOLD_MS`),
+/// however slow the machine: a slow answer is the server's answer, not a client giving up.
+/// Idle connections are dropped after 2 s, before the server's keep-alive (5 s) closes
+/// them, so a request is never sent on a connection the server is closing.
 #[must_use]
 pub fn client() -> awc::Client {
     awc::Client::builder()
-        .connector(awc::Connector::new().limit(1_000))
-        .timeout(Duration::from_secs(30))
+        .connector(
+            awc::Connector::new()
+                .limit(1_000)
+                .timeout(Duration::from_secs(30))
+                .conn_keep_alive(Duration::from_secs(2)),
+        )
+        .timeout(Duration::from_secs(180))
         .finish()
 }

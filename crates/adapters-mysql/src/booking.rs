@@ -127,20 +127,24 @@ impl BookingRepository for MySqlBookingRepository {
         reservation: &Reservation,
         replaces: Option<ReservationId>,
         now: time::OffsetDateTime,
-    ) -> Result<(), BookingRepositoryError> {
+    ) -> Result<time::OffsetDateTime, BookingRepositoryError> {
         let conn = connection(tx)?;
+        // The hold's end on the database's clock, so that every instance (whatever its
+        // own clock says) and every guard below agree on when it runs out.
+        let hold_micros = i64::try_from((reservation.held_until - now).whole_microseconds())
+            .map_err(|_| anyhow::anyhow!("a hold of {} is out of range", reservation.held_until - now))?;
         let taken = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "UPDATE seats SET status = 'HELD', reservation_id = ?, held_until = ?, version = version + 1 \
+                "UPDATE seats SET status = 'HELD', reservation_id = ?, \
+                   held_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, version = version + 1 \
                  WHERE schedule_id = ? AND seat_number = ? \
-                   AND (status = 'AVAILABLE' OR (status = 'HELD' AND held_until <= ?))",
+                   AND (status = 'AVAILABLE' OR (status = 'HELD' AND held_until <= UTC_TIMESTAMP(6)))",
                 [
                     (*reservation.id.as_uuid()).into(),
-                    to_db_time(reservation.held_until).into(),
+                    hold_micros.into(),
                     (*reservation.schedule_id.as_uuid()).into(),
                     reservation.seat_number.get().into(),
-                    to_db_time(now).into(),
                 ],
             ))
             .await
@@ -161,21 +165,39 @@ impl BookingRepository for MySqlBookingRepository {
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
                 "INSERT INTO reservations (id, user_id, schedule_id, seat_number, price, status, held_until, created_at, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, 'HELD', ?, ?, ?)",
+                 SELECT ?, ?, ?, ?, ?, 'HELD', held_until, ?, ? FROM seats \
+                 WHERE schedule_id = ? AND seat_number = ? AND reservation_id = ?",
                 [
                     (*reservation.id.as_uuid()).into(),
                     (*reservation.user_id.as_uuid()).into(),
                     (*reservation.schedule_id.as_uuid()).into(),
                     reservation.seat_number.get().into(),
                     reservation.price.points().into(),
-                    to_db_time(reservation.held_until).into(),
                     to_db_time(reservation.created_at).into(),
                     to_db_time(reservation.created_at).into(),
+                    (*reservation.schedule_id.as_uuid()).into(),
+                    reservation.seat_number.get().into(),
+                    (*reservation.id.as_uuid()).into(),
                 ],
             ))
             .await;
         match inserted {
-            Ok(_) => Ok(()),
+            Ok(done) if done.rows_affected() == 1 => {
+                let row = conn
+                    .query_one_raw(Statement::from_sql_and_values(
+                        DbBackend::MySql,
+                        "SELECT held_until FROM reservations WHERE id = ?",
+                        [(*reservation.id.as_uuid()).into()],
+                    ))
+                    .await
+                    .db_context("failed to read a hold's end")?
+                    .context("the hold just inserted is not there")?;
+                Ok(from_db_time(column(&row, "held_until")?))
+            }
+            Ok(_) => {
+                Err(anyhow::anyhow!("the seat held for reservation {} does not name it", reservation.id)
+                    .into())
+            }
             Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
                 Err(BookingRepositoryError::SeatTaken)
             }
@@ -207,8 +229,8 @@ impl BookingRepository for MySqlBookingRepository {
         // CANCELLED only while the hold lasts, EXPIRED only once it ran out: the state
         // machine's rule, in the statement itself.
         let (target, when) = match to {
-            ReservationStatus::Cancelled => ("CANCELLED", "held_until > ?"),
-            ReservationStatus::Expired => ("EXPIRED", "held_until <= ?"),
+            ReservationStatus::Cancelled => ("CANCELLED", "held_until > UTC_TIMESTAMP(6)"),
+            ReservationStatus::Expired => ("EXPIRED", "held_until <= UTC_TIMESTAMP(6)"),
             other => {
                 return Err(anyhow::anyhow!("a hold cannot end as {}", other.as_str()).into());
             }
@@ -222,7 +244,7 @@ impl BookingRepository for MySqlBookingRepository {
                     "UPDATE reservations SET status = '{target}', updated_at = ? \
                      WHERE id = ? AND status = 'HELD' AND {when}"
                 ),
-                [to_db_time(now).into(), (*reservation.as_uuid()).into(), to_db_time(now).into()],
+                [to_db_time(now).into(), (*reservation.as_uuid()).into()],
             ))
             .await
             .db_context("failed to end a hold")?;
@@ -255,8 +277,8 @@ impl BookingRepository for MySqlBookingRepository {
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
                 "UPDATE reservations SET status = 'CONFIRMED', updated_at = ? \
-                 WHERE id = ? AND status = 'HELD' AND held_until > ?",
-                [to_db_time(now).into(), (*reservation.id.as_uuid()).into(), to_db_time(now).into()],
+                 WHERE id = ? AND status = 'HELD' AND held_until > UTC_TIMESTAMP(6)",
+                [to_db_time(now).into(), (*reservation.id.as_uuid()).into()],
             ))
             .await
             .db_context("failed to confirm a reservation")?;
@@ -286,7 +308,8 @@ impl BookingRepository for MySqlBookingRepository {
 
     async fn run_out_holds(
         &self,
-        now: OffsetDateTime,
+        // Run out by the database's clock, as every other guard of a hold.
+        _now: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<Reservation>, BookingRepositoryError> {
         let rows = self
@@ -294,8 +317,9 @@ impl BookingRepository for MySqlBookingRepository {
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
                 "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
-                 FROM reservations WHERE status = 'HELD' AND held_until <= ? ORDER BY held_until LIMIT ?",
-                [to_db_time(now).into(), limit.into()],
+                 FROM reservations WHERE status = 'HELD' AND held_until <= UTC_TIMESTAMP(6) \
+                 ORDER BY held_until LIMIT ?",
+                [limit.into()],
             ))
             .await
             .db_context("failed to find run-out holds")?;

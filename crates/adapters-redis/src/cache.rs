@@ -25,81 +25,29 @@ use fred::types::scripts::Script;
 /// How long a version key lives after the last write; far above any entry's TTL.
 const VERSION_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
-/// Redis's clock, and whether a write is marked on KEYS[3] now.
-const CLOCK: &str = r"
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function writing()
-  return redis.call('ZCOUNT', KEYS[3], now_ms, '+inf') > 0
-end
-local function bump()
-  local v = tonumber(redis.call('GET', KEYS[1]) or '0')
-  local next = now_us
-  if v + 1 > next then next = v + 1 end
-  redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', ARGV[1])
-  redis.call('DEL', KEYS[2])
-end
-";
+// The scripts live in `lua/` beside this file, each opening with its KEYS and ARGV.
+
+/// Redis's clock, and whether a write is marked on KEYS[3] now; the clocked scripts below
+/// run after it (`RedisCache::with_prefix` joins them).
+const CLOCK: &str = include_str!("lua/cache_clock.lua");
 
 /// KEYS: version, entry, marks. ARGV: version TTL ms, the caller's version or ''.
 /// {'w'} while a write is marked; {'u', v} when v is the caller's; {'e', v, json, pttl}
 /// for the current entry; {'m', v} else (v = '0' when there is no version yet).
-const READ: &str = r"
-if writing() then return {'w'} end
-local v = redis.call('GET', KEYS[1])
-if not v then return {'m', '0'} end
-if v == ARGV[2] then return {'u', v} end
-local e = redis.call('GET', KEYS[2])
-if e then
-  local sep = string.find(e, ':', 1, true)
-  if sep and string.sub(e, 1, sep - 1) == v then
-    return {'e', v, string.sub(e, sep + 1), redis.call('PTTL', KEYS[2])}
-  end
-end
-return {'m', v}
-";
+const READ: &str = include_str!("lua/cache_read.lua");
 
 /// KEYS: version, entry, marks. ARGV: version TTL ms, version, json, ttl ms.
 /// The version stored under, or 0 when refused.
-const STORE: &str = r"
-if writing() then return 0 end
-local v = redis.call('GET', KEYS[1])
-if not v then
-  if ARGV[2] ~= '0' then return 0 end
-  v = string.format('%.0f', now_us)
-  redis.call('SET', KEYS[1], v, 'PX', ARGV[1])
-elseif v ~= ARGV[2] then
-  return 0
-end
-redis.call('SET', KEYS[2], v .. ':' .. ARGV[3], 'PX', ARGV[4])
-return v
-";
+const STORE: &str = include_str!("lua/cache_store.lua");
 
 /// KEYS: version, entry, marks. ARGV: version TTL ms, token, mark ttl ms.
-const BEGIN_WRITE: &str = r"
-bump()
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms - 1)
-redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[3]), ARGV[2])
--- The set lives as long as its latest mark (never shortened by a writer with a shorter
--- TTL than an earlier one's).
-local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[3], last[2])
-return 1
-";
+const BEGIN_WRITE: &str = include_str!("lua/cache_begin_write.lua");
 
 /// KEYS: version, entry, marks. ARGV: version TTL ms, token.
-const END_WRITE: &str = r"
-bump()
-redis.call('ZREM', KEYS[3], ARGV[2])
-return 1
-";
+const END_WRITE: &str = include_str!("lua/cache_end_write.lua");
 
-/// KEYS: claim. ARGV: token.
-const RELEASE_CLAIM: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-";
+/// KEYS: claim. ARGV: token. Standalone (no clock).
+const RELEASE_CLAIM: &str = include_str!("lua/cache_release_claim.lua");
 
 /// A cache in one Redis (or a cluster), keys optionally under a prefix (tests use one each).
 #[derive(Clone, Debug)]

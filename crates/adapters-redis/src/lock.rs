@@ -3,7 +3,9 @@
 //! - **Owner token.** The value of `lock:{kind}:{id}` is a random token of this
 //!   acquisition; only a caller that presents it can renew or release.
 //! - **Acquire** is a script that sets `key` to the token with the lease when it is free
-//!   and bumps `key:fence` with `INCR` (the fencing number, strictly increasing per key);
+//!   and, for a fenced key only, moves `key:fence` to `max(last + 1, now in µs)` (the
+//!   fencing number, strictly increasing per key; the counter expires an hour after the
+//!   key's last acquisition, see [`ACQUIRE_LUA`]);
 //!   when another token holds it, it answers the key's remaining lease (`PTTL`) so a waiter
 //!   knows the latest time to look again even if no release is ever announced; when *our*
 //!   token holds it (the client resent an attempt whose answer was lost in a reconnection),
@@ -35,8 +37,8 @@
 //!
 //! In pub/sub mode one subscriber per process listens on one channel; a release wakes
 //! *one* local waiter of that key per instance (`Notify::notify_one`), so a release does not
-//! set off a herd of retries. Fencing counters are kept without expiry (one small key per
-//! locked resource); that is what makes them monotonic.
+//! set off a herd of retries. Unfenced keys (a payment's reservation, an idempotency key)
+//! leave nothing behind once released; fenced ones leave one counter for [`FENCE_TTL`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -58,21 +60,18 @@ use tokio::time::Instant;
 pub const RELEASE_CHANNEL: &str = "lock:released";
 
 /// The acquire script (public so that tests can replay it as a reconnecting client would).
-pub const ACQUIRE_LUA: &str = r"
--- KEYS[1] lock key, KEYS[2] fencing counter; ARGV[1] owner token, ARGV[2] lease (ms)
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  -- Ours already: this is a replay of an attempt whose answer was lost (the client
-  -- resends commands after a reconnection). Same acquisition, same fencing number.
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
-end
-if holder then
-  return {0, redis.call('PTTL', KEYS[1])}
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return {1, redis.call('INCR', KEYS[2])}
-";
+///
+/// `KEYS[2]`, the fencing counter, is passed for fenced keys only. The number handed out
+/// is `max(last + 1, Redis's clock in microseconds)`, and the counter expires
+/// [`FENCE_TTL`] after its last acquisition: Redis keeps one small key per fenced
+/// resource locked in the last hour, not one per resource ever locked, and the numbers
+/// still only grow, across the counter's expiry and across a Redis restart that lost it,
+/// as long as Redis's clock does not step back by more than the time since the last
+/// acquisition (the same rule as the cache's versions).
+pub const ACQUIRE_LUA: &str = include_str!("lua/lock_acquire.lua");
+
+/// How long a fencing counter outlives its key's last acquisition.
+pub const FENCE_TTL: Duration = Duration::from_secs(60 * 60);
 
 const RELEASE_LUA: &str = r"
 -- KEYS[1] lock key; ARGV[1] owner token, ARGV[2] release channel
@@ -339,19 +338,24 @@ impl RedisLock {
         let ticket = Ticket::issue(inner, key, token, &client);
         let sent_at = Instant::now();
         let lease_ms = millis(inner.options.lease);
+        let keys = if key.is_fenced() {
+            vec![key.as_str().to_owned(), fence_key(key)]
+        } else {
+            vec![key.as_str().to_owned()]
+        };
         let reply: Vec<i64> = inner
             .acquire
             .evalsha_with_reload(
                 &client,
-                vec![key.as_str().to_owned(), fence_key(key)],
-                vec![token.to_owned(), lease_ms.to_string()],
+                keys,
+                vec![token.to_owned(), lease_ms.to_string(), millis(FENCE_TTL).to_string()],
             )
             .await
             // The ticket is dropped armed here: the script may still run, so it is undone.
             .map_err(unavailable)?;
         match reply.as_slice() {
             [1, fence] => Ok(Attempt::Acquired(Acquired {
-                fence: FencingToken(u64::try_from(*fence).unwrap_or(0)),
+                fence: key.is_fenced().then(|| FencingToken(u64::try_from(*fence).unwrap_or(0))),
                 lease_from: sent_at,
                 ticket: ticket.keep(),
             })),
@@ -545,7 +549,7 @@ enum Pause {
 /// A successful attempt.
 #[derive(Debug)]
 struct Acquired {
-    fence: FencingToken,
+    fence: Option<FencingToken>,
     /// When the winning attempt was sent: Redis started the lease no earlier, so counting
     /// from here never overestimates how long the lease lasts.
     lease_from: Instant,
@@ -585,7 +589,7 @@ impl DistributedLock for RedisLock {
                 .increment(1);
         }
         let acquired = outcome?;
-        tracing::debug!(fence = acquired.fence.0, "lock acquired");
+        tracing::debug!(fence = acquired.fence.map(|fence| fence.0), "lock acquired");
         Ok(Box::new(self.guard(key, token, acquired)))
     }
 }
@@ -656,7 +660,7 @@ pub struct RedisLockGuard {
     token: String,
     /// This token's outstanding entry.
     ticket: u64,
-    fence: FencingToken,
+    fence: Option<FencingToken>,
     inner: Arc<Inner>,
     state: watch::Receiver<LeaseState>,
     /// Past this (the longest hold, minus the margin) the guard counts as lost.
@@ -686,7 +690,7 @@ impl LockGuard for RedisLockGuard {
         &self.key
     }
 
-    fn fencing_token(&self) -> FencingToken {
+    fn fencing_token(&self) -> Option<FencingToken> {
         self.fence
     }
 

@@ -40,198 +40,23 @@ pub const MAX_ADMIT_PER_STEP: u64 = 5_000;
 // values at most.
 const _: () = assert!(MAX_ADMIT_PER_STEP <= 7_000);
 
-const PRELUDE: &str = r"
-local K = KEYS
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function parse(rec)
-  local s, u, q, i, e = string.match(rec, '^(%a)|([^|]*)|(%d+)|(%d+)|(%d+)$')
-  return s, u, tonumber(q), tonumber(i), tonumber(e)
-end
-local function forget(token, user)
-  redis.call('ZREM', K[2], token)
-  redis.call('ZREM', K[3], token)
-  redis.call('ZREM', K[4], token)
-  redis.call('HDEL', K[5], token)
-  if user and redis.call('HGET', K[6], user) == token then
-    redis.call('HDEL', K[6], user)
-  end
-end
--- {token, user, status, position, expires, rate} of a live token, or false.
-local function describe(token, now, idle, touch)
-  local rec = redis.call('HGET', K[5], token)
-  if not rec then return false end
-  local s, u, q, i, e = parse(rec)
-  local rate = redis.call('GET', K[9]) or '0'
-  if s == 'A' then
-    if e <= now then return false end
-    return {token, u, 'ACTIVE', 0, e, rate}
-  end
-  local seen = redis.call('ZSCORE', K[3], token)
-  if (not seen) or tonumber(seen) < now - idle then return false end
-  local rank = redis.call('ZRANK', K[2], token)
-  if not rank then return false end
-  -- Marking a token seen is a sorted-set write; once per tenth of the idle timeout is
-  -- plenty, and keeps a status call a read in all other cases.
-  if touch and tonumber(seen) < now - idle / 10 then redis.call('ZADD', K[3], now, token) end
-  return {token, u, 'WAITING', rank + 1, 0, rate}
-end
-";
+// The scripts live in `lua/` beside this file, each opening with its KEYS and ARGV. Every
+// body runs after the prelude (`RedisQueue::new` joins them).
 
-const ISSUE_LUA: &str = r"
--- ARGV: new token, user, idle ms
-local now = now_ms()
-local idle = tonumber(ARGV[3])
-local existing = redis.call('HGET', K[6], ARGV[2])
-if existing then
-  local d = describe(existing, now, idle, true)
-  if d then d[7] = 0; return d end
-  forget(existing, ARGV[2])
-end
-local seq = redis.call('INCR', K[1])
-redis.call('ZADD', K[2], seq, ARGV[1])
-redis.call('ZADD', K[3], now, ARGV[1])
-redis.call('HSET', K[5], ARGV[1], 'W|' .. ARGV[2] .. '|' .. seq .. '|' .. now .. '|0')
-redis.call('HSET', K[6], ARGV[2], ARGV[1])
-local d = describe(ARGV[1], now, idle, false)
-d[7] = 1
-return d
-";
+/// The helpers every queue script starts with (`now_ms`, `parse`, `forget`, `describe`).
+const PRELUDE: &str = include_str!("lua/queue_prelude.lua");
 
-const STATES_LUA: &str = r"
--- ARGV: idle ms, token...
-local now = now_ms()
-local idle = tonumber(ARGV[1])
-local out = {}
-for n = 2, #ARGV do
-  out[n - 1] = describe(ARGV[n], now, idle, true)
-end
-return out
-";
+/// A new WAITING token, or the user's live one.
+const ISSUE_LUA: &str = include_str!("lua/queue_issue.lua");
 
-const ADMIT_LUA: &str = r"
--- ARGV: idle ms, max active, batch (0: max-active policy), interval ms, lifetime ms,
---       rate window ms, cleanup batch, most admitted per step
-local now = now_ms()
-local idle, max_active, batch = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local interval, lifetime, window = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local cleanup = tonumber(ARGV[7])
-for _, t in ipairs(redis.call('ZRANGEBYSCORE', K[4], '-inf', now, 'LIMIT', 0, cleanup)) do
-  local rec = redis.call('HGET', K[5], t)
-  local u = nil
-  if rec then local _; _, u = parse(rec) end
-  forget(t, u)
-end
-local abandoned = redis.call('ZRANGEBYSCORE', K[3], '-inf', '(' .. (now - idle), 'LIMIT', 0, cleanup)
-for _, t in ipairs(abandoned) do
-  local rec = redis.call('HGET', K[5], t)
-  local u = nil
-  if rec then local _; _, u = parse(rec) end
-  forget(t, u)
-end
--- Fewer than a full batch abandoned: every waiting token left is live, and admission need
--- not look at when each was last seen.
-local all_live = #abandoned < cleanup
-local room = math.min(max_active - redis.call('ZCARD', K[4]), tonumber(ARGV[8]))
-if batch > 0 then
-  -- One batch per interval, whichever instance comes first. The mark advances by whole
-  -- intervals, so batches keep their cadence however the steps' timing jitters, and a
-  -- long pause skips intervals instead of piling up batches.
-  local last = tonumber(redis.call('GET', K[7]) or '0')
-  if now < last + interval then
-    room = 0
-  else
-    redis.call('SET', K[7], last + interval * math.floor((now - last) / interval))
-    room = math.min(room, batch)
-  end
-end
--- Admit the head of the line with a handful of variadic commands (not a few per token):
--- a step of 1,000 costs about as much as a step of one, per command. Active entries are
--- written before the tokens leave the line, so a script failing half-way (scripts do not
--- roll back) cannot lose a token. Abandoned tokens met at the head (more went idle than
--- the cleanup above removes per step) are dropped, and the batch is topped up from the
--- line, a few rounds at most.
-local admitted = 0
-local function each_chunk(list, f)
-  for i = 1, #list, 1000 do
-    f({unpack(list, i, math.min(i + 999, #list))})
-  end
-end
-local rounds = 0
-while room - admitted > 0 and rounds < 4 do
-  rounds = rounds + 1
-  local head = redis.call('ZRANGE', K[2], 0, room - admitted - 1)
-  if #head == 0 then break end
-  local stale = now - idle
-  local recs = redis.call('HMGET', K[5], unpack(head))
-  local seens = {}
-  if not all_live then seens = redis.call('ZMSCORE', K[3], unpack(head)) end
-  local expires = now + lifetime
-  local scored, records, gone = {}, {}, {}
-  for n, t in ipairs(head) do
-    local rec = recs[n]
-    local live = rec and (all_live or tonumber(seens[n] or '0') >= stale)
-    -- A waiting record is 'W|user|seq|issued|0': the active one swaps the first and last
-    -- fields (no pattern matching per token).
-    if live and string.sub(rec, 1, 2) == 'W|' and string.sub(rec, -2) == '|0' then
-      scored[#scored + 1] = expires
-      scored[#scored + 1] = t
-      records[#records + 1] = t
-      records[#records + 1] = 'A' .. string.sub(rec, 2, -2) .. expires
-      admitted = admitted + 1
-    else
-      gone[#gone + 1] = t
-      if rec then
-        local _, u = parse(rec)
-        if redis.call('HGET', K[6], u) == t then redis.call('HDEL', K[6], u) end
-      end
-    end
-  end
-  for i = 1, #scored, 2000 do
-    redis.call('ZADD', K[4], unpack(scored, i, math.min(i + 1999, #scored)))
-    redis.call('HSET', K[5], unpack(records, i, math.min(i + 1999, #records)))
-  end
-  redis.call('ZREMRANGEBYRANK', K[2], 0, #head - 1)
-  each_chunk(head, function(chunk) redis.call('ZREM', K[3], unpack(chunk)) end)
-  each_chunk(gone, function(chunk) redis.call('HDEL', K[5], unpack(chunk)) end)
-end
-if admitted > 0 then
-  redis.call('LPUSH', K[8], now .. ':' .. admitted)
-  redis.call('LTRIM', K[8], 0, 255)
-end
--- The rate over the window: what was admitted after the oldest step in it, over the time
--- since that step (its own admissions happened at its start); a single step counts over
--- at least one interval, so it does not look infinitely fast.
-local sum, oldest, oldest_n, steps = 0, now, 0, 0
-for _, e in ipairs(redis.call('LRANGE', K[8], 0, -1)) do
-  local ts, n = string.match(e, '^(%d+):(%d+)$')
-  ts, n = tonumber(ts), tonumber(n)
-  if ts >= now - window then
-    sum = sum + n
-    steps = steps + 1
-    if ts <= oldest then oldest, oldest_n = ts, n end
-  end
-end
-local rate = 0
-if steps >= 2 and now > oldest then
-  rate = (sum - oldest_n) * 1000 / (now - oldest)
-elseif steps == 1 then
-  rate = sum * 1000 / math.max(now - oldest, interval)
-end
-redis.call('SET', K[9], string.format('%.6f', rate))
-return {admitted, redis.call('ZCARD', K[4]), redis.call('ZCARD', K[2])}
-";
+/// `describe` of many tokens.
+const STATES_LUA: &str = include_str!("lua/queue_states.lua");
 
-const EXPIRE_LUA: &str = r"
--- ARGV: token
-local rec = redis.call('HGET', K[5], ARGV[1])
-if not rec then return 0 end
-local _, u = parse(rec)
-forget(ARGV[1], u)
-return 1
-";
+/// One admission step: cleanup, admission, the observed rate.
+const ADMIT_LUA: &str = include_str!("lua/queue_admit.lua");
+
+/// Ends a token now.
+const EXPIRE_LUA: &str = include_str!("lua/queue_expire.lua");
 
 /// The queue on Redis. Cheap to clone.
 #[derive(Clone)]
@@ -354,6 +179,10 @@ impl WaitingQueue for RedisQueue {
 
     #[tracing::instrument(name = "queue.redis.admit", skip(self))]
     async fn admit(&self) -> anyhow::Result<Admission> {
+        // The script decides how many to admit, as `AdmitPolicy::to_admit` and
+        // `next_batch_mark` specify: it must, since it reads the active count and the batch
+        // mark inside its atomic step. A batch of 0 tells it the policy is `max-active`, so a
+        // `rate` batch goes as at least 1 (settings never make a batch of 0).
         let (max_active, batch, interval) = match self.options.policy {
             AdmitPolicy::MaxActive { max_active } => (max_active, 0, self.options.admit_interval),
             AdmitPolicy::Rate { batch, interval, max_active } => (max_active, batch.max(1), interval),

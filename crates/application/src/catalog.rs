@@ -165,17 +165,37 @@ pub enum CatalogError {
     ScheduleNotFound(ScheduleId),
     #[error(transparent)]
     Invalid(#[from] BookingError),
-    /// A write could not mark the cached answers it changes: not done (nothing changed).
-    #[error("the cache cannot be told of the write")]
-    CacheUnavailable(#[source] CacheError),
+    /// MySQL failed, or a write could not mark the cached answers it changes (not done:
+    /// nothing changed).
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Failure(crate::failure::Failure),
 }
+
+crate::failure_conversions!(CatalogError);
 
 impl From<BookingRepositoryError> for CatalogError {
     fn from(error: BookingRepositoryError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("catalog storage failed"))
+        anyhow::Error::new(error).context("catalog storage failed").into()
     }
+}
+
+/// Runs `seed`, a write of the catalog made outside [`Catalog`] (the demo data seeded at
+/// start-up, under the migration lock), through the same invalidation as every catalog
+/// write: the cached concert list is marked before it and the mark lifted after, whatever
+/// `seed` returns. A seed only ever adds concerts, so their dates and seat maps have no
+/// cached answer yet.
+///
+/// # Errors
+/// [`CatalogError::Failure`] when the mark cannot be set (nothing is seeded: a seed that
+/// could not be announced could leave a stale list cached), or `seed`'s own error.
+pub async fn seeding<T>(
+    cache: &Cache,
+    seed: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> Result<T, CatalogError> {
+    let mark = cache.begin_write(&CONCERTS, "all").await?;
+    let seeded = seed.await;
+    cache.end_write(mark.into_iter().collect()).await;
+    Ok(seeded?)
 }
 
 /// A new date, as an admin describes it.
@@ -209,7 +229,7 @@ impl Catalog {
     /// Every concert.
     ///
     /// # Errors
-    /// [`CatalogError::Unexpected`] when MySQL fails (the cache's failures are bypassed).
+    /// [`CatalogError::Failure`] when MySQL fails (the cache's failures are bypassed).
     pub async fn concerts(&self) -> Result<Arc<Vec<ConcertView>>, CatalogError> {
         let repository = Arc::clone(&self.repository);
         let concerts = self
@@ -225,7 +245,7 @@ impl Catalog {
     /// The dates of `concert` whose booking window is open now, with their seat counts.
     ///
     /// # Errors
-    /// [`CatalogError::ConcertNotFound`], or [`CatalogError::Unexpected`].
+    /// [`CatalogError::ConcertNotFound`], or [`CatalogError::Failure`].
     pub async fn open_schedules(&self, concert: ConcertId) -> Result<Vec<OpenSchedule>, CatalogError> {
         let repository = Arc::clone(&self.repository);
         let schedules = self
@@ -262,7 +282,7 @@ impl Catalog {
     /// A date's seats as stored (see [`SeatView::status_at`] for what each shows).
     ///
     /// # Errors
-    /// [`CatalogError::ScheduleNotFound`], or [`CatalogError::Unexpected`].
+    /// [`CatalogError::ScheduleNotFound`], or [`CatalogError::Failure`].
     pub async fn seat_map(&self, schedule: ScheduleId) -> Result<Arc<SeatMap>, CatalogError> {
         let repository = Arc::clone(&self.repository);
         self.cache
@@ -301,7 +321,7 @@ impl Catalog {
     ) -> Result<Vec<Option<WriteMark>>, CatalogError> {
         let mut marks = Vec::with_capacity(answers.len());
         for (spec, id) in answers {
-            marks.push(self.cache.begin_write(spec, id).await.map_err(CatalogError::CacheUnavailable)?);
+            marks.push(self.cache.begin_write(spec, id).await.map_err(CatalogError::from)?);
         }
         Ok(marks)
     }
@@ -309,7 +329,7 @@ impl Catalog {
     /// Adds a concert.
     ///
     /// # Errors
-    /// [`CatalogError::Invalid`] for a bad title or venue; [`CatalogError::Unexpected`].
+    /// [`CatalogError::Invalid`] for a bad title or venue; [`CatalogError::Failure`].
     pub async fn create_concert(&self, title: &str, venue: &str) -> Result<ConcertView, CatalogError> {
         let concert = Concert {
             id: ConcertId::generate(),
@@ -327,7 +347,7 @@ impl Catalog {
     ///
     /// # Errors
     /// [`CatalogError::ConcertNotFound`], [`CatalogError::Invalid`],
-    /// [`CatalogError::Unexpected`].
+    /// [`CatalogError::Failure`].
     pub async fn update_concert(
         &self,
         id: ConcertId,
@@ -348,7 +368,7 @@ impl Catalog {
     ///
     /// # Errors
     /// [`CatalogError::ConcertNotFound`], [`CatalogError::Invalid`] (window, price),
-    /// [`CatalogError::Unexpected`].
+    /// [`CatalogError::Failure`].
     pub async fn add_schedule(
         &self,
         concert: ConcertId,
@@ -381,6 +401,7 @@ mod tests {
     use domain::booking::{MockCatalogRepository, ReservationId};
 
     use super::*;
+    use crate::failure::Failure;
 
     fn schedule(concert: ConcertId, opens: time::Duration, closes: time::Duration) -> Schedule {
         let now = clock::now_utc();
@@ -394,6 +415,47 @@ mod tests {
 
     fn catalog(repository: MockCatalogRepository) -> Catalog {
         Catalog::new(Arc::new(repository), Arc::new(Cache::disabled()))
+    }
+
+    #[tokio::test]
+    async fn seeding_marks_the_cached_concert_list_before_and_lifts_it_after_even_when_it_fails() {
+        for fails in [false, true] {
+            let mut seq = mockall::Sequence::new();
+            let mut port = crate::cache::MockCachePort::new();
+            let (seeded_tx, seeded_rx) = std::sync::mpsc::channel::<()>();
+            port.expect_begin_write()
+                .withf(|key, _, _| key.name() == "concerts" && key.id() == "all")
+                .times(1)
+                .in_sequence(&mut seq)
+                .returning(|_, _, _| Ok(()));
+            port.expect_end_write()
+                .withf(move |key, _| key.name() == "concerts" && seeded_rx.try_recv().is_ok())
+                .times(1)
+                .in_sequence(&mut seq)
+                .returning(|_, _| Ok(()));
+            let cache = Cache::new(Arc::new(port), crate::cache::CacheSettings::default());
+
+            let result = seeding(&cache, async move {
+                let _ = seeded_tx.send(());
+                if fails { Err(anyhow::anyhow!("migration failed")) } else { Ok(3) }
+            })
+            .await;
+
+            assert_eq!(result.is_err(), fails, "{result:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_seed_whose_mark_cannot_be_set_does_not_run() {
+        let mut port = crate::cache::MockCachePort::new();
+        port.expect_begin_write()
+            .returning(|_, _, _| Err(CacheError::Unavailable(anyhow::anyhow!("redis down"))));
+        port.expect_end_write().never();
+        let cache = Cache::new(Arc::new(port), crate::cache::CacheSettings::default());
+
+        let result: Result<(), _> = seeding(&cache, async { panic!("must not seed") }).await;
+
+        assert!(matches!(result, Err(CatalogError::Failure(Failure::Unavailable { .. }))), "{result:?}");
     }
 
     #[tokio::test]

@@ -13,14 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::point::{Balance, ChargeAmount, PointError, PointRepository, PointRepositoryError};
-use domain::unit_of_work::TxError;
 use domain::user::{UserId, UserRepository};
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock;
-use crate::idempotency::{Fingerprint, Idempotency, IdempotencyError, IdempotencyKey, Outcome};
-use crate::lock::{DistributedLock, LockError, LockKey, WaitPolicy};
+use crate::detach::run_to_end;
+use crate::failure::Failure;
+use crate::idempotency::{Fingerprint, Idempotency, IdempotencyError, IdempotencyKey, Outcome, Recorder};
+use crate::lock::{DistributedLock, LockKey, LockRequest};
 use crate::tx::{TransactionManager, locked_tx};
 
 /// How long a charge waits for `lock:point:{userId}` by default. A holder keeps it for a
@@ -53,16 +54,13 @@ pub enum ChargePointsError {
     /// The idempotency key was used before with another amount.
     #[error("the idempotency key was used for a different charge")]
     IdempotencyKeyReused,
-    /// Too many concurrent changes to this account: the lock stayed held for the whole
-    /// wait. Nothing was changed; the client may retry.
-    #[error("{0} stayed busy for the whole wait")]
-    Contended(LockKey),
-    /// The lock store cannot be reached; locks fail closed, so nothing was changed.
-    #[error("the lock service is unavailable")]
-    LockUnavailable(#[source] anyhow::Error),
+    /// Contended (the account's lock stayed held for the whole wait), a lost lease, an
+    /// unavailable lock store, the database: nothing was changed.
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Failure(Failure),
 }
+
+crate::failure_conversions!(ChargePointsError);
 
 impl std::fmt::Debug for ChargePoints {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,12 +85,26 @@ impl ChargePoints {
     /// With `key`, a repetition of an earlier charge under that key is not applied again:
     /// it answers [`Outcome::Replayed`] with the first charge's balance.
     ///
+    /// The charge runs to its end on a task of its own ([`run_to_end`]): a client that
+    /// hangs up does not cut it between its commit and its unlock.
+    ///
     /// # Errors
     /// [`ChargePointsError::UserNotFound`], [`ChargePointsError::BalanceLimitExceeded`],
-    /// [`ChargePointsError::IdempotencyKeyReused`], [`ChargePointsError::Contended`],
-    /// [`ChargePointsError::LockUnavailable`]; on every error nothing is changed.
+    /// [`ChargePointsError::IdempotencyKeyReused`], [`ChargePointsError::Failure`]; on
+    /// every error nothing is changed (unless the failure says the commit's outcome is
+    /// unknown).
     #[tracing::instrument(name = "charge_points", skip(self, key), fields(%user_id, amount = amount.points(), keyed = key.is_some()))]
     pub async fn execute(
+        &self,
+        user_id: UserId,
+        amount: ChargeAmount,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Outcome<Balance>, ChargePointsError> {
+        let this = self.clone();
+        run_to_end(async move { this.charge(user_id, amount, key).await }).await
+    }
+
+    async fn charge(
         &self,
         user_id: UserId,
         amount: ChargeAmount,
@@ -112,32 +124,35 @@ impl ChargePoints {
             .idempotency
             .run(user_id, key, fingerprint, |recorder| {
                 let points = Arc::clone(&self.points);
-                let key = LockKey::point(user_id);
+                // The key's lock first (if keyed), then the account's.
+                let locks: Vec<LockRequest> = recorder
+                    .as_ref()
+                    .map(Recorder::lock)
+                    .into_iter()
+                    .chain([LockRequest::wait_up_to(LockKey::point(user_id), self.lock_wait)])
+                    .collect();
                 async move {
-                    locked_tx(
-                        self.lock.as_ref(),
-                        self.txm.as_ref(),
-                        &key,
-                        WaitPolicy::WaitUpTo(self.lock_wait),
-                        move |tx| {
-                            Box::pin(async move {
-                                // Re-checked inside: the account may have gone since the read above.
-                                let mut account = points
-                                    .lock_account(tx, user_id)
-                                    .await?
-                                    .ok_or(ChargePointsError::UserNotFound(user_id))?;
-                                let read_at = account.version();
-                                let entry = account.charge(amount, clock::now_utc())?;
-                                points.save_balance(tx, &account, read_at).await?;
-                                points.append_history(tx, &entry).await?;
-                                let charged = Charged { balance: account.balance().points() };
-                                if let Some(recorder) = &recorder {
-                                    recorder.record(tx, &charged).await?;
-                                }
-                                Ok::<_, ChargePointsError>(charged)
-                            })
-                        },
-                    )
+                    locked_tx(self.lock.as_ref(), self.txm.as_ref(), &locks, move |tx| {
+                        Box::pin(async move {
+                            if let Some(recorder) = &recorder {
+                                recorder.ensure_unrecorded().await?;
+                            }
+                            // Re-checked inside: the account may have gone since the read above.
+                            let mut account = points
+                                .lock_account(tx, user_id)
+                                .await?
+                                .ok_or(ChargePointsError::UserNotFound(user_id))?;
+                            let read_at = account.version();
+                            let entry = account.charge(amount, clock::now_utc())?;
+                            points.save_balance(tx, &account, read_at).await?;
+                            points.append_history(tx, &entry).await?;
+                            let charged = Charged { balance: account.balance().points() };
+                            if let Some(recorder) = &recorder {
+                                recorder.record(tx, &charged).await?;
+                            }
+                            Ok::<_, ChargePointsError>(charged)
+                        })
+                    })
                     .await
                 }
             })
@@ -155,11 +170,9 @@ impl From<IdempotencyError> for ChargePointsError {
     fn from(error: IdempotencyError) -> Self {
         match error {
             IdempotencyError::KeyReused => Self::IdempotencyKeyReused,
-            IdempotencyError::Busy(key) => Self::Contended(key),
-            IdempotencyError::LockUnavailable(source) => Self::LockUnavailable(source),
             // Only seen when the run replays instead; reported as is otherwise.
-            IdempotencyError::Duplicate => Self::Unexpected(anyhow::anyhow!("idempotency key stored twice")),
-            IdempotencyError::Unexpected(error) => Self::Unexpected(error),
+            IdempotencyError::Duplicate => anyhow::anyhow!("idempotency key stored twice").into(),
+            IdempotencyError::Failure(failure) => Self::Failure(failure),
         }
     }
 }
@@ -170,34 +183,14 @@ impl From<PointError> for ChargePointsError {
             PointError::BalanceLimitExceeded { balance, amount } => {
                 Self::BalanceLimitExceeded { balance, amount }
             }
-            other => Self::Unexpected(anyhow::Error::new(other).context("point rule violated in storage")),
+            other => anyhow::Error::new(other).context("point rule violated in storage").into(),
         }
     }
 }
 
 impl From<PointRepositoryError> for ChargePointsError {
     fn from(error: PointRepositoryError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("failed to charge points"))
-    }
-}
-
-impl From<TxError> for ChargePointsError {
-    fn from(error: TxError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("charge transaction failed"))
-    }
-}
-
-impl From<LockError> for ChargePointsError {
-    fn from(error: LockError) -> Self {
-        match error {
-            // A lease lost before commit rolled the work back: as good as never having had
-            // the lock, so the client may retry like after a wait that ran out.
-            LockError::Busy { key } | LockError::Timeout { key, .. } | LockError::LeaseLost { key } => {
-                tracing::warn!(%key, "point lock contended");
-                Self::Contended(key)
-            }
-            LockError::Unavailable(source) => Self::LockUnavailable(source),
-        }
+        anyhow::Error::new(error).context("failed to charge points").into()
     }
 }
 
@@ -208,7 +201,7 @@ mod tests {
     use domain::user::{MockUserRepository, User, UserName};
 
     use super::*;
-    use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard};
+    use crate::lock::{FencingToken, LockError, MockDistributedLock, MockLockGuard, WaitPolicy};
     use crate::tx::MockTransactionManager;
 
     struct Harness {
@@ -229,7 +222,7 @@ mod tests {
             let mut guard = MockLockGuard::new();
             guard.expect_is_lost().return_const(false);
             guard.expect_key().return_const(LockKey::point(user_id));
-            guard.expect_fencing_token().return_const(FencingToken(1));
+            guard.expect_fencing_token().return_const(Some(FencingToken(1)));
             guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
             guard.expect_release().times(1).returning(|| Ok(()));
             let mut lock = MockDistributedLock::new();
@@ -269,12 +262,7 @@ mod tests {
         let mut store = crate::idempotency::MockIdempotencyStore::new();
         store.expect_find().never();
         store.expect_insert().never();
-        Idempotency::new(
-            Arc::new(store),
-            Arc::new(MockDistributedLock::new()),
-            DEFAULT_LOCK_WAIT,
-            crate::idempotency::DEFAULT_RETENTION,
-        )
+        Idempotency::new(Arc::new(store), DEFAULT_LOCK_WAIT, crate::idempotency::DEFAULT_RETENTION)
     }
 
     fn amount(points: i64) -> ChargeAmount {
@@ -382,7 +370,7 @@ mod tests {
 
         let result = harness.build().execute(user_id, amount(6), None).await;
 
-        assert!(matches!(result, Err(ChargePointsError::Unexpected(_))));
+        assert!(matches!(result, Err(ChargePointsError::Failure(Failure::Unexpected(_)))));
     }
 
     #[tokio::test]
@@ -399,7 +387,7 @@ mod tests {
 
         let result = harness.build().execute(user_id, amount(6), None).await;
 
-        assert!(matches!(result, Err(ChargePointsError::Unexpected(_))));
+        assert!(matches!(result, Err(ChargePointsError::Failure(Failure::Unexpected(_)))));
     }
 
     #[tokio::test]
@@ -426,7 +414,9 @@ mod tests {
 
         let result = charge.execute(user_id, amount(6), None).await;
 
-        assert!(matches!(result, Err(ChargePointsError::Contended(key)) if key == LockKey::point(user_id)));
+        assert!(
+            matches!(result, Err(ChargePointsError::Failure(Failure::Contended(key))) if key == LockKey::point(user_id))
+        );
     }
 
     #[tokio::test]
@@ -453,6 +443,6 @@ mod tests {
 
         let result = charge.execute(user_id, amount(6), None).await;
 
-        assert!(matches!(result, Err(ChargePointsError::LockUnavailable(_))));
+        assert!(matches!(result, Err(ChargePointsError::Failure(Failure::Unavailable { .. }))));
     }
 }

@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use domain::point::{PointAccount, PointRepository, PointRepositoryError};
-use domain::unit_of_work::TxError;
 use domain::user::{User, UserName, UserRepository, UserRepositoryError};
 
 use crate::clock;
+use crate::failure::Failure;
 use crate::tx::{TransactionManager, in_tx};
 
 /// Creates users. No lock: a fresh v7 id collides with nothing, and the user row and its
@@ -20,9 +20,12 @@ pub struct CreateUser {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CreateUserError {
+    /// Storage failed; nothing was stored.
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Failure(Failure),
 }
+
+crate::failure_conversions!(CreateUserError);
 
 impl std::fmt::Debug for CreateUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,7 +44,7 @@ impl CreateUser {
     }
 
     /// # Errors
-    /// [`CreateUserError::Unexpected`] when storage fails; nothing is then stored.
+    /// [`CreateUserError::Failure`] when storage fails; nothing is then stored.
     #[tracing::instrument(name = "create_user", skip_all)]
     pub async fn execute(&self, name: UserName) -> Result<User, CreateUserError> {
         let user = User::register(name, clock::now_utc());
@@ -61,19 +64,13 @@ impl CreateUser {
 
 impl From<UserRepositoryError> for CreateUserError {
     fn from(error: UserRepositoryError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("failed to store the user"))
+        anyhow::Error::new(error).context("failed to store the user").into()
     }
 }
 
 impl From<PointRepositoryError> for CreateUserError {
     fn from(error: PointRepositoryError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("failed to open the point account"))
-    }
-}
-
-impl From<TxError> for CreateUserError {
-    fn from(error: TxError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("user transaction failed"))
+        anyhow::Error::new(error).context("failed to open the point account").into()
     }
 }
 
@@ -120,6 +117,6 @@ mod tests {
 
         let result = create.execute(UserName::new("kim").unwrap()).await;
 
-        assert!(matches!(result, Err(CreateUserError::Unexpected(_))));
+        assert!(matches!(result, Err(CreateUserError::Failure(Failure::Unexpected(_)))));
     }
 }

@@ -15,8 +15,10 @@ pub enum GetBalanceError {
     #[error("user {0} not found")]
     UserNotFound(UserId),
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Failure(crate::failure::Failure),
 }
+
+crate::failure_conversions!(GetBalanceError);
 
 impl std::fmt::Debug for GetBalance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

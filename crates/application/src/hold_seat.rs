@@ -17,23 +17,17 @@ use domain::booking::{
     BookingRepository, BookingRepositoryError, Reservation, ScheduleId, SeatNumber, SeatStatus,
 };
 
-use crate::cache::CacheError;
-use crate::catalog::{Catalog, CatalogError};
-use domain::unit_of_work::TxError;
 use domain::user::UserId;
 
+use crate::catalog::{Catalog, CatalogError};
 use crate::clock;
-use crate::lock::{DistributedLock, LockError, LockKey, WaitPolicy};
+use crate::detach::run_to_end;
+use crate::failure::Failure;
+use crate::lock::{DistributedLock, LockKey, LockRequest};
 use crate::tx::{TransactionManager, locked_tx};
 
 /// How long a hold lasts by default (`RESERVATION_HOLD_SECONDS`).
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(300);
-
-/// `lock:seat:{scheduleId}:{seatNumber}`: holds, cancels and expiries of one seat.
-#[must_use]
-pub fn seat_lock_key(schedule_id: ScheduleId, seat: SeatNumber) -> LockKey {
-    LockKey::new("seat", format!("{schedule_id}:{seat}"))
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HoldSeatError {
@@ -41,17 +35,15 @@ pub enum HoldSeatError {
     ScheduleNotFound(ScheduleId),
     #[error("booking for this schedule is not open now")]
     BookingClosed,
-    /// Held by someone else, sold, or being taken right now.
+    /// Held by someone else, sold, or being taken right now (its lock was busy).
     #[error("the seat is not available")]
     SeatUnavailable,
-    #[error("the lock service is unavailable")]
-    LockUnavailable(#[source] anyhow::Error),
-    /// The seat map's cache could not be marked for the change: not done.
-    #[error("the cache is unavailable")]
-    CacheUnavailable(#[source] anyhow::Error),
+    /// A lost lease, an unavailable lock store or cache, the database: nothing changed.
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Failure(Failure),
 }
+
+crate::failure_conversions!(HoldSeatError);
 
 /// Holds seats.
 #[derive(Clone)]
@@ -81,12 +73,14 @@ impl HoldSeat {
         Self { catalog, bookings, lock, txm, hold }
     }
 
-    /// Holds `seat` of `schedule_id` for `user_id`.
+    /// Holds `seat` of `schedule_id` for `user_id`. Runs to its end on a task of its own
+    /// ([`run_to_end`]): a client that hangs up does not leave the seat map's write mark
+    /// standing or the lock to its lease.
     ///
     /// # Errors
     /// [`HoldSeatError::ScheduleNotFound`], [`HoldSeatError::BookingClosed`],
     /// [`HoldSeatError::SeatUnavailable`] (also when another request is taking it right
-    /// now), [`HoldSeatError::LockUnavailable`]; on every error nothing is changed.
+    /// now), [`HoldSeatError::Failure`]; on every error nothing is changed.
     #[tracing::instrument(name = "hold_seat", skip(self), fields(%user_id, %schedule_id, %seat))]
     pub async fn execute(
         &self,
@@ -94,11 +88,19 @@ impl HoldSeat {
         schedule_id: ScheduleId,
         seat: SeatNumber,
     ) -> Result<Reservation, HoldSeatError> {
+        let this = self.clone();
+        run_to_end(async move { this.hold(user_id, schedule_id, seat).await }).await
+    }
+
+    async fn hold(
+        &self,
+        user_id: UserId,
+        schedule_id: ScheduleId,
+        seat: SeatNumber,
+    ) -> Result<Reservation, HoldSeatError> {
         let map = self.catalog.seat_map(schedule_id).await.map_err(|error| match error {
             CatalogError::ScheduleNotFound(id) => HoldSeatError::ScheduleNotFound(id),
-            other => {
-                HoldSeatError::Unexpected(anyhow::Error::new(other).context("failed to read the seat map"))
-            }
+            other => anyhow::Error::new(other).context("failed to read the seat map").into(),
         })?;
         let now = clock::now_utc();
         if !map.schedule.is_open(now) {
@@ -116,8 +118,7 @@ impl HoldSeat {
         let (reservation, mark) = locked_tx(
             self.lock.as_ref(),
             self.txm.as_ref(),
-            &seat_lock_key(schedule_id, seat),
-            WaitPolicy::FailFast,
+            &[LockRequest::fail_fast(LockKey::seat(schedule_id, seat))],
             move |tx| {
                 Box::pin(async move {
                     let now = clock::now_utc();
@@ -131,11 +132,14 @@ impl HoldSeat {
                     // A run-out hold still on the row is replaced (and expired) in this tx.
                     let replaces =
                         (current.status == SeatStatus::Held).then_some(current.reservation_id).flatten();
-                    let reservation = Reservation::hold(user_id, &current, now, hold);
-                    bookings.hold_seat(tx, &reservation, replaces, now).await.map_err(|e| match e {
-                        BookingRepositoryError::SeatTaken => HoldSeatError::SeatUnavailable,
-                        other => other.into(),
-                    })?;
+                    let mut reservation = Reservation::hold(user_id, &current, now, hold);
+                    // The end as stored, on the database's clock: the one every later check
+                    // (payment, cancel, expiry) goes by, so the one the client is told.
+                    reservation.held_until =
+                        bookings.hold_seat(tx, &reservation, replaces, now).await.map_err(|e| match e {
+                            BookingRepositoryError::SeatTaken => HoldSeatError::SeatUnavailable,
+                            other => other.into(),
+                        })?;
                     // Before the commit: from here every instance reads this map from
                     // MySQL until the mark is lifted, so none shows the seat free after
                     // this request returned, whatever happens next.
@@ -144,7 +148,15 @@ impl HoldSeat {
                 })
             },
         )
-        .await?;
+        .await
+        .map_err(|error| match error {
+            // Someone else is taking this seat right now: not yours.
+            HoldSeatError::Failure(Failure::Contended(key)) => {
+                tracing::debug!(%key, "seat contended");
+                HoldSeatError::SeatUnavailable
+            }
+            other => other,
+        })?;
         self.catalog.changes_done([mark]).await;
         tracing::info!(reservation = %reservation.id, "seat held");
         Ok(reservation)
@@ -153,37 +165,7 @@ impl HoldSeat {
 
 impl From<BookingRepositoryError> for HoldSeatError {
     fn from(error: BookingRepositoryError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("failed to hold the seat"))
-    }
-}
-
-impl From<CacheError> for HoldSeatError {
-    fn from(error: CacheError) -> Self {
-        Self::CacheUnavailable(anyhow::Error::new(error))
-    }
-}
-
-impl From<TxError> for HoldSeatError {
-    fn from(error: TxError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("hold transaction failed"))
-    }
-}
-
-impl From<LockError> for HoldSeatError {
-    fn from(error: LockError) -> Self {
-        match error {
-            // Someone else is taking this seat right now: not yours.
-            LockError::Busy { key } | LockError::Timeout { key, .. } => {
-                tracing::debug!(%key, "seat contended");
-                Self::SeatUnavailable
-            }
-            // Our lease ran out and the work was rolled back: the seat may still be free,
-            // and a retry may get it.
-            LockError::LeaseLost { key } => {
-                Self::LockUnavailable(anyhow::anyhow!("the lease on {key} ran out before the commit"))
-            }
-            LockError::Unavailable(source) => Self::LockUnavailable(source),
-        }
+        anyhow::Error::new(error).context("failed to hold the seat").into()
     }
 }
 
@@ -196,7 +178,7 @@ mod tests {
 
     use super::*;
     use crate::cache::Cache;
-    use crate::lock::MockDistributedLock;
+    use crate::lock::{LockError, MockDistributedLock, WaitPolicy};
     use crate::mocks::{one_tx, released_guard};
     use crate::tx::MockTransactionManager;
 
@@ -323,7 +305,7 @@ mod tests {
                     && replaces.is_none()
             })
             .times(1)
-            .returning(|_, _, _, _| Ok(()));
+            .returning(|_, r, _, _| Ok(r.held_until));
         let (lock, txm) = lock_and_tx(true);
 
         let held =
@@ -365,7 +347,7 @@ mod tests {
             .expect_hold_seat()
             .withf(move |_, _, replaces, _| *replaces == old)
             .times(1)
-            .returning(|_, _, _, _| Ok(()));
+            .returning(|_, r, _, _| Ok(r.held_until));
         let (lock, txm) = lock_and_tx(true);
 
         let result =
@@ -402,13 +384,22 @@ mod tests {
         let catalog = Catalog::new(Arc::new(catalog(Some(true), SeatStatus::Available)), cache);
         let mut bookings = MockBookingRepository::new();
         bookings.expect_lock_seat().returning(|_, s, _| Ok(Some(seat(s, SeatStatus::Available, None))));
-        bookings.expect_hold_seat().times(1).returning(|_, _, _, _| Ok(()));
+        bookings.expect_hold_seat().times(1).returning(|_, r, _, _| Ok(r.held_until));
         let (lock, txm) = lock_and_tx(false);
         let hold = HoldSeat::new(catalog, Arc::new(bookings), Arc::new(lock), Arc::new(txm), DEFAULT_HOLD);
 
         let result =
             hold.execute(UserId::generate(), ScheduleId::generate(), SeatNumber::new(7).unwrap()).await;
 
-        assert!(matches!(result, Err(HoldSeatError::CacheUnavailable(_))), "{result:?}");
+        assert!(
+            matches!(
+                result,
+                Err(HoldSeatError::Failure(Failure::Unavailable {
+                    what: crate::failure::Dependency::Cache,
+                    ..
+                }))
+            ),
+            "{result:?}"
+        );
     }
 }

@@ -7,13 +7,17 @@
 //! 1. A stored record for (user, key) answers at once: the same request gets the first
 //!    answer back ([`Outcome::Replayed`]); another request under that key is refused
 //!    ([`IdempotencyError::KeyReused`]). Keys are scoped to the user.
-//! 2. Otherwise the request takes `lock:idem:{userId}:{keyHash}`, waiting: a duplicate
-//!    that arrives while the first is still running (another tab, another instance) waits
-//!    for it here, then finds its record under the lock and replays it.
-//! 3. The operation runs and, **in its own transaction**, stores the record through the
-//!    [`Recorder`] it was handed. Commit and key therefore cannot disagree: if the commit
-//!    happened, the key is stored; if not, neither is. A retry after a lost answer finds
-//!    the record, however the first request ended.
+//! 2. Otherwise the operation runs, handed a [`Recorder`]. It takes
+//!    `lock:idem:{userId}:{keyHash}` (waiting) **first among its locks, through the same
+//!    [`crate::tx::locked_tx`] as the rest**, so its lease is watched up to the commit like
+//!    every other. A duplicate that arrives while the first is still running (another
+//!    tab, another instance) waits for it there; inside its transaction
+//!    [`Recorder::ensure_unrecorded`] then finds the first's record, the work is rolled
+//!    back, and the duplicate replays the first answer.
+//! 3. The operation stores the record through the [`Recorder`], **in its own
+//!    transaction**. Commit and key therefore cannot disagree: if the commit happened, the
+//!    key is stored; if not, neither is. A retry after a lost answer finds the record,
+//!    however the first request ended.
 //! 4. The table's primary key (user, key) is the last line of defence: should two runs of
 //!    one key ever overlap (the lock store lost a lease), the second insert fails, its
 //!    transaction rolls back whole, and it replays the first's record.
@@ -36,7 +40,8 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::clock;
-use crate::lock::{DistributedLock, LockError, LockKey, WaitPolicy};
+use crate::failure::Failure;
+use crate::lock::{LockKey, LockRequest};
 
 /// How long a record is kept: a client may retry for a day.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
@@ -176,24 +181,19 @@ pub enum IdempotencyError {
     /// The key was used before for a different request.
     #[error("this idempotency key was used for a different request")]
     KeyReused,
-    /// The first request with this key was still running for the whole wait.
-    #[error("a request with this idempotency key is still running")]
-    Busy(LockKey),
-    /// The lock store is unreachable (locks fail closed: nothing ran).
-    #[error("the lock service is unavailable")]
-    LockUnavailable(#[source] anyhow::Error),
-    /// The record could not be stored because another run of the key stored one first.
+    /// Another run of the key stored its record first (the run then replays that one).
     #[error("another request stored this idempotency key first")]
     Duplicate,
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Failure(Failure),
 }
+
+crate::failure_conversions!(IdempotencyError);
 
 /// Runs keyed operations at most once. Cheap to clone.
 #[derive(Clone)]
 pub struct Idempotency {
     store: Arc<dyn IdempotencyStore>,
-    lock: Arc<dyn DistributedLock>,
     /// How long a duplicate waits for the first request with its key.
     wait: Duration,
     retention: Duration,
@@ -212,7 +212,9 @@ pub struct Recorder {
     key: IdempotencyKey,
     fingerprint: Fingerprint,
     retention: Duration,
-    /// Set when the insert found the key taken: the run then replays instead of failing.
+    /// `lock:idem:{userId}:{keyHash}`, waited for up to the configured wait.
+    lock: LockRequest,
+    /// Set when the key was found taken: the run then replays instead of failing.
     collided: Arc<AtomicBool>,
 }
 
@@ -223,11 +225,36 @@ impl std::fmt::Debug for Recorder {
 }
 
 impl Recorder {
+    /// The key's lock: take it first, before the operation's own locks.
+    #[must_use]
+    pub fn lock(&self) -> LockRequest {
+        self.lock.clone()
+    }
+
+    /// Call first in the transaction, under [`Recorder::lock`]: a run of this key that
+    /// completed while this one waited for the lock is found here.
+    ///
+    /// # Errors
+    /// [`IdempotencyError::Duplicate`] when the key has its record already (roll back: the
+    /// run then replays it); a [`Failure`] when the store cannot be read.
+    pub async fn ensure_unrecorded(&self) -> Result<(), IdempotencyError> {
+        let found = self
+            .store
+            .find(self.user_id, &self.key)
+            .await
+            .map_err(|e| e.context("failed to read the idempotency key"))?;
+        if found.is_some() {
+            self.collided.store(true, Ordering::SeqCst);
+            return Err(IdempotencyError::Duplicate);
+        }
+        Ok(())
+    }
+
     /// Stores `answer` as this key's record, in `tx`. Call it last in the transaction.
     ///
     /// # Errors
     /// [`IdempotencyError::Duplicate`] when another run stored the key first (roll back:
-    /// the run then replays that one), [`IdempotencyError::Unexpected`] otherwise.
+    /// the run then replays that one), a [`Failure`] otherwise.
     pub async fn record<T: Serialize + Sync>(&self, tx: &mut Tx, answer: &T) -> Result<(), IdempotencyError> {
         let now = clock::now_utc();
         let record = IdempotencyRecord {
@@ -254,13 +281,8 @@ impl Recorder {
 
 impl Idempotency {
     #[must_use]
-    pub fn new(
-        store: Arc<dyn IdempotencyStore>,
-        lock: Arc<dyn DistributedLock>,
-        wait: Duration,
-        retention: Duration,
-    ) -> Self {
-        Self { store, lock, wait, retention }
+    pub fn new(store: Arc<dyn IdempotencyStore>, wait: Duration, retention: Duration) -> Self {
+        Self { store, wait, retention }
     }
 
     /// Runs `operation` for `user_id`; with a `key`, at most once per (user, key), as the
@@ -288,51 +310,32 @@ impl Idempotency {
         if let Some(answer) = self.lookup(user_id, &key, &fingerprint).await? {
             return Ok(Outcome::Replayed(answer));
         }
-
-        let lock_key =
-            LockKey::new("idem", format!("{user_id}:{}", &hex(&Sha256::digest(key.as_str()))[..32]));
-        let guard =
-            self.lock.acquire(&lock_key, WaitPolicy::WaitUpTo(self.wait)).await.map_err(
-                |error| match error {
-                    LockError::Busy { key }
-                    | LockError::Timeout { key, .. }
-                    | LockError::LeaseLost { key } => IdempotencyError::Busy(key),
-                    LockError::Unavailable(source) => IdempotencyError::LockUnavailable(source),
-                },
-            )?;
-        // A duplicate that waited for the first finds its record now.
-        let outcome = match self.lookup(user_id, &key, &fingerprint).await {
-            Ok(Some(answer)) => Ok(Outcome::Replayed(answer)),
-            Err(error) => Err(E::from(error)),
-            Ok(None) => {
-                let collided = Arc::new(AtomicBool::new(false));
-                let recorder = Recorder {
-                    store: Arc::clone(&self.store),
-                    user_id,
-                    key: key.clone(),
-                    fingerprint: fingerprint.clone(),
-                    retention: self.retention,
-                    collided: Arc::clone(&collided),
-                };
-                match operation(Some(recorder)).await {
-                    Ok(value) => Ok(Outcome::Fresh(value)),
-                    // Another run of this key may have completed meanwhile: it collided
-                    // with this one's record, or (the lock store having lost a lease) it
-                    // got there first and made this one fail, e.g. as already paid.
-                    // Either way the key has an answer: give it.
-                    Err(error) => match self.lookup(user_id, &key, &fingerprint).await {
-                        Ok(Some(answer)) => Ok(Outcome::Replayed(answer)),
-                        Ok(None) => Err(error),
-                        Err(replay_error) if collided.load(Ordering::SeqCst) => Err(E::from(replay_error)),
-                        Err(_) => Err(error),
-                    },
-                }
-            }
+        let collided = Arc::new(AtomicBool::new(false));
+        let recorder = Recorder {
+            store: Arc::clone(&self.store),
+            user_id,
+            key: key.clone(),
+            fingerprint: fingerprint.clone(),
+            retention: self.retention,
+            lock: LockRequest::wait_up_to(
+                LockKey::idempotency(user_id, &hex(&Sha256::digest(key.as_str()))[..32]),
+                self.wait,
+            ),
+            collided: Arc::clone(&collided),
         };
-        if let Err(error) = guard.release().await {
-            tracing::warn!(key = %lock_key, error = %error, "idempotency lock release failed; the lease will free it");
+        match operation(Some(recorder)).await {
+            Ok(value) => Ok(Outcome::Fresh(value)),
+            // Another run of this key may have completed meanwhile: this one waited for it
+            // and found its record, or collided with it, or (the lock store having lost a
+            // lease) it got there first and made this one fail, e.g. as already paid.
+            // Either way the key has an answer: give it.
+            Err(error) => match self.lookup(user_id, &key, &fingerprint).await {
+                Ok(Some(answer)) => Ok(Outcome::Replayed(answer)),
+                Ok(None) => Err(error),
+                Err(replay_error) if collided.load(Ordering::SeqCst) => Err(E::from(replay_error)),
+                Err(_) => Err(error),
+            },
         }
-        outcome
     }
 
     /// The stored answer for (user, key) if the request matches it, without running
@@ -351,7 +354,7 @@ impl Idempotency {
             .store
             .find(user_id, key)
             .await
-            .map_err(|e| e.context("failed to read the idempotency key"))?
+            .map_err(|e| IdempotencyError::from(e.context("failed to read the idempotency key")))?
         else {
             return Ok(None);
         };
@@ -388,7 +391,7 @@ mod tests {
     use domain::unit_of_work::MockUnitOfWork;
 
     use super::*;
-    use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard};
+    use crate::lock::WaitPolicy;
 
     #[derive(Debug, thiserror::Error)]
     enum TestError {
@@ -422,24 +425,8 @@ mod tests {
         }
     }
 
-    fn lock_acquired_once() -> MockDistributedLock {
-        let mut guard = MockLockGuard::new();
-        guard.expect_key().return_const(LockKey::new("idem", "x"));
-        guard.expect_is_lost().return_const(false);
-        guard.expect_fencing_token().return_const(FencingToken(1));
-        guard.expect_release().times(1).returning(|| Ok(()));
-        let mut lock = MockDistributedLock::new();
-        lock.expect_acquire()
-            .withf(|key, wait| {
-                key.as_str().starts_with("lock:idem:") && matches!(wait, WaitPolicy::WaitUpTo(_))
-            })
-            .times(1)
-            .return_once(move |_, _| Ok(Box::new(guard)));
-        lock
-    }
-
-    fn idempotency(store: MockIdempotencyStore, lock: MockDistributedLock) -> Idempotency {
-        Idempotency::new(Arc::new(store), Arc::new(lock), Duration::from_secs(5), DEFAULT_RETENTION)
+    fn idempotency(store: MockIdempotencyStore) -> Idempotency {
+        Idempotency::new(Arc::new(store), Duration::from_secs(5), DEFAULT_RETENTION)
     }
 
     #[test]
@@ -465,10 +452,8 @@ mod tests {
     async fn without_a_key_the_operation_just_runs_with_no_recorder() {
         let mut store = MockIdempotencyStore::new();
         store.expect_find().never();
-        let mut lock = MockDistributedLock::new();
-        lock.expect_acquire().never();
 
-        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock)
+        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store)
             .run(UserId::generate(), None, fingerprint(5), |recorder| async move {
                 assert!(recorder.is_none());
                 Ok(Answer { balance: 5 })
@@ -479,14 +464,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stored_answer_is_replayed_without_a_lock_or_a_second_run() {
+    async fn a_stored_answer_is_replayed_without_a_second_run() {
         let user_id = UserId::generate();
         let mut store = MockIdempotencyStore::new();
         store.expect_find().times(1).returning(move |_, _| Ok(Some(record(user_id, 5, 105))));
-        let mut lock = MockDistributedLock::new();
-        lock.expect_acquire().never();
 
-        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock)
+        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store)
             .run(user_id, Some(key("k-1")), fingerprint(5), |_| async { panic!("must not run again") })
             .await;
 
@@ -498,10 +481,8 @@ mod tests {
         let user_id = UserId::generate();
         let mut store = MockIdempotencyStore::new();
         store.expect_find().times(1).returning(move |_, _| Ok(Some(record(user_id, 5, 105))));
-        let mut lock = MockDistributedLock::new();
-        lock.expect_acquire().never();
 
-        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock)
+        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store)
             .run(user_id, Some(key("k-1")), fingerprint(6), |_| async { panic!("must not run") })
             .await;
 
@@ -513,7 +494,7 @@ mod tests {
         let user_id = UserId::generate();
         let inserted: Arc<Mutex<Vec<IdempotencyRecord>>> = Arc::default();
         let mut store = MockIdempotencyStore::new();
-        // Looked up before the lock, and again under it.
+        // Looked up before the operation, and again under its lock.
         store.expect_find().times(2).returning(|_, _| Ok(None));
         let sink = Arc::clone(&inserted);
         store.expect_insert().times(1).returning(move |_, record| {
@@ -521,9 +502,13 @@ mod tests {
             Ok(())
         });
 
-        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock_acquired_once())
+        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store)
             .run(user_id, Some(key("k-1")), fingerprint(5), |recorder| async move {
                 let recorder = recorder.expect("a keyed run gets a recorder");
+                let lock = recorder.lock();
+                assert!(lock.key.as_str().starts_with(&format!("lock:idem:{user_id}:")), "{lock:?}");
+                assert!(matches!(lock.wait, WaitPolicy::WaitUpTo(_)) && !lock.key.is_fenced());
+                recorder.ensure_unrecorded().await?;
                 let mut tx: Box<domain::unit_of_work::Tx> = Box::new(MockUnitOfWork::new());
                 recorder.record(tx.as_mut(), &Answer { balance: 105 }).await?;
                 Ok(Answer { balance: 105 })
@@ -544,16 +529,21 @@ mod tests {
         let user_id = UserId::generate();
         let mut store = MockIdempotencyStore::new();
         let mut seq = mockall::Sequence::new();
-        // Nothing yet when it arrives; the first has finished once it holds the lock.
+        // Nothing yet when it arrives; the first has finished once it holds the lock (and
+        // the replay reads the record once more).
         store.expect_find().times(1).in_sequence(&mut seq).returning(|_, _| Ok(None));
         store
             .expect_find()
-            .times(1)
+            .times(2)
             .in_sequence(&mut seq)
             .returning(move |_, _| Ok(Some(record(user_id, 5, 105))));
 
-        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock_acquired_once())
-            .run(user_id, Some(key("k-1")), fingerprint(5), |_| async { panic!("must not run again") })
+        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store)
+            .run(user_id, Some(key("k-1")), fingerprint(5), |recorder| async move {
+                // Under the key's lock, inside the transaction: the first has finished.
+                recorder.unwrap().ensure_unrecorded().await?;
+                panic!("must not run again")
+            })
             .await;
 
         assert_eq!(outcome.unwrap(), Outcome::Replayed(Answer { balance: 105 }));
@@ -564,7 +554,7 @@ mod tests {
         let user_id = UserId::generate();
         let mut store = MockIdempotencyStore::new();
         let mut seq = mockall::Sequence::new();
-        store.expect_find().times(2).in_sequence(&mut seq).returning(|_, _| Ok(None));
+        store.expect_find().times(1).in_sequence(&mut seq).returning(|_, _| Ok(None));
         store.expect_insert().times(1).returning(|_, _| Err(RecordError::Duplicate));
         store
             .expect_find()
@@ -572,7 +562,7 @@ mod tests {
             .in_sequence(&mut seq)
             .returning(move |_, _| Ok(Some(record(user_id, 5, 105))));
 
-        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock_acquired_once())
+        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store)
             .run(user_id, Some(key("k-1")), fingerprint(5), |recorder| async move {
                 let mut tx: Box<domain::unit_of_work::Tx> = Box::new(MockUnitOfWork::new());
                 // The operation's transaction rolls back on this error.
@@ -587,12 +577,12 @@ mod tests {
     #[tokio::test]
     async fn a_failed_operation_is_not_recorded_and_its_error_returned() {
         let mut store = MockIdempotencyStore::new();
-        // Before the lock, under it, and once more after the failure (no other run of
-        // the key completed meanwhile).
-        store.expect_find().times(3).returning(|_, _| Ok(None));
+        // Before the operation, and once more after the failure (no other run of the key
+        // completed meanwhile).
+        store.expect_find().times(2).returning(|_, _| Ok(None));
         store.expect_insert().never();
 
-        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock_acquired_once())
+        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store)
             .run(UserId::generate(), Some(key("k-1")), fingerprint(5), |_| async { Err(TestError::Failed) })
             .await;
 
@@ -603,43 +593,14 @@ mod tests {
     async fn an_operation_that_failed_because_another_run_of_its_key_completed_answers_as_that_one() {
         let user_id = UserId::generate();
         let mut store = MockIdempotencyStore::new();
-        let mut finds = vec![Some(record(user_id, 5, 105)), None, None];
-        store.expect_find().times(3).returning(move |_, _| Ok(finds.pop().flatten()));
+        let mut finds = vec![Some(record(user_id, 5, 105)), None];
+        store.expect_find().times(2).returning(move |_, _| Ok(finds.pop().flatten()));
         store.expect_insert().never();
 
-        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock_acquired_once())
+        let outcome: Result<Outcome<Answer>, TestError> = idempotency(store)
             .run(user_id, Some(key("k-1")), fingerprint(5), |_| async { Err(TestError::Failed) })
             .await;
 
         assert_eq!(outcome.unwrap(), Outcome::Replayed(Answer { balance: 105 }));
-    }
-
-    #[tokio::test]
-    async fn a_first_request_still_running_for_the_whole_wait_is_busy_and_an_unreachable_lock_fails_closed() {
-        for (error, busy) in [
-            (LockError::Timeout { key: LockKey::new("idem", "x"), waited: Duration::from_secs(5) }, true),
-            (LockError::Unavailable(anyhow::anyhow!("redis down")), false),
-        ] {
-            let mut store = MockIdempotencyStore::new();
-            store.expect_find().times(1).returning(|_, _| Ok(None));
-            let mut lock = MockDistributedLock::new();
-            let error = Mutex::new(Some(error));
-            lock.expect_acquire().times(1).returning(move |_, _| Err(error.lock().unwrap().take().unwrap()));
-
-            let outcome: Result<Outcome<Answer>, TestError> = idempotency(store, lock)
-                .run(UserId::generate(), Some(key("k-1")), fingerprint(5), |_| async {
-                    panic!("must not run")
-                })
-                .await;
-
-            if busy {
-                assert!(matches!(outcome, Err(TestError::Idem(IdempotencyError::Busy(_)))), "{outcome:?}");
-            } else {
-                assert!(
-                    matches!(outcome, Err(TestError::Idem(IdempotencyError::LockUnavailable(_)))),
-                    "{outcome:?}"
-                );
-            }
-        }
     }
 }

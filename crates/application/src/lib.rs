@@ -7,6 +7,8 @@
 //! - [`lock`]: the [`lock::DistributedLock`] port, its keys and wait policies.
 //! - [`tx`]: the [`tx::TransactionManager`] port and the helpers that order lock and
 //!   transaction.
+//! - [`failure`]: the one error model for what fails below a use case; [`detach`]: writes
+//!   that run to their end when the client hangs up.
 //! - [`cache`]: the [`cache::CachePort`] port and the read path over it ([`cache::Cache`]:
 //!   versioned entries, local copies, one loader per key).
 //! - [`catalog`]: concerts, dates and seat maps through the cache, and the admin writes.
@@ -22,6 +24,8 @@ pub mod catalog;
 pub mod charge_points;
 pub mod clock;
 pub mod create_user;
+pub mod detach;
+pub mod failure;
 pub mod get_balance;
 pub mod hold_seat;
 pub mod idempotency;

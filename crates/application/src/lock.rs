@@ -15,23 +15,66 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 
 /// The name of a lock: `lock:{kind}:{id}`.
+///
+/// Every key the service locks is made here, by one constructor per resource, so that
+/// the key shapes (and which of them carry a fencing number) are written once:
+///
+/// | key | guards | fenced |
+/// |---|---|---|
+/// | `lock:point:{userId}` | every change to one balance (charge, payment) | yes |
+/// | `lock:seat:{scheduleId}:{seatNumber}` | hold, cancel, expiry of one seat | yes |
+/// | `lock:reservation:{reservationId}` | one payment of a hold at a time | no |
+/// | `lock:idem:{userId}:{keyHash}` | one run of an idempotency key at a time | no |
+///
+/// A *fenced* key hands out a [`FencingToken`] per acquisition because writes made under
+/// it are (or will be) checked against it in SQL; the others carry none, so the lock store
+/// keeps no counter for them (a client sending a new idempotency key per request must not
+/// be able to grow it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LockKey {
     kind: &'static str,
     key: String,
+    fenced: bool,
 }
 
 impl LockKey {
-    /// A key for resource `id` of family `kind` (a short, fixed word: it labels metrics).
+    /// An unfenced key for resource `id` of family `kind` (a short, fixed word: it labels
+    /// metrics).
     #[must_use]
     pub fn new(kind: &'static str, id: impl fmt::Display) -> Self {
-        Self { kind, key: format!("lock:{kind}:{id}") }
+        Self { kind, key: format!("lock:{kind}:{id}"), fenced: false }
+    }
+
+    /// A key whose acquisitions carry a [`FencingToken`].
+    #[must_use]
+    pub fn fenced(kind: &'static str, id: impl fmt::Display) -> Self {
+        Self { fenced: true, ..Self::new(kind, id) }
     }
 
     /// `lock:point:{userId}`: every change to one user's balance (charge, payment).
     #[must_use]
     pub fn point(user_id: domain::user::UserId) -> Self {
-        Self::new("point", user_id)
+        Self::fenced("point", user_id)
+    }
+
+    /// `lock:seat:{scheduleId}:{seatNumber}`: holds, cancels and expiries of one seat.
+    #[must_use]
+    pub fn seat(schedule_id: domain::booking::ScheduleId, seat: domain::booking::SeatNumber) -> Self {
+        Self::fenced("seat", format_args!("{schedule_id}:{seat}"))
+    }
+
+    /// `lock:reservation:{reservationId}`: one payment of a hold at a time. Unfenced: the
+    /// payment's writes are made under the point lock, which is.
+    #[must_use]
+    pub fn reservation(id: domain::booking::ReservationId) -> Self {
+        Self::new("reservation", id)
+    }
+
+    /// `lock:idem:{userId}:{keyHash}`: one run of an idempotency key at a time. Unfenced:
+    /// the record's primary key is what keeps two runs apart in SQL.
+    #[must_use]
+    pub fn idempotency(user_id: domain::user::UserId, key_hash: &str) -> Self {
+        Self::new("idem", format_args!("{user_id}:{key_hash}"))
     }
 
     /// The whole key, as stored.
@@ -44,6 +87,32 @@ impl LockKey {
     #[must_use]
     pub const fn kind(&self) -> &'static str {
         self.kind
+    }
+
+    /// Whether acquisitions of this key carry a [`FencingToken`].
+    #[must_use]
+    pub const fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+}
+
+/// A lock to take, and how long to wait for it: what [`crate::tx::locked_tx`] is given,
+/// in the order the locks are taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockRequest {
+    pub key: LockKey,
+    pub wait: WaitPolicy,
+}
+
+impl LockRequest {
+    #[must_use]
+    pub const fn fail_fast(key: LockKey) -> Self {
+        Self { key, wait: WaitPolicy::FailFast }
+    }
+
+    #[must_use]
+    pub const fn wait_up_to(key: LockKey, limit: Duration) -> Self {
+        Self { key, wait: WaitPolicy::WaitUpTo(limit) }
     }
 }
 
@@ -65,8 +134,8 @@ pub enum WaitPolicy {
     WaitUpTo(Duration),
 }
 
-/// A number that strictly increases with every acquisition of one key. A storage write
-/// that carries it can refuse a holder older than one it already saw.
+/// A number that strictly increases with every acquisition of one fenced key. A storage
+/// write that carries it can refuse a holder older than one it already saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(pub u64);
 
@@ -99,8 +168,9 @@ pub trait DistributedLock: Send + Sync {
 pub trait LockGuard: Send + Sync + std::fmt::Debug {
     fn key(&self) -> &LockKey;
 
-    /// This acquisition's fencing number.
-    fn fencing_token(&self) -> FencingToken;
+    /// This acquisition's fencing number; `None` for an unfenced key
+    /// ([`LockKey::is_fenced`]).
+    fn fencing_token(&self) -> Option<FencingToken>;
 
     /// True once the lease is known to have run out; the lock may now be someone else's.
     fn is_lost(&self) -> bool;
@@ -150,8 +220,8 @@ impl LockGuard for NoGuard {
         &self.0
     }
 
-    fn fencing_token(&self) -> FencingToken {
-        FencingToken(0)
+    fn fencing_token(&self) -> Option<FencingToken> {
+        None
     }
 
     fn is_lost(&self) -> bool {

@@ -16,8 +16,10 @@ pub enum PointHistoryError {
     #[error("user {0} not found")]
     UserNotFound(UserId),
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Failure(crate::failure::Failure),
 }
+
+crate::failure_conversions!(PointHistoryError);
 
 impl std::fmt::Debug for PointHistory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -14,14 +14,14 @@ use std::time::Duration;
 use domain::booking::{
     BookingRepository, BookingRepositoryError, Reservation, ReservationId, ReservationStatus,
 };
-use domain::unit_of_work::TxError;
 use domain::user::UserId;
 
-use crate::cache::{CacheError, WriteMark};
+use crate::cache::WriteMark;
 use crate::catalog::Catalog;
 use crate::clock;
-use crate::hold_seat::seat_lock_key;
-use crate::lock::{DistributedLock, LockError, WaitPolicy};
+use crate::detach::run_to_end;
+use crate::failure::Failure;
+use crate::lock::{DistributedLock, LockKey, LockRequest};
 use crate::tx::{TransactionManager, locked_tx};
 
 /// How long a cancel waits for the seat's lock.
@@ -35,42 +35,17 @@ pub enum ReservationError {
     /// Only a live hold can be cancelled.
     #[error("the reservation is {}, not HELD", .0.as_str())]
     NotHeld(ReservationStatus),
-    /// The seat stayed locked for the whole wait.
-    #[error("the seat is busy")]
-    Busy(#[source] LockError),
-    #[error("the lock service is unavailable")]
-    LockUnavailable(#[source] anyhow::Error),
-    /// The seat map's cache could not be marked for the change: not done.
-    #[error("the cache is unavailable")]
-    CacheUnavailable(#[source] anyhow::Error),
+    /// The seat stayed locked for the whole wait, a lost lease, an unavailable lock store
+    /// or cache, the database: nothing changed.
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Failure(Failure),
 }
+
+crate::failure_conversions!(ReservationError);
 
 impl From<BookingRepositoryError> for ReservationError {
     fn from(error: BookingRepositoryError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("reservation storage failed"))
-    }
-}
-
-impl From<TxError> for ReservationError {
-    fn from(error: TxError) -> Self {
-        Self::Unexpected(anyhow::Error::new(error).context("reservation transaction failed"))
-    }
-}
-
-impl From<LockError> for ReservationError {
-    fn from(error: LockError) -> Self {
-        match error {
-            LockError::Unavailable(source) => Self::LockUnavailable(source),
-            other => Self::Busy(other),
-        }
-    }
-}
-
-impl From<CacheError> for ReservationError {
-    fn from(error: CacheError) -> Self {
-        Self::CacheUnavailable(anyhow::Error::new(error))
+        anyhow::Error::new(error).context("reservation storage failed").into()
     }
 }
 
@@ -122,10 +97,19 @@ impl Reservations {
     ///
     /// # Errors
     /// [`ReservationError::NotFound`], [`ReservationError::NotHeld`] (confirmed, expired,
-    /// cancelled, or a hold that ran out), [`ReservationError::Busy`],
-    /// [`ReservationError::LockUnavailable`]; nothing changes on any of them.
+    /// cancelled, or a hold that ran out), [`ReservationError::Failure`]; nothing changes
+    /// on any of them. Runs to its end on a task of its own ([`run_to_end`]).
     #[tracing::instrument(name = "cancel_reservation", skip(self), fields(%user, %id))]
     pub async fn cancel(&self, user: UserId, id: ReservationId) -> Result<Reservation, ReservationError> {
+        let this = self.clone();
+        run_to_end(async move { this.cancel_attached(user, id).await }).await
+    }
+
+    async fn cancel_attached(
+        &self,
+        user: UserId,
+        id: ReservationId,
+    ) -> Result<Reservation, ReservationError> {
         let mut reservation = self.owned(user, id).await?;
         // Outside the lock: a reservation that is not a live hold is refused at once.
         let cancelled = reservation
@@ -137,8 +121,10 @@ impl Reservations {
         let mark = locked_tx(
             self.lock.as_ref(),
             self.txm.as_ref(),
-            &seat_lock_key(reservation.schedule_id, reservation.seat_number),
-            WaitPolicy::WaitUpTo(CANCEL_LOCK_WAIT),
+            &[LockRequest::wait_up_to(
+                LockKey::seat(reservation.schedule_id, reservation.seat_number),
+                CANCEL_LOCK_WAIT,
+            )],
             move |tx| {
                 Box::pin(async move {
                     // Inside: the SQL allows the change only from a hold that still lasts.
@@ -176,8 +162,7 @@ impl Reservations {
             let ended: Result<Option<Option<WriteMark>>, ReservationError> = locked_tx(
                 self.lock.as_ref(),
                 self.txm.as_ref(),
-                &seat_lock_key(hold.schedule_id, hold.seat_number),
-                WaitPolicy::FailFast,
+                &[LockRequest::fail_fast(LockKey::seat(hold.schedule_id, hold.seat_number))],
                 move |tx| {
                     Box::pin(async move {
                         if bookings.end_hold(tx, id, ReservationStatus::Expired, clock::now_utc()).await? {
@@ -197,7 +182,9 @@ impl Reservations {
                 }
                 // Settled meanwhile (paid, cancelled, replaced, or another instance's job).
                 Ok(None) => {}
-                Err(ReservationError::Busy(_)) => tracing::debug!(reservation = %id, "seat busy; next round"),
+                Err(ReservationError::Failure(Failure::Contended(_))) => {
+                    tracing::debug!(reservation = %id, "seat busy; next round");
+                }
                 Err(error) => {
                     tracing::warn!(reservation = %id, error = format!("{error:#}"), "failed to expire a hold");
                 }
@@ -216,7 +203,7 @@ mod tests {
 
     use super::*;
     use crate::cache::Cache;
-    use crate::lock::{LockKey, MockDistributedLock};
+    use crate::lock::{LockError, MockDistributedLock, WaitPolicy};
     use crate::mocks::{one_tx, released_guard};
     use crate::tx::MockTransactionManager;
 
@@ -357,9 +344,15 @@ mod tests {
             txm.expect_begin().never();
             let result = use_case(bookings, lock, txm).cancel(owner, id).await;
             if down {
-                assert!(matches!(result, Err(ReservationError::LockUnavailable(_))), "{result:?}");
+                assert!(
+                    matches!(result, Err(ReservationError::Failure(Failure::Unavailable { .. }))),
+                    "{result:?}"
+                );
             } else {
-                assert!(matches!(result, Err(ReservationError::Busy(_))), "{result:?}");
+                assert!(
+                    matches!(result, Err(ReservationError::Failure(Failure::Contended(_)))),
+                    "{result:?}"
+                );
             }
         }
     }
@@ -369,7 +362,7 @@ mod tests {
         let user = UserId::generate();
         let busy = reservation(user, ReservationStatus::Held, -time::Duration::seconds(5));
         let due = reservation(user, ReservationStatus::Held, -time::Duration::seconds(1));
-        let busy_key = seat_lock_key(busy.schedule_id, busy.seat_number);
+        let busy_key = LockKey::seat(busy.schedule_id, busy.seat_number);
         let due_id = due.id;
         let mut bookings = MockBookingRepository::new();
         let listed = vec![busy.clone(), due.clone()];

@@ -6,7 +6,9 @@
 //! - A transaction begun before the lock reads a snapshot from before the previous holder
 //!   committed, and holds a pooled connection all the while it waits.
 //!
-//! [`locked_tx`] is that order, written once. It also releases the lock on every path:
+//! [`locked_tx`] is that order, written once, for one lock or several taken in a fixed
+//! order (a payment takes its reservation's, then its user's). It also releases the locks
+//! on every path:
 //! when the work fails (rollback, then release), when it panics (rollback, release, then
 //! the panic goes on), and when the caller's future is dropped mid-way (the guard's and
 //! the unit of work's `Drop` release and roll back). Before committing it checks that the
@@ -21,7 +23,8 @@ use domain::unit_of_work::{Tx, TxError};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Either};
 
-use crate::lock::{DistributedLock, LockError, LockGuard, LockKey, WaitPolicy};
+use crate::failure::Failure;
+use crate::lock::{DistributedLock, LockError, LockGuard, LockKey, LockRequest};
 
 /// Begins transactions. The adapter decides what a transaction is.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
@@ -46,13 +49,13 @@ pub trait TransactionManager: Send + Sync {
 /// `Err` (or panic). For writes that need no lock, such as inserting a fresh row.
 ///
 /// # Errors
-/// `work`'s own error, or a [`TxError`] from begin or commit, converted into `E`.
+/// `work`'s own error, or a [`Failure`] from begin or commit, converted into `E`.
 pub async fn in_tx<T, E, F>(txm: &dyn TransactionManager, work: F) -> Result<T, E>
 where
     F: for<'u> FnOnce(&'u mut Tx) -> BoxFuture<'u, Result<T, E>> + Send,
-    E: From<TxError>,
+    E: From<Failure>,
 {
-    match transaction(txm, None, work).await {
+    match transaction(txm, &[], work).await {
         Ended::Returned(result) => result,
         // Without a lease there is nothing to lose.
         Ended::LeaseLost(key) => unreachable!("no lease was given, yet {key} was lost"),
@@ -60,90 +63,113 @@ where
     }
 }
 
-/// Runs `work` as: acquire `key` under `wait` -> begin -> work -> commit (or roll back) ->
-/// release. See the module documentation for why this order, and for what happens on
-/// each failure path.
+/// Runs `work` as: acquire every lock of `locks`, in their order, each under its own wait
+/// -> begin -> work -> commit (or roll back) -> release them all, in reverse order. See
+/// the module documentation for why this order, and for what happens on each failure path.
+///
+/// Every lease is watched: the work may take only as long as all of them can be trusted,
+/// and the commit is not sent once any of them is known lost ([`Failure::LeaseLost`]:
+/// the work was rolled back). A lock that cannot be had releases the ones taken before it
+/// and begins nothing.
 ///
 /// A release that fails after a commit is logged, not returned: the work is durable and
 /// the caller must hear so; the lease frees the key.
 ///
 /// # Errors
-/// [`LockError`] from acquiring (or a lease lost before commit), [`TxError`] from the
-/// transaction, or `work`'s own error.
+/// A [`Failure`] from acquiring (contended, unavailable), a lease lost before the commit,
+/// or the transaction; or `work`'s own error.
 pub async fn locked_tx<T, E, F>(
     lock: &dyn DistributedLock,
     txm: &dyn TransactionManager,
-    key: &LockKey,
-    wait: WaitPolicy,
+    locks: &[LockRequest],
     work: F,
 ) -> Result<T, E>
 where
     F: for<'u> FnOnce(&'u mut Tx) -> BoxFuture<'u, Result<T, E>> + Send,
-    E: From<TxError> + From<LockError>,
+    E: From<Failure>,
 {
-    let guard = lock.acquire(key, wait).await?;
-    let ended = transaction(txm, Some(guard.as_ref()), work).await;
-    match guard.release().await {
-        Ok(()) => {}
-        Err(LockError::LeaseLost { key }) => {
-            tracing::warn!(%key, "lease had run out by release time; another holder may have overlapped, the SQL guards keep writes exact");
-        }
-        Err(error) => {
-            tracing::warn!(%key, error = %error, "lock release failed; the lease will free the key");
+    let mut guards: Vec<Box<dyn LockGuard>> = Vec::with_capacity(locks.len());
+    for request in locks {
+        match lock.acquire(&request.key, request.wait).await {
+            Ok(guard) => guards.push(guard),
+            Err(error) => {
+                release_all(guards).await;
+                return Err(Failure::from(error).into());
+            }
         }
     }
+    let ended = transaction(txm, &guards, work).await;
+    release_all(guards).await;
     match ended {
         Ended::Returned(result) => result,
-        Ended::LeaseLost(key) => Err(LockError::LeaseLost { key }.into()),
+        Ended::LeaseLost(key) => Err(Failure::LeaseLost(key).into()),
         Ended::Panicked(panic) => resume_unwind(panic),
+    }
+}
+
+/// Releases `guards` in the reverse of the order they were taken.
+async fn release_all(guards: Vec<Box<dyn LockGuard>>) {
+    for guard in guards.into_iter().rev() {
+        let key = guard.key().clone();
+        match guard.release().await {
+            Ok(()) => {}
+            Err(LockError::LeaseLost { .. }) => {
+                tracing::warn!(%key, "lease had run out by release time; another holder may have overlapped, the SQL guards keep writes exact");
+            }
+            Err(error) => {
+                tracing::warn!(%key, error = %error, "lock release failed; the lease will free the key");
+            }
+        }
     }
 }
 
 enum Ended<T, E> {
     Returned(Result<T, E>),
-    /// The work succeeded but the lease ran out first; the work was rolled back.
+    /// The work succeeded but a lease ran out first; the work was rolled back.
     LeaseLost(LockKey),
     Panicked(Box<dyn Any + Send>),
 }
 
 async fn transaction<T, E, F>(
     txm: &dyn TransactionManager,
-    lease: Option<&dyn LockGuard>,
+    leases: &[Box<dyn LockGuard>],
     work: F,
 ) -> Ended<T, E>
 where
     F: for<'u> FnOnce(&'u mut Tx) -> BoxFuture<'u, Result<T, E>> + Send,
-    E: From<TxError>,
+    E: From<Failure>,
 {
     let mut tx = match txm.begin().await {
         Ok(tx) => tx,
-        Err(error) => return Ended::Returned(Err(error.into())),
+        Err(error) => return Ended::Returned(Err(Failure::from(error).into())),
     };
     let worked = {
         let work = AssertUnwindSafe(work(tx.as_mut())).catch_unwind();
-        match lease {
-            None => Some(work.await),
-            // The work may take only as long as the lease can be trusted.
-            Some(guard) => match futures::future::select(Box::pin(work), guard.lease_lost()).await {
+        if leases.is_empty() {
+            Some(work.await)
+        } else {
+            // The work may take only as long as every lease can be trusted.
+            let lost = futures::future::select_all(leases.iter().map(|guard| guard.lease_lost()));
+            match futures::future::select(Box::pin(work), lost).await {
                 Either::Left((worked, _)) => Some(worked),
-                Either::Right(((), _)) => None,
-            },
+                Either::Right(_) => None,
+            }
         }
     };
     let Some(worked) = worked else {
         // The work was dropped mid-way; nothing it did may commit.
         roll_back(tx).await;
-        let key = lease.map(|guard| guard.key().clone()).unwrap_or_else(|| LockKey::new("none", "-"));
+        let key = lost_key(leases);
         tracing::warn!(%key, "the lease ran out before the work was done; rolled back");
         return Ended::LeaseLost(key);
     };
     match worked {
         Ok(Ok(value)) => {
-            if let Some(guard) = lease.filter(|guard| guard.is_lost()) {
+            if leases.iter().any(|guard| guard.is_lost()) {
                 roll_back(tx).await;
-                return Ended::LeaseLost(guard.key().clone());
+                return Ended::LeaseLost(lost_key(leases));
             }
-            Ended::Returned(tx.commit().await.map(|()| value).map_err(E::from))
+            Ended::Returned(tx.commit().await.map(|()| value).map_err(|e| Failure::from(e).into()))
         }
         Ok(Err(error)) => {
             roll_back(tx).await;
@@ -154,6 +180,15 @@ where
             Ended::Panicked(panic)
         }
     }
+}
+
+/// The key of the first lease known lost (or the first lease, if none is known yet).
+fn lost_key(leases: &[Box<dyn LockGuard>]) -> LockKey {
+    leases
+        .iter()
+        .find(|guard| guard.is_lost())
+        .or_else(|| leases.first())
+        .map_or_else(|| LockKey::new("none", "-"), |guard| guard.key().clone())
 }
 
 async fn roll_back(tx: Box<Tx>) {
@@ -172,7 +207,7 @@ mod tests {
     use mockall::Sequence;
 
     use super::*;
-    use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard};
+    use crate::lock::{FencingToken, MockDistributedLock, MockLockGuard, WaitPolicy};
 
     /// A step of the work, so the work takes its place in a mockall `Sequence`.
     #[mockall::automock]
@@ -185,9 +220,7 @@ mod tests {
         #[error("work failed")]
         Work,
         #[error(transparent)]
-        Lock(#[from] LockError),
-        #[error(transparent)]
-        Tx(#[from] TxError),
+        Failure(#[from] Failure),
     }
 
     fn key() -> LockKey {
@@ -201,7 +234,7 @@ mod tests {
         let mut guard = MockLockGuard::new();
         guard.expect_is_lost().return_const(lost);
         guard.expect_key().return_const(key());
-        guard.expect_fencing_token().return_const(FencingToken(1));
+        guard.expect_fencing_token().return_const(Some(FencingToken(1)));
         guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
         guard.expect_release().times(1).returning(|| Ok(()));
         guard
@@ -258,13 +291,14 @@ mod tests {
         *guard_slot.lock().unwrap() = Some(guard);
         *uow_slot.lock().unwrap() = Some(uow);
 
-        let result: Result<u32, TestError> = locked_tx(&lock, &txm, &key(), WAIT, move |_tx| {
-            Box::pin(async move {
-                step.run();
-                Ok(7)
+        let result: Result<u32, TestError> =
+            locked_tx(&lock, &txm, &[LockRequest { key: key(), wait: WAIT }], move |_tx| {
+                Box::pin(async move {
+                    step.run();
+                    Ok(7)
+                })
             })
-        })
-        .await;
+            .await;
 
         assert_eq!(result.unwrap(), 7);
     }
@@ -278,7 +312,10 @@ mod tests {
         let txm = txm_handing_out(uow);
 
         let result: Result<(), TestError> =
-            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Err(TestError::Work) })).await;
+            locked_tx(&lock, &txm, &[LockRequest { key: key(), wait: WAIT }], |_tx| {
+                Box::pin(async { Err(TestError::Work) })
+            })
+            .await;
 
         assert!(matches!(result, Err(TestError::Work)));
     }
@@ -291,9 +328,12 @@ mod tests {
         let lock = lock_handing_out(guard(false));
         let txm = txm_handing_out(uow);
 
-        let outcome = AssertUnwindSafe(locked_tx::<(), TestError, _>(&lock, &txm, &key(), WAIT, |_tx| {
-            Box::pin(async { panic!("work exploded") })
-        }))
+        let outcome = AssertUnwindSafe(locked_tx::<(), TestError, _>(
+            &lock,
+            &txm,
+            &[LockRequest { key: key(), wait: WAIT }],
+            |_tx| Box::pin(async { panic!("work exploded") }),
+        ))
         .catch_unwind()
         .await;
 
@@ -311,9 +351,12 @@ mod tests {
         let txm = txm_handing_out(uow);
 
         let result: Result<(), TestError> =
-            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Ok(()) })).await;
+            locked_tx(&lock, &txm, &[LockRequest { key: key(), wait: WAIT }], |_tx| {
+                Box::pin(async { Ok(()) })
+            })
+            .await;
 
-        assert!(matches!(result, Err(TestError::Lock(LockError::LeaseLost { .. }))));
+        assert!(matches!(result, Err(TestError::Failure(Failure::LeaseLost(_)))));
     }
 
     #[tokio::test]
@@ -337,16 +380,17 @@ mod tests {
         let lock = lock_handing_out(guard);
         let txm = txm_handing_out(uow);
 
-        let result: Result<(), TestError> = locked_tx(&lock, &txm, &key(), WAIT, move |_tx| {
-            Box::pin(async move {
-                let _ = lost_tx.send(());
-                std::future::pending::<()>().await;
-                Ok(())
+        let result: Result<(), TestError> =
+            locked_tx(&lock, &txm, &[LockRequest { key: key(), wait: WAIT }], move |_tx| {
+                Box::pin(async move {
+                    let _ = lost_tx.send(());
+                    std::future::pending::<()>().await;
+                    Ok(())
+                })
             })
-        })
-        .await;
+            .await;
 
-        assert!(matches!(result, Err(TestError::Lock(LockError::LeaseLost { .. }))), "{result:?}");
+        assert!(matches!(result, Err(TestError::Failure(Failure::LeaseLost(_)))), "{result:?}");
     }
 
     #[tokio::test]
@@ -357,9 +401,9 @@ mod tests {
         txm.expect_begin().never();
 
         let result: Result<(), TestError> =
-            locked_tx(&lock, &txm, &key(), WaitPolicy::FailFast, |_tx| Box::pin(async { Ok(()) })).await;
+            locked_tx(&lock, &txm, &[LockRequest::fail_fast(key())], |_tx| Box::pin(async { Ok(()) })).await;
 
-        assert!(matches!(result, Err(TestError::Lock(LockError::Busy { .. }))));
+        assert!(matches!(result, Err(TestError::Failure(Failure::Contended(_)))));
     }
 
     #[tokio::test]
@@ -369,9 +413,12 @@ mod tests {
         txm.expect_begin().times(1).returning(|| Err(TxError::Unexpected(anyhow::anyhow!("pool exhausted"))));
 
         let result: Result<(), TestError> =
-            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Ok(()) })).await;
+            locked_tx(&lock, &txm, &[LockRequest { key: key(), wait: WAIT }], |_tx| {
+                Box::pin(async { Ok(()) })
+            })
+            .await;
 
-        assert!(matches!(result, Err(TestError::Tx(_))));
+        assert!(matches!(result, Err(TestError::Failure(Failure::Unexpected(_)))));
     }
 
     #[tokio::test]
@@ -382,9 +429,12 @@ mod tests {
         let txm = txm_handing_out(uow);
 
         let result: Result<(), TestError> =
-            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Ok(()) })).await;
+            locked_tx(&lock, &txm, &[LockRequest { key: key(), wait: WAIT }], |_tx| {
+                Box::pin(async { Ok(()) })
+            })
+            .await;
 
-        assert!(matches!(result, Err(TestError::Tx(_))));
+        assert!(matches!(result, Err(TestError::Failure(Failure::Unexpected(_)))));
     }
 
     #[tokio::test]
@@ -400,7 +450,10 @@ mod tests {
         let txm = txm_handing_out(uow);
 
         let result: Result<&str, TestError> =
-            locked_tx(&lock, &txm, &key(), WAIT, |_tx| Box::pin(async { Ok("committed") })).await;
+            locked_tx(&lock, &txm, &[LockRequest { key: key(), wait: WAIT }], |_tx| {
+                Box::pin(async { Ok("committed") })
+            })
+            .await;
 
         assert_eq!(result.unwrap(), "committed");
     }
@@ -424,8 +477,8 @@ mod tests {
         fn key(&self) -> &LockKey {
             &self.1
         }
-        fn fencing_token(&self) -> FencingToken {
-            FencingToken(1)
+        fn fencing_token(&self) -> Option<FencingToken> {
+            Some(FencingToken(1))
         }
         fn is_lost(&self) -> bool {
             false
@@ -466,7 +519,8 @@ mod tests {
         let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
 
         let key = key();
-        let call = locked_tx::<(), TestError, _>(&lock, &txm, &key, WAIT, move |_tx| {
+        let locks = [LockRequest { key: key.clone(), wait: WAIT }];
+        let call = locked_tx::<(), TestError, _>(&lock, &txm, &locks, move |_tx| {
             Box::pin(async move {
                 let _ = started_tx.send(());
                 std::future::pending::<()>().await; // a client that hangs up mid-work

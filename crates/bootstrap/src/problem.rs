@@ -10,6 +10,7 @@ use actix_web::{HttpResponse, ResponseError};
 use application::catalog::CatalogError;
 use application::charge_points::ChargePointsError;
 use application::create_user::CreateUserError;
+use application::failure::Failure;
 use application::get_balance::GetBalanceError;
 use application::hold_seat::HoldSeatError;
 use application::pay::PayError;
@@ -262,10 +263,48 @@ impl ResponseError for ApiError {
     }
 }
 
+/// The one HTTP meaning of every infrastructure failure, whatever the use case:
+/// - a lock that stayed busy: 429 `RESOURCE_BUSY` with `Retry-After`;
+/// - a lease lost before the commit, or a lock store or cache that cannot be reached:
+///   503 `SERVICE_UNAVAILABLE` with `Retry-After` (the work was rolled back or never
+///   began: nothing changed);
+/// - anything else: by its cause chain (503 for a database that may answer a retry, 503
+///   `OUTCOME_UNKNOWN` for an unconfirmed commit, else an opaque 500).
+impl From<Failure> for ApiError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Contended(key) => {
+                tracing::info!(%key, "lock contended");
+                Self::Busy(
+                    match key.kind() {
+                        "point" => "too many concurrent changes to this account; nothing was changed, retry shortly",
+                        "seat" => "this seat is being changed right now; nothing was changed, retry shortly",
+                        "idem" => "a request with this Idempotency-Key is still running; retry shortly to get its answer",
+                        _ => "this resource is being changed right now; nothing was changed, retry shortly",
+                    }
+                    .into(),
+                )
+            }
+            Failure::LeaseLost(key) => {
+                tracing::warn!(%key, "lock lease lost before the commit; rolled back");
+                Self::Unavailable(
+                    "the lock service could not keep this change's lock; nothing was changed, retry shortly"
+                        .into(),
+                )
+            }
+            Failure::Unavailable { what, source } => {
+                tracing::warn!(error = format!("{source:#}"), dependency = %what, "dependency unavailable for a write");
+                Self::Unavailable(format!("the {what} is unavailable; nothing was changed, retry shortly"))
+            }
+            Failure::Unexpected(error) => error.into(),
+        }
+    }
+}
+
 impl From<CreateUserError> for ApiError {
     fn from(error: CreateUserError) -> Self {
         match error {
-            CreateUserError::Unexpected(e) => e.into(),
+            CreateUserError::Failure(failure) => failure.into(),
         }
     }
 }
@@ -280,11 +319,7 @@ impl From<ChargePointsError> for ApiError {
                 ))
             }
             ChargePointsError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
-            ChargePointsError::Contended(_) => Self::Busy(
-                "too many concurrent changes to this account; nothing was changed, retry shortly".into(),
-            ),
-            ChargePointsError::LockUnavailable(source) => lock_unavailable(&source),
-            ChargePointsError::Unexpected(e) => e.into(),
+            ChargePointsError::Failure(failure) => failure.into(),
         }
     }
 }
@@ -295,8 +330,7 @@ impl From<CatalogError> for ApiError {
             CatalogError::ConcertNotFound(id) => Self::ConcertNotFound(*id.as_uuid()),
             CatalogError::ScheduleNotFound(id) => Self::ScheduleNotFound(*id.as_uuid()),
             CatalogError::Invalid(e) => Self::validation(invalid_field(&e), e.to_string()),
-            CatalogError::CacheUnavailable(source) => cache_unavailable(&anyhow::Error::new(source)),
-            CatalogError::Unexpected(e) => e.into(),
+            CatalogError::Failure(failure) => failure.into(),
         }
     }
 }
@@ -318,9 +352,7 @@ impl From<HoldSeatError> for ApiError {
             HoldSeatError::ScheduleNotFound(id) => Self::ScheduleNotFound(*id.as_uuid()),
             HoldSeatError::BookingClosed => Self::BookingClosed,
             HoldSeatError::SeatUnavailable => Self::SeatUnavailable,
-            HoldSeatError::LockUnavailable(source) => lock_unavailable(&source),
-            HoldSeatError::CacheUnavailable(source) => cache_unavailable(&source),
-            HoldSeatError::Unexpected(e) => e.into(),
+            HoldSeatError::Failure(failure) => failure.into(),
         }
     }
 }
@@ -330,12 +362,7 @@ impl From<ReservationError> for ApiError {
         match error {
             ReservationError::NotFound(id) => Self::ReservationNotFound(*id.as_uuid()),
             ReservationError::NotHeld(status) => Self::ReservationNotHeld(status.as_str()),
-            ReservationError::Busy(_) => {
-                Self::Busy("this seat is being changed right now; nothing was changed, retry shortly".into())
-            }
-            ReservationError::LockUnavailable(source) => lock_unavailable(&source),
-            ReservationError::CacheUnavailable(source) => cache_unavailable(&source),
-            ReservationError::Unexpected(e) => e.into(),
+            ReservationError::Failure(failure) => failure.into(),
         }
     }
 }
@@ -351,33 +378,16 @@ impl From<PayError> for ApiError {
                 "the balance of {balance} points does not cover the price of {amount}; charge points and pay again"
             )),
             PayError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
-            PayError::Contended(_) => Self::Busy(
-                "too many concurrent changes to this account; nothing was changed, retry shortly".into(),
-            ),
-            PayError::LockUnavailable(source) => lock_unavailable(&source),
-            PayError::CacheUnavailable(source) => cache_unavailable(&source),
-            PayError::Unexpected(e) => e.into(),
+            PayError::Failure(failure) => failure.into(),
         }
     }
-}
-
-/// A write whose cached answers could not be marked is not made (it could leave a stale
-/// answer cached): like a lock, the cache fails closed for writes.
-fn cache_unavailable(source: &anyhow::Error) -> ApiError {
-    tracing::warn!(error = format!("{source:#}"), "cache unavailable for a write");
-    ApiError::Unavailable("the cache service is unavailable; nothing was changed".into())
-}
-
-fn lock_unavailable(source: &anyhow::Error) -> ApiError {
-    tracing::warn!(error = format!("{source:#}"), "lock store unavailable");
-    ApiError::Unavailable("the lock service is unavailable; nothing was changed".into())
 }
 
 impl From<GetBalanceError> for ApiError {
     fn from(error: GetBalanceError) -> Self {
         match error {
             GetBalanceError::UserNotFound(id) => Self::UserNotFound(*id.as_uuid()),
-            GetBalanceError::Unexpected(e) => e.into(),
+            GetBalanceError::Failure(failure) => failure.into(),
         }
     }
 }
@@ -386,7 +396,7 @@ impl From<PointHistoryError> for ApiError {
     fn from(error: PointHistoryError) -> Self {
         match error {
             PointHistoryError::UserNotFound(id) => Self::UserNotFound(*id.as_uuid()),
-            PointHistoryError::Unexpected(e) => e.into(),
+            PointHistoryError::Failure(failure) => failure.into(),
         }
     }
 }

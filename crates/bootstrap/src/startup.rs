@@ -34,10 +34,10 @@ use application::pay::{Pay, PayPorts};
 use application::point_history::PointHistory;
 use application::queue::{IssueToken, QueueReader, WaitingQueue};
 use application::reservations::Reservations;
-use tokio::task::JoinHandle;
 use utoipa::OpenApi as _;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::jobs::{JobPorts, Jobs};
 use crate::openapi::ApiDoc;
 use crate::problem::ApiError;
 use crate::queue_events::QueueEvents;
@@ -45,13 +45,6 @@ use crate::routes::admin::AdminKey;
 use crate::routes::{self, AppState, health::Readiness};
 use crate::settings::{LockWaitMode, QueueBackend, Settings, redact};
 use crate::telemetry;
-
-/// How often each instance deletes expired idempotency keys, and how many per statement.
-const PURGE_EVERY: Duration = Duration::from_secs(10 * 60);
-const PURGE_BATCH: u64 = 1_000;
-
-/// How long sent outbox events are kept (an audit trail for a week), then purged.
-const OUTBOX_RETENTION: time::Duration = time::Duration::days(7);
 
 /// How long shutdown waits for Redis to confirm the release of locks still held.
 const RELEASE_AT_SHUTDOWN: Duration = Duration::from_secs(3);
@@ -63,12 +56,7 @@ pub struct Application {
     db: DatabaseConnection,
     redis: RedisConnections,
     lock: RedisLock,
-    upkeep: JoinHandle<()>,
-    purge: JoinHandle<()>,
-    admission: JoinHandle<()>,
-    expiry: JoinHandle<()>,
-    relay: JoinHandle<()>,
-    events: JoinHandle<()>,
+    jobs: Jobs,
     queue_events: QueueEvents,
 }
 
@@ -86,19 +74,38 @@ impl Application {
     /// When MySQL or Redis cannot be reached, a migration fails, or the address is taken.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         tracing::info!(database = %redact(&settings.database_url), redis = %redact(&settings.redis_url), "starting");
-        database::prepare_with(&settings.database_url, settings.seed_demo_data)
-            .await
-            .context("database not ready")?;
-        let db = database::connect(
-            &settings.database_url,
-            settings.database_max_connections,
-            settings.database_statement_timeout,
-        )
-        .await?;
         let redis = RedisConnections::connect(
             &settings.redis_url,
             settings.redis_pool_size,
             settings.redis_command_timeout,
+        )
+        .await?;
+        let cache_prefix = settings.cache_prefix.clone();
+        let cache = Arc::new(if settings.cache_enabled {
+            // A write's mark must outlast the longest a write may hold its lock.
+            let settings = CacheSettings {
+                write_mark: settings.lock_max_hold + settings.lock_lease,
+                ..CacheSettings::default()
+            };
+            Cache::new(Arc::new(RedisCache::with_prefix(redis.pool.clone(), cache_prefix)), settings)
+        } else {
+            tracing::warn!("CACHE_ENABLED=false: every catalog read goes to MySQL");
+            Cache::disabled()
+        });
+        // Preparing the database (and seeding the demo catalog) is a catalog write like an
+        // admin's: the cached concert list is marked before it and lifted after, so no
+        // instance keeps listing the concerts of a database that was dropped and
+        // re-created under the same name. Done at every start, so a start that died
+        // between its seed and the lift is made good by the next.
+        application::catalog::seeding(&cache, async {
+            database::prepare_with(&settings.database_url, settings.seed_demo_data).await
+        })
+        .await
+        .context("database not ready")?;
+        let db = database::connect(
+            &settings.database_url,
+            settings.database_max_connections,
+            settings.database_statement_timeout,
         )
         .await?;
         let lock = RedisLock::new(
@@ -135,7 +142,6 @@ impl Application {
         // longest hold.
         let idempotency = Idempotency::new(
             Arc::new(MySqlIdempotencyStore::new(db.clone())),
-            Arc::clone(&lock_port),
             settings.point_lock_wait + settings.lock_max_hold,
             DEFAULT_RETENTION,
         );
@@ -155,18 +161,6 @@ impl Application {
             queue_reader.clone(),
             settings.queue.admit_interval.min(Duration::from_secs(1)),
         );
-        let cache_prefix = settings.cache_prefix.clone();
-        let cache = Arc::new(if settings.cache_enabled {
-            // A write's mark must outlast the longest a write may hold its lock.
-            let settings = CacheSettings {
-                write_mark: settings.lock_max_hold + settings.lock_lease,
-                ..CacheSettings::default()
-            };
-            Cache::new(Arc::new(RedisCache::with_prefix(redis.pool.clone(), cache_prefix)), settings)
-        } else {
-            tracing::warn!("CACHE_ENABLED=false: every catalog read goes to MySQL");
-            Cache::disabled()
-        });
         let catalog = Catalog::new(Arc::new(MySqlCatalogRepository::new(db.clone())), cache);
         let bookings = Arc::new(MySqlBookingRepository::new(db.clone()));
         let hold_seat = HoldSeat::new(
@@ -193,12 +187,8 @@ impl Application {
             },
             settings.point_lock_wait,
         );
-        let relay = OutboxRelay::new(
-            outbox,
-            Arc::new(RedisEventPublisher::new(redis.pool.clone(), settings.payment_events_stream.clone())),
-            txm.clone(),
-            settings.outbox_batch,
-        );
+        let publisher = RedisEventPublisher::new(redis.pool.clone(), settings.payment_events_stream.clone());
+        let relay = OutboxRelay::new(outbox, Arc::new(publisher.clone()), txm.clone(), settings.outbox_batch);
         let metrics = telemetry::prometheus();
         let state = web::Data::new(AppState {
             create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),
@@ -231,7 +221,7 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                // What the queue gate (`routes::queue::Admitted`) reads tokens with.
+                // What the queue gate (`gate::Admitted`) reads tokens with.
                 .app_data(gate.clone())
                 .app_data(admin_key.clone())
                 .app_data(web::QueryConfig::default().error_handler(|error, _| {
@@ -255,60 +245,20 @@ impl Application {
         .disable_signals()
         .run();
 
-        // The recorder keeps histograms until told to drain them.
-        let upkeep = tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                every.tick().await;
-                metrics.run_upkeep();
-            }
-        });
-        // Expired idempotency keys go in batches; every instance may do it (a DELETE of
-        // what another already deleted deletes nothing).
-        let purging_relay = relay.clone();
-        let purge = tokio::spawn(async move {
-            let mut every = tokio::time::interval(PURGE_EVERY);
-            loop {
-                every.tick().await;
-                match idempotency.purge_expired(PURGE_BATCH).await {
-                    Ok(0) => {}
-                    Ok(purged) => tracing::info!(purged, "expired idempotency keys purged"),
-                    Err(error) => {
-                        tracing::warn!(error = format!("{error:#}"), "idempotency key purge failed")
-                    }
-                }
-                let before = application::clock::now_utc() - OUTBOX_RETENTION;
-                match purging_relay.purge_sent(before, PURGE_BATCH as u32).await {
-                    Ok(0) => {}
-                    Ok(purged) => tracing::info!(purged, "sent outbox events purged"),
-                    Err(error) => tracing::warn!(error = format!("{error:#}"), "outbox purge failed"),
-                }
-            }
-        });
-        // Twice per interval: with one instance, a step landing just before an interval's
-        // end would otherwise skip the next; the step itself keeps the rate exact.
-        let admission = tokio::spawn(admit_forever(queue, settings.queue.admit_interval / 2));
-        let relay = tokio::spawn(relay_forever(relay, settings.outbox_relay_interval));
-        let expiry = tokio::spawn(expire_forever(
-            reservations,
-            settings.hold_expiry_interval,
-            settings.hold_expiry_batch,
-        ));
+        let jobs = Jobs::spawn(
+            JobPorts {
+                metrics,
+                idempotency,
+                outbox: relay,
+                stream: publisher,
+                queue,
+                reservations,
+                event_fanout: events,
+            },
+            &settings,
+        );
         tracing::info!("listening on http://{address}");
-        Ok(Self {
-            port: address.port(),
-            server,
-            db,
-            redis,
-            lock,
-            upkeep,
-            purge,
-            admission,
-            expiry,
-            relay,
-            events,
-            queue_events,
-        })
+        Ok(Self { port: address.port(), server, db, redis, lock, jobs, queue_events })
     }
 
     /// The port actually bound (useful with `HTTP_ADDR=...:0`).
@@ -340,104 +290,12 @@ impl Application {
         });
         let served = self.server.await;
         stopper.abort();
-        self.upkeep.abort();
-        self.purge.abort();
-        self.admission.abort();
-        self.expiry.abort();
-        self.relay.abort();
-        self.events.abort();
+        self.jobs.stop();
         self.lock.release_all(RELEASE_AT_SHUTDOWN).await;
         self.redis.quit().await;
         self.db.close().await.ok();
         tracing::info!("stopped");
         served.context("the HTTP server failed")
-    }
-}
-
-/// The admission step, every `interval`, on every instance (the step is atomic in the
-/// queue's store, so any number of instances may run it at once). Exports the queue's
-/// sizes, the admissions and each step's duration.
-async fn admit_forever(queue: Arc<dyn WaitingQueue>, interval: Duration) {
-    let mut every = tokio::time::interval(interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        let started = std::time::Instant::now();
-        match queue.admit().await {
-            Ok(step) => {
-                metrics::histogram!("queue_admission_step_seconds").record(started.elapsed().as_secs_f64());
-                metrics::counter!("queue_admitted_total").increment(step.admitted);
-                #[allow(clippy::cast_precision_loss, reason = "gauges")]
-                {
-                    metrics::gauge!("queue_waiting").set(step.waiting as f64);
-                    metrics::gauge!("queue_active").set(step.active as f64);
-                }
-                if step.admitted > 0 {
-                    tracing::debug!(
-                        admitted = step.admitted,
-                        active = step.active,
-                        waiting = step.waiting,
-                        "admitted"
-                    );
-                }
-            }
-            Err(error) => tracing::warn!(error = format!("{error:#}"), "queue admission step failed"),
-        }
-    }
-}
-
-/// The hold expiry job, every `interval`, on every instance (each hold is expired once,
-/// under its seat's lock, by a conditional update). A full batch goes again at once.
-async fn expire_forever(reservations: Reservations, interval: Duration, batch: u32) {
-    let mut every = tokio::time::interval(interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        loop {
-            match reservations.expire_run_out(batch).await {
-                Ok(expired) => {
-                    metrics::counter!("reservation_holds_expired_total").increment(expired as u64);
-                    if expired < batch as usize {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "hold expiry round failed");
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// The outbox relay, every `interval`, on every instance (rows are claimed with `SKIP
-/// LOCKED`, so instances never send one row at the same time). A full batch goes again at
-/// once; the pending count is exported every few seconds.
-async fn relay_forever(relay: OutboxRelay, interval: Duration) {
-    let mut every = tokio::time::interval(interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_observed = std::time::Instant::now() - Duration::from_secs(60);
-    loop {
-        every.tick().await;
-        loop {
-            match relay.relay_once().await {
-                Ok(sent) if sent == relay.batch() as usize => {}
-                Ok(_) => break,
-                Err(error) => {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "outbox relay round failed; the events stay pending"
-                    );
-                    break;
-                }
-            }
-        }
-        if last_observed.elapsed() >= Duration::from_secs(5) {
-            last_observed = std::time::Instant::now();
-            if let Err(error) = relay.observe_pending().await {
-                tracing::debug!(error = format!("{error:#}"), "outbox pending count unavailable");
-            }
-        }
     }
 }
 

@@ -411,8 +411,11 @@ pub trait BookingRepository: Send + Sync {
     ) -> Result<Option<Seat>, BookingRepositoryError>;
 
     /// Takes the seat for `reservation` in `tx`: the seat goes HELD only if it is
-    /// AVAILABLE or its hold has run out at `now` (rows affected checked); a run-out hold
-    /// it replaces (`replaces`) becomes EXPIRED; the reservation row is inserted.
+    /// AVAILABLE or its hold has run out (rows affected checked); a run-out hold it
+    /// replaces (`replaces`) becomes EXPIRED; the reservation row is inserted. The hold
+    /// lasts `reservation.held_until - now`, counted **on the database's clock** (as every
+    /// "has this hold run out" of the store is), and the end it stored is returned: the
+    /// one to tell the client.
     ///
     /// # Errors
     /// [`BookingRepositoryError::SeatTaken`] when the seat is not free (the SQL guards:
@@ -423,7 +426,7 @@ pub trait BookingRepository: Send + Sync {
         reservation: &Reservation,
         replaces: Option<ReservationId>,
         now: OffsetDateTime,
-    ) -> Result<(), BookingRepositoryError>;
+    ) -> Result<OffsetDateTime, BookingRepositoryError>;
 
     /// A reservation, outside any transaction.
     async fn reservation(&self, id: ReservationId) -> Result<Option<Reservation>, BookingRepositoryError>;

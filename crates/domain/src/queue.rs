@@ -121,6 +121,43 @@ impl AdmitPolicy {
             Self::MaxActive { max_active } | Self::Rate { max_active, .. } => max_active,
         }
     }
+
+    /// The most tokens one admission step admits (fewer when the line is shorter): the
+    /// free places under `max_active`, at most `step_cap`; under [`AdmitPolicy::Rate`],
+    /// also at most `batch`, and none unless a batch is due ([`next_batch_mark`]).
+    ///
+    /// This is the one statement of the policies' arithmetic. `active` and `batch_due` must
+    /// be read inside the step's atomic section (other instances change them between
+    /// steps), so a store that decides there mirrors this function instead of calling it:
+    /// the Redis admission script (`crates/adapters-redis/src/lua/queue_admit.lua`) does,
+    /// and must be changed with it.
+    #[must_use]
+    pub fn to_admit(&self, active: u64, batch_due: bool, step_cap: u64) -> u64 {
+        let room = self.max_active().saturating_sub(active).min(step_cap);
+        match *self {
+            Self::MaxActive { .. } => room,
+            Self::Rate { batch, .. } if batch_due => room.min(batch),
+            Self::Rate { .. } => 0,
+        }
+    }
+}
+
+/// The cadence of [`AdmitPolicy::Rate`]: one batch per interval, whichever instance's step
+/// comes first. `last_ms` is the mark of the last batch, `now_ms` the store's clock.
+///
+/// `Some(new mark)` when a batch is due (at least `interval_ms`, taken as at least 1, since
+/// the mark); `None` otherwise. The mark advances by whole intervals, so batches keep their
+/// cadence however the steps' timing jitters, and a long pause skips intervals instead of
+/// piling up batches. A due batch moves the mark even when the cap leaves no room for it.
+///
+/// Mirrored, like [`AdmitPolicy::to_admit`], by the Redis admission script.
+#[must_use]
+pub fn next_batch_mark(last_ms: i64, now_ms: i64, interval_ms: i64) -> Option<i64> {
+    let interval = interval_ms.max(1);
+    if now_ms < last_ms.saturating_add(interval) {
+        return None;
+    }
+    Some(last_ms + interval * ((now_ms - last_ms) / interval))
 }
 
 /// What one admission step did.
@@ -164,6 +201,42 @@ mod tests {
         active.status = QueueStatus::Active;
         active.position = None;
         assert_eq!(active.estimated_wait(), None);
+    }
+
+    #[test]
+    fn max_active_fills_the_free_places_up_to_the_step_cap() {
+        let policy = AdmitPolicy::MaxActive { max_active: 10 };
+        assert_eq!(policy.to_admit(0, false, 5_000), 10);
+        assert_eq!(policy.to_admit(7, false, 5_000), 3);
+        assert_eq!(policy.to_admit(10, false, 5_000), 0);
+        assert_eq!(policy.to_admit(12, false, 5_000), 0, "over the cap (it was lowered): none");
+        assert_eq!(policy.to_admit(0, true, 4), 4, "the step cap; the rest next step");
+        assert_eq!(AdmitPolicy::MaxActive { max_active: 0 }.to_admit(0, false, 5_000), 0);
+    }
+
+    #[test]
+    fn rate_admits_one_batch_when_due_never_past_the_cap() {
+        let policy = AdmitPolicy::Rate { batch: 3, interval: Duration::from_secs(1), max_active: 10 };
+        assert_eq!(policy.to_admit(0, true, 5_000), 3);
+        assert_eq!(policy.to_admit(0, false, 5_000), 0, "not due: none, whatever the room");
+        assert_eq!(policy.to_admit(8, true, 5_000), 2, "the cap first");
+        assert_eq!(policy.to_admit(10, true, 5_000), 0);
+        assert_eq!(policy.to_admit(11, true, 5_000), 0);
+        assert_eq!(policy.to_admit(0, true, 2), 2, "the step cap");
+        let zero = AdmitPolicy::Rate { batch: 0, interval: Duration::from_secs(1), max_active: 10 };
+        assert_eq!(zero.to_admit(0, true, 5_000), 0);
+    }
+
+    #[test]
+    fn a_batch_is_due_once_per_interval_and_the_mark_keeps_the_cadence() {
+        assert_eq!(next_batch_mark(1_000, 1_499, 500), None);
+        assert_eq!(next_batch_mark(1_000, 1_500, 500), Some(1_500));
+        assert_eq!(next_batch_mark(1_000, 1_740, 500), Some(1_500), "jitter does not shift the cadence");
+        assert_eq!(next_batch_mark(1_000, 3_200, 500), Some(3_000), "a pause skips intervals");
+        assert_eq!(next_batch_mark(0, 1_733_000_000_123, 500), Some(1_733_000_000_000), "no mark yet");
+        assert_eq!(next_batch_mark(1_000, 900, 500), None, "a clock behind the mark");
+        assert_eq!(next_batch_mark(1_000, 1_000, 0), None, "an interval of at least 1 ms");
+        assert_eq!(next_batch_mark(1_000, 1_001, 0), Some(1_001));
     }
 
     #[test]

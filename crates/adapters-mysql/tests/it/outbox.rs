@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use adapters_mysql::outbox::MySqlOutboxStore;
 use application::clock;
+use application::failure::Failure;
 use application::outbox::{EventPublisher, OutboxEvent, OutboxRelay, OutboxStore, PendingEvent};
 use application::tx::{TransactionManager, in_tx};
 use async_trait::async_trait;
-use domain::unit_of_work::TxError;
 use uuid::Uuid;
 
 use super::Db;
@@ -62,8 +62,8 @@ async fn write_events(
             let appended = event.clone();
             in_tx(db.txm.as_ref(), move |tx| {
                 Box::pin(async move {
-                    store.append(tx, &appended).await.map_err(TxError::Unexpected)?;
-                    Ok::<_, TxError>(())
+                    store.append(tx, &appended).await.map_err(Failure::Unexpected)?;
+                    Ok::<_, Failure>(())
                 })
             })
             .await

@@ -30,7 +30,7 @@ fn charge_without_lock(db: &Db) -> ChargePoints {
         Arc::new(NoLock),
         db.txm.clone(),
         Duration::from_secs(3),
-        Idempotency::new(db.idempotency.clone(), Arc::new(NoLock), Duration::from_secs(3), DEFAULT_RETENTION),
+        Idempotency::new(db.idempotency.clone(), Duration::from_secs(3), DEFAULT_RETENTION),
     )
 }
 
@@ -128,8 +128,7 @@ async fn an_idempotency_record_is_stored_once_found_by_user_and_key_and_purged_a
 
     assert_eq!(db.idempotency.find(user.id(), &live.key).await.expect("find"), Some(live.clone()));
     assert_eq!(db.idempotency.purge_expired(now, 2).await.expect("purge"), 2, "a batch at a time");
-    let idempotency =
-        Idempotency::new(db.idempotency.clone(), Arc::new(NoLock), Duration::from_secs(1), DEFAULT_RETENTION);
+    let idempotency = Idempotency::new(db.idempotency.clone(), Duration::from_secs(1), DEFAULT_RETENTION);
     assert_eq!(idempotency.purge_expired(2).await.expect("purge"), 3, "the rest, in batches");
     assert!(db.idempotency.find(user.id(), &live.key).await.expect("find").is_some(), "live keys stay");
     db.drop_now().await;

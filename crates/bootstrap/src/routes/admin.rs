@@ -15,6 +15,7 @@ use super::catalog::{ConcertResponse, ScheduleResponse};
 use super::{AppState, uuid_param};
 use crate::extract::ValidJson;
 use crate::problem::{ApiError, Problem};
+use crate::problem_responses::{AdminKeyInvalid, BodyTooLarge, CatalogWriteUnavailable};
 
 /// The header that carries the admin key.
 pub const ADMIN_KEY: &str = "X-Admin-Key";
@@ -104,8 +105,8 @@ pub struct ScheduleRequest {
         (status = 201, description = "The concert", body = ConcertResponse),
         (status = 400, description = "Malformed body, title or venue", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "ADMIN_KEY_INVALID: missing or wrong X-Admin-Key, or the admin API is off", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or Redis (the cache) is unavailable; nothing changed", body = Problem, content_type = "application/problem+json"),
+        BodyTooLarge,
+        CatalogWriteUnavailable,
     )
 )]
 pub async fn create_concert(
@@ -134,10 +135,10 @@ pub async fn create_concert(
     responses(
         (status = 200, description = "The concert", body = ConcertResponse),
         (status = 400, description = "Malformed id, body, title or venue", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "ADMIN_KEY_INVALID", body = Problem, content_type = "application/problem+json"),
+        AdminKeyInvalid,
         (status = 404, description = "CONCERT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or Redis (the cache) is unavailable; nothing changed", body = Problem, content_type = "application/problem+json"),
+        BodyTooLarge,
+        CatalogWriteUnavailable,
     )
 )]
 pub async fn update_concert(
@@ -169,10 +170,10 @@ pub async fn update_concert(
     responses(
         (status = 201, description = "The date, with its 50 seats available", body = ScheduleResponse),
         (status = 400, description = "Malformed id or body; bookingOpensAt < bookingClosesAt <= startsAt is required; seatPrice 0..=10,000,000", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "ADMIN_KEY_INVALID", body = Problem, content_type = "application/problem+json"),
+        AdminKeyInvalid,
         (status = 404, description = "CONCERT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or Redis (the cache) is unavailable; nothing changed", body = Problem, content_type = "application/problem+json"),
+        BodyTooLarge,
+        CatalogWriteUnavailable,
     )
 )]
 pub async fn add_schedule(

@@ -8,9 +8,10 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use super::queue::Admitted;
 use super::{AppState, uuid_param};
+use crate::gate::Admitted;
 use crate::problem::{ApiError, Problem};
+use crate::problem_responses::{MySqlOrQueueUnavailable, QueueGate};
 
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -135,10 +136,9 @@ pub async fn list_concerts(state: web::Data<AppState>) -> Result<HttpResponse, A
     responses(
         (status = 200, description = "Open dates, by start time", body = [ScheduleResponse]),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "QUEUE_TOKEN_INVALID", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "QUEUE_TOKEN_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        QueueGate,
         (status = 404, description = "CONCERT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+        MySqlOrQueueUnavailable,
     )
 )]
 pub async fn list_schedules(
@@ -169,10 +169,9 @@ pub async fn list_schedules(
     responses(
         (status = 200, description = "The seat map", body = SeatMapResponse),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "QUEUE_TOKEN_INVALID", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "QUEUE_TOKEN_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        QueueGate,
         (status = 404, description = "SCHEDULE_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+        MySqlOrQueueUnavailable,
     )
 )]
 pub async fn seat_map(

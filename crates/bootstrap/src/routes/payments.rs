@@ -9,10 +9,11 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::points::{IDEMPOTENT_REPLAYED, idempotency_key};
-use super::queue::queue_token;
 use crate::extract::LateJson;
+use crate::gate::queue_token;
+use crate::idempotency_header::{idempotency_key, mark_replayed};
 use crate::problem::{ApiError, Problem};
+use crate::problem_responses::{BodyTooLarge, QueueGate};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -50,9 +51,7 @@ impl From<PaymentView> for PaymentResponse {
 
 fn created(view: PaymentView, replayed: bool) -> HttpResponse {
     let mut response = HttpResponse::Created();
-    if replayed {
-        response.insert_header((IDEMPOTENT_REPLAYED, "true"));
-    }
+    mark_replayed(&mut response, replayed);
     response.json(PaymentResponse::from(view))
 }
 
@@ -85,11 +84,10 @@ fn created(view: PaymentView, replayed: bool) -> HttpResponse {
         (status = 201, description = "Paid (or, for a replayed key, the first answer: see the header)", body = PaymentResponse,
             headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer of an earlier request with the same key"))),
         (status = 400, description = "Malformed body, reservationId or Idempotency-Key", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "QUEUE_TOKEN_INVALID", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "QUEUE_TOKEN_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        QueueGate,
         (status = 404, description = "RESERVATION_NOT_FOUND (also another user's)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "RESERVATION_EXPIRED (the hold ran out or was cancelled), ALREADY_PAID, PAYMENT_IN_PROGRESS (another payment of it is running now), INSUFFICIENT_BALANCE; nothing changed", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        BodyTooLarge,
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used for another reservation; nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RESOURCE_BUSY: the account stayed busy; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, nothing changed. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit; retry with the same Idempotency-Key, which is always safe", body = Problem, content_type = "application/problem+json"),

@@ -1,7 +1,6 @@
 //! `/api/v1/users/{userId}/points`: balance, charge, history.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use application::idempotency::IdempotencyKey;
 use domain::point::{Balance, ChargeAmount, HistoryLimit, PointHistoryEntry};
 use domain::user::UserId;
 use serde::{Deserialize, Serialize};
@@ -10,7 +9,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{AppState, uuid_param};
 use crate::extract::ValidJson;
+use crate::idempotency_header::{idempotency_key, mark_replayed};
 use crate::problem::{ApiError, Problem};
+use crate::problem_responses::{BodyTooLarge, MySqlUnavailable};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -63,27 +64,6 @@ pub struct HistoryQuery {
     pub limit: Option<String>,
 }
 
-/// The request header that makes a write idempotent.
-pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
-/// The answer header that marks a replayed answer.
-pub const IDEMPOTENT_REPLAYED: &str = "Idempotent-Replayed";
-
-/// The request's `Idempotency-Key`, if it sent one.
-///
-/// # Errors
-/// 400 naming the header when it is sent more than once, or is not 1..=64 visible ASCII
-/// characters.
-pub fn idempotency_key(req: &HttpRequest) -> Result<Option<IdempotencyKey>, ApiError> {
-    let mut values = req.headers().get_all(IDEMPOTENCY_KEY);
-    let Some(value) = values.next() else { return Ok(None) };
-    if values.next().is_some() {
-        return Err(ApiError::validation(IDEMPOTENCY_KEY, "must be sent once"));
-    }
-    let invalid = || ApiError::validation(IDEMPOTENCY_KEY, "must be 1 to 64 visible ASCII characters");
-    let raw = value.to_str().map_err(|_| invalid())?;
-    IdempotencyKey::new(raw).map(Some).map_err(|_| invalid())
-}
-
 fn balance_response(user_id: UserId, balance: Balance) -> BalanceResponse {
     BalanceResponse { user_id: *user_id.as_uuid(), balance: balance.points() }
 }
@@ -101,7 +81,7 @@ fn balance_response(user_id: UserId, balance: Balance) -> BalanceResponse {
         (status = 200, description = "The balance", body = BalanceResponse),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+        MySqlUnavailable,
     )
 )]
 pub async fn get_balance(
@@ -143,7 +123,7 @@ pub async fn get_balance(
         (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "BALANCE_LIMIT_EXCEEDED", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used for another amount; nothing changed", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        BodyTooLarge,
         (status = 429, description = "RESOURCE_BUSY: nothing changed; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, nothing changed. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit, the charge may or may not have been applied; retry with the same Idempotency-Key, which is always safe", body = Problem, content_type = "application/problem+json"),
     )
@@ -159,9 +139,7 @@ pub async fn charge_points(
     let amount = ChargeAmount::new(body.amount).map_err(|e| ApiError::validation("amount", e.to_string()))?;
     let outcome = state.charge_points.execute(user_id, amount, key).await?;
     let mut response = HttpResponse::Ok();
-    if outcome.is_replay() {
-        response.insert_header((IDEMPOTENT_REPLAYED, "true"));
-    }
+    mark_replayed(&mut response, outcome.is_replay());
     Ok(response.json(balance_response(user_id, outcome.into_inner())))
 }
 
@@ -178,7 +156,7 @@ pub async fn charge_points(
         (status = 200, description = "Entries, newest first", body = [HistoryEntryResponse]),
         (status = 400, description = "Malformed id or limit", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+        MySqlUnavailable,
     )
 )]
 pub async fn point_history(

@@ -1,27 +1,26 @@
-//! `/api/v1/queue/tokens`: a place in line, its view, its live events, and the gate that
-//! the booking routes put in front of themselves.
+//! `/api/v1/queue/tokens`: a place in line, its view and its live events. The gate that
+//! the booking routes put in front of themselves is [`crate::gate`].
 
 use std::time::Duration;
 
-use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::web::Bytes;
-use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
-use application::queue::{GateError, IssueTokenError, QueueReader, TokenView};
-use domain::queue::{QueueStatus, QueueTokenId};
+use actix_web::{HttpRequest, HttpResponse, web};
+use application::queue::{IssueTokenError, TokenView};
+use domain::queue::QueueStatus;
 use domain::user::UserId;
-use futures::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::AppState;
 use crate::extract::ValidJson;
+use crate::gate::queue_token;
 use crate::problem::{ApiError, Problem};
+use crate::problem_responses::{
+    BodyTooLarge, MySqlOrQueueUnavailable, QueueStoreUnavailable, QueueTokenInvalid,
+};
 use crate::queue_events::StreamState;
-
-/// The header that carries a queue token.
-pub const QUEUE_TOKEN: &str = "Queue-Token";
 
 /// How often an event stream sends a comment line when nothing changed, so that proxies
 /// and clients see the connection is alive.
@@ -85,53 +84,6 @@ pub struct QueueEvent {
     pub data: String,
 }
 
-/// The request's `Queue-Token`: exactly one, a UUID; anything else is 401.
-///
-/// # Errors
-/// [`ApiError::QueueTokenInvalid`].
-pub fn queue_token(req: &HttpRequest) -> Result<QueueTokenId, ApiError> {
-    let mut values = req.headers().get_all(QUEUE_TOKEN);
-    let (Some(value), None) = (values.next(), values.next()) else {
-        return Err(ApiError::QueueTokenInvalid);
-    };
-    let raw = value.to_str().map_err(|_| ApiError::QueueTokenInvalid)?;
-    QueueTokenId::parse(raw).map_err(|_| ApiError::QueueTokenInvalid)
-}
-
-impl From<GateError> for ApiError {
-    fn from(error: GateError) -> Self {
-        match error {
-            GateError::Invalid => Self::QueueTokenInvalid,
-            GateError::NotActive => Self::QueueTokenNotActive,
-            GateError::Unexpected(error) => error.into(),
-        }
-    }
-}
-
-/// The gate of the booking routes: a handler that takes `Admitted` runs only for the
-/// holder of an ACTIVE queue token, and gets that token's user (never a user named in
-/// the body). One round trip to the queue's store.
-///
-/// No header, a malformed, unknown or expired token: `401 QUEUE_TOKEN_INVALID`; a WAITING
-/// token: `403 QUEUE_TOKEN_NOT_ACTIVE`.
-#[derive(Debug, Clone, Copy)]
-pub struct Admitted(pub UserId);
-
-impl FromRequest for Admitted {
-    type Error = ApiError;
-    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let token = queue_token(req);
-        let reader = req.app_data::<web::Data<QueueReader>>().cloned();
-        Box::pin(async move {
-            let reader =
-                reader.ok_or_else(|| ApiError::from(anyhow::anyhow!("no QueueReader is registered")))?;
-            Ok(Self(reader.admit_holder(token?).await?))
-        })
-    }
-}
-
 /// Take a place in line.
 ///
 /// A user with a live token gets that same token back (200), place kept; otherwise a new
@@ -149,8 +101,8 @@ impl FromRequest for Admitted {
         (status = 200, description = "The user's live token, place kept", body = TokenViewResponse),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+        BodyTooLarge,
+        MySqlOrQueueUnavailable,
     )
 )]
 pub async fn issue_token(
@@ -177,8 +129,8 @@ pub async fn issue_token(
     params(("Queue-Token" = uuid::Uuid, Header, description = "The queue token")),
     responses(
         (status = 200, description = "The token's view", body = TokenViewResponse),
-        (status = 401, description = "QUEUE_TOKEN_INVALID: missing, malformed, unknown or expired", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+        QueueTokenInvalid,
+        QueueStoreUnavailable,
     )
 )]
 pub async fn my_token(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -205,8 +157,8 @@ pub async fn my_token(state: web::Data<AppState>, req: HttpRequest) -> Result<Ht
     params(("Queue-Token" = uuid::Uuid, Header, description = "The queue token")),
     responses(
         (status = 200, description = "`text/event-stream`: `event: status` with a token view as `data`, each time it changes; `event: expired` when the token is gone. The schema is that of one event.", body = QueueEvent, content_type = "text/event-stream"),
-        (status = 401, description = "QUEUE_TOKEN_INVALID: missing, malformed, unknown or expired", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+        QueueTokenInvalid,
+        QueueStoreUnavailable,
     )
 )]
 pub async fn my_token_events(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -274,105 +226,5 @@ fn event(state: &StreamState, done: &mut bool) -> Bytes {
             *done = true;
             Bytes::from_static(b": this instance is stopping; reconnect\nretry: 1000\n\n")
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use actix_web::{App, test as actix_test};
-    use application::queue::MockWaitingQueue;
-    use domain::queue::TokenState;
-
-    use super::*;
-
-    async fn whoami(Admitted(user): Admitted) -> HttpResponse {
-        HttpResponse::Ok().body(user.to_string())
-    }
-
-    fn state(status: QueueStatus, user_id: UserId) -> TokenState {
-        TokenState {
-            token: QueueTokenId::generate(),
-            user_id,
-            status,
-            position: (status == QueueStatus::Waiting).then_some(4),
-            expires_at: None,
-            admissions_per_second: 1.0,
-        }
-    }
-
-    #[actix_web::test]
-    async fn the_gate_lets_in_only_an_active_token_and_hands_the_handler_its_user() {
-        let (active, waiting) = (QueueTokenId::generate(), QueueTokenId::generate());
-        let holder = UserId::generate();
-        let mut queue = MockWaitingQueue::new();
-        queue.expect_state().returning(move |token| {
-            Ok(if token == active {
-                Some(state(QueueStatus::Active, holder))
-            } else if token == waiting {
-                Some(state(QueueStatus::Waiting, UserId::generate()))
-            } else {
-                None
-            })
-        });
-        let app = actix_test::init_service(
-            App::new()
-                .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
-                .route("/booking", web::get().to(whoami)),
-        )
-        .await;
-        let call = |headers: Vec<&'static str>| {
-            let mut request = actix_test::TestRequest::get().uri("/booking");
-            for value in headers {
-                request = request.append_header((QUEUE_TOKEN, value));
-            }
-            request.to_request()
-        };
-        let active_header: &'static str = Box::leak(active.to_string().into_boxed_str());
-        let waiting_header: &'static str = Box::leak(waiting.to_string().into_boxed_str());
-        let unknown_header: &'static str = Box::leak(QueueTokenId::generate().to_string().into_boxed_str());
-
-        let admitted = actix_test::call_service(&app, call(vec![active_header])).await;
-        assert_eq!(admitted.status().as_u16(), 200);
-        assert_eq!(actix_test::read_body(admitted).await, holder.to_string().as_bytes());
-
-        let waiting_answer = actix_test::call_service(&app, call(vec![waiting_header])).await;
-        assert_eq!(waiting_answer.status().as_u16(), 403);
-        let body: serde_json::Value = actix_test::read_body_json(waiting_answer).await;
-        assert_eq!(body["code"], "QUEUE_TOKEN_NOT_ACTIVE");
-
-        for headers in [vec![], vec!["not-a-uuid"], vec![unknown_header], vec![active_header, active_header]]
-        {
-            let refused = actix_test::call_service(&app, call(headers.clone())).await;
-            assert_eq!(refused.status().as_u16(), 401, "{headers:?}");
-            let body: serde_json::Value = actix_test::read_body_json(refused).await;
-            assert_eq!(body["code"], "QUEUE_TOKEN_INVALID");
-        }
-    }
-
-    #[actix_web::test]
-    async fn a_queue_store_failure_at_the_gate_is_a_503_not_a_401() {
-        let mut queue = MockWaitingQueue::new();
-        queue.expect_state().returning(|_| {
-            Err(anyhow::Error::new(domain::unavailable::Unavailable {
-                reason: "redis",
-                source: Box::new(std::io::Error::other("connection refused")),
-            }))
-        });
-        let app = actix_test::init_service(
-            App::new()
-                .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
-                .route("/booking", web::get().to(whoami)),
-        )
-        .await;
-        let request = actix_test::TestRequest::get()
-            .uri("/booking")
-            .append_header((QUEUE_TOKEN, QueueTokenId::generate().to_string()))
-            .to_request();
-
-        let answer = actix_test::call_service(&app, request).await;
-
-        assert_eq!(answer.status().as_u16(), 503);
     }
 }

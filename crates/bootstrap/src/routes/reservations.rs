@@ -7,10 +7,11 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use super::queue::Admitted;
 use super::{AppState, uuid_param};
 use crate::extract::LateJson;
+use crate::gate::Admitted;
 use crate::problem::{ApiError, Problem};
+use crate::problem_responses::{BodyTooLarge, MySqlOrQueueUnavailable, QueueGate};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -71,11 +72,10 @@ impl From<&Reservation> for ReservationResponse {
     responses(
         (status = 201, description = "The seat is held for the token's user", body = ReservationResponse),
         (status = 400, description = "Malformed body, scheduleId or seatNumber", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "QUEUE_TOKEN_INVALID", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "QUEUE_TOKEN_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        QueueGate,
         (status = 404, description = "SCHEDULE_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "SEAT_UNAVAILABLE (held, sold, or being taken right now) or BOOKING_CLOSED (outside the booking window)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        BodyTooLarge,
         (status = 503, description = "SERVICE_UNAVAILABLE: Redis or MySQL is unavailable; nothing changed, retry after Retry-After. OUTCOME_UNKNOWN: MySQL did not confirm the commit; read your reservations before retrying", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -108,10 +108,9 @@ pub async fn hold_seat(
     responses(
         (status = 200, description = "The reservation", body = ReservationResponse),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "QUEUE_TOKEN_INVALID", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "QUEUE_TOKEN_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        QueueGate,
         (status = 404, description = "RESERVATION_NOT_FOUND (also another user's)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL or the queue's store is unavailable", body = Problem, content_type = "application/problem+json"),
+        MySqlOrQueueUnavailable,
     )
 )]
 pub async fn get_reservation(
@@ -143,8 +142,7 @@ pub async fn get_reservation(
     responses(
         (status = 200, description = "Cancelled", body = ReservationResponse),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "QUEUE_TOKEN_INVALID", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "QUEUE_TOKEN_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        QueueGate,
         (status = 404, description = "RESERVATION_NOT_FOUND (also another user's)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "RESERVATION_NOT_HELD: confirmed, cancelled, or its hold ran out", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RESOURCE_BUSY: the seat stayed busy; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use crate::extract::ValidJson;
 use crate::problem::{ApiError, Problem};
+use crate::problem_responses::{BodyTooLarge, MySqlUnavailable};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -57,8 +58,8 @@ impl From<&User> for UserResponse {
     responses(
         (status = 201, description = "User created", body = UserResponse),
         (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: MySQL is unavailable; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+        BodyTooLarge,
+        MySqlUnavailable,
     )
 )]
 pub async fn create_user(

@@ -1,0 +1,161 @@
+//! The queue gate that the booking routes put in front of themselves: the `Queue-Token`
+//! header, the [`Admitted`] extractor, and how a refusal is answered (401 / 403).
+
+use actix_web::dev::Payload;
+use actix_web::{FromRequest, HttpRequest, web};
+use application::queue::{GateError, QueueReader};
+use domain::queue::QueueTokenId;
+use domain::user::UserId;
+use futures::future::LocalBoxFuture;
+
+use crate::problem::ApiError;
+
+/// The header that carries a queue token.
+pub const QUEUE_TOKEN: &str = "Queue-Token";
+
+/// The request's `Queue-Token`: exactly one, a UUID; anything else is 401.
+///
+/// # Errors
+/// [`ApiError::QueueTokenInvalid`].
+pub fn queue_token(req: &HttpRequest) -> Result<QueueTokenId, ApiError> {
+    let mut values = req.headers().get_all(QUEUE_TOKEN);
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(ApiError::QueueTokenInvalid);
+    };
+    let raw = value.to_str().map_err(|_| ApiError::QueueTokenInvalid)?;
+    QueueTokenId::parse(raw).map_err(|_| ApiError::QueueTokenInvalid)
+}
+
+impl From<GateError> for ApiError {
+    fn from(error: GateError) -> Self {
+        match error {
+            GateError::Invalid => Self::QueueTokenInvalid,
+            GateError::NotActive => Self::QueueTokenNotActive,
+            GateError::Unexpected(error) => error.into(),
+        }
+    }
+}
+
+/// The gate of the booking routes: a handler that takes `Admitted` runs only for the
+/// holder of an ACTIVE queue token, and gets that token's user (never a user named in
+/// the body). One round trip to the queue's store.
+///
+/// No header, a malformed, unknown or expired token: `401 QUEUE_TOKEN_INVALID`; a WAITING
+/// token: `403 QUEUE_TOKEN_NOT_ACTIVE`.
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted(pub UserId);
+
+impl FromRequest for Admitted {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let token = queue_token(req);
+        let reader = req.app_data::<web::Data<QueueReader>>().cloned();
+        Box::pin(async move {
+            let reader =
+                reader.ok_or_else(|| ApiError::from(anyhow::anyhow!("no QueueReader is registered")))?;
+            Ok(Self(reader.admit_holder(token?).await?))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use actix_web::{App, HttpResponse, test as actix_test};
+    use application::queue::MockWaitingQueue;
+    use domain::queue::{QueueStatus, TokenState};
+
+    use super::*;
+
+    async fn whoami(Admitted(user): Admitted) -> HttpResponse {
+        HttpResponse::Ok().body(user.to_string())
+    }
+
+    fn state(status: QueueStatus, user_id: UserId) -> TokenState {
+        TokenState {
+            token: QueueTokenId::generate(),
+            user_id,
+            status,
+            position: (status == QueueStatus::Waiting).then_some(4),
+            expires_at: None,
+            admissions_per_second: 1.0,
+        }
+    }
+
+    #[actix_web::test]
+    async fn the_gate_lets_in_only_an_active_token_and_hands_the_handler_its_user() {
+        let (active, waiting) = (QueueTokenId::generate(), QueueTokenId::generate());
+        let holder = UserId::generate();
+        let mut queue = MockWaitingQueue::new();
+        queue.expect_state().returning(move |token| {
+            Ok(if token == active {
+                Some(state(QueueStatus::Active, holder))
+            } else if token == waiting {
+                Some(state(QueueStatus::Waiting, UserId::generate()))
+            } else {
+                None
+            })
+        });
+        let app = actix_test::init_service(
+            App::new()
+                .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
+                .route("/booking", web::get().to(whoami)),
+        )
+        .await;
+        let call = |headers: Vec<&'static str>| {
+            let mut request = actix_test::TestRequest::get().uri("/booking");
+            for value in headers {
+                request = request.append_header((QUEUE_TOKEN, value));
+            }
+            request.to_request()
+        };
+        let active_header: &'static str = Box::leak(active.to_string().into_boxed_str());
+        let waiting_header: &'static str = Box::leak(waiting.to_string().into_boxed_str());
+        let unknown_header: &'static str = Box::leak(QueueTokenId::generate().to_string().into_boxed_str());
+
+        let admitted = actix_test::call_service(&app, call(vec![active_header])).await;
+        assert_eq!(admitted.status().as_u16(), 200);
+        assert_eq!(actix_test::read_body(admitted).await, holder.to_string().as_bytes());
+
+        let waiting_answer = actix_test::call_service(&app, call(vec![waiting_header])).await;
+        assert_eq!(waiting_answer.status().as_u16(), 403);
+        let body: serde_json::Value = actix_test::read_body_json(waiting_answer).await;
+        assert_eq!(body["code"], "QUEUE_TOKEN_NOT_ACTIVE");
+
+        for headers in [vec![], vec!["not-a-uuid"], vec![unknown_header], vec![active_header, active_header]]
+        {
+            let refused = actix_test::call_service(&app, call(headers.clone())).await;
+            assert_eq!(refused.status().as_u16(), 401, "{headers:?}");
+            let body: serde_json::Value = actix_test::read_body_json(refused).await;
+            assert_eq!(body["code"], "QUEUE_TOKEN_INVALID");
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_queue_store_failure_at_the_gate_is_a_503_not_a_401() {
+        let mut queue = MockWaitingQueue::new();
+        queue.expect_state().returning(|_| {
+            Err(anyhow::Error::new(domain::unavailable::Unavailable {
+                reason: "redis",
+                source: Box::new(std::io::Error::other("connection refused")),
+            }))
+        });
+        let app = actix_test::init_service(
+            App::new()
+                .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
+                .route("/booking", web::get().to(whoami)),
+        )
+        .await;
+        let request = actix_test::TestRequest::get()
+            .uri("/booking")
+            .append_header((QUEUE_TOKEN, QueueTokenId::generate().to_string()))
+            .to_request();
+
+        let answer = actix_test::call_service(&app, request).await;
+
+        assert_eq!(answer.status().as_u16(), 503);
+    }
+}

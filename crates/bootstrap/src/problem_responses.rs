@@ -1,0 +1,80 @@
+//! The problem answers that several routes document word for word, defined once for
+//! `#[utoipa::path(responses(...))]`.
+//!
+//! Each type here is an `IntoResponses`: listed in a route's `responses(...)` beside its
+//! own tuples, it adds the same entries those tuples would (status, description, an
+//! `application/problem+json` body referencing the `Problem` schema), so the document is
+//! unchanged. A route whose wording differs keeps its own tuple: the descriptions are
+//! part of the contract. The types are never built; they only describe.
+
+use utoipa::IntoResponses;
+
+use crate::problem::Problem;
+
+/// The queue gate's refusals ([`crate::gate::Admitted`]): 401 and 403.
+#[derive(Debug, IntoResponses)]
+pub enum QueueGate {
+    #[response(status = 401, description = "QUEUE_TOKEN_INVALID", content_type = "application/problem+json")]
+    Invalid(Problem),
+    #[response(
+        status = 403,
+        description = "QUEUE_TOKEN_NOT_ACTIVE",
+        content_type = "application/problem+json"
+    )]
+    NotActive(Problem),
+}
+
+/// 401 for the routes that read a token of any status (its own view, its events).
+#[derive(Debug, IntoResponses)]
+#[response(
+    status = 401,
+    description = "QUEUE_TOKEN_INVALID: missing, malformed, unknown or expired",
+    content_type = "application/problem+json"
+)]
+pub struct QueueTokenInvalid(pub Problem);
+
+/// 401 for the admin routes after the first (which words it at length).
+#[derive(Debug, IntoResponses)]
+#[response(status = 401, description = "ADMIN_KEY_INVALID", content_type = "application/problem+json")]
+pub struct AdminKeyInvalid(pub Problem);
+
+/// 413 for every route with a body ([`crate::extract::BODY_LIMIT`]).
+#[derive(Debug, IntoResponses)]
+#[response(status = 413, description = "Body over 64 KiB", content_type = "application/problem+json")]
+pub struct BodyTooLarge(pub Problem);
+
+/// 503 for the routes that need only MySQL and change nothing on failure.
+#[derive(Debug, IntoResponses)]
+#[response(
+    status = 503,
+    description = "SERVICE_UNAVAILABLE: MySQL is unavailable; nothing changed, retry after Retry-After",
+    content_type = "application/problem+json"
+)]
+pub struct MySqlUnavailable(pub Problem);
+
+/// 503 for the routes that need MySQL and the queue's store.
+#[derive(Debug, IntoResponses)]
+#[response(
+    status = 503,
+    description = "SERVICE_UNAVAILABLE: MySQL or the queue's store is unavailable",
+    content_type = "application/problem+json"
+)]
+pub struct MySqlOrQueueUnavailable(pub Problem);
+
+/// 503 for the routes that need only the queue's store.
+#[derive(Debug, IntoResponses)]
+#[response(
+    status = 503,
+    description = "SERVICE_UNAVAILABLE: the queue's store is unavailable",
+    content_type = "application/problem+json"
+)]
+pub struct QueueStoreUnavailable(pub Problem);
+
+/// 503 for the catalog's writes (the admin routes): MySQL, and Redis for the cache marks.
+#[derive(Debug, IntoResponses)]
+#[response(
+    status = 503,
+    description = "SERVICE_UNAVAILABLE: MySQL or Redis (the cache) is unavailable; nothing changed",
+    content_type = "application/problem+json"
+)]
+pub struct CatalogWriteUnavailable(pub Problem);
