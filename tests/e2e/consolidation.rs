@@ -43,7 +43,7 @@ async fn send_and_hang_up(base: &str, path: &str, headers: &[(&str, &str)], body
     drop(stream);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[actix_web::test]
 async fn payments_whose_clients_hang_up_right_after_sending_still_end_their_tokens_and_lift_their_marks() {
     const PAYERS: usize = 30;
     let prefix = format!("e2e-{}:", uuid::Uuid::new_v4().simple());
@@ -151,7 +151,7 @@ async fn payments_whose_clients_hang_up_right_after_sending_still_end_their_toke
     cluster.shut_down().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[actix_web::test]
 async fn a_storm_of_new_idempotency_keys_leaves_no_lock_state_behind() {
     let cluster =
         Cluster::start_with(2, &ClusterOptions::with_env(e2e::PATIENT_LOCKS)).await.expect("cluster");

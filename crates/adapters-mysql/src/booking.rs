@@ -219,6 +219,25 @@ impl BookingRepository for MySqlBookingRepository {
         Ok(row.map(|row| reservation_from(&row)).transpose()?)
     }
 
+    async fn reservation_in(
+        &self,
+        tx: &mut Tx,
+        id: ReservationId,
+    ) -> Result<Option<Reservation>, BookingRepositoryError> {
+        let row = connection(tx)?
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                // A locking read: the row as last committed, not as this transaction's
+                // snapshot saw it (the callers hold its lock already, so it never waits).
+                "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
+                 FROM reservations WHERE id = ? LOCK IN SHARE MODE",
+                [(*id.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to read a reservation")?;
+        Ok(row.map(|row| reservation_from(&row)).transpose()?)
+    }
+
     async fn end_hold(
         &self,
         tx: &mut Tx,

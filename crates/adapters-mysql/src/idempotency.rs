@@ -61,6 +61,19 @@ impl IdempotencyStore for MySqlIdempotencyStore {
         }))
     }
 
+    #[tracing::instrument(name = "idempotency.is_recorded", skip_all, fields(%user_id))]
+    async fn is_recorded(&self, tx: &mut Tx, user_id: UserId, key: &IdempotencyKey) -> anyhow::Result<bool> {
+        let row = connection(tx)?
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "SELECT 1 AS found FROM idempotency_keys WHERE user_id = ? AND idem_key = ?",
+                [(*user_id.as_uuid()).into(), key.as_str().into()],
+            ))
+            .await
+            .db_context("failed to look up an idempotency key")?;
+        Ok(row.is_some())
+    }
+
     #[tracing::instrument(name = "idempotency.insert", skip_all, fields(user_id = %record.user_id))]
     async fn insert(&self, tx: &mut Tx, record: &IdempotencyRecord) -> Result<(), RecordError> {
         let inserted = connection(tx)?

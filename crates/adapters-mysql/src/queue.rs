@@ -237,18 +237,19 @@ impl WaitingQueue for MySqlQueue {
                 }
             };
             let active = count("ACTIVE", true).await?;
-            let (max_active, batch, interval) = match config.policy {
-                AdmitPolicy::MaxActive { max_active } => (max_active, None, config.admit_interval),
-                AdmitPolicy::Rate { batch, interval, max_active } => (max_active, Some(batch), interval),
+            // The policy's arithmetic is the domain's, shared with the Redis script: one
+            // `rate` batch per interval, whichever instance comes first, the mark moving by
+            // whole intervals.
+            let interval = match config.policy {
+                AdmitPolicy::MaxActive { .. } => config.admit_interval,
+                AdmitPolicy::Rate { interval, .. } => interval,
             };
-            let mut room = max_active.saturating_sub(active).min(MAX_ADMIT_PER_STEP);
-            // One `rate` batch per interval, whichever instance comes first; the mark
-            // advances by whole intervals (as on Redis), keeping the cadence.
             let interval_ms = millis(interval).max(1);
-            let batch_due = now >= last_batch_ms.saturating_add(interval_ms);
-            if let Some(batch) = batch {
-                room = if batch_due { room.min(batch) } else { 0 };
-            }
+            let mark = match config.policy {
+                AdmitPolicy::Rate { .. } => domain::queue::next_batch_mark(last_batch_ms, now, interval_ms),
+                AdmitPolicy::MaxActive { .. } => None,
+            };
+            let room = config.policy.to_admit(active, mark.is_some(), MAX_ADMIT_PER_STEP);
             let admitted = if room > 0 {
                 exec(
                     // Skips abandoned tokens that the cleanup above has not reached yet.
@@ -273,11 +274,7 @@ impl WaitingQueue for MySqlQueue {
                 )
                 .await?;
             }
-            let new_batch_ms = if batch.is_some() && batch_due {
-                last_batch_ms + interval_ms * ((now - last_batch_ms) / interval_ms)
-            } else {
-                last_batch_ms
-            };
+            let new_batch_ms = mark.unwrap_or(last_batch_ms);
             let window_start = now - millis(config.rate_window);
             exec("DELETE FROM queue_admission_log WHERE at_ms < ?".to_owned(), vec![window_start.into()])
                 .await?;

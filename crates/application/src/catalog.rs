@@ -103,14 +103,15 @@ pub struct SeatView {
 }
 
 impl SeatView {
-    /// What the seat shows at `now`: a hold that ran out is AVAILABLE.
+    /// What the seat shows at `now`, by the one rule ([`SeatStatus::shown`]).
     #[must_use]
     pub fn status_at(&self, now: OffsetDateTime) -> SeatStatus {
-        match (self.stored, self.held_until) {
-            (StoredSeat::Sold, _) => SeatStatus::Sold,
-            (StoredSeat::Held, Some(until)) if now < until => SeatStatus::Held,
-            _ => SeatStatus::Available,
-        }
+        let stored = match self.stored {
+            StoredSeat::Available => SeatStatus::Available,
+            StoredSeat::Held => SeatStatus::Held,
+            StoredSeat::Sold => SeatStatus::Sold,
+        };
+        stored.shown(self.held_until, now)
     }
 }
 

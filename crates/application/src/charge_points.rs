@@ -135,7 +135,7 @@ impl ChargePoints {
                     locked_tx(self.lock.as_ref(), self.txm.as_ref(), &locks, move |tx| {
                         Box::pin(async move {
                             if let Some(recorder) = &recorder {
-                                recorder.ensure_unrecorded().await?;
+                                recorder.ensure_unrecorded(tx).await?;
                             }
                             // Re-checked inside: the account may have gone since the read above.
                             let mut account = points

@@ -25,6 +25,8 @@ pub enum Dependency {
     LockStore,
     /// The cache, for a write that must mark the answers it changes before committing.
     Cache,
+    /// This process's room for writes in flight ([`crate::detach::MAX_IN_FLIGHT`]).
+    WriteCapacity,
 }
 
 impl fmt::Display for Dependency {
@@ -32,6 +34,7 @@ impl fmt::Display for Dependency {
         f.write_str(match self {
             Self::LockStore => "lock service",
             Self::Cache => "cache service",
+            Self::WriteCapacity => "room for more concurrent writes",
         })
     }
 }

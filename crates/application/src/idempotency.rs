@@ -138,6 +138,10 @@ pub trait IdempotencyStore: Send + Sync {
     /// The record of (user, key), if any (expired ones included until purged).
     async fn find(&self, user_id: UserId, key: &IdempotencyKey) -> anyhow::Result<Option<IdempotencyRecord>>;
 
+    /// Whether (user, key) has a record, read in `tx` (on its connection: a transaction
+    /// never waits for a second one from the pool).
+    async fn is_recorded(&self, tx: &mut Tx, user_id: UserId, key: &IdempotencyKey) -> anyhow::Result<bool>;
+
     /// Stores `record` in `tx`.
     ///
     /// # Errors
@@ -237,13 +241,15 @@ impl Recorder {
     /// # Errors
     /// [`IdempotencyError::Duplicate`] when the key has its record already (roll back: the
     /// run then replays it); a [`Failure`] when the store cannot be read.
-    pub async fn ensure_unrecorded(&self) -> Result<(), IdempotencyError> {
+    pub async fn ensure_unrecorded(&self, tx: &mut Tx) -> Result<(), IdempotencyError> {
+        // In the transaction, whose snapshot begins here, after the locks: it sees what a
+        // run that held them before committed.
         let found = self
             .store
-            .find(self.user_id, &self.key)
+            .is_recorded(tx, self.user_id, &self.key)
             .await
             .map_err(|e| e.context("failed to read the idempotency key"))?;
-        if found.is_some() {
+        if found {
             self.collided.store(true, Ordering::SeqCst);
             return Err(IdempotencyError::Duplicate);
         }
@@ -494,8 +500,9 @@ mod tests {
         let user_id = UserId::generate();
         let inserted: Arc<Mutex<Vec<IdempotencyRecord>>> = Arc::default();
         let mut store = MockIdempotencyStore::new();
-        // Looked up before the operation, and again under its lock.
-        store.expect_find().times(2).returning(|_, _| Ok(None));
+        // Looked up before the operation, and again in its transaction, under its lock.
+        store.expect_find().times(1).returning(|_, _| Ok(None));
+        store.expect_is_recorded().times(1).returning(|_, _, _| Ok(false));
         let sink = Arc::clone(&inserted);
         store.expect_insert().times(1).returning(move |_, record| {
             sink.lock().unwrap().push(record.clone());
@@ -508,8 +515,8 @@ mod tests {
                 let lock = recorder.lock();
                 assert!(lock.key.as_str().starts_with(&format!("lock:idem:{user_id}:")), "{lock:?}");
                 assert!(matches!(lock.wait, WaitPolicy::WaitUpTo(_)) && !lock.key.is_fenced());
-                recorder.ensure_unrecorded().await?;
                 let mut tx: Box<domain::unit_of_work::Tx> = Box::new(MockUnitOfWork::new());
+                recorder.ensure_unrecorded(tx.as_mut()).await?;
                 recorder.record(tx.as_mut(), &Answer { balance: 105 }).await?;
                 Ok(Answer { balance: 105 })
             })
@@ -529,19 +536,21 @@ mod tests {
         let user_id = UserId::generate();
         let mut store = MockIdempotencyStore::new();
         let mut seq = mockall::Sequence::new();
-        // Nothing yet when it arrives; the first has finished once it holds the lock (and
-        // the replay reads the record once more).
+        // Nothing yet when it arrives; the first has finished once it holds the lock, and
+        // the replay reads its record.
         store.expect_find().times(1).in_sequence(&mut seq).returning(|_, _| Ok(None));
+        store.expect_is_recorded().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(true));
         store
             .expect_find()
-            .times(2)
+            .times(1)
             .in_sequence(&mut seq)
             .returning(move |_, _| Ok(Some(record(user_id, 5, 105))));
 
         let outcome: Result<Outcome<Answer>, TestError> = idempotency(store)
             .run(user_id, Some(key("k-1")), fingerprint(5), |recorder| async move {
                 // Under the key's lock, inside the transaction: the first has finished.
-                recorder.unwrap().ensure_unrecorded().await?;
+                let mut tx: Box<domain::unit_of_work::Tx> = Box::new(MockUnitOfWork::new());
+                recorder.unwrap().ensure_unrecorded(tx.as_mut()).await?;
                 panic!("must not run again")
             })
             .await;

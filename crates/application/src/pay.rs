@@ -290,15 +290,20 @@ impl Pay {
         locked_tx(self.lock.as_ref(), self.txm.as_ref(), &locks, move |tx| {
             Box::pin(async move {
                 if let Some(recorder) = &recorder {
-                    recorder.ensure_unrecorded().await?;
+                    recorder.ensure_unrecorded(tx).await?;
                 }
                 let now = clock::now_utc();
                 // Re-checked inside: the hold may have run out, been paid or cancelled.
                 if !bookings.confirm(tx, &reservation, now).await? {
-                    let status = bookings.reservation(reservation.id).await?.map(|r| r.status_at(now));
+                    // Why not, as stored; a hold still stored HELD ran out by the database's
+                    // clock (the confirming statement's judge).
+                    let status = bookings.reservation_in(tx, reservation.id).await?.map(|r| r.status);
                     return Err(match status {
                         Some(ReservationStatus::Confirmed) => PayError::AlreadyPaid,
-                        other => PayError::ReservationExpired(other.unwrap_or(ReservationStatus::Expired)),
+                        Some(ReservationStatus::Held) | None => {
+                            PayError::ReservationExpired(ReservationStatus::Expired)
+                        }
+                        Some(other) => PayError::ReservationExpired(other),
                     });
                 }
                 if reservation.price.points() > 0 {
@@ -633,14 +638,20 @@ mod tests {
         let mut ports = Ports::new();
         ports.bookings.expect_reservation().returning(move |_| Ok(Some(held.clone())));
         granted_and_rolled_back(&mut ports, user, id);
-        // The database's clock decides in the confirming statement: here, ran out.
+        // The database's clock decides in the confirming statement: here, ran out (the row
+        // still says HELD: the expiry job has not run).
         ports.bookings.expect_confirm().times(1).returning(|_, _, _| Ok(false));
+        let stored = reservation(user, ReservationStatus::Held, -time::Duration::seconds(1));
+        ports.bookings.expect_reservation_in().times(1).returning(move |_, _| Ok(Some(stored.clone())));
         ports.points.expect_lock_account().never();
         ports.queue.expect_expire().never();
 
         let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
 
-        assert!(matches!(result, Err(PayError::ReservationExpired(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(PayError::ReservationExpired(ReservationStatus::Expired))),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
@@ -678,9 +689,9 @@ mod tests {
             let held = reservation(user, ReservationStatus::Held, time::Duration::minutes(3));
             let id = held.id;
             let later = Reservation { status: now_status, ..held.clone() };
-            let mut reads = vec![later, held];
             let mut ports = Ports::new();
-            ports.bookings.expect_reservation().times(2).returning(move |_| Ok(reads.pop()));
+            ports.bookings.expect_reservation().times(1).returning(move |_| Ok(Some(held.clone())));
+            ports.bookings.expect_reservation_in().times(1).returning(move |_, _| Ok(Some(later.clone())));
             granted_and_rolled_back(&mut ports, user, id);
             ports.bookings.expect_confirm().times(1).returning(|_, _, _| Ok(false));
             ports.points.expect_lock_account().never();

@@ -131,8 +131,13 @@ impl Reservations {
                     if bookings.end_hold(tx, id, cancelled, clock::now_utc()).await? {
                         return Ok(catalog.seats_changing(schedule).await?);
                     }
-                    let now = bookings.reservation(id).await?.map(|r| r.status_at(clock::now_utc()));
-                    Err(ReservationError::NotHeld(now.unwrap_or(ReservationStatus::Expired)))
+                    // Why not, as stored; a hold still stored HELD ran out by the
+                    // database's clock (the statement's judge).
+                    let stored = bookings.reservation_in(tx, id).await?.map(|r| r.status);
+                    Err(ReservationError::NotHeld(match stored {
+                        Some(ReservationStatus::Held) | None => ReservationStatus::Expired,
+                        Some(other) => other,
+                    }))
                 })
             },
         )
@@ -312,9 +317,9 @@ mod tests {
         let held = reservation(owner, ReservationStatus::Held, time::Duration::minutes(3));
         let paid = Reservation { status: ReservationStatus::Confirmed, ..held.clone() };
         let id = held.id;
-        let mut reads = vec![paid, held];
         let mut bookings = MockBookingRepository::new();
-        bookings.expect_reservation().times(2).returning(move |_| Ok(reads.pop()));
+        bookings.expect_reservation().times(1).returning(move |_| Ok(Some(held.clone())));
+        bookings.expect_reservation_in().times(1).returning(move |_, _| Ok(Some(paid.clone())));
         bookings.expect_end_hold().times(1).returning(|_, _, _, _| Ok(false));
         let (lock, txm) = lock_and_tx(WaitPolicy::WaitUpTo(CANCEL_LOCK_WAIT), false);
 

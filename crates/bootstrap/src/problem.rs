@@ -10,7 +10,7 @@ use actix_web::{HttpResponse, ResponseError};
 use application::catalog::CatalogError;
 use application::charge_points::ChargePointsError;
 use application::create_user::CreateUserError;
-use application::failure::Failure;
+use application::failure::{Dependency, Failure};
 use application::get_balance::GetBalanceError;
 use application::hold_seat::HoldSeatError;
 use application::pay::PayError;
@@ -292,6 +292,10 @@ impl From<Failure> for ApiError {
                         .into(),
                 )
             }
+            Failure::Unavailable { what: Dependency::WriteCapacity, .. } => Self::Unavailable(
+                "this instance is running as many writes as it takes; nothing was changed, retry shortly"
+                    .into(),
+            ),
             Failure::Unavailable { what, source } => {
                 tracing::warn!(error = format!("{source:#}"), dependency = %what, "dependency unavailable for a write");
                 Self::Unavailable(format!("the {what} is unavailable; nothing was changed, retry shortly"))

@@ -58,6 +58,8 @@ pub struct Application {
     lock: RedisLock,
     jobs: Jobs,
     queue_events: QueueEvents,
+    /// `SHUTDOWN_GRACE_SECONDS`.
+    grace: Duration,
 }
 
 impl std::fmt::Debug for Application {
@@ -258,7 +260,8 @@ impl Application {
             &settings,
         );
         tracing::info!("listening on http://{address}");
-        Ok(Self { port: address.port(), server, db, redis, lock, jobs, queue_events })
+        let grace = Duration::from_secs(settings.shutdown_grace_seconds);
+        Ok(Self { port: address.port(), server, db, redis, lock, jobs, queue_events, grace })
     }
 
     /// The port actually bound (useful with `HTTP_ADDR=...:0`).
@@ -267,22 +270,34 @@ impl Application {
         self.port
     }
 
-    /// Serves until SIGINT or SIGTERM, lets in-flight requests finish (for up to
-    /// `SHUTDOWN_GRACE_SECONDS`; the rest are dropped), releases every lock this process may
-    /// still hold (those of dropped requests included), then closes the connections to
-    /// MySQL and Redis.
+    /// Serves until SIGINT or SIGTERM; then takes no new connection, lets the writes in
+    /// flight end (for up to `SHUTDOWN_GRACE_SECONDS`, those whose clients have gone
+    /// included), then the requests still open finish (for up to the grace again; the rest
+    /// are dropped), releases every lock this process may still hold (those of dropped
+    /// requests included), and closes the connections to MySQL and Redis.
     ///
     /// # Errors
     /// When the server fails.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let queue_events = self.queue_events.clone();
+        let grace = self.grace;
         let stopper = tokio::spawn(async move {
             stop_signal().await;
             tracing::info!("stopping: ending event streams, then letting requests finish");
             queue_events.close_all();
             let graceful = handle.clone();
-            tokio::spawn(async move { graceful.stop(true).await });
+            tokio::spawn(async move {
+                // No new connection; then the writes in flight end (those whose clients
+                // have gone included: the workers' runtimes they run on must outlive
+                // them), then the requests still open get the grace.
+                graceful.pause().await;
+                let left = application::detach::drain(grace).await;
+                if left > 0 {
+                    tracing::warn!(left, "writes still running after the grace; stopping anyway");
+                }
+                graceful.stop(true).await;
+            });
             // A second signal does not wait for the grace: stop now.
             stop_signal().await;
             tracing::warn!("second stop signal: stopping without waiting for requests");

@@ -226,8 +226,21 @@ impl SeatStatus {
     pub fn of(reservation: Option<(ReservationStatus, OffsetDateTime)>, now: OffsetDateTime) -> Self {
         match reservation {
             Some((ReservationStatus::Confirmed, _)) => Self::Sold,
-            Some((ReservationStatus::Held, held_until)) if now < held_until => Self::Held,
+            Some((ReservationStatus::Held, held_until)) => Self::Held.shown(Some(held_until), now),
             _ => Self::Available,
+        }
+    }
+
+    /// What a seat stored as `self`, whose hold (if any) ends at `held_until`, shows at
+    /// `now`: the one rule every reader goes by (the seat row, the cached seat map, a
+    /// reservation's seat). A hold that ran out shows AVAILABLE at once; a HELD seat with
+    /// no end recorded (which the schema refuses) shows HELD: never free while it may be
+    /// someone's.
+    #[must_use]
+    pub fn shown(self, held_until: Option<OffsetDateTime>, now: OffsetDateTime) -> Self {
+        match (self, held_until) {
+            (Self::Held, Some(until)) if now >= until => Self::Available,
+            (status, _) => status,
         }
     }
 
@@ -317,10 +330,7 @@ impl Seat {
     /// What the seat shows at `now`.
     #[must_use]
     pub fn status_at(&self, now: OffsetDateTime) -> SeatStatus {
-        match (self.status, self.held_until) {
-            (SeatStatus::Held, Some(until)) if now >= until => SeatStatus::Available,
-            (status, _) => status,
-        }
+        self.status.shown(self.held_until, now)
     }
 }
 
@@ -430,6 +440,14 @@ pub trait BookingRepository: Send + Sync {
 
     /// A reservation, outside any transaction.
     async fn reservation(&self, id: ReservationId) -> Result<Option<Reservation>, BookingRepositoryError>;
+
+    /// A reservation as last committed, read in `tx` (on its connection: a transaction
+    /// never waits for a second one from the pool).
+    async fn reservation_in(
+        &self,
+        tx: &mut Tx,
+        id: ReservationId,
+    ) -> Result<Option<Reservation>, BookingRepositoryError>;
 
     /// Ends a hold in `tx`: the reservation goes HELD -> `to` (CANCELLED only while the
     /// hold lasts at `now`, EXPIRED only once it ran out: both conditions are in the SQL,
@@ -577,6 +595,10 @@ mod tests {
         let until = NOW + Duration::minutes(5);
         assert_eq!(SeatStatus::of(None, NOW), SeatStatus::Available);
         assert_eq!(SeatStatus::of(Some((ReservationStatus::Held, until)), NOW), SeatStatus::Held);
+        // One rule for every reader: a HELD seat with no recorded end is never shown free.
+        assert_eq!(SeatStatus::Held.shown(None, NOW), SeatStatus::Held);
+        assert_eq!(SeatStatus::Held.shown(Some(NOW), NOW), SeatStatus::Available);
+        assert_eq!(SeatStatus::Sold.shown(Some(NOW - Duration::days(1)), NOW), SeatStatus::Sold);
         assert_eq!(SeatStatus::of(Some((ReservationStatus::Held, until)), until), SeatStatus::Available);
         assert_eq!(SeatStatus::of(Some((ReservationStatus::Confirmed, until)), until), SeatStatus::Sold);
         assert_eq!(SeatStatus::of(Some((ReservationStatus::Cancelled, until)), NOW), SeatStatus::Available);
