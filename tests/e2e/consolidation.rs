@@ -1,6 +1,7 @@
-//! What a hostile or unlucky client must not be able to leave behind: a payment whose
-//! client hangs up right after sending still ends its queue token and lifts its seat map's
-//! write mark; a storm of fresh idempotency keys leaves no lock state in Redis.
+//! What a hostile or unlucky client must not be able to leave behind: a hold or a payment
+//! whose client hangs up right after sending still releases its locks, lifts its seat
+//! map's write mark and (a payment) ends its queue token; a storm of fresh idempotency
+//! keys leaves no lock state in Redis.
 
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,7 @@ async fn send_and_hang_up(base: &str, path: &str, headers: &[(&str, &str)], body
 }
 
 #[actix_web::test]
-async fn payments_whose_clients_hang_up_right_after_sending_still_end_their_tokens_and_lift_their_marks() {
+async fn holds_and_payments_whose_clients_hang_up_right_after_sending_still_end_their_work() {
     const PAYERS: usize = 30;
     let prefix = format!("e2e-{}:", uuid::Uuid::new_v4().simple());
     let mut env = env(1_000);
@@ -77,6 +78,55 @@ async fn payments_whose_clients_hang_up_right_after_sending_still_end_their_toke
         reservations.push(body["id"].as_str().expect("id").to_owned());
     }
 
+    let redis = RedisConnections::connect(&test_support::redis_url().await, 1, DEFAULT_COMMAND_TIMEOUT)
+        .await
+        .expect("redis");
+    let marks_key = format!("{prefix}cache:seats:{{{schedule}}}:w");
+
+    // Holds whose clients hang up: each one that committed lifts its seat map's write mark
+    // all the same. A mark left standing would last the lock's longest hold plus a lease
+    // (over two minutes here), far past the wait below.
+    futures::future::join_all(users[..15].iter().enumerate().map(|(i, (_, token))| {
+        let body = json!({"scheduleId": schedule, "seatNumber": 31 + i}).to_string();
+        let base = bases[i % 3];
+        async move {
+            send_and_hang_up(
+                base,
+                "/api/v1/reservations",
+                &[("Queue-Token", token.as_str())],
+                &body,
+                Duration::from_millis(u64::try_from(i * i * 4).expect("small")),
+            )
+            .await;
+        }
+    }))
+    .await;
+    let deadline = Instant::now() + SETTLE / 2;
+    loop {
+        // The locks themselves; each seat's fencing counter stays (with its expiry).
+        let seat_locks: Vec<String> = keys(&redis, &format!("lock:seat:{schedule}:*"))
+            .await
+            .into_iter()
+            .filter(|key| !key.ends_with(":fence"))
+            .collect();
+        let marks: i64 = redis.pool.zcard(&marks_key).await.expect("ZCARD");
+        if seat_locks.is_empty() && marks == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after hung-up holds: {marks} write marks and seat locks {seat_locks:?} still standing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held_now = seat_statuses(&http, bases[1], observer, &schedule)
+        .await
+        .expect("seat map")
+        .iter()
+        .filter(|(number, status)| (31..46).contains(number) && status == "HELD")
+        .count();
+    eprintln!("{held_now} of 15 holds went through before their clients hung up");
+
     // Every payer sends its payment and resets the connection within a few milliseconds.
     futures::future::join_all(users[..PAYERS].iter().zip(&reservations).enumerate().map(
         |(i, ((_, token), reservation))| {
@@ -102,9 +152,6 @@ async fn payments_whose_clients_hang_up_right_after_sending_still_end_their_toke
     // Settled: no payment holds a lock any more, and every paid seat's token is spent.
     // Without the payment running to its end, a hang-up between the commit and the
     // token's expiry leaves a paid token ACTIVE for good.
-    let redis = RedisConnections::connect(&test_support::redis_url().await, 1, DEFAULT_COMMAND_TIMEOUT)
-        .await
-        .expect("redis");
     let deadline = Instant::now() + SETTLE;
     let (sold, still_active) = loop {
         let mut locked = 0;

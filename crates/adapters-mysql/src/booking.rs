@@ -16,7 +16,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, SqlEr
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::tx::connection;
-use crate::{DbContext as _, column, db_error, from_db_time, to_db_time};
+use crate::{DbContext as _, column, db_error, from_db_time, sql, to_db_time};
 
 #[derive(Clone, Debug)]
 pub struct MySqlBookingRepository {
@@ -78,7 +78,7 @@ async fn lock_seat_and_reservation(
     let seat = conn
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::MySql,
-            "SELECT schedule_id, seat_number FROM reservations WHERE id = ?",
+            sql::RESERVATION_SEAT,
             [(*id.as_uuid()).into()],
         ))
         .await
@@ -86,14 +86,14 @@ async fn lock_seat_and_reservation(
     let Some(seat) = seat else { return Ok(()) };
     conn.query_one_raw(Statement::from_sql_and_values(
         DbBackend::MySql,
-        "SELECT seat_number FROM seats WHERE schedule_id = ? AND seat_number = ? FOR UPDATE",
+        sql::LOCK_RESERVATION_SEAT,
         [column::<uuid::Uuid>(&seat, "schedule_id")?.into(), column::<u8>(&seat, "seat_number")?.into()],
     ))
     .await
     .db_context("failed to lock a seat")?;
     conn.query_one_raw(Statement::from_sql_and_values(
         DbBackend::MySql,
-        "SELECT id FROM reservations WHERE id = ? FOR UPDATE",
+        sql::LOCK_RESERVATION,
         [(*id.as_uuid()).into()],
     ))
     .await
@@ -112,8 +112,7 @@ impl BookingRepository for MySqlBookingRepository {
         let row = connection(tx)?
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "SELECT seat_number, price, status, reservation_id, held_until FROM seats \
-                 WHERE schedule_id = ? AND seat_number = ? FOR UPDATE",
+                sql::LOCK_SEAT,
                 [(*schedule_id.as_uuid()).into(), number.get().into()],
             ))
             .await
@@ -136,10 +135,7 @@ impl BookingRepository for MySqlBookingRepository {
         let taken = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "UPDATE seats SET status = 'HELD', reservation_id = ?, \
-                   held_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, version = version + 1 \
-                 WHERE schedule_id = ? AND seat_number = ? \
-                   AND (status = 'AVAILABLE' OR (status = 'HELD' AND held_until <= UTC_TIMESTAMP(6)))",
+                sql::TAKE_SEAT,
                 [
                     (*reservation.id.as_uuid()).into(),
                     hold_micros.into(),
@@ -155,7 +151,7 @@ impl BookingRepository for MySqlBookingRepository {
         if let Some(old) = replaces {
             conn.execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "UPDATE reservations SET status = 'EXPIRED', updated_at = ? WHERE id = ? AND status = 'HELD'",
+                sql::EXPIRE_REPLACED_HOLD,
                 [to_db_time(now).into(), (*old.as_uuid()).into()],
             ))
             .await
@@ -164,9 +160,7 @@ impl BookingRepository for MySqlBookingRepository {
         let inserted = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "INSERT INTO reservations (id, user_id, schedule_id, seat_number, price, status, held_until, created_at, updated_at) \
-                 SELECT ?, ?, ?, ?, ?, 'HELD', held_until, ?, ? FROM seats \
-                 WHERE schedule_id = ? AND seat_number = ? AND reservation_id = ?",
+                sql::INSERT_HOLD,
                 [
                     (*reservation.id.as_uuid()).into(),
                     (*reservation.user_id.as_uuid()).into(),
@@ -186,7 +180,7 @@ impl BookingRepository for MySqlBookingRepository {
                 let row = conn
                     .query_one_raw(Statement::from_sql_and_values(
                         DbBackend::MySql,
-                        "SELECT held_until FROM reservations WHERE id = ?",
+                        sql::HOLD_END,
                         [(*reservation.id.as_uuid()).into()],
                     ))
                     .await
@@ -210,8 +204,7 @@ impl BookingRepository for MySqlBookingRepository {
             .db
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
-                 FROM reservations WHERE id = ?",
+                sql::RESERVATION,
                 [(*id.as_uuid()).into()],
             ))
             .await
@@ -229,8 +222,7 @@ impl BookingRepository for MySqlBookingRepository {
                 DbBackend::MySql,
                 // A locking read: the row as last committed, not as this transaction's
                 // snapshot saw it (the callers hold its lock already, so it never waits).
-                "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
-                 FROM reservations WHERE id = ? LOCK IN SHARE MODE",
+                sql::RESERVATION_IN_TX,
                 [(*id.as_uuid()).into()],
             ))
             .await
@@ -247,9 +239,9 @@ impl BookingRepository for MySqlBookingRepository {
     ) -> Result<bool, BookingRepositoryError> {
         // CANCELLED only while the hold lasts, EXPIRED only once it ran out: the state
         // machine's rule, in the statement itself.
-        let (target, when) = match to {
-            ReservationStatus::Cancelled => ("CANCELLED", "held_until > UTC_TIMESTAMP(6)"),
-            ReservationStatus::Expired => ("EXPIRED", "held_until <= UTC_TIMESTAMP(6)"),
+        let transition = match to {
+            ReservationStatus::Cancelled => sql::CANCEL_HOLD,
+            ReservationStatus::Expired => sql::EXPIRE_HOLD,
             other => {
                 return Err(anyhow::anyhow!("a hold cannot end as {}", other.as_str()).into());
             }
@@ -259,10 +251,7 @@ impl BookingRepository for MySqlBookingRepository {
         let ended = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                format!(
-                    "UPDATE reservations SET status = '{target}', updated_at = ? \
-                     WHERE id = ? AND status = 'HELD' AND {when}"
-                ),
+                transition,
                 [to_db_time(now).into(), (*reservation.as_uuid()).into()],
             ))
             .await
@@ -274,9 +263,7 @@ impl BookingRepository for MySqlBookingRepository {
         // one without waiting for this job): then it is not ours to free.
         conn.execute_raw(Statement::from_sql_and_values(
             DbBackend::MySql,
-            "UPDATE seats s JOIN reservations r ON r.schedule_id = s.schedule_id AND r.seat_number = s.seat_number \
-             SET s.status = 'AVAILABLE', s.reservation_id = NULL, s.held_until = NULL, s.version = s.version + 1 \
-             WHERE r.id = ? AND s.reservation_id = ?",
+            sql::FREE_SEAT,
             [(*reservation.as_uuid()).into(), (*reservation.as_uuid()).into()],
         ))
         .await
@@ -295,8 +282,7 @@ impl BookingRepository for MySqlBookingRepository {
         let confirmed = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "UPDATE reservations SET status = 'CONFIRMED', updated_at = ? \
-                 WHERE id = ? AND status = 'HELD' AND held_until > UTC_TIMESTAMP(6)",
+                sql::CONFIRM,
                 [to_db_time(now).into(), (*reservation.id.as_uuid()).into()],
             ))
             .await
@@ -307,8 +293,7 @@ impl BookingRepository for MySqlBookingRepository {
         let sold = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "UPDATE seats SET status = 'SOLD', held_until = NULL, version = version + 1 \
-                 WHERE schedule_id = ? AND seat_number = ? AND reservation_id = ? AND status = 'HELD'",
+                sql::SELL_SEAT,
                 [
                     (*reservation.schedule_id.as_uuid()).into(),
                     reservation.seat_number.get().into(),
@@ -335,9 +320,7 @@ impl BookingRepository for MySqlBookingRepository {
             .db
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
-                 FROM reservations WHERE status = 'HELD' AND held_until <= UTC_TIMESTAMP(6) \
-                 ORDER BY held_until LIMIT ?",
+                sql::RUN_OUT_HOLDS,
                 [limit.into()],
             ))
             .await

@@ -11,7 +11,7 @@ use sea_orm::{
 };
 
 use crate::booking::seat_from;
-use crate::{DbContext as _, column, commit_error, from_db_time, to_db_time};
+use crate::{DbContext as _, column, commit_error, from_db_time, sql, to_db_time};
 
 #[derive(Clone, Debug)]
 pub struct MySqlCatalogRepository {
@@ -66,32 +66,19 @@ const SCHEDULE_COLUMNS: &str = "id, concert_id, starts_at, booking_opens_at, boo
 #[async_trait]
 impl CatalogRepository for MySqlCatalogRepository {
     async fn concerts(&self) -> Result<Vec<Concert>, BookingRepositoryError> {
-        let rows = self
-            .all(
-                "SELECT id, title, venue FROM concerts ORDER BY title, id",
-                vec![],
-                "failed to list concerts",
-            )
-            .await?;
+        let rows = self.all(sql::CONCERTS, vec![], "failed to list concerts").await?;
         Ok(rows.iter().map(concert_from).collect::<anyhow::Result<_>>()?)
     }
 
     async fn concert(&self, id: ConcertId) -> Result<Option<Concert>, BookingRepositoryError> {
-        let rows = self
-            .all(
-                "SELECT id, title, venue FROM concerts WHERE id = ?",
-                vec![(*id.as_uuid()).into()],
-                "failed to read a concert",
-            )
-            .await?;
+        let rows = self.all(sql::CONCERT, vec![(*id.as_uuid()).into()], "failed to read a concert").await?;
         Ok(rows.first().map(concert_from).transpose()?)
     }
 
     async fn schedules_of(&self, concert: ConcertId) -> Result<Vec<Schedule>, BookingRepositoryError> {
         let rows = self
             .all(
-                "SELECT id, concert_id, starts_at, booking_opens_at, booking_closes_at FROM schedules \
-                 WHERE concert_id = ? ORDER BY starts_at, id",
+                sql::CONCERT_SCHEDULES,
                 vec![(*concert.as_uuid()).into()],
                 "failed to list a concert's schedules",
             )
@@ -100,25 +87,13 @@ impl CatalogRepository for MySqlCatalogRepository {
     }
 
     async fn schedule(&self, id: ScheduleId) -> Result<Option<Schedule>, BookingRepositoryError> {
-        let rows = self
-            .all(
-                "SELECT id, concert_id, starts_at, booking_opens_at, booking_closes_at FROM schedules WHERE id = ?",
-                vec![(*id.as_uuid()).into()],
-                "failed to read a schedule",
-            )
-            .await?;
+        let rows = self.all(sql::SCHEDULE, vec![(*id.as_uuid()).into()], "failed to read a schedule").await?;
         Ok(rows.first().map(schedule_from).transpose()?)
     }
 
     async fn seats(&self, schedule: ScheduleId) -> Result<Vec<Seat>, BookingRepositoryError> {
-        let rows = self
-            .all(
-                "SELECT seat_number, price, status, reservation_id, held_until FROM seats \
-                 WHERE schedule_id = ? ORDER BY seat_number",
-                vec![(*schedule.as_uuid()).into()],
-                "failed to read a seat map",
-            )
-            .await?;
+        let rows =
+            self.all(sql::SEAT_MAP, vec![(*schedule.as_uuid()).into()], "failed to read a seat map").await?;
         Ok(rows.iter().map(|row| seat_from(row, schedule)).collect::<anyhow::Result<_>>()?)
     }
 

@@ -15,7 +15,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, SqlErr, Statement}
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::tx::connection;
-use crate::{DbContext as _, db_error, from_db_time, to_db_time};
+use crate::{DbContext as _, db_error, from_db_time, sql, to_db_time};
 
 #[derive(Clone, Debug)]
 pub struct MySqlIdempotencyStore {
@@ -37,8 +37,7 @@ impl IdempotencyStore for MySqlIdempotencyStore {
             .db
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "SELECT fingerprint, response, created_at, expires_at FROM idempotency_keys \
-                 WHERE user_id = ? AND idem_key = ?",
+                sql::IDEMPOTENCY_FIND,
                 [(*user_id.as_uuid()).into(), key.as_str().into()],
             ))
             .await
@@ -66,7 +65,7 @@ impl IdempotencyStore for MySqlIdempotencyStore {
         let row = connection(tx)?
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "SELECT 1 AS found FROM idempotency_keys WHERE user_id = ? AND idem_key = ?",
+                sql::IDEMPOTENCY_IS_RECORDED,
                 [(*user_id.as_uuid()).into(), key.as_str().into()],
             ))
             .await
@@ -79,8 +78,7 @@ impl IdempotencyStore for MySqlIdempotencyStore {
         let inserted = connection(tx)?
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "INSERT INTO idempotency_keys (user_id, idem_key, fingerprint, response, created_at, expires_at) \
-                 VALUES (?, ?, ?, ?, ?, ?)",
+                sql::IDEMPOTENCY_INSERT,
                 [
                     (*record.user_id.as_uuid()).into(),
                     record.key.as_str().into(),

@@ -6,6 +6,7 @@
 //! - [`tx`]: [`tx::MySqlTransactionManager`] and the unit of work repositories downcast.
 //! - [`users`], [`points`]: the repositories; [`idempotency`]: the idempotency-key store;
 //!   [`queue`]: the waiting queue's baseline adapter.
+//! - [`sql`]: the hot statements the adapters run, and the list `docs/explain.sh` explains.
 //! - `entities`: sea-orm models. They never leave this crate; repositories convert them
 //!   to domain types at the boundary.
 
@@ -19,6 +20,7 @@ pub mod payments;
 pub mod points;
 pub mod queue;
 pub mod seed;
+pub mod sql;
 pub mod tx;
 pub mod users;
 

@@ -7,7 +7,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Value};
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::tx::connection;
-use crate::{DbContext as _, column, from_db_time, to_db_time};
+use crate::{DbContext as _, column, from_db_time, sql, to_db_time};
 
 #[derive(Clone, Debug)]
 pub struct MySqlOutboxStore {
@@ -27,7 +27,7 @@ impl OutboxStore for MySqlOutboxStore {
         connection(tx)?
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "INSERT INTO outbox_events (id, aggregate_id, event_type, payload, created_at) VALUES (?, ?, ?, ?, ?)",
+                sql::APPEND_OUTBOX,
                 [
                     event.id.into(),
                     event.aggregate_id.into(),
@@ -48,11 +48,7 @@ impl OutboxStore for MySqlOutboxStore {
         let rows = connection(tx)?
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "SELECT o.seq, o.id, o.aggregate_id, o.event_type, o.payload, o.created_at FROM outbox_events o \
-                 WHERE o.sent_at IS NULL AND NOT EXISTS ( \
-                   SELECT 1 FROM outbox_events p \
-                   WHERE p.aggregate_id = o.aggregate_id AND p.sent_at IS NULL AND p.seq < o.seq) \
-                 ORDER BY o.seq LIMIT ? FOR UPDATE SKIP LOCKED",
+                sql::CLAIM_OUTBOX,
                 [limit.into()],
             ))
             .await

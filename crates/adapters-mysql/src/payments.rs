@@ -9,7 +9,7 @@ use domain::user::UserId;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, SqlErr, Statement};
 
 use crate::tx::connection;
-use crate::{DbContext as _, column, db_error, to_db_time};
+use crate::{DbContext as _, column, db_error, sql, to_db_time};
 
 #[derive(Clone, Debug)]
 pub struct MySqlPaymentRepository {
@@ -34,8 +34,7 @@ impl PaymentRepository for MySqlPaymentRepository {
         let inserted = connection(tx)?
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
-                "INSERT INTO payments (id, reservation_id, user_id, amount, status, queue_token, paid_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                sql::INSERT_PAYMENT,
                 [
                     (*payment.id.as_uuid()).into(),
                     (*payment.reservation_id.as_uuid()).into(),

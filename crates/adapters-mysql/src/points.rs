@@ -1,8 +1,11 @@
 //! `PointRepository` on MySQL.
 //!
 //! A balance changes only through [`MySqlPointRepository::save_balance`], an `UPDATE ...
-//! SET balance = ?, version = version + 1 WHERE user_id = ? AND version = ?` whose affected
-//! rows are checked, inside a transaction that read the row with `SELECT ... FOR UPDATE`.
+//! SET balance = ?, version = ? WHERE user_id = ? AND version = ?` (the next version, where
+//! the one read is still there) whose affected rows are checked, inside a transaction that
+//! read the row with `SELECT ... FOR UPDATE`. The hot statements (the lock, the
+//! compare-and-set, the history insert) are plain SQL from [`crate::sql`], the ones
+//! `docs/explain.sh` explains.
 //! The tables' CHECKs keep the balance in range and `UNIQUE (user_id, seq)` keeps each change
 //! recorded once, whatever the code does. Together these keep every balance exact even
 //! with the distributed lock gone.
@@ -15,13 +18,15 @@ use domain::point::{
 };
 use domain::unit_of_work::Tx;
 use domain::user::UserId;
-use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter, QueryOrder,
+    QueryResult, QuerySelect, Set, Statement,
+};
 
 use crate::DbContext as _;
 use crate::entities::{point_account, point_history};
 use crate::tx::connection;
-use crate::{from_db_time, to_db_time};
+use crate::{column, from_db_time, sql, to_db_time};
 
 #[derive(Clone, Debug)]
 pub struct MySqlPointRepository {
@@ -39,6 +44,16 @@ fn account_from(row: point_account::Model) -> anyhow::Result<PointAccount> {
     let balance = Balance::new(row.balance).context("a stored balance is out of range")?;
     let version = u64::try_from(row.version).context("a stored account version is negative")?;
     Ok(PointAccount::restore(UserId::from_uuid(row.user_id), balance, version))
+}
+
+/// A `point_accounts` row read with [`sql::LOCK_ACCOUNT`].
+fn account_row(row: &QueryResult) -> anyhow::Result<point_account::Model> {
+    Ok(point_account::Model {
+        user_id: column(row, "user_id")?,
+        balance: column(row, "balance")?,
+        version: column(row, "version")?,
+        updated_at: column(row, "updated_at")?,
+    })
 }
 
 fn entry_from(row: point_history::Model) -> anyhow::Result<PointHistoryEntry> {
@@ -84,12 +99,15 @@ impl PointRepository for MySqlPointRepository {
         tx: &mut Tx,
         user_id: UserId,
     ) -> Result<Option<PointAccount>, PointRepositoryError> {
-        let row = point_account::Entity::find_by_id(*user_id.as_uuid())
-            .lock_exclusive()
-            .one(connection(tx)?)
+        let row = connection(tx)?
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::LOCK_ACCOUNT,
+                [(*user_id.as_uuid()).into()],
+            ))
             .await
             .db_context("failed to lock the point account")?;
-        Ok(row.map(account_from).transpose()?)
+        Ok(row.map(|row| account_row(&row).and_then(account_from)).transpose()?)
     }
 
     #[tracing::instrument(name = "points.save_balance", skip_all, fields(user_id = %account.user_id()))]
@@ -99,19 +117,21 @@ impl PointRepository for MySqlPointRepository {
         account: &PointAccount,
         expected_version: u64,
     ) -> Result<(), PointRepositoryError> {
-        let updated = point_account::Entity::update_many()
-            .col_expr(point_account::Column::Balance, Expr::value(account.balance().points()))
-            .col_expr(point_account::Column::Version, Expr::value(db_version(account.version())?))
-            .col_expr(
-                point_account::Column::UpdatedAt,
-                Expr::value(to_db_time(application::clock::now_utc())),
-            )
-            .filter(point_account::Column::UserId.eq(*account.user_id().as_uuid()))
-            .filter(point_account::Column::Version.eq(db_version(expected_version)?))
-            .exec(connection(tx)?)
+        let updated = connection(tx)?
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::SAVE_BALANCE,
+                [
+                    account.balance().points().into(),
+                    db_version(account.version())?.into(),
+                    to_db_time(application::clock::now_utc()).into(),
+                    (*account.user_id().as_uuid()).into(),
+                    db_version(expected_version)?.into(),
+                ],
+            ))
             .await
             .db_context("failed to update the balance")?;
-        match updated.rows_affected {
+        match updated.rows_affected() {
             1 => Ok(()),
             0 => Err(PointRepositoryError::StaleBalance { user_id: account.user_id() }),
             n => Err(anyhow::anyhow!("a balance update matched {n} accounts").into()),
@@ -124,17 +144,20 @@ impl PointRepository for MySqlPointRepository {
         tx: &mut Tx,
         entry: &PointHistoryEntry,
     ) -> Result<(), PointRepositoryError> {
-        let row = point_history::ActiveModel {
-            id: Set(entry.id()),
-            user_id: Set(*entry.user_id().as_uuid()),
-            kind: Set(entry.kind().as_str().to_owned()),
-            amount: Set(entry.amount().points()),
-            balance_after: Set(entry.balance_after().points()),
-            seq: Set(db_version(entry.seq())?),
-            created_at: Set(to_db_time(entry.created_at())),
-        };
-        point_history::Entity::insert(row)
-            .exec_without_returning(connection(tx)?)
+        connection(tx)?
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::APPEND_HISTORY,
+                [
+                    entry.id().into(),
+                    (*entry.user_id().as_uuid()).into(),
+                    entry.kind().as_str().into(),
+                    entry.amount().points().into(),
+                    entry.balance_after().points().into(),
+                    db_version(entry.seq())?.into(),
+                    to_db_time(entry.created_at()).into(),
+                ],
+            ))
             .await
             .db_context("failed to insert the point history entry")?;
         Ok(())

@@ -1,0 +1,308 @@
+//! The hot statements, as the adapters run them (`?` for each bound value), and the list
+//! [`EXPLAINED`] that `docs/explain.sh` (through `tests/src/bin/explain.rs`) explains on a
+//! scratch database: the plans in `docs/report/explain.md` are of these very strings, so
+//! they cannot drift from the code.
+//!
+//! Statements built with `format!` for a batch of values (the seats of a new date, the
+//! outbox's `seq IN (...)`) and the admin writes stay inline in their adapters.
+
+// --- Catalog (catalog.rs): the cache's loads and the hold's pre-check ---------------------
+
+/// Every concert, by title.
+pub const CONCERTS: &str = "SELECT id, title, venue FROM concerts ORDER BY title, id";
+
+/// One concert: its id.
+pub const CONCERT: &str = "SELECT id, title, venue FROM concerts WHERE id = ?";
+
+/// A concert's dates: the concert's id.
+pub const CONCERT_SCHEDULES: &str = "SELECT id, concert_id, starts_at, booking_opens_at, booking_closes_at FROM schedules \
+     WHERE concert_id = ? ORDER BY starts_at, id";
+
+/// One date: its id.
+pub const SCHEDULE: &str =
+    "SELECT id, concert_id, starts_at, booking_opens_at, booking_closes_at FROM schedules WHERE id = ?";
+
+/// A date's seat map: the date's id.
+pub const SEAT_MAP: &str = "SELECT seat_number, price, status, reservation_id, held_until FROM seats \
+     WHERE schedule_id = ? ORDER BY seat_number";
+
+// --- Booking (booking.rs) ----------------------------------------------------------------
+
+/// A hold's seat row, locked: the date's id, the seat number.
+pub const LOCK_SEAT: &str = "SELECT seat_number, price, status, reservation_id, held_until FROM seats \
+     WHERE schedule_id = ? AND seat_number = ? FOR UPDATE";
+
+/// A hold's conditional take of its seat (rows affected checked): the reservation's id, the
+/// hold's length in microseconds, the date's id, the seat number.
+pub const TAKE_SEAT: &str = "UPDATE seats SET status = 'HELD', reservation_id = ?, \
+       held_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, version = version + 1 \
+     WHERE schedule_id = ? AND seat_number = ? \
+       AND (status = 'AVAILABLE' OR (status = 'HELD' AND held_until <= UTC_TIMESTAMP(6)))";
+
+/// The run-out hold a new hold replaces, expired: the time, the old reservation's id.
+pub const EXPIRE_REPLACED_HOLD: &str =
+    "UPDATE reservations SET status = 'EXPIRED', updated_at = ? WHERE id = ? AND status = 'HELD'";
+
+/// A hold's reservation, inserted only while its seat names it (the hold's end copied from
+/// the seat): id, user, date, seat, price, created, updated; then the date, the seat and
+/// the reservation's id the seat must name.
+pub const INSERT_HOLD: &str = "INSERT INTO reservations (id, user_id, schedule_id, seat_number, price, status, held_until, created_at, updated_at) \
+     SELECT ?, ?, ?, ?, ?, 'HELD', held_until, ?, ? FROM seats \
+     WHERE schedule_id = ? AND seat_number = ? AND reservation_id = ?";
+
+/// A new hold's end, as stored: the reservation's id.
+pub const HOLD_END: &str = "SELECT held_until FROM reservations WHERE id = ?";
+
+/// A reservation (a plain read): its id.
+pub const RESERVATION: &str = "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
+     FROM reservations WHERE id = ?";
+
+/// A reservation inside a transaction: a locking read, the row as last committed: its id.
+pub const RESERVATION_IN_TX: &str = "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
+     FROM reservations WHERE id = ? LOCK IN SHARE MODE";
+
+/// Before ending or confirming a hold, the seat it is for (a plain read): its id.
+pub const RESERVATION_SEAT: &str = "SELECT schedule_id, seat_number FROM reservations WHERE id = ?";
+
+/// Before ending or confirming a hold, its seat row locked: the date's id, the seat number.
+pub const LOCK_RESERVATION_SEAT: &str =
+    "SELECT seat_number FROM seats WHERE schedule_id = ? AND seat_number = ? FOR UPDATE";
+
+/// Before ending or confirming a hold, its reservation row locked: its id.
+pub const LOCK_RESERVATION: &str = "SELECT id FROM reservations WHERE id = ? FOR UPDATE";
+
+/// Cancel: HELD to CANCELLED, only while the hold lasts: the time, the reservation's id.
+pub const CANCEL_HOLD: &str = "UPDATE reservations SET status = 'CANCELLED', updated_at = ? \
+     WHERE id = ? AND status = 'HELD' AND held_until > UTC_TIMESTAMP(6)";
+
+/// Expiry: HELD to EXPIRED, only once the hold ran out: the time, the reservation's id.
+pub const EXPIRE_HOLD: &str = "UPDATE reservations SET status = 'EXPIRED', updated_at = ? \
+     WHERE id = ? AND status = 'HELD' AND held_until <= UTC_TIMESTAMP(6)";
+
+/// A cancelled or expired hold's seat, freed if it still names that hold: the reservation's
+/// id, twice.
+pub const FREE_SEAT: &str = "UPDATE seats s JOIN reservations r ON r.schedule_id = s.schedule_id AND r.seat_number = s.seat_number \
+     SET s.status = 'AVAILABLE', s.reservation_id = NULL, s.held_until = NULL, s.version = s.version + 1 \
+     WHERE r.id = ? AND s.reservation_id = ?";
+
+/// Pay: HELD to CONFIRMED, only while the hold lasts: the time, the reservation's id.
+pub const CONFIRM: &str = "UPDATE reservations SET status = 'CONFIRMED', updated_at = ? \
+     WHERE id = ? AND status = 'HELD' AND held_until > UTC_TIMESTAMP(6)";
+
+/// Pay: the held seat sold: the date's id, the seat number, the reservation's id.
+pub const SELL_SEAT: &str = "UPDATE seats SET status = 'SOLD', held_until = NULL, version = version + 1 \
+     WHERE schedule_id = ? AND seat_number = ? AND reservation_id = ? AND status = 'HELD'";
+
+/// The expiry job: run-out holds, oldest first: how many at most.
+pub const RUN_OUT_HOLDS: &str = "SELECT id, user_id, schedule_id, seat_number, price, status, held_until, created_at \
+     FROM reservations WHERE status = 'HELD' AND held_until <= UTC_TIMESTAMP(6) \
+     ORDER BY held_until LIMIT ?";
+
+// --- Points (points.rs) ------------------------------------------------------------------
+
+/// A point account, locked: the user's id.
+pub const LOCK_ACCOUNT: &str =
+    "SELECT user_id, balance, version, updated_at FROM point_accounts WHERE user_id = ? FOR UPDATE";
+
+/// A balance's compare-and-set (rows affected checked): the new balance, the new version,
+/// the time, the user's id, the version read.
+pub const SAVE_BALANCE: &str =
+    "UPDATE point_accounts SET balance = ?, version = ?, updated_at = ? WHERE user_id = ? AND version = ?";
+
+/// A point history entry: id, user, kind, amount, balance after, seq, time.
+pub const APPEND_HISTORY: &str = "INSERT INTO point_history (id, user_id, kind, amount, balance_after, seq, created_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?)";
+
+// --- Idempotency keys (idempotency.rs) ---------------------------------------------------
+
+/// A stored answer, before the operation (a plain read): the user's id, the key.
+pub const IDEMPOTENCY_FIND: &str = "SELECT fingerprint, response, created_at, expires_at FROM idempotency_keys \
+     WHERE user_id = ? AND idem_key = ?";
+
+/// Whether a key is recorded, inside the operation's transaction: the user's id, the key.
+pub const IDEMPOTENCY_IS_RECORDED: &str =
+    "SELECT 1 AS found FROM idempotency_keys WHERE user_id = ? AND idem_key = ?";
+
+/// An answer recorded: user, key, fingerprint, response, created, expires.
+pub const IDEMPOTENCY_INSERT: &str = "INSERT INTO idempotency_keys (user_id, idem_key, fingerprint, response, created_at, expires_at) \
+     VALUES (?, ?, ?, ?, ?, ?)";
+
+// --- Payments and their outbox (payments.rs, outbox.rs) ----------------------------------
+
+/// A payment: id, reservation, user, amount, status, queue token, time.
+pub const INSERT_PAYMENT: &str = "INSERT INTO payments (id, reservation_id, user_id, amount, status, queue_token, paid_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?)";
+
+/// An outbox event, in the payment's transaction: id, aggregate, type, payload, time.
+pub const APPEND_OUTBOX: &str =
+    "INSERT INTO outbox_events (id, aggregate_id, event_type, payload, created_at) VALUES (?, ?, ?, ?, ?)";
+
+/// The relay's claim of unsent events, oldest first, none of whose aggregate has an older
+/// unsent one: how many at most.
+pub const CLAIM_OUTBOX: &str = "SELECT o.seq, o.id, o.aggregate_id, o.event_type, o.payload, o.created_at FROM outbox_events o \
+     WHERE o.sent_at IS NULL AND NOT EXISTS ( \
+       SELECT 1 FROM outbox_events p \
+       WHERE p.aggregate_id = o.aggregate_id AND p.sent_at IS NULL AND p.seq < o.seq) \
+     ORDER BY o.seq LIMIT ? FOR UPDATE SKIP LOCKED";
+
+// --- What `docs/explain.sh` explains -----------------------------------------------------
+
+use Sample::{Concert, Id, Limit, Micros, Number, Reservation, Schedule, Seat, Text, Time, User};
+
+/// The kind of value bound to a `?` when a statement is explained; the explain program
+/// picks a sample of each kind that exists in its scratch database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sample {
+    /// A date's id.
+    Schedule,
+    /// A concert's id.
+    Concert,
+    /// A reservation's id.
+    Reservation,
+    /// A user's id.
+    User,
+    /// The id of a row being inserted (no row has it).
+    Id,
+    /// A seat number.
+    Seat,
+    /// A hold's length, in microseconds.
+    Micros,
+    /// A batch size (`LIMIT ?`).
+    Limit,
+    /// A point in time (now).
+    Time,
+    /// A string: an idempotency key, a kind, a status, a payload.
+    Text,
+    /// A number: an amount, a balance, a version, a seq.
+    Number,
+}
+
+/// One hot statement to explain: what it is for, the SQL the adapter runs, and the kind of
+/// each of its `?`, in order.
+#[derive(Clone, Copy, Debug)]
+pub struct Explained {
+    pub title: &'static str,
+    pub sql: &'static str,
+    pub params: &'static [Sample],
+}
+
+/// Every hot statement, in the order of a booking's life: the cache's loads, a hold, pay,
+/// cancel, the expiry job, then points, idempotency keys and the outbox.
+pub const EXPLAINED: &[Explained] = &[
+    Explained { title: "Every concert (cache load)", sql: CONCERTS, params: &[] },
+    Explained { title: "A concert (cache load)", sql: CONCERT, params: &[Concert] },
+    Explained { title: "A concert's dates (cache load)", sql: CONCERT_SCHEDULES, params: &[Concert] },
+    Explained { title: "A date (cache load, hold pre-check)", sql: SCHEDULE, params: &[Schedule] },
+    Explained { title: "Seat map (cache load)", sql: SEAT_MAP, params: &[Schedule] },
+    Explained { title: "Hold: the seat row, locked", sql: LOCK_SEAT, params: &[Schedule, Seat] },
+    Explained {
+        title: "Hold: the conditional take",
+        sql: TAKE_SEAT,
+        params: &[Reservation, Micros, Schedule, Seat],
+    },
+    Explained {
+        title: "Hold: the run-out hold it replaces, expired",
+        sql: EXPIRE_REPLACED_HOLD,
+        params: &[Time, Reservation],
+    },
+    Explained {
+        title: "Hold: the reservation, inserted while the seat names it",
+        sql: INSERT_HOLD,
+        params: &[Reservation, User, Schedule, Seat, Number, Time, Time, Schedule, Seat, Reservation],
+    },
+    Explained { title: "Hold: its end, as stored", sql: HOLD_END, params: &[Reservation] },
+    Explained { title: "A reservation", sql: RESERVATION, params: &[Reservation] },
+    Explained {
+        title: "A reservation in a transaction (pay, cancel; locking read)",
+        sql: RESERVATION_IN_TX,
+        params: &[Reservation],
+    },
+    Explained {
+        title: "Pay / cancel / expire: the reservation's seat",
+        sql: RESERVATION_SEAT,
+        params: &[Reservation],
+    },
+    Explained {
+        title: "Pay / cancel / expire: the seat row, locked",
+        sql: LOCK_RESERVATION_SEAT,
+        params: &[Schedule, Seat],
+    },
+    Explained {
+        title: "Pay / cancel / expire: the reservation row, locked",
+        sql: LOCK_RESERVATION,
+        params: &[Reservation],
+    },
+    Explained { title: "Pay: the conditional confirm", sql: CONFIRM, params: &[Time, Reservation] },
+    Explained { title: "Pay: the seat sold", sql: SELL_SEAT, params: &[Schedule, Seat, Reservation] },
+    Explained {
+        title: "Pay: the payment",
+        sql: INSERT_PAYMENT,
+        params: &[Id, Reservation, User, Number, Text, Id, Time],
+    },
+    Explained { title: "Cancel: the conditional transition", sql: CANCEL_HOLD, params: &[Time, Reservation] },
+    Explained {
+        title: "Cancel / expire: free the seat if it is still this hold's",
+        sql: FREE_SEAT,
+        params: &[Reservation, Reservation],
+    },
+    Explained { title: "Expiry job: run-out holds, oldest first", sql: RUN_OUT_HOLDS, params: &[Limit] },
+    Explained { title: "Expiry: the conditional transition", sql: EXPIRE_HOLD, params: &[Time, Reservation] },
+    Explained { title: "Points: the account, locked", sql: LOCK_ACCOUNT, params: &[User] },
+    Explained {
+        title: "Points: the balance's compare-and-set",
+        sql: SAVE_BALANCE,
+        params: &[Number, Number, Time, User, Number],
+    },
+    Explained {
+        title: "Points: the history entry",
+        sql: APPEND_HISTORY,
+        params: &[Id, User, Text, Number, Number, Number, Time],
+    },
+    Explained {
+        title: "Idempotency: the stored answer (before the operation)",
+        sql: IDEMPOTENCY_FIND,
+        params: &[User, Text],
+    },
+    Explained {
+        title: "Idempotency: recorded already? (in the transaction)",
+        sql: IDEMPOTENCY_IS_RECORDED,
+        params: &[User, Text],
+    },
+    Explained {
+        title: "Idempotency: the answer recorded",
+        sql: IDEMPOTENCY_INSERT,
+        params: &[User, Text, Text, Text, Time, Time],
+    },
+    Explained {
+        title: "Outbox: the event, in the payment's transaction",
+        sql: APPEND_OUTBOX,
+        params: &[Id, Id, Text, Text, Time],
+    },
+    Explained { title: "Outbox relay: the claim", sql: CLAIM_OUTBOX, params: &[Limit] },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::EXPLAINED;
+
+    #[test]
+    fn every_placeholder_has_a_sample() {
+        for explained in EXPLAINED {
+            assert_eq!(
+                explained.sql.matches('?').count(),
+                explained.params.len(),
+                "{}: {}",
+                explained.title,
+                explained.sql
+            );
+        }
+    }
+
+    #[test]
+    fn titles_are_distinct() {
+        let mut titles: Vec<&str> = EXPLAINED.iter().map(|e| e.title).collect();
+        titles.sort_unstable();
+        titles.dedup();
+        assert_eq!(titles.len(), EXPLAINED.len());
+    }
+}
