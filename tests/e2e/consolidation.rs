@@ -246,3 +246,35 @@ async fn a_storm_of_new_idempotency_keys_leaves_no_lock_state_behind() {
     redis.quit().await;
     cluster.shut_down().await;
 }
+
+async fn concert_ids(http: &awc::Client, base: &str) -> Vec<String> {
+    let (status, body) = call(http.get(format!("{base}/api/v1/concerts")), None).await.expect("answered");
+    assert_eq!(status, 200, "{body}");
+    body.as_array().expect("concerts").iter().map(|c| c["id"].as_str().expect("id").to_owned()).collect()
+}
+
+#[actix_web::test]
+async fn a_database_dropped_and_created_again_under_its_name_lists_its_own_concerts() {
+    // The demo seed, on both lives of the database; the cache prefix is the database's name,
+    // so the second life meets the first one's cached concert list in Redis.
+    let name = format!("e2e_{}", uuid::Uuid::new_v4().simple());
+    let options = ClusterOptions { database_name: Some(name), ..ClusterOptions::default() };
+    let http = client();
+    let first = Cluster::start_with(2, &options).await.expect("cluster");
+    let before = concert_ids(&http, first.url(0)).await;
+    assert_eq!(before.len(), 3, "the demo concerts: {before:?}");
+    // Cached now, on both instances' path.
+    assert_eq!(concert_ids(&http, first.url(1)).await, before);
+    first.shut_down().await; // drops the database
+
+    let second = Cluster::start_with(2, &options).await.expect("cluster");
+    for i in 0..2 {
+        let after = concert_ids(&http, second.url(i)).await;
+        assert_eq!(after.len(), 3, "{after:?}");
+        assert!(
+            after.iter().all(|id| !before.contains(id)),
+            "the concerts of the dropped database are still listed: {after:?} (before: {before:?})"
+        );
+    }
+    second.shut_down().await;
+}

@@ -102,6 +102,9 @@ pub struct ClusterOptions {
     /// A MySQL server URL (no database) to give the instances instead of the tests' own,
     /// e.g. a [`TcpProxy`] in front of it that a test cuts.
     pub database_server: Option<String>,
+    /// The database's name (a fresh `e2e_...` one when `None`): a test that drops a
+    /// database and starts again on the same name gives it.
+    pub database_name: Option<String>,
 }
 
 impl ClusterOptions {
@@ -163,7 +166,8 @@ impl Cluster {
     /// As [`Cluster::start`].
     pub async fn start_with(count: usize, options: &ClusterOptions) -> anyhow::Result<Self> {
         let direct = test_support::mysql_server_url().await;
-        let name = format!("e2e_{}", uuid::Uuid::new_v4().simple());
+        let name =
+            options.database_name.clone().unwrap_or_else(|| format!("e2e_{}", uuid::Uuid::new_v4().simple()));
         let server = options.database_server.clone().unwrap_or_else(|| direct.clone());
         let database_url = format!("{server}/{name}");
         let direct_database_url = format!("{direct}/{name}");

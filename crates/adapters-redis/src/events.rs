@@ -35,7 +35,10 @@
 //! duplicate and only acknowledged. An entry a consumer read and never acknowledged (it
 //! died) is taken over by another consumer of the group with `XAUTOCLAIM` once it has
 //! been idle for the visibility timeout; by then the dead consumer's claim has expired
-//! too, and the taker claims and handles the event.
+//! too, and the taker claims and handles the event. A live consumer whose handling may
+//! outlast the visibility timeout calls [`EventConsumer::keep`] meanwhile (claims renewed,
+//! entries' idle time reset); a claim found lost there is an error, never a silent second
+//! handling.
 //!
 //! # Trimming
 //!
@@ -77,21 +80,8 @@ pub const DEFAULT_REPLICA_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the publisher trusts its count of online replicas before asking again.
 const REPLICA_COUNT_TTL: Duration = Duration::from_secs(5);
 
-/// Claims an event id for one entry of one consumer. KEYS[1]: the event's processed key;
-/// ARGV[1]: `{consumer}:claimed:{entry}`; ARGV[2]: the visibility timeout (ms).
-/// Answers nil when the claim is new, else what the key held (renewing the claim's
-/// lease when it is this very claim: a redelivery to its own consumer).
-const CLAIM_LUA: &str = r"
-local held = redis.call('GET', KEYS[1])
-if not held then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return false
-end
-if held == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return held
-";
+/// Claims an event id for one entry of one consumer (see the script's header).
+const CLAIM_LUA: &str = include_str!("lua/events_claim.lua");
 
 /// How many replicas must have received an event before its publication counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -513,6 +503,48 @@ impl EventConsumer {
                 .xack(&self.stream, &self.group, event.entry.as_str())
                 .await
                 .map_err(|e| anyhow::Error::new(e).context("failed to acknowledge an event"))?;
+        }
+        Ok(())
+    }
+
+    /// Keeps `events` (a batch [`EventConsumer::poll`] returned) this consumer's while it
+    /// is still handling them: each `first_time` event's claim is renewed for another
+    /// visibility timeout, and every entry's idle time is reset (`XCLAIM ... JUSTID`), so
+    /// that no other consumer of the group takes them over. Call it more often than the
+    /// visibility timeout when handling may take longer than that.
+    ///
+    /// # Errors
+    /// When Redis fails, or when a claim was lost already (it ran out and another consumer
+    /// claimed the event): that event may be handled twice; stop handling it.
+    pub async fn keep(&self, events: &[ConsumedEvent]) -> anyhow::Result<()> {
+        for event in events.iter().filter(|event| event.first_time) {
+            let mine = format!("{}:claimed:{}", self.consumer, event.entry);
+            let held: Option<String> = self
+                .claim
+                .evalsha_with_reload(
+                    self.pool.next(),
+                    vec![self.processed_key(&event.event_id)],
+                    vec![mine.clone(), self.visibility_ms().to_string()],
+                )
+                .await
+                .map_err(|e| anyhow::Error::new(e).context("failed to renew a claim"))?;
+            anyhow::ensure!(
+                decide(held.as_deref(), &mine, &event.entry) == Claim::Ours,
+                "the claim on event {} ran out and another consumer took it",
+                event.event_id
+            );
+        }
+        if !events.is_empty() {
+            let mut args =
+                vec![self.stream.clone(), self.group.clone(), self.consumer.clone(), "0".to_owned()];
+            args.extend(events.iter().map(|event| event.entry.clone()));
+            args.push("JUSTID".to_owned());
+            let _: fred::types::Value = self
+                .pool
+                .next()
+                .custom(fred::cmd!("XCLAIM"), args)
+                .await
+                .map_err(|e| anyhow::Error::new(e).context("failed to keep entries"))?;
         }
         Ok(())
     }

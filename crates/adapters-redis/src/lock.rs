@@ -73,23 +73,9 @@ pub const ACQUIRE_LUA: &str = include_str!("lua/lock_acquire.lua");
 /// How long a fencing counter outlives its key's last acquisition.
 pub const FENCE_TTL: Duration = Duration::from_secs(60 * 60);
 
-const RELEASE_LUA: &str = r"
--- KEYS[1] lock key; ARGV[1] owner token, ARGV[2] release channel
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], KEYS[1])
-  return 1
-end
-return 0
-";
+const RELEASE_LUA: &str = include_str!("lua/lock_release.lua");
 
-const RENEW_LUA: &str = r"
--- KEYS[1] lock key; ARGV[1] owner token, ARGV[2] lease (ms)
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-";
+const RENEW_LUA: &str = include_str!("lua/lock_renew.lua");
 
 /// The default lease: short enough that a crashed instance blocks a key only briefly; long
 /// enough that a renewal can miss a beat or two.

@@ -225,6 +225,38 @@ async fn entries_of_a_consumer_that_never_came_back_are_taken_over_and_handled_o
 }
 
 #[tokio::test]
+async fn a_consumer_that_keeps_its_batch_while_handling_it_is_not_taken_over() {
+    // Handling outlasts the visibility timeout several times over; the consumer keeps its
+    // batch at a fraction of it, so another consumer never gets the events.
+    let visibility = Duration::from_secs(3);
+    let redis = connect().await;
+    let stream = format!("{}events", test_support::unique_prefix("stream"));
+    let publisher = RedisEventPublisher::new(redis.pool.clone(), stream.clone());
+    let events: Vec<PendingEvent> = (0..3).map(event).collect();
+    for e in &events {
+        publisher.publish(e).await.expect("published");
+    }
+    let slow =
+        EventConsumer::new(redis.pool.clone(), &stream, "g", "slow").with_visibility_timeout(visibility);
+    slow.ensure_group().await.expect("group");
+    let batch = slow.poll(10, Duration::from_millis(10)).await.expect("poll");
+    assert_eq!(batch.len(), events.len());
+    let other =
+        EventConsumer::new(redis.pool.clone(), &stream, "g", "other").with_visibility_timeout(visibility);
+    let handling_ends = Instant::now() + visibility * 2;
+    while Instant::now() < handling_ends {
+        slow.keep(&batch).await.expect("kept");
+        let seen = other.poll(10, Duration::from_millis(200)).await.expect("poll");
+        assert!(seen.iter().all(|e| !e.first_time), "taken over while kept: {seen:?}");
+        other.acknowledge(&seen).await.expect("acknowledged");
+    }
+    slow.keep(&batch).await.expect("still ours");
+    slow.acknowledge(&batch).await.expect("acknowledged");
+    assert_eq!(pending(&redis, &stream, "g").await, 0);
+    forget(&redis, &stream, &["g"], &events).await;
+}
+
+#[tokio::test]
 async fn trimming_drops_only_entries_every_group_acknowledged() {
     let redis = connect().await;
     let stream = format!("{}events", test_support::unique_prefix("stream"));
