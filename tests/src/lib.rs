@@ -365,6 +365,6 @@ pub fn client() -> awc::Client {
                 .timeout(Duration::from_secs(30))
                 .conn_keep_alive(Duration::from_secs(2)),
         )
-        .timeout(Duration::from_secs(180))
+        .timeout(Duration::from_secs(240))
         .finish()
 }

@@ -514,30 +514,40 @@ impl EventConsumer {
     /// visibility timeout when handling may take longer than that.
     ///
     /// # Errors
-    /// When Redis fails, or when a claim was lost already (it ran out and another consumer
-    /// claimed the event): that event may be handled twice; stop handling it.
+    /// When Redis fails, or when claims were lost already (they ran out and another
+    /// consumer claimed those events): the error names them; stop handling those (the
+    /// others are kept all the same).
     pub async fn keep(&self, events: &[ConsumedEvent]) -> anyhow::Result<()> {
-        for event in events.iter().filter(|event| event.first_time) {
-            let mine = format!("{}:claimed:{}", self.consumer, event.entry);
-            let held: Option<String> = self
-                .claim
-                .evalsha_with_reload(
-                    self.pool.next(),
-                    vec![self.processed_key(&event.event_id)],
-                    vec![mine.clone(), self.visibility_ms().to_string()],
-                )
-                .await
-                .map_err(|e| anyhow::Error::new(e).context("failed to renew a claim"))?;
-            anyhow::ensure!(
-                decide(held.as_deref(), &mine, &event.entry) == Claim::Ours,
-                "the claim on event {} ran out and another consumer took it",
-                event.event_id
-            );
+        let mut lost = Vec::new();
+        let mut kept = Vec::with_capacity(events.len());
+        for event in events {
+            if event.first_time {
+                let mine = format!("{}:claimed:{}", self.consumer, event.entry);
+                let held: Option<String> = self
+                    .claim
+                    .evalsha_with_reload(
+                        self.pool.next(),
+                        vec![self.processed_key(&event.event_id)],
+                        vec![mine.clone(), self.visibility_ms().to_string()],
+                    )
+                    .await
+                    .map_err(|e| anyhow::Error::new(e).context("failed to renew a claim"))?;
+                if held.is_none() {
+                    // Ours again, but it had lapsed: the calls come too seldom.
+                    tracing::warn!(event = %event.event_id, "a claim had lapsed before it was kept");
+                }
+                if decide(held.as_deref(), &mine, &event.entry) != Claim::Ours {
+                    lost.push(event.event_id.clone());
+                    continue;
+                }
+            }
+            kept.push(event.entry.clone());
         }
-        if !events.is_empty() {
+        // Every entry still ours is kept, even when some claim was lost.
+        if !kept.is_empty() {
             let mut args =
                 vec![self.stream.clone(), self.group.clone(), self.consumer.clone(), "0".to_owned()];
-            args.extend(events.iter().map(|event| event.entry.clone()));
+            args.extend(kept);
             args.push("JUSTID".to_owned());
             let _: fred::types::Value = self
                 .pool
@@ -546,6 +556,10 @@ impl EventConsumer {
                 .await
                 .map_err(|e| anyhow::Error::new(e).context("failed to keep entries"))?;
         }
+        anyhow::ensure!(
+            lost.is_empty(),
+            "the claims on events {lost:?} ran out and another consumer took them: stop handling those"
+        );
         Ok(())
     }
 

@@ -14,15 +14,16 @@
 //! - in number: at most [`MAX_IN_FLIGHT`] writes per process; one more is refused at once
 //!   with [`Failure::Unavailable`] (503, nothing done) instead of queueing without end
 //!   (clients that send writes and hang up at once cannot pile up tasks);
-//! - at shutdown: the server stops taking requests, then waits for the writes in flight
-//!   ([`drain`]) before its workers stop, so a write whose client has gone still ends.
+//! - at shutdown: the server stops taking connections and [`drain`] refuses new writes
+//!   (503) and waits for those in flight before the workers stop, so a write whose client
+//!   has gone still ends.
 //!
 //! A write that ends after its client has gone is logged (its error at `warn`), since no
 //! answer will carry it.
 
 use std::future::Future;
 use std::panic::resume_unwind;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -33,25 +34,46 @@ use crate::failure::{Dependency, Failure};
 /// The most writes one process runs at once.
 pub const MAX_IN_FLIGHT: usize = 10_000;
 
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
-static ENDED: Notify = Notify::const_new();
+/// The writes of one process: how many run, whether new ones are still taken, and a
+/// signal each time one ends.
+struct Registry {
+    count: AtomicUsize,
+    closing: AtomicBool,
+    ended: Notify,
+}
 
-/// One write counted in [`IN_FLIGHT`] until dropped.
-struct InFlight;
+impl Registry {
+    const fn new() -> Self {
+        Self { count: AtomicUsize::new(0), closing: AtomicBool::new(false), ended: Notify::const_new() }
+    }
+}
+
+static WRITES: Registry = Registry::new();
+
+/// One write counted in its registry until dropped.
+struct InFlight(&'static Registry);
 
 impl InFlight {
-    fn enter() -> Option<Self> {
-        IN_FLIGHT
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < MAX_IN_FLIGHT).then_some(n + 1))
-            .ok()
-            .map(|_| Self)
+    /// Counts a new write, or refuses it. Counted first and checked after, so that a
+    /// [`drain`] that closes the registry and then reads the count either sees this write
+    /// or is seen by it: never a write that slips past both.
+    fn enter(registry: &'static Registry) -> Result<Self, Dependency> {
+        let running = registry.count.fetch_add(1, Ordering::SeqCst);
+        let counted = Self(registry);
+        if running >= MAX_IN_FLIGHT {
+            return Err(Dependency::WriteCapacity);
+        }
+        if registry.closing.load(Ordering::SeqCst) {
+            return Err(Dependency::ShuttingDown);
+        }
+        Ok(counted)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
-        ENDED.notify_waiters();
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.ended.notify_waiters();
     }
 }
 
@@ -60,7 +82,8 @@ impl Drop for InFlight {
 ///
 /// # Errors
 /// `work`'s own error, or [`Failure::Unavailable`] (converted into `E`) when
-/// [`MAX_IN_FLIGHT`] writes are running already: then `work` does not run.
+/// [`MAX_IN_FLIGHT`] writes are running already or the process is shutting down
+/// ([`drain`]): then `work` does not run.
 ///
 /// # Panics
 /// When `work` panics (the panic goes on in the caller).
@@ -70,13 +93,23 @@ where
     T: Send + 'static,
     E: From<Failure> + std::fmt::Display + Send + 'static,
 {
-    let Some(in_flight) = InFlight::enter() else {
-        tracing::warn!(limit = MAX_IN_FLIGHT, "too many writes in flight; refused");
-        return Err(Failure::Unavailable {
-            what: Dependency::WriteCapacity,
-            source: anyhow::anyhow!("{MAX_IN_FLIGHT} writes in flight"),
+    run_in(&WRITES, work).await
+}
+
+async fn run_in<T, E, F>(registry: &'static Registry, work: F) -> Result<T, E>
+where
+    F: Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: From<Failure> + std::fmt::Display + Send + 'static,
+{
+    let in_flight = match InFlight::enter(registry) {
+        Ok(in_flight) => in_flight,
+        Err(what) => {
+            tracing::warn!(refused = %what, "a write was refused before it began");
+            return Err(
+                Failure::Unavailable { what, source: anyhow::anyhow!("write refused: {what}") }.into()
+            );
         }
-        .into());
     };
     let (answer, answered) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(
@@ -104,23 +137,30 @@ where
 /// How many writes are running now.
 #[must_use]
 pub fn in_flight() -> usize {
-    IN_FLIGHT.load(Ordering::SeqCst)
+    WRITES.count.load(Ordering::SeqCst)
 }
 
-/// Waits until no write is running, or `within` passed; returns how many still run.
+/// For shutdown: takes no new write from now on (each is refused with 503, nothing done),
+/// then waits until the writes running have ended, or `within` passed; returns how many
+/// still run.
 pub async fn drain(within: Duration) -> usize {
+    drain_in(&WRITES, within).await
+}
+
+async fn drain_in(registry: &Registry, within: Duration) -> usize {
+    registry.closing.store(true, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let ended = ENDED.notified();
+        let ended = registry.ended.notified();
         tokio::pin!(ended);
         // Registered before the count is read, so an end between the two is not missed.
         ended.as_mut().enable();
-        let running = in_flight();
+        let running = registry.count.load(Ordering::SeqCst);
         if running == 0 {
             return 0;
         }
         if tokio::time::timeout_at(deadline, ended).await.is_err() {
-            return in_flight();
+            return registry.count.load(Ordering::SeqCst);
         }
     }
 }
@@ -128,7 +168,6 @@ pub async fn drain(within: Duration) -> usize {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
 
     use super::*;
 
@@ -139,12 +178,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn work_goes_on_to_its_end_when_the_caller_stops_waiting_and_drain_waits_for_it() {
+    async fn work_goes_on_to_its_end_when_the_caller_stops_waiting_and_a_drain_waits_for_it_then_refuses_more()
+     {
+        // A registry of its own: closing the process's would refuse other tests' writes.
+        static REGISTRY: Registry = Registry::new();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
         let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
         let finished = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&finished);
-        let call = run_to_end(async move {
+        let call = run_in(&REGISTRY, async move {
             let _ = started_tx.send(());
             let _ = go_rx.await;
             flag.store(true, Ordering::SeqCst);
@@ -154,11 +196,21 @@ mod tests {
             _ = call => panic!("the work waits for the go"),
             _ = started_rx => {} // the work has begun: the client hangs up here
         }
-        assert!(in_flight() >= 1);
+        assert_eq!(REGISTRY.count.load(Ordering::SeqCst), 1);
+        let drained = tokio::spawn(drain_in(&REGISTRY, Duration::from_secs(60)));
         let _ = go_tx.send(());
-        // Other tests of this process may run writes too: wait for all of them.
-        assert_eq!(drain(Duration::from_secs(60)).await, 0, "drained");
-        assert!(finished.load(Ordering::SeqCst));
+        assert_eq!(drained.await.expect("drain"), 0, "drained");
+        assert!(finished.load(Ordering::SeqCst), "the write ran to its end");
+        // Closed: a new write is refused before it begins, and leaves no count behind.
+        let refused: Result<(), TestError> = run_in(&REGISTRY, async { panic!("must not run") }).await;
+        assert!(
+            matches!(
+                refused,
+                Err(TestError::Failure(Failure::Unavailable { what: Dependency::ShuttingDown, .. }))
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(REGISTRY.count.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -27,6 +27,8 @@ pub enum Dependency {
     Cache,
     /// This process's room for writes in flight ([`crate::detach::MAX_IN_FLIGHT`]).
     WriteCapacity,
+    /// This process is stopping: it takes no new write ([`crate::detach::drain`]).
+    ShuttingDown,
 }
 
 impl fmt::Display for Dependency {
@@ -35,6 +37,7 @@ impl fmt::Display for Dependency {
             Self::LockStore => "lock service",
             Self::Cache => "cache service",
             Self::WriteCapacity => "room for more concurrent writes",
+            Self::ShuttingDown => "instance, which is shutting down,",
         })
     }
 }

@@ -296,6 +296,10 @@ impl From<Failure> for ApiError {
                 "this instance is running as many writes as it takes; nothing was changed, retry shortly"
                     .into(),
             ),
+            Failure::Unavailable { what: Dependency::ShuttingDown, .. } => Self::Unavailable(
+                "this instance is shutting down; nothing was changed, retry (another instance will answer)"
+                    .into(),
+            ),
             Failure::Unavailable { what, source } => {
                 tracing::warn!(error = format!("{source:#}"), dependency = %what, "dependency unavailable for a write");
                 Self::Unavailable(format!("the {what} is unavailable; nothing was changed, retry shortly"))
