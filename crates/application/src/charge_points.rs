@@ -134,6 +134,8 @@ impl ChargePoints {
                 async move {
                     locked_tx(self.lock.as_ref(), self.txm.as_ref(), &locks, move |tx| {
                         Box::pin(async move {
+                            // First read of the transaction (its snapshot begins here, after
+                            // the locks): keep it first.
                             if let Some(recorder) = &recorder {
                                 recorder.ensure_unrecorded(tx).await?;
                             }

@@ -289,6 +289,8 @@ impl Pay {
             .collect();
         locked_tx(self.lock.as_ref(), self.txm.as_ref(), &locks, move |tx| {
             Box::pin(async move {
+                // First read of the transaction (its snapshot begins here, after the
+                // locks): keep it first.
                 if let Some(recorder) = &recorder {
                     recorder.ensure_unrecorded(tx).await?;
                 }

@@ -90,7 +90,7 @@ fn created(view: PaymentView, replayed: bool) -> HttpResponse {
         BodyTooLarge,
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used for another reservation; nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RESOURCE_BUSY: the account stayed busy; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, nothing changed. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit; retry with the same Idempotency-Key, which is always safe", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, the lock was lost before the commit, or this instance is shutting down or at its limit of concurrent writes, nothing changed. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit; retry with the same Idempotency-Key, which is always safe", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn pay(

@@ -125,7 +125,7 @@ pub async fn get_balance(
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used for another amount; nothing changed", body = Problem, content_type = "application/problem+json"),
         BodyTooLarge,
         (status = 429, description = "RESOURCE_BUSY: nothing changed; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, nothing changed. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit, the charge may or may not have been applied; retry with the same Idempotency-Key, which is always safe", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, the lock was lost before the commit, or this instance is shutting down or at its limit of concurrent writes, nothing changed. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit, the charge may or may not have been applied; retry with the same Idempotency-Key, which is always safe", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn charge_points(

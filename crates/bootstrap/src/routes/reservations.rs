@@ -76,7 +76,7 @@ impl From<&Reservation> for ReservationResponse {
         (status = 404, description = "SCHEDULE_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "SEAT_UNAVAILABLE (held, sold, or being taken right now) or BOOKING_CLOSED (outside the booking window)", body = Problem, content_type = "application/problem+json"),
         BodyTooLarge,
-        (status = 503, description = "SERVICE_UNAVAILABLE: Redis or MySQL is unavailable; nothing changed, retry after Retry-After. OUTCOME_UNKNOWN: MySQL did not confirm the commit; read your reservations before retrying", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: Redis or MySQL is unavailable, the lock was lost before the commit, or this instance is shutting down or at its limit of concurrent writes; nothing changed, retry after Retry-After. OUTCOME_UNKNOWN: MySQL did not confirm the commit; read your reservations before retrying", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn hold_seat(
@@ -146,7 +146,7 @@ pub async fn get_reservation(
         (status = 404, description = "RESERVATION_NOT_FOUND (also another user's)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "RESERVATION_NOT_HELD: confirmed, cancelled, or its hold ran out", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RESOURCE_BUSY: the seat stayed busy; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "SERVICE_UNAVAILABLE: Redis or MySQL is unavailable; nothing changed. OUTCOME_UNKNOWN: MySQL did not confirm the commit; read the reservation before retrying", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: Redis or MySQL is unavailable, the lock was lost before the commit, or this instance is shutting down or at its limit of concurrent writes; nothing changed. OUTCOME_UNKNOWN: MySQL did not confirm the commit; read the reservation before retrying", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn cancel_reservation(
