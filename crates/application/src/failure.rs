@@ -37,7 +37,7 @@ impl fmt::Display for Dependency {
             Self::LockStore => "lock service",
             Self::Cache => "cache service",
             Self::WriteCapacity => "room for more concurrent writes",
-            Self::ShuttingDown => "instance, which is shutting down,",
+            Self::ShuttingDown => "instance (shutting down)",
         })
     }
 }

@@ -5,8 +5,9 @@
 //! held under a *lease*: if the holder stops renewing (crash, long pause) the lock frees
 //! itself when the lease runs out, so a crashed instance never blocks a key for ever. The
 //! price of that is that a paused holder can lose the lock while it still believes it holds
-//! it; the lock therefore hands out a [`FencingToken`] per acquisition, the guard reports a
-//! lost lease, and every write is also guarded in SQL. See `docs/locking.md`.
+//! it; the lock therefore hands out a [`FencingToken`] per acquisition of a key whose
+//! writes are checked against one (a *fenced* key), the guard reports a lost lease, and
+//! every write is also guarded in SQL. See `docs/locking.md`.
 
 use std::fmt;
 use std::time::Duration;
