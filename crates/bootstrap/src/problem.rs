@@ -450,6 +450,30 @@ mod tests {
         assert!(!text.contains("10.0.0.7"), "{text}");
     }
 
+    #[actix_web::test]
+    async fn a_lost_lock_is_503_in_every_use_case_and_a_busy_one_429_both_with_retry_after() {
+        use application::lock::LockKey;
+
+        let lost = |kind| Failure::LeaseLost(LockKey::new(kind, "x"));
+        let busy = |kind| Failure::Contended(LockKey::new(kind, "x"));
+        for (error, status, code) in [
+            (ApiError::from(ChargePointsError::Failure(lost("point"))), 503, "SERVICE_UNAVAILABLE"),
+            (ApiError::from(PayError::Failure(lost("point"))), 503, "SERVICE_UNAVAILABLE"),
+            (ApiError::from(HoldSeatError::Failure(lost("seat"))), 503, "SERVICE_UNAVAILABLE"),
+            (ApiError::from(ReservationError::Failure(lost("seat"))), 503, "SERVICE_UNAVAILABLE"),
+            (ApiError::from(ChargePointsError::Failure(busy("point"))), 429, "RESOURCE_BUSY"),
+            (ApiError::from(ReservationError::Failure(busy("seat"))), 429, "RESOURCE_BUSY"),
+        ] {
+            let response = error.error_response();
+            assert_eq!(response.status().as_u16(), status, "{error:?}");
+            assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "1");
+            let body = to_bytes(response.into_body()).await.unwrap();
+            let text = std::str::from_utf8(&body).unwrap();
+            assert!(text.contains(&format!("\"code\":\"{code}\"")), "{text}");
+            assert!(!text.contains("lock:"), "no key reaches the client: {text}");
+        }
+    }
+
     #[test]
     fn a_validation_problem_names_its_field() {
         let problem = ApiError::validation("amount", "must be between 1 and 10000000").problem();
