@@ -25,6 +25,16 @@ async fn a_user_is_created_and_bad_names_are_refused() {
     for control in [r#"{"name": "a\u0000b"}"#, r#"{"name": "a\u001fb"}"#, r#"{"name": "a\u0085b"}"#] {
         assert_problem(&send(http.post(&users), Some(control)).await, 400, "VALIDATION_FAILED", Some("name"));
     }
+    // Names nobody can see, and names that display as another text.
+    for unseen in [
+        r#"{"name": "\u200b"}"#,
+        r#"{"name": "\u200b\u200c\u200d"}"#,
+        r#"{"name": " \ufeff "}"#,
+        r#"{"name": "abc\u202etxt"}"#,
+        r#"{"name": "\u2066kim\u2069"}"#,
+    ] {
+        assert_problem(&send(http.post(&users), Some(unseen)).await, 400, "VALIDATION_FAILED", Some("name"));
+    }
     assert_problem(
         &send(http.post(&users), Some(r#"{"name": "kim", "name": "lee"}"#)).await,
         400,
@@ -50,6 +60,29 @@ async fn operations_endpoints_answer() {
     assert_eq!(ready.2["checks"]["mysql"], "UP");
     let docs = http.get(format!("{base}/docs/")).send().await.expect("docs");
     assert_eq!(docs.status().as_u16(), 200);
+    // Swagger UI cannot be framed, and loads only from here.
+    let csp = docs.headers().get("content-security-policy").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp:?}");
+    assert_eq!(docs.headers().get("x-frame-options").map(|v| v.to_str().unwrap_or_default()), Some("DENY"));
+    assert_eq!(
+        docs.headers().get("x-content-type-options").map(|v| v.to_str().unwrap_or_default()),
+        Some("nosniff")
+    );
+    // API answers are never kept by a shared cache, errors included; a request id that is
+    // not a plain identifier is replaced, not echoed.
+    for request in [
+        http.get(format!("{base}/api/v1/users/{}/points", uuid::Uuid::now_v7())),
+        http.get(format!("{base}/api/v1/concerts")),
+    ] {
+        let answer =
+            request.insert_header(("X-Request-Id", "id level=error")).send().await.expect("answered");
+        let header = |name: &str| answer.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        assert_eq!(header("cache-control").as_deref(), Some("no-store"));
+        assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"));
+        let id = header("x-request-id").expect("an id");
+        assert_ne!(id, "id level=error");
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    }
     let spec = send(http.get(format!("{base}/api-docs/openapi.json")), None).await;
     assert!(spec.2["paths"]["/api/v1/users/{userId}/points/charge"]["post"].is_object(), "{}", spec.2);
     let user = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "metered"}"#)).await;

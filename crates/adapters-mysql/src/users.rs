@@ -1,6 +1,5 @@
 //! `UserRepository` on MySQL.
 
-use anyhow::Context as _;
 use async_trait::async_trait;
 use domain::unit_of_work::Tx;
 use domain::user::{User, UserId, UserName, UserRepository, UserRepositoryError};
@@ -47,10 +46,13 @@ impl UserRepository for MySqlUserRepository {
             .one(&self.db)
             .await
             .db_context("failed to read the user")?;
-        row.map(|row| {
-            let name = UserName::new(&row.name).context("a stored user name breaks the name rules")?;
-            Ok(User::restore(UserId::from_uuid(row.id), name, from_db_time(row.created_at)))
-        })
-        .transpose()
+        // The name as stored: one given under older rules still reads back.
+        Ok(row.map(|row| {
+            User::restore(
+                UserId::from_uuid(row.id),
+                UserName::restore(row.name),
+                from_db_time(row.created_at),
+            )
+        }))
     }
 }

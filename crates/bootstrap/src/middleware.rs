@@ -30,8 +30,9 @@ fn method_label(method: &actix_web::http::Method) -> &'static str {
     }
 }
 
-/// Takes the caller's `X-Request-Id` when it is sane (1..=64 visible ASCII characters),
-/// makes one otherwise, runs the request inside a span carrying it, echoes it back, logs
+/// Takes the caller's `X-Request-Id` when it is a plain identifier (1..=64 letters, digits,
+/// `-`, `_`, `.` or `:`; anything else could forge log fields), makes one otherwise, sets
+/// the security headers ([`secure`]), runs the request inside a span carrying it, echoes it back, logs
 /// one line per request and records `http_requests_total` and
 /// `http_request_duration_seconds` by route pattern (never by raw path: ids in paths
 /// would make a metric per user; unknown paths share `unmatched`), by method (unknown
@@ -48,8 +49,10 @@ pub async fn observe(
         .headers()
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|v| is_plain_identifier(v))
         .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned);
+    let docs = req.path().starts_with("/docs") || req.path().starts_with("/api-docs");
+    let api = req.path().starts_with("/api/");
     let method = method_label(req.method());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
     let span = tracing::info_span!("request", %method, %route, %request_id);
@@ -60,6 +63,7 @@ pub async fn observe(
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }
+    secure(response.headers_mut(), api, docs);
     let elapsed = started.elapsed();
     metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string())
         .increment(1);
@@ -74,4 +78,71 @@ pub async fn observe(
         }
     });
     Ok(response)
+}
+
+/// Whether a client's request id is a plain identifier: 1..=64 ASCII letters, digits, `-`,
+/// `_`, `.` or `:`.
+fn is_plain_identifier(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// The security headers every answer carries (unless its handler set its own):
+/// `X-Content-Type-Options: nosniff` everywhere; `Cache-Control: no-store` on the API's
+/// answers (balances, tokens, reservations: nothing a shared cache may keep); on Swagger UI
+/// and the OpenAPI document a Content-Security-Policy that loads only from this origin and
+/// lets no page frame it (`frame-ancestors 'none'`, and `X-Frame-Options: DENY` for older
+/// browsers). Swagger UI's own page needs inline script and style, so those are allowed
+/// there, and only there.
+fn secure(headers: &mut actix_web::http::header::HeaderMap, api: bool, docs: bool) {
+    use actix_web::http::header;
+    let mut set = |name: HeaderName, value: &'static str| {
+        if !headers.contains_key(&name) {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+    };
+    set(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    if api {
+        set(header::CACHE_CONTROL, "no-store");
+    }
+    if docs {
+        set(
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; \
+             img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        );
+        set(header::X_FRAME_OPTIONS, "DENY");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_identifiers_are_taken_as_request_ids() {
+        for good in ["abc", "req-1_2.3:4", &"a".repeat(64)] {
+            assert!(is_plain_identifier(good), "{good:?}");
+        }
+        for bad in ["", "a b", "a\"b", "id=1 level=error", "x\u{202e}", &"a".repeat(65), "a/b", "{x}"] {
+            assert!(!is_plain_identifier(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn security_headers_are_set_where_they_belong_and_never_overwrite_a_handlers_own() {
+        use actix_web::http::header::{self, HeaderMap};
+        let mut api = HeaderMap::new();
+        api.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=5"));
+        secure(&mut api, true, false);
+        assert_eq!(api.get(header::X_CONTENT_TYPE_OPTIONS).unwrap(), "nosniff");
+        assert_eq!(api.get(header::CACHE_CONTROL).unwrap(), "max-age=5", "the handler's own is kept");
+        assert!(api.get(header::CONTENT_SECURITY_POLICY).is_none());
+
+        let mut docs = HeaderMap::new();
+        secure(&mut docs, false, true);
+        let csp = docs.get(header::CONTENT_SECURITY_POLICY).unwrap().to_str().unwrap();
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert_eq!(docs.get(header::X_FRAME_OPTIONS).unwrap(), "DENY");
+        assert!(docs.get(header::CACHE_CONTROL).is_none());
+    }
 }

@@ -38,9 +38,11 @@ impl fmt::Display for UserId {
     }
 }
 
-/// A display name: at most 50 characters as sent, not blank, stored with surrounding white
-/// space trimmed, with no control characters (they break logs and terminals, and no name
-/// needs them).
+/// A display name: at most 50 characters as sent, stored with surrounding white space
+/// trimmed; with at least one visible character (not only white space or invisible ones
+/// such as zero-width spaces: a name nobody can see lets one user pass for another), no
+/// control characters (they break logs and terminals) and no bidirectional controls (an
+/// override such as U+202E makes `abc\u{202e}txt` display as another text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserName(String);
 
@@ -50,7 +52,8 @@ impl UserName {
 
     /// # Errors
     /// [`UserNameError`] when the name is longer than [`UserName::MAX_CHARS`], blank once
-    /// trimmed, or contains a control character.
+    /// trimmed, only invisible characters, or contains a control or bidirectional
+    /// control character.
     pub fn new(raw: &str) -> Result<Self, UserNameError> {
         // Counted before trimming: the limit is on what the client sends, as the API states.
         let chars = raw.chars().count();
@@ -64,7 +67,20 @@ impl UserName {
         if trimmed.chars().any(char::is_control) {
             return Err(UserNameError::ControlCharacter);
         }
+        if trimmed.chars().any(is_bidi_control) {
+            return Err(UserNameError::BidiControl);
+        }
+        if trimmed.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
+            return Err(UserNameError::Invisible);
+        }
         Ok(Self(trimmed.to_owned()))
+    }
+
+    /// A name as stored, accepted as it is: the rules apply when a name is given, and a
+    /// name stored under older rules must still read back.
+    #[must_use]
+    pub fn restore(stored: String) -> Self {
+        Self(stored)
     }
 
     #[must_use]
@@ -81,6 +97,51 @@ pub enum UserNameError {
     TooLong { chars: usize },
     #[error("name must not contain control characters")]
     ControlCharacter,
+    #[error(
+        "name must not contain bidirectional control characters (U+061C, U+200E, U+200F, U+202A..U+202E, U+2066..U+2069)"
+    )]
+    BidiControl,
+    #[error("name must have at least one visible character, not only white space or invisible characters")]
+    Invisible,
+}
+
+/// Characters that change the direction text is shown in: with them a name can display
+/// as another text (`abc\u{202e}txt` shows as `abctxt` reversed at the override).
+const BIDI_CONTROLS: &[(char, char)] =
+    &[('\u{061C}', '\u{061C}'), ('\u{200E}', '\u{200F}'), ('\u{202A}', '\u{202E}'), ('\u{2066}', '\u{2069}')];
+
+/// Characters that show nothing (format characters, fillers, variation selectors), besides
+/// white space: a name of only these looks empty. Kept in step with the `name` pattern of
+/// the OpenAPI document (`bootstrap::routes::users`).
+const INVISIBLES: &[(char, char)] = &[
+    ('\u{00AD}', '\u{00AD}'),
+    ('\u{034F}', '\u{034F}'),
+    ('\u{115F}', '\u{1160}'),
+    ('\u{17B4}', '\u{17B5}'),
+    ('\u{180B}', '\u{180E}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{202A}', '\u{202E}'),
+    ('\u{2060}', '\u{206F}'),
+    ('\u{3164}', '\u{3164}'),
+    ('\u{FE00}', '\u{FE0F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFA0}', '\u{FFA0}'),
+];
+
+fn in_ranges(c: char, ranges: &[(char, char)]) -> bool {
+    ranges.iter().any(|(from, to)| (*from..=*to).contains(&c))
+}
+
+/// Whether `c` is a bidirectional control.
+#[must_use]
+pub fn is_bidi_control(c: char) -> bool {
+    in_ranges(c, BIDI_CONTROLS)
+}
+
+/// Whether `c` shows nothing (white space aside).
+#[must_use]
+pub fn is_invisible(c: char) -> bool {
+    in_ranges(c, INVISIBLES)
 }
 
 /// A registered user.
@@ -169,6 +230,23 @@ mod tests {
         assert!(UserName::new(&fifty_hangul).is_ok(), "50 three-byte characters fit");
         let fifty_one = "a".repeat(51);
         assert_eq!(UserName::new(&fifty_one), Err(UserNameError::TooLong { chars: 51 }));
+    }
+
+    #[test]
+    fn names_of_only_invisible_characters_or_with_bidi_controls_are_rejected() {
+        for invisible in
+            ["\u{200B}", "\u{200B}\u{200C}\u{200D}", " \u{2060} ", "\u{FEFF}\u{00AD}", "\u{3164}"]
+        {
+            assert_eq!(UserName::new(invisible), Err(UserNameError::Invisible), "{invisible:?}");
+        }
+        for bidi in ["abc\u{202E}txt", "\u{2066}kim\u{2069}", "kim\u{200F}", "a\u{061C}b"] {
+            assert_eq!(UserName::new(bidi), Err(UserNameError::BidiControl), "{bidi:?}");
+        }
+        // Visible text with a joiner inside (emoji sequences, some scripts) is a name.
+        assert!(UserName::new("kim\u{200D}lee").is_ok());
+        assert!(UserName::new("\u{D55C}\u{AE00}").is_ok());
+        // A name stored under older rules still reads back.
+        assert_eq!(UserName::restore("abc\u{202E}txt".into()).as_str(), "abc\u{202E}txt");
     }
 
     #[test]

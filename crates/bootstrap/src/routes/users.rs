@@ -15,12 +15,14 @@ use crate::problem_responses::{BodyTooLarge, MySqlUnavailable};
 #[serde(rename_all = "camelCase")]
 pub struct CreateUserRequest {
     /// 1 to 50 characters (white space around the name counts, and is trimmed before the
-    /// name is stored), at least one of them neither white space nor a control character,
-    /// and no control characters at all (C0, DEL, C1).
+    /// name is stored), at least one of them visible (neither white space, a control
+    /// character, nor an invisible one such as U+200B or U+FEFF), no control characters at
+    /// all (C0, DEL, C1) and no bidirectional controls (U+061C, U+200E, U+200F,
+    /// U+202A..U+202E, U+2066..U+2069). The same rule as `domain::user::UserName`.
     #[schema(
         min_length = 1,
         max_length = 50,
-        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000-\u001f\u007f-\u009f]*$",
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]*[^\u0000-\u0020\u007f-\u00a0\u00ad\u034f\u061c\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0][^\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]*$",
         example = "kim"
     )]
     pub name: String,
