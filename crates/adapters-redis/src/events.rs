@@ -522,23 +522,14 @@ impl EventConsumer {
         let mut kept = Vec::with_capacity(events.len());
         for event in events {
             if event.first_time {
-                let mine = format!("{}:claimed:{}", self.consumer, event.entry);
-                let held: Option<String> = self
-                    .claim
-                    .evalsha_with_reload(
-                        self.pool.next(),
-                        vec![self.processed_key(&event.event_id)],
-                        vec![mine.clone(), self.visibility_ms().to_string()],
-                    )
-                    .await
-                    .map_err(|e| anyhow::Error::new(e).context("failed to renew a claim"))?;
-                if held.is_none() {
-                    // Ours again, but it had lapsed: the calls come too seldom.
-                    tracing::warn!(event = %event.event_id, "a claim had lapsed before it was kept");
-                }
-                if decide(held.as_deref(), &mine, &event.entry) != Claim::Ours {
+                let (claim, made_now) = self.claim(&event.event_id, &event.entry).await?;
+                if claim != Claim::Ours {
                     lost.push(event.event_id.clone());
                     continue;
+                }
+                if made_now {
+                    // Ours again, but it had lapsed: the calls come too seldom.
+                    tracing::warn!(event = %event.event_id, "a claim had lapsed before it was kept");
                 }
             }
             kept.push(event.entry.clone());
@@ -561,6 +552,23 @@ impl EventConsumer {
             "the claims on events {lost:?} ran out and another consumer took them: stop handling those"
         );
         Ok(())
+    }
+
+    /// Runs the claim script for `event_id` through `entry` (a new claim, or this very
+    /// claim renewed): what this consumer may do with the event, and whether the key was
+    /// free (the claim made now rather than renewed).
+    async fn claim(&self, event_id: &str, entry: &str) -> anyhow::Result<(Claim, bool)> {
+        let mine = format!("{}:claimed:{entry}", self.consumer);
+        let held: Option<String> = self
+            .claim
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![self.processed_key(event_id)],
+                vec![mine.clone(), self.visibility_ms().to_string()],
+            )
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("failed to claim an event"))?;
+        Ok((decide(held.as_deref(), &mine, entry), held.is_none()))
     }
 
     fn processed_key(&self, event_id: &str) -> String {
@@ -616,17 +624,7 @@ impl EventConsumer {
         for (entry, fields) in entries {
             let field = |name: &str| fields.get(name).cloned().unwrap_or_default();
             let event_id = field("eventId");
-            let mine = format!("{}:claimed:{entry}", self.consumer);
-            let held: Option<String> = self
-                .claim
-                .evalsha_with_reload(
-                    self.pool.next(),
-                    vec![self.processed_key(&event_id)],
-                    vec![mine.clone(), self.visibility_ms().to_string()],
-                )
-                .await
-                .map_err(|e| anyhow::Error::new(e).context("failed to claim an event"))?;
-            let first_time = match decide(held.as_deref(), &mine, &entry) {
+            let first_time = match self.claim(&event_id, &entry).await?.0 {
                 Claim::Ours => true,
                 Claim::Duplicate => false,
                 Claim::HeldElsewhere => {

@@ -125,12 +125,10 @@ impl ChargePoints {
             .run(user_id, key, fingerprint, |recorder| {
                 let points = Arc::clone(&self.points);
                 // The key's lock first (if keyed), then the account's.
-                let locks: Vec<LockRequest> = recorder
-                    .as_ref()
-                    .map(Recorder::lock)
-                    .into_iter()
-                    .chain([LockRequest::wait_up_to(LockKey::point(user_id), self.lock_wait)])
-                    .collect();
+                let locks = Recorder::locks(
+                    recorder.as_ref(),
+                    [LockRequest::wait_up_to(LockKey::point(user_id), self.lock_wait)],
+                );
                 async move {
                     locked_tx(self.lock.as_ref(), self.txm.as_ref(), &locks, move |tx| {
                         Box::pin(async move {

@@ -134,12 +134,6 @@ where
     }
 }
 
-/// How many writes are running now.
-#[must_use]
-pub fn in_flight() -> usize {
-    WRITES.count.load(Ordering::SeqCst)
-}
-
 /// For shutdown: takes no new write from now on (each is refused with 503, nothing done),
 /// then waits until the writes running have ended, or `within` passed; returns how many
 /// still run.

@@ -235,6 +235,13 @@ impl Recorder {
         self.lock.clone()
     }
 
+    /// The locks of an operation that may be keyed: the key's lock first (when there is a
+    /// `recorder`), then the operation's own `locks`, in their order.
+    #[must_use]
+    pub fn locks(recorder: Option<&Self>, locks: impl IntoIterator<Item = LockRequest>) -> Vec<LockRequest> {
+        recorder.map(Self::lock).into_iter().chain(locks).collect()
+    }
+
     /// Call first in the transaction, under [`Recorder::lock`]: a run of this key that
     /// completed while this one waited for the lock is found here.
     ///

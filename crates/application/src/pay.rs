@@ -278,15 +278,13 @@ impl Pay {
         // The key's lock (if keyed), then the reservation's (failing fast: another payment
         // of this hold is running), then the user's points (waiting, shared with charges).
         // Always this order; no other use case takes them the other way round.
-        let locks: Vec<LockRequest> = recorder
-            .as_ref()
-            .map(Recorder::lock)
-            .into_iter()
-            .chain([
+        let locks = Recorder::locks(
+            recorder.as_ref(),
+            [
                 LockRequest::fail_fast(LockKey::reservation(reservation.id)),
                 LockRequest::wait_up_to(LockKey::point(user_id), self.point_lock_wait),
-            ])
-            .collect();
+            ],
+        );
         locked_tx(self.lock.as_ref(), self.txm.as_ref(), &locks, move |tx| {
             Box::pin(async move {
                 // First read of the transaction (its snapshot begins here, after the
@@ -299,13 +297,10 @@ impl Pay {
                 if !bookings.confirm(tx, &reservation, now).await? {
                     // Why not, as stored; a hold still stored HELD ran out by the database's
                     // clock (the confirming statement's judge).
-                    let status = bookings.reservation_in(tx, reservation.id).await?.map(|r| r.status);
-                    return Err(match status {
-                        Some(ReservationStatus::Confirmed) => PayError::AlreadyPaid,
-                        Some(ReservationStatus::Held) | None => {
-                            PayError::ReservationExpired(ReservationStatus::Expired)
-                        }
-                        Some(other) => PayError::ReservationExpired(other),
+                    let stored = bookings.reservation_in(tx, reservation.id).await?.map(|r| r.status);
+                    return Err(match ReservationStatus::after_refusal(stored) {
+                        ReservationStatus::Confirmed => PayError::AlreadyPaid,
+                        other => PayError::ReservationExpired(other),
                     });
                 }
                 if reservation.price.points() > 0 {

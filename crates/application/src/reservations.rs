@@ -134,10 +134,7 @@ impl Reservations {
                     // Why not, as stored; a hold still stored HELD ran out by the
                     // database's clock (the statement's judge).
                     let stored = bookings.reservation_in(tx, id).await?.map(|r| r.status);
-                    Err(ReservationError::NotHeld(match stored {
-                        Some(ReservationStatus::Held) | None => ReservationStatus::Expired,
-                        Some(other) => other,
-                    }))
+                    Err(ReservationError::NotHeld(ReservationStatus::after_refusal(stored)))
                 })
             },
         )

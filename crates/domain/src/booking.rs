@@ -138,6 +138,18 @@ pub enum ReservationStatus {
 }
 
 impl ReservationStatus {
+    /// What a reservation is, from its stored status, once the store refused to confirm or
+    /// end it as a live hold: one still stored HELD ran out by the store's clock (the
+    /// refusing statement's judge, the expiry job not having run yet); one gone counts as
+    /// expired.
+    #[must_use]
+    pub fn after_refusal(stored: Option<Self>) -> Self {
+        match stored {
+            Some(Self::Held) | None => Self::Expired,
+            Some(other) => other,
+        }
+    }
+
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -595,6 +607,16 @@ mod tests {
         let until = NOW + Duration::minutes(5);
         assert_eq!(SeatStatus::of(None, NOW), SeatStatus::Available);
         assert_eq!(SeatStatus::of(Some((ReservationStatus::Held, until)), NOW), SeatStatus::Held);
+        // A hold the store refused to confirm or end while still stored HELD ran out.
+        assert_eq!(
+            ReservationStatus::after_refusal(Some(ReservationStatus::Held)),
+            ReservationStatus::Expired
+        );
+        assert_eq!(ReservationStatus::after_refusal(None), ReservationStatus::Expired);
+        assert_eq!(
+            ReservationStatus::after_refusal(Some(ReservationStatus::Confirmed)),
+            ReservationStatus::Confirmed
+        );
         // One rule for every reader: a HELD seat with no recorded end is never shown free.
         assert_eq!(SeatStatus::Held.shown(None, NOW), SeatStatus::Held);
         assert_eq!(SeatStatus::Held.shown(Some(NOW), NOW), SeatStatus::Available);
