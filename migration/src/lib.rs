@@ -12,6 +12,7 @@ mod m20261122_000001_idempotency_keys;
 mod m20261122_000002_waiting_queue;
 mod m20261122_000003_booking;
 mod m20261122_000004_payments;
+mod m20261206_000001_identity;
 
 /// Runs `statements` in order on the migration's connection: every migration here is a
 /// list of plain DDL statements, up and down.
@@ -35,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000002_waiting_queue::Migration),
             Box::new(m20261122_000003_booking::Migration),
             Box::new(m20261122_000004_payments::Migration),
+            Box::new(m20261206_000001_identity::Migration),
         ]
     }
 }

@@ -6,7 +6,10 @@
 #      schema-valid input accepted, invalid input refused, 405 with Allow, ...).
 # The tools are installed from PyPI into a virtual environment (.venv, or $CONTRACT_VENV).
 # The server is the debug binary `cargo build --workspace --bins` made, on a fresh
-# database of the tests' MySQL ($TEST_DATABASE_URL) and their Redis ($TEST_REDIS_URL).
+# database of the tests' MySQL ($TEST_DATABASE_URL) and their Redis ($TEST_REDIS_URL);
+# its public listener is fuzzed, its operations listener (health, metrics) only polled.
+# Every request carries a real user's access token and ACTIVE queue token, so that the
+# routes behind them are fuzzed, not just refused.
 # CONTRACT_SEED picks schemathesis's seed (fixed by default, so CI is repeatable);
 # CONTRACT_EXAMPLES how many cases per route.
 set -euo pipefail
@@ -31,11 +34,30 @@ fi
 
 work=$(mktemp -d)
 database="contract_$(date +%s)_$$"
-port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Two free ports, both bound at once so that they differ: the public listener's and the
+# operations listener's.
+ports=$("$venv/bin/python" -c '
+import socket
+sockets = [socket.socket() for _ in range(2)]
+for s in sockets:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in sockets))
+')
+read -r port ops_port <<<"$ports"
+[ -n "$port" ] && [ -n "$ops_port" ] || { echo "contract: no free ports" >&2; exit 1; }
 base="http://127.0.0.1:$port"
+ops="http://127.0.0.1:$ops_port"
+# At least 16 characters, at least 8 of them distinct (the server refuses weaker keys):
+# the fixed prefix alone has 19, 13 distinct.
 CONTRACT_ADMIN_KEY="contract-admin-key-$$-$RANDOM$RANDOM"
 export CONTRACT_ADMIN_KEY
-DATABASE_URL="$mysql/$database" REDIS_URL="$redis" HTTP_ADDR="127.0.0.1:$port" RUST_LOG=warn QUEUE_NAME="$database" QUEUE_ACTIVE_SECONDS=86400 \
+# Per-client rate limits off (0): every request of the run comes from this one address.
+# Room for the fuzzer's holds (one user makes them all), and an access token that outlives
+# the run, as the queue token does.
+DATABASE_URL="$mysql/$database" REDIS_URL="$redis" HTTP_ADDR="127.0.0.1:$port" OPS_ADDR="127.0.0.1:$ops_port" \
+  RUST_LOG=warn QUEUE_NAME="$database" QUEUE_ACTIVE_SECONDS=86400 AUTH_TOKEN_SECONDS=86400 \
+  RATE_LIMIT_SIGNUPS_PER_MINUTE=0 RATE_LIMIT_AUTH_PER_MINUTE=0 RATE_LIMIT_QUEUE_TOKENS_PER_MINUTE=0 \
+  RATE_LIMIT_CHARGES_PER_MINUTE=0 MAX_HOLDS_PER_USER=50 \
   ADMIN_API_KEY="$CONTRACT_ADMIN_KEY" \
   "$server" >"$work/server.log" 2>&1 &
 pid=$!
@@ -47,9 +69,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Wait for readiness by polling, against a deadline.
+# Wait for readiness by polling the operations listener, against a deadline.
 deadline=$((SECONDS + 60))
-until "$venv/bin/python" -c "import urllib.request, sys; urllib.request.urlopen('$base/health/ready', timeout=2)" 2>/dev/null; do
+until "$venv/bin/python" -c "import urllib.request, sys; urllib.request.urlopen('$ops/health/ready', timeout=2)" 2>/dev/null; do
   if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
     echo "contract: the server did not become ready" >&2
     cat "$work/server.log" >&2
@@ -60,25 +82,41 @@ done
 
 "$venv/bin/python" -c "import urllib.request; open('$work/openapi.json', 'wb').write(urllib.request.urlopen('$base/api-docs/openapi.json').read())"
 
-# A real, ACTIVE queue token for the routes that need one (see schemathesis.toml).
-CONTRACT_QUEUE_TOKEN=$("$venv/bin/python" - "$base" <<'PY'
-import json, sys, time, urllib.request
+# A real user for the run: its access token goes with every request, and its queue token,
+# once ACTIVE, with every request too (the routes that take none ignore it; see also
+# schemathesis.toml). A generated payment may spend the queue token (a completed payment
+# expires it): the booking routes answer 401 from then on, which the document allows. That
+# is accepted: the routes were fuzzed with a live token until then, and the order is the
+# fuzzer's.
+credentials=$("$venv/bin/python" - "$base" <<'PY'
+import json, sys, time, urllib.error, urllib.request
 base = sys.argv[1]
 def call(method, path, body=None, headers=None):
-    request = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    return json.load(urllib.request.urlopen(request, timeout=5))
-user = call("POST", "/api/v1/users", {"name": "contract"})["id"]
-token = call("POST", "/api/v1/queue/tokens", {"userId": user})["token"]
-deadline = time.time() + 30
-while call("GET", "/api/v1/queue/tokens/me", headers={"Queue-Token": token})["status"] != "ACTIVE":
+    data = None if body is None else json.dumps(body).encode()
+    headers = dict(headers or {})
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(base + path, method=method, data=data, headers=headers)
+    try:
+        return json.load(urllib.request.urlopen(request, timeout=5))
+    except urllib.error.HTTPError as error:
+        sys.exit(f"{method} {path}: {error.code} {error.read().decode(errors='replace')}")
+api_key = call("POST", "/api/v1/users", {"name": "contract"})["apiKey"]
+access = call("POST", "/api/v1/auth/tokens", headers={"Authorization": f"Bearer {api_key}"})["accessToken"]
+bearer = {"Authorization": f"Bearer {access}"}
+token = call("POST", "/api/v1/queue/tokens", {}, headers=bearer)["token"]
+deadline = time.time() + 60
+while call("GET", "/api/v1/queue/tokens/me", headers={**bearer, "Queue-Token": token})["status"] != "ACTIVE":
     if time.time() > deadline:
         sys.exit("the contract run's queue token was never admitted")
     time.sleep(0.1)
-print(token)
+print(access, token)
 PY
 )
-export CONTRACT_QUEUE_TOKEN
+read -r CONTRACT_ACCESS_TOKEN CONTRACT_QUEUE_TOKEN <<<"$credentials"
+[ -n "$CONTRACT_ACCESS_TOKEN" ] && [ -n "$CONTRACT_QUEUE_TOKEN" ] \
+  || { echo "contract: no credentials for the run" >&2; exit 1; }
+export CONTRACT_ACCESS_TOKEN CONTRACT_QUEUE_TOKEN
 echo "contract: openapi-spec-validator"
 "$venv/bin/openapi-spec-validator" --validation-errors all "$work/openapi.json"
 
@@ -87,6 +125,7 @@ echo "contract: schemathesis (seed $seed, $examples examples per route)"
 config="$PWD/tests/contract/schemathesis.toml"
 if ! (cd "$work" && "$venv/bin/schemathesis" --config-file "$config" \
   run "$base/api-docs/openapi.json" --url "$base" \
+  -H "Authorization: Bearer $CONTRACT_ACCESS_TOKEN" -H "Queue-Token: $CONTRACT_QUEUE_TOKEN" \
   --checks all --max-examples "$examples" --seed "$seed" --no-color); then
   echo "contract: schemathesis found contract breaks; server log follows" >&2
   tail -n 50 "$work/server.log" >&2

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::booking::{ADMIN_KEY, admitted_users, call, env, open_schedule, seat_statuses};
+use e2e::booking::{ADMIN_KEY, AsFan as _, Fan, admitted_users, call, env, open_schedule, seat_statuses};
 use e2e::{Cluster, ClusterOptions, client};
 use serde_json::{Value, json};
 
@@ -16,9 +16,20 @@ async fn cluster(extra: &[(&str, &str)], max_active: usize) -> Cluster {
     Cluster::start_with(3, &ClusterOptions { env, ..ClusterOptions::default() }).await.expect("cluster")
 }
 
-async fn hold(http: &awc::Client, base: &str, token: &str, schedule: &str, seat: i64) -> (u16, Value) {
+/// One of `racers` as `(user, token)`, the shape the booking calls take.
+fn who(racer: &(Fan, String)) -> (&Fan, &str) {
+    (&racer.0, racer.1.as_str())
+}
+
+async fn hold(
+    http: &awc::Client,
+    base: &str,
+    (user, token): (&Fan, &str),
+    schedule: &str,
+    seat: i64,
+) -> (u16, Value) {
     call(
-        http.post(format!("{base}/api/v1/reservations")).insert_header(("Queue-Token", token)),
+        http.post(format!("{base}/api/v1/reservations")).bearer(user).queue(token),
         Some(json!({"scheduleId": schedule, "seatNumber": seat})),
     )
     .await
@@ -33,13 +44,13 @@ fn bases(cluster: &Cluster) -> Vec<&str> {
 async fn seat_everywhere(
     http: &awc::Client,
     cluster: &Cluster,
-    token: &str,
+    caller: (&Fan, &str),
     schedule: &str,
     seat: u64,
 ) -> Vec<String> {
     let mut seen = Vec::new();
     for base in bases(cluster) {
-        let map = seat_statuses(http, base, token, schedule).await.expect("seat map");
+        let map = seat_statuses(http, base, caller, schedule).await.expect("seat map");
         assert_eq!(map.iter().map(|(n, _)| *n).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
         seen.push(map.into_iter().find(|(n, _)| *n == seat).expect("the seat").1);
     }
@@ -54,11 +65,14 @@ async fn one_seat_storm(locks: bool) {
     let schedule = open_schedule(&http, cluster.url(0), 90_000).await.expect("schedule");
     // Every instance has the map cached (all AVAILABLE) before the storm.
     assert!(
-        seat_everywhere(&http, &cluster, &racers[0].1, &schedule, 25).await.iter().all(|s| s == "AVAILABLE")
+        seat_everywhere(&http, &cluster, who(&racers[0]), &schedule, 25)
+            .await
+            .iter()
+            .all(|s| s == "AVAILABLE")
     );
 
     let answers = futures::future::join_all(
-        racers.iter().enumerate().map(|(i, (_, token))| hold(&http, cluster.url(i), token, &schedule, 25)),
+        racers.iter().enumerate().map(|(i, racer)| hold(&http, cluster.url(i), who(racer), &schedule, 25)),
     )
     .await;
 
@@ -68,31 +82,30 @@ async fn one_seat_storm(locks: bool) {
     let (winner, (_, reservation)) = won[0];
     assert_eq!((reservation["status"].as_str(), reservation["price"].as_i64()), (Some("HELD"), Some(90_000)));
     // Held, as soon as the hold returned, on every instance.
-    let token = &racers[winner].1;
-    assert!(seat_everywhere(&http, &cluster, token, &schedule, 25).await.iter().all(|s| s == "HELD"));
+    let (owner, token) = who(&racers[winner]);
+    assert!(
+        seat_everywhere(&http, &cluster, (owner, token), &schedule, 25).await.iter().all(|s| s == "HELD")
+    );
     let id = reservation["id"].as_str().expect("id");
     // Its owner reads it on any instance; anyone else gets 404.
     for i in 0..3 {
         let (status, body) = call(
-            http.get(format!("{}/api/v1/reservations/{id}", cluster.url(i)))
-                .insert_header(("Queue-Token", token.as_str())),
+            http.get(format!("{}/api/v1/reservations/{id}", cluster.url(i))).bearer(owner).queue(token),
             None,
         )
         .await
         .expect("answered");
         assert_eq!((status, body["status"].as_str()), (200, Some("HELD")), "{body}");
     }
-    let other = &racers[(winner + 1) % racers.len()].1;
+    let (someone, theirs) = who(&racers[(winner + 1) % racers.len()]);
     let answer = send(
-        http.get(format!("{}/api/v1/reservations/{id}", cluster.url(1)))
-            .insert_header(("Queue-Token", other.as_str())),
+        http.get(format!("{}/api/v1/reservations/{id}", cluster.url(1))).bearer(someone).queue(theirs),
         None,
     )
     .await;
     assert_problem(&answer, 404, "RESERVATION_NOT_FOUND", None);
     let answer = send(
-        http.delete(format!("{}/api/v1/reservations/{id}", cluster.url(1)))
-            .insert_header(("Queue-Token", other.as_str())),
+        http.delete(format!("{}/api/v1/reservations/{id}", cluster.url(1))).bearer(someone).queue(theirs),
         None,
     )
     .await;
@@ -100,23 +113,26 @@ async fn one_seat_storm(locks: bool) {
 
     // Cancel on one instance frees the seat on every instance at once.
     let (status, cancelled) = call(
-        http.delete(format!("{}/api/v1/reservations/{id}", cluster.url(2)))
-            .insert_header(("Queue-Token", token.as_str())),
+        http.delete(format!("{}/api/v1/reservations/{id}", cluster.url(2))).bearer(owner).queue(token),
         None,
     )
     .await
     .expect("answered");
     assert_eq!((status, cancelled["status"].as_str()), (200, Some("CANCELLED")), "{cancelled}");
-    assert!(seat_everywhere(&http, &cluster, token, &schedule, 25).await.iter().all(|s| s == "AVAILABLE"));
+    assert!(
+        seat_everywhere(&http, &cluster, (owner, token), &schedule, 25)
+            .await
+            .iter()
+            .all(|s| s == "AVAILABLE")
+    );
     let again = send(
-        http.delete(format!("{}/api/v1/reservations/{id}", cluster.url(0)))
-            .insert_header(("Queue-Token", token.as_str())),
+        http.delete(format!("{}/api/v1/reservations/{id}", cluster.url(0))).bearer(owner).queue(token),
         None,
     )
     .await;
     assert_problem(&again, 409, "RESERVATION_NOT_HELD", None);
     // And someone else can take it.
-    assert_eq!(hold(&http, cluster.url(1), other, &schedule, 25).await.0, 201);
+    assert_eq!(hold(&http, cluster.url(1), (someone, theirs), &schedule, 25).await.0, 201);
     cluster.shut_down().await;
 }
 
@@ -139,9 +155,9 @@ async fn twenty_seats_storm(locks: bool) {
 
     // Three racers per seat, each on another instance.
     let (http_ref, cluster_ref, schedule_ref) = (&http, &cluster, &schedule);
-    let answers = futures::future::join_all(racers.iter().enumerate().map(|(i, (_, token))| {
+    let answers = futures::future::join_all(racers.iter().enumerate().map(|(i, racer)| {
         let seat = i64::try_from(i % 20 + 1).unwrap_or(1);
-        async move { (seat, hold(http_ref, cluster_ref.url(i), token, schedule_ref, seat).await) }
+        async move { (seat, hold(http_ref, cluster_ref.url(i), who(racer), schedule_ref, seat).await) }
     }))
     .await;
 
@@ -154,7 +170,7 @@ async fn twenty_seats_storm(locks: bool) {
     }
     assert_eq!(&winners[1..], &[1; 20], "each seat is won exactly once (locks {locks})");
     for base in bases(&cluster) {
-        let map = seat_statuses(&http, base, &racers[0].1, &schedule).await.expect("map");
+        let map = seat_statuses(&http, base, who(&racers[0]), &schedule).await.expect("map");
         let held: Vec<u64> = map.iter().filter(|(_, s)| s == "HELD").map(|(n, _)| *n).collect();
         assert_eq!(held, (1..=20).collect::<Vec<_>>(), "on {base}");
     }
@@ -178,7 +194,8 @@ async fn a_hold_that_runs_out_shows_available_everywhere_at_once_and_the_job_the
     let http = client();
     let people = admitted_users(&http, &bases(&cluster), 2).await.expect("users");
     let schedule = open_schedule(&http, cluster.url(0), 1_000).await.expect("schedule");
-    let (status, held) = hold(&http, cluster.url(0), &people[0].1, &schedule, 3).await;
+    let (holder, watcher) = (who(&people[0]), who(&people[1]));
+    let (status, held) = hold(&http, cluster.url(0), holder, &schedule, 3).await;
     assert_eq!(status, 201, "{held}");
     let id = held["id"].as_str().expect("id");
     let held_until = held["heldUntil"].as_str().expect("heldUntil").to_owned();
@@ -190,7 +207,7 @@ async fn a_hold_that_runs_out_shows_available_everywhere_at_once_and_the_job_the
     // end (on a fast machine, all three; the storms check HELD everywhere with holds that
     // cannot run out).
     for base in bases(&cluster) {
-        let map = seat_statuses(&http, base, &people[1].1, &schedule).await.expect("seat map");
+        let map = seat_statuses(&http, base, watcher, &schedule).await.expect("seat map");
         let seat = map.into_iter().find(|(n, _)| *n == 3).expect("seat 3").1;
         if e2e::booking::rfc3339(now_secs()) < held_until_second {
             assert_eq!(seat, "HELD", "on {base}, before {held_until}");
@@ -204,20 +221,16 @@ async fn a_hold_that_runs_out_shows_available_everywhere_at_once_and_the_job_the
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(1)).await;
-    assert!(
-        seat_everywhere(&http, &cluster, &people[1].1, &schedule, 3).await.iter().all(|s| s == "AVAILABLE")
-    );
+    assert!(seat_everywhere(&http, &cluster, watcher, &schedule, 3).await.iter().all(|s| s == "AVAILABLE"));
     let (_, read) = call(
-        http.get(format!("{}/api/v1/reservations/{id}", cluster.url(1)))
-            .insert_header(("Queue-Token", people[0].1.as_str())),
+        http.get(format!("{}/api/v1/reservations/{id}", cluster.url(1))).bearer(holder.0).queue(holder.1),
         None,
     )
     .await
     .expect("answered");
     assert_eq!(read["status"], "EXPIRED", "{read}");
     let cancel = send(
-        http.delete(format!("{}/api/v1/reservations/{id}", cluster.url(2)))
-            .insert_header(("Queue-Token", people[0].1.as_str())),
+        http.delete(format!("{}/api/v1/reservations/{id}", cluster.url(2))).bearer(holder.0).queue(holder.1),
         None,
     )
     .await;
@@ -227,8 +240,8 @@ async fn a_hold_that_runs_out_shows_available_everywhere_at_once_and_the_job_the
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut expired = 0.0;
-        for base in bases(&cluster) {
-            let (_, _, text) = metrics(&http, base).await;
+        for instance in &cluster.instances {
+            let (_, _, text) = metrics(&http, &instance.ops_url).await;
             expired += counter(&text, "reservation_holds_expired_total");
         }
         if expired >= 1.0 {
@@ -239,7 +252,7 @@ async fn a_hold_that_runs_out_shows_available_everywhere_at_once_and_the_job_the
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The seat is free to hold again.
-    assert_eq!(hold(&http, cluster.url(2), &people[1].1, &schedule, 3).await.0, 201);
+    assert_eq!(hold(&http, cluster.url(2), watcher, &schedule, 3).await.0, 201);
     cluster.shut_down().await;
 }
 
@@ -248,8 +261,9 @@ fn now_secs() -> i64 {
     i64::try_from(now.as_secs()).unwrap_or(0)
 }
 
-async fn metrics(http: &awc::Client, base: &str) -> (u16, (), String) {
-    let mut response = http.get(format!("{base}/metrics")).send().await.expect("metrics");
+/// `/metrics` of the operations listener at `ops`.
+async fn metrics(http: &awc::Client, ops: &str) -> (u16, (), String) {
+    let mut response = http.get(format!("{ops}/metrics")).send().await.expect("metrics");
     let body = response.body().limit(10 * 1024 * 1024).await.expect("body");
     (response.status().as_u16(), (), String::from_utf8_lossy(&body).into_owned())
 }
@@ -267,16 +281,15 @@ async fn the_gate_bad_input_and_the_admin_key_are_refused_with_problems_that_cha
     let http = client();
     let base = cluster.url(0);
     let people = admitted_users(&http, &[base], 1).await.expect("an admitted user");
-    let token = people[0].1.as_str();
+    let me = who(&people[0]);
+    let (user, token) = me;
     let schedule = open_schedule(&http, base, 5_000).await.expect("schedule");
     // A second user waits behind the first (QUEUE_MAX_ACTIVE=1).
     let waiting_user = e2e::booking::new_user(&http, base).await.expect("user");
-    let (_, waiting) =
-        call(http.post(format!("{base}/api/v1/queue/tokens")), Some(json!({"userId": waiting_user})))
-            .await
-            .expect("token");
-    let waiting = waiting["token"].as_str().expect("token").to_owned();
+    let (_, waiting) = e2e::booking::queue_token(&http, base, &waiting_user).await.expect("token");
+    // The catalog needs no credentials.
     let concerts = send(http.get(format!("{base}/api/v1/concerts")), None).await;
+    assert_eq!(concerts.0.as_u16(), 200, "{}", concerts.2);
     let concert = concerts.2[0]["id"].as_str().expect("a concert").to_owned();
 
     // The gate, over HTTP, on every booking route.
@@ -287,23 +300,33 @@ async fn the_gate_bad_input_and_the_admin_key_are_refused_with_problems_that_cha
         ("GET", format!("/api/v1/reservations/{}", uuid::Uuid::now_v7())),
         ("DELETE", format!("/api/v1/reservations/{}", uuid::Uuid::now_v7())),
     ] {
-        let request = |t: Option<&str>| {
-            let r = http.request(method.parse().expect("method"), format!("{base}{path}"));
+        let request = |caller: Option<&Fan>, t: Option<&str>| {
+            let mut r = http.request(method.parse().expect("method"), format!("{base}{path}"));
+            if let Some(caller) = caller {
+                r = r.bearer(caller);
+            }
             match t {
-                Some(t) => r.insert_header(("Queue-Token", t)),
+                Some(t) => r.queue(t),
                 None => r,
             }
         };
         let body = (method == "POST").then_some(r#"{"scheduleId": "x", "seatNumber": 1}"#);
-        assert_problem(&send(request(None), body).await, 401, "QUEUE_TOKEN_INVALID", None);
-        assert_problem(&send(request(Some("not-a-uuid")), body).await, 401, "QUEUE_TOKEN_INVALID", None);
+        let as_user = |t: Option<&str>| request(Some(user), t);
+        assert_problem(&send(as_user(None), body).await, 401, "QUEUE_TOKEN_INVALID", None);
+        assert_problem(&send(as_user(Some("not-a-uuid")), body).await, 401, "QUEUE_TOKEN_INVALID", None);
         let unknown = uuid::Uuid::new_v4().to_string();
-        assert_problem(&send(request(Some(&unknown)), body).await, 401, "QUEUE_TOKEN_INVALID", None);
-        assert_problem(&send(request(Some(&waiting)), body).await, 403, "QUEUE_TOKEN_NOT_ACTIVE", None);
+        assert_problem(&send(as_user(Some(&unknown)), body).await, 401, "QUEUE_TOKEN_INVALID", None);
+        let queued = request(Some(&waiting_user), Some(&waiting));
+        assert_problem(&send(queued, body).await, 403, "QUEUE_TOKEN_NOT_ACTIVE", None);
+        // A queue token is worth nothing to anyone but its owner, nor without an access token.
+        assert_problem(&send(as_user(Some(&waiting)), body).await, 401, "QUEUE_TOKEN_INVALID", None);
+        let borrowed = request(Some(&waiting_user), Some(token));
+        assert_problem(&send(borrowed, body).await, 401, "QUEUE_TOKEN_INVALID", None);
+        assert_problem(&send(request(None, Some(token)), body).await, 401, "UNAUTHENTICATED", None);
     }
 
     // Bad holds.
-    let post = || http.post(format!("{base}/api/v1/reservations")).insert_header(("Queue-Token", token));
+    let post = || http.post(format!("{base}/api/v1/reservations")).bearer(user).queue(token);
     for (body, field) in [
         (format!(r#"{{"scheduleId": "{schedule}", "seatNumber": 0}}"#), "seatNumber"),
         (format!(r#"{{"scheduleId": "{schedule}", "seatNumber": 51}}"#), "seatNumber"),
@@ -326,7 +349,7 @@ async fn the_gate_bad_input_and_the_admin_key_are_refused_with_problems_that_cha
     assert_problem(&send(post(), Some(&unknown)).await, 404, "SCHEDULE_NOT_FOUND", None);
 
     // Bad ids in paths.
-    let get = |path: String| http.get(format!("{base}{path}")).insert_header(("Queue-Token", token));
+    let get = |path: String| http.get(format!("{base}{path}")).bearer(user).queue(token);
     assert_problem(
         &send(get("/api/v1/schedules/12/seats".into()), None).await,
         400,
@@ -447,7 +470,7 @@ async fn the_gate_bad_input_and_the_admin_key_are_refused_with_problems_that_cha
 
     // None of it changed anything: every seat of the date is free, and the concert has
     // its two dates only.
-    let map = seat_statuses(&http, base, token, &schedule).await.expect("map");
+    let map = seat_statuses(&http, base, me, &schedule).await.expect("map");
     assert!(map.iter().all(|(_, s)| s == "AVAILABLE"), "{map:?}");
     let (_, listed) =
         call(get(format!("/api/v1/concerts/{concert}/schedules")), None).await.expect("answered");

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use adapters_redis::connection::{DEFAULT_COMMAND_TIMEOUT, RedisConnections};
-use e2e::booking::{admitted_users, call, env, open_schedule, seat_statuses};
+use e2e::booking::{AsFan as _, admitted_users, call, env, open_schedule, seat_statuses};
 use e2e::{Cluster, ClusterOptions, client};
 use fred::prelude::{ClientLike as _, KeysInterface as _, SortedSetsInterface as _};
 use serde_json::json;
@@ -57,19 +57,19 @@ async fn holds_and_payments_whose_clients_hang_up_right_after_sending_still_end_
     let bases: Vec<&str> = (0..3).map(|i| cluster.url(i)).collect();
     let schedule = open_schedule(&http, bases[0], 1_000).await.expect("a date");
     let users = admitted_users(&http, &bases, PAYERS + 1).await.expect("admitted users");
-    let (_, observer) = &users[PAYERS];
+    let observer = (&users[PAYERS].0, users[PAYERS].1.as_str());
     let mut reservations = Vec::with_capacity(PAYERS);
     for (i, (user, token)) in users[..PAYERS].iter().enumerate() {
         let base = bases[i % 3];
         let (status, body) = call(
-            http.post(format!("{base}/api/v1/users/{user}/points/charge")),
+            http.post(format!("{base}/api/v1/users/{}/points/charge", user.id)).bearer(user),
             Some(json!({"amount": 10_000})),
         )
         .await
         .expect("answered");
         assert_eq!(status, 200, "{body}");
         let (status, body) = call(
-            http.post(format!("{base}/api/v1/reservations")).insert_header(("Queue-Token", token.as_str())),
+            http.post(format!("{base}/api/v1/reservations")).bearer(user).queue(token),
             Some(json!({"scheduleId": schedule, "seatNumber": i + 1})),
         )
         .await
@@ -85,15 +85,17 @@ async fn holds_and_payments_whose_clients_hang_up_right_after_sending_still_end_
 
     // Holds whose clients hang up: each one that committed lifts its seat map's write mark
     // all the same. A mark left standing would last the lock's longest hold plus a lease
-    // (over two minutes here), far past the wait below.
-    futures::future::join_all(users[..15].iter().enumerate().map(|(i, (_, token))| {
+    // (over two minutes here), far past the wait below. (Each of these users then holds two
+    // seats of the date, within the default limit of four.)
+    futures::future::join_all(users[..15].iter().enumerate().map(|(i, (user, token))| {
         let body = json!({"scheduleId": schedule, "seatNumber": 31 + i}).to_string();
         let base = bases[i % 3];
+        let bearer = format!("Bearer {}", user.access);
         async move {
             send_and_hang_up(
                 base,
                 "/api/v1/reservations",
-                &[("Queue-Token", token.as_str())],
+                &[("Authorization", bearer.as_str()), ("Queue-Token", token.as_str())],
                 &body,
                 Duration::from_millis(u64::try_from(i * i * 4).expect("small")),
             )
@@ -130,14 +132,15 @@ async fn holds_and_payments_whose_clients_hang_up_right_after_sending_still_end_
 
     // Every payer sends its payment and resets the connection within a few milliseconds.
     futures::future::join_all(users[..PAYERS].iter().zip(&reservations).enumerate().map(
-        |(i, ((_, token), reservation))| {
+        |(i, ((user, token), reservation))| {
             let body = json!({"reservationId": reservation}).to_string();
             let base = bases[i % 3];
+            let bearer = format!("Bearer {}", user.access);
             async move {
                 send_and_hang_up(
                     base,
                     "/api/v1/payments",
-                    &[("Queue-Token", token.as_str())],
+                    &[("Authorization", bearer.as_str()), ("Queue-Token", token.as_str())],
                     &body,
                     // From at once to most of a second: the early ones are cut before or
                     // during the payment, the late ones surely after its commit (so the
@@ -160,18 +163,17 @@ async fn holds_and_payments_whose_clients_hang_up_right_after_sending_still_end_
             locked += keys(&redis, &format!("lock:reservation:{reservation}")).await.len();
         }
         for (user, _) in &users[..PAYERS] {
-            locked += keys(&redis, &format!("lock:point:{user}")).await.len();
+            locked += keys(&redis, &format!("lock:point:{}", user.id)).await.len();
         }
         let seats = seat_statuses(&http, bases[0], observer, &schedule).await.expect("seat map");
         let mut sold = 0;
         let mut still_active = Vec::new();
-        for (i, (_, token)) in users[..PAYERS].iter().enumerate() {
+        for (i, (user, token)) in users[..PAYERS].iter().enumerate() {
             let seat = u64::try_from(i + 1).expect("small");
             if seats.iter().any(|(number, status)| *number == seat && status == "SOLD") {
                 sold += 1;
                 let (status, view) = call(
-                    http.get(format!("{}/api/v1/queue/tokens/me", bases[i % 3]))
-                        .insert_header(("Queue-Token", token.as_str())),
+                    http.get(format!("{}/api/v1/queue/tokens/me", bases[i % 3])).bearer(user).queue(token),
                     None,
                 )
                 .await
@@ -204,12 +206,8 @@ async fn a_storm_of_new_idempotency_keys_leaves_no_lock_state_behind() {
     let cluster =
         Cluster::start_with(2, &ClusterOptions::with_env(e2e::PATIENT_LOCKS)).await.expect("cluster");
     let http = client();
-    let (status, body) =
-        call(http.post(format!("{}/api/v1/users", cluster.url(0))), Some(json!({"name": "kim"})))
-            .await
-            .expect("answered");
-    assert_eq!(status, 201, "{body}");
-    let user = body["id"].as_str().expect("id").to_owned();
+    let fan = e2e::booking::sign_up(&http, cluster.url(0), "kim").await.expect("a user");
+    let user = fan.id.as_str();
 
     // 350 charges, each with a new key: the first 100 are applied, the other 250 refused
     // by the balance limit (1,000,000,000).
@@ -219,6 +217,7 @@ async fn a_storm_of_new_idempotency_keys_leaves_no_lock_state_behind() {
         let answers = futures::future::join_all(chunk.iter().map(|i| {
             let request = http
                 .post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(*i)))
+                .bearer(&fan)
                 .insert_header(("Idempotency-Key", format!("storm-{i}")));
             call(request, Some(json!({"amount": 10_000_000})))
         }))

@@ -1,3 +1,4 @@
+use e2e::booking::{AsFan as _, sign_up};
 use e2e::{Cluster, ClusterOptions, PrivateRedis, TcpProxy, client};
 
 use super::{assert_problem, send};
@@ -9,36 +10,39 @@ async fn with_redis_gone_charges_fail_closed_reads_go_on_and_readiness_names_red
     let cluster = Cluster::start_with(1, &options).await.expect("cluster");
     let http = client();
     let base = cluster.url(0);
-    let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "kim"}"#)).await;
-    let user = created.2["id"].as_str().expect("id").to_owned();
+    let ops = cluster.ops_url(0);
+    let fan = sign_up(&http, base, "kim").await.expect("a user");
+    let user = fan.id.as_str();
     let charge = format!("{base}/api/v1/users/{user}/points/charge");
-    assert_eq!(send(http.post(&charge), Some(r#"{"amount": 100}"#)).await.0.as_u16(), 200);
+    assert_eq!(send(http.post(&charge).bearer(&fan), Some(r#"{"amount": 100}"#)).await.0.as_u16(), 200);
 
     redis.kill();
     assert!(!redis.answers());
 
     // No lock, no write: the charge is refused as unavailable, and nothing changes.
-    let refused = send(http.post(&charge), Some(r#"{"amount": 100}"#)).await;
+    let refused = send(http.post(&charge).bearer(&fan), Some(r#"{"amount": 100}"#)).await;
     assert_problem(&refused, 503, "SERVICE_UNAVAILABLE", None);
-    let balance = send(http.get(format!("{base}/api/v1/users/{user}/points")), None).await;
+    // Reads need neither Redis nor a store to check the access token.
+    let balance = send(http.get(format!("{base}/api/v1/users/{user}/points")).bearer(&fan), None).await;
     assert_eq!(balance.2["balance"], 100, "reads do not need Redis: {}", balance.2);
-    let history = send(http.get(format!("{base}/api/v1/users/{user}/points/history")), None).await;
+    let history =
+        send(http.get(format!("{base}/api/v1/users/{user}/points/history")).bearer(&fan), None).await;
     assert_eq!(history.2.as_array().map(Vec::len), Some(1));
     // The cache is never a reason to fail: the catalog is read from MySQL, and counted.
     let concerts = send(http.get(format!("{base}/api/v1/concerts")), None).await;
     assert_eq!(concerts.0.as_u16(), 200, "{}", concerts.2);
     assert_eq!(concerts.2.as_array().map(Vec::len), Some(3), "the demo concerts: {}", concerts.2);
-    let mut scrape = http.get(format!("{base}/metrics")).send().await.expect("metrics");
+    let mut scrape = http.get(format!("{ops}/metrics")).send().await.expect("metrics");
     let text = String::from_utf8_lossy(&scrape.body().await.expect("body")).into_owned();
     assert!(
         text.lines().any(|l| l.starts_with("cache_requests_total{cache=\"concerts\",result=\"bypass\"}")),
         "the bypass is counted"
     );
-    let ready = send(http.get(format!("{base}/health/ready")), None).await;
+    let ready = send(http.get(format!("{ops}/health/ready")), None).await;
     assert_problem(&ready, 503, "NOT_READY", None);
     assert_eq!(ready.2["checks"]["redis"], "DOWN");
     assert_eq!(ready.2["checks"]["mysql"], "UP");
-    assert_eq!(send(http.get(format!("{base}/health/live")), None).await.0.as_u16(), 200);
+    assert_eq!(send(http.get(format!("{ops}/health/live")), None).await.0.as_u16(), 200);
     cluster.shut_down().await;
 }
 
@@ -57,14 +61,13 @@ async fn an_instance_crashing_mid_storm_loses_no_point_and_makes_none_up() {
     let options = ClusterOptions::with_env(e2e::PATIENT_LOCKS);
     let cluster = Cluster::start_with(3, &options).await.expect("cluster");
     let http = client();
-    let created =
-        send(http.post(format!("{}/api/v1/users", cluster.url(1))), Some(r#"{"name": "crash"}"#)).await;
-    let user = created.2["id"].as_str().expect("id").to_owned();
+    let fan = sign_up(&http, cluster.url(1), "crash").await.expect("a user");
+    let user = fan.id.as_str();
     let answered = Cell::new(0_usize);
     let progress = Notify::new();
 
     let storm = futures::future::join_all((0..300).map(|i| {
-        let request = http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i)));
+        let request = http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i))).bearer(&fan);
         let (answered, progress) = (&answered, &progress);
         async move {
             let result = request
@@ -97,13 +100,16 @@ async fn an_instance_crashing_mid_storm_loses_no_point_and_makes_none_up() {
     // lost, nothing made up. A charge that committed just before the crash counts even
     // though its answer never left.
     let ok = answers.iter().filter(|(_, status)| *status == 200).count();
-    let history =
-        send(http.get(format!("{}/api/v1/users/{user}/points/history?limit=1000", cluster.url(1))), None)
-            .await;
+    let history = send(
+        http.get(format!("{}/api/v1/users/{user}/points/history?limit=1000", cluster.url(1))).bearer(&fan),
+        None,
+    )
+    .await;
     let entries = history.2.as_array().expect("a list");
     let applied = i64::try_from(entries.len()).expect("small");
     assert!(entries.len() >= ok && entries.len() <= 300, "{} applied, {ok} answered", entries.len());
-    let balance = send(http.get(format!("{}/api/v1/users/{user}/points", cluster.url(2))), None).await;
+    let balance =
+        send(http.get(format!("{}/api/v1/users/{user}/points", cluster.url(2))).bearer(&fan), None).await;
     assert_eq!(balance.2["balance"], applied * 10);
     let afters: BTreeSet<i64> =
         entries.iter().map(|e| e["balanceAfter"].as_i64().expect("balanceAfter")).collect();
@@ -111,7 +117,7 @@ async fn an_instance_crashing_mid_storm_loses_no_point_and_makes_none_up() {
 
     // And the survivors go on.
     let after = send(
-        http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(1))),
+        http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(1))).bearer(&fan),
         Some(r#"{"amount": 10}"#),
     )
     .await;
@@ -135,22 +141,29 @@ async fn with_mysql_unreachable_every_route_answers_503_with_retry_after_never_5
     let cluster = Cluster::start_with(1, &options).await.expect("cluster");
     let http = client();
     let base = cluster.url(0);
-    let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "kim"}"#)).await;
-    assert_eq!(created.0.as_u16(), 201, "{}", created.2);
-    let user = created.2["id"].as_str().expect("id").to_owned();
+    let fan = sign_up(&http, base, "kim").await.expect("a user");
+    let user = fan.id.as_str();
 
     proxy.cut();
 
+    // Each with the credentials it takes: none, the API key, or the access token (checked
+    // without MySQL, so the route itself meets the outage).
+    let (key, access) = (Some(fan.api_key.as_str()), Some(fan.access.as_str()));
     let requests = [
-        ("POST", format!("{base}/api/v1/users"), Some(r#"{"name": "lee"}"#)),
-        ("GET", format!("{base}/api/v1/users/{user}/points"), None),
-        ("POST", format!("{base}/api/v1/users/{user}/points/charge"), Some(r#"{"amount": 100}"#)),
-        ("GET", format!("{base}/api/v1/users/{user}/points/history"), None),
+        ("POST", format!("{base}/api/v1/users"), None, Some(r#"{"name": "lee"}"#)),
+        ("POST", format!("{base}/api/v1/auth/tokens"), key, None),
+        ("GET", format!("{base}/api/v1/users/{user}/points"), access, None),
+        ("POST", format!("{base}/api/v1/users/{user}/points/charge"), access, Some(r#"{"amount": 100}"#)),
+        ("GET", format!("{base}/api/v1/users/{user}/points/history"), access, None),
         // Never read before the cut, so not cached: the catalog needs MySQL too.
-        ("GET", format!("{base}/api/v1/concerts"), None),
+        ("GET", format!("{base}/api/v1/concerts"), None, None),
     ];
-    let answers = futures::future::join_all(requests.iter().map(|(method, url, body)| {
+    let answers = futures::future::join_all(requests.iter().map(|(method, url, bearer, body)| {
         let request = if *method == "POST" { http.post(url) } else { http.get(url) };
+        let request = match bearer {
+            Some(bearer) => request.insert_header(("Authorization", format!("Bearer {bearer}"))),
+            None => request,
+        };
         async move {
             let mut response = match body {
                 Some(body) => {
@@ -176,7 +189,7 @@ async fn with_mysql_unreachable_every_route_answers_503_with_retry_after_never_5
         let text = body.to_string();
         assert!(!text.contains("sqlx") && !text.contains("Connection") && !text.contains("3306"), "{text}");
     }
-    let ready = send(http.get(format!("{base}/health/ready")), None).await;
+    let ready = send(http.get(format!("{}/health/ready", cluster.ops_url(0))), None).await;
     assert_problem(&ready, 503, "NOT_READY", None);
     assert_eq!(ready.2["checks"]["mysql"], "DOWN");
     assert_eq!(ready.2["checks"]["redis"], "UP");
@@ -202,8 +215,7 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
     let base = cluster.url(0).to_owned();
     let mut users = Vec::new();
     for _ in 0..USERS {
-        let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "held"}"#)).await;
-        users.push(created.2["id"].as_str().expect("id").to_owned());
+        users.push(sign_up(&http, &base, "held").await.expect("a user"));
     }
     // Hold the users' account rows from outside, so that each charge takes its Redis lock
     // and then waits in MySQL.
@@ -212,7 +224,8 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
     for user in &users {
         blocker
             .execute_unprepared(&format!(
-                "SELECT * FROM point_accounts WHERE user_id = UNHEX(REPLACE('{user}', '-', '')) FOR UPDATE"
+                "SELECT * FROM point_accounts WHERE user_id = UNHEX(REPLACE('{}', '-', '')) FOR UPDATE",
+                user.id
             ))
             .await
             .expect("row locked");
@@ -223,7 +236,7 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
     .build()
     .expect("client");
     fred::prelude::ClientLike::init(&redis).await.expect("redis");
-    let keys: Vec<String> = users.iter().map(|user| format!("lock:point:{user}")).collect();
+    let keys: Vec<String> = users.iter().map(|user| format!("lock:point:{}", user.id)).collect();
     let exists = |redis: fred::clients::Client, keys: Vec<String>| async move {
         let mut held = 0;
         for key in keys {
@@ -236,7 +249,7 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
     let charges: Vec<_> = users
         .iter()
         .map(|user| {
-            let request = http.post(format!("{base}/api/v1/users/{user}/points/charge"));
+            let request = http.post(format!("{base}/api/v1/users/{}/points/charge", user.id)).bearer(user);
             actix_web::rt::spawn(async move {
                 let _ = request
                     .insert_header(("content-type", "application/json"))

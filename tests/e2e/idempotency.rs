@@ -3,6 +3,7 @@
 use std::io::Write as _;
 
 use awc::http::StatusCode;
+use e2e::booking::{AsFan as _, Fan};
 use e2e::{Cluster, ClusterOptions, client};
 use futures::future::join_all;
 
@@ -12,12 +13,13 @@ use super::{assert_problem, send};
 async fn charge(
     http: &awc::Client,
     base: &str,
-    user: &str,
+    user: &Fan,
     key: &str,
     amount: i64,
 ) -> (StatusCode, Option<String>, Vec<u8>) {
     let mut response = http
-        .post(format!("{base}/api/v1/users/{user}/points/charge"))
+        .post(format!("{base}/api/v1/users/{}/points/charge", user.id))
+        .bearer(user)
         .insert_header(("Idempotency-Key", key))
         .insert_header(("content-type", "application/json"))
         .send_body(format!(r#"{{"amount": {amount}}}"#))
@@ -29,14 +31,16 @@ async fn charge(
     (response.status(), replayed, body)
 }
 
-async fn new_user(http: &awc::Client, base: &str) -> String {
-    let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "idem"}"#)).await;
-    created.2["id"].as_str().expect("id").to_owned()
+async fn new_user(http: &awc::Client, base: &str) -> Fan {
+    e2e::booking::sign_up(http, base, "idem").await.expect("a user")
 }
 
-async fn balance_and_history(http: &awc::Client, base: &str, user: &str) -> (i64, usize) {
-    let balance = send(http.get(format!("{base}/api/v1/users/{user}/points")), None).await;
-    let history = send(http.get(format!("{base}/api/v1/users/{user}/points/history?limit=1000")), None).await;
+async fn balance_and_history(http: &awc::Client, base: &str, user: &Fan) -> (i64, usize) {
+    let id = &user.id;
+    let balance = send(http.get(format!("{base}/api/v1/users/{id}/points")).bearer(user), None).await;
+    let history =
+        send(http.get(format!("{base}/api/v1/users/{id}/points/history?limit=1000")).bearer(user), None)
+            .await;
     (balance.2["balance"].as_i64().expect("balance"), history.2.as_array().expect("list").len())
 }
 
@@ -72,7 +76,8 @@ async fn replays_and_concurrent_duplicates_of_a_keyed_charge_are_applied_once_wi
 
     // The key of one charge, reused for another amount, is refused and changes nothing.
     let reused = send(
-        http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(0)))
+        http.post(format!("{}/api/v1/users/{}/points/charge", cluster.url(0), user.id))
+            .bearer(&user)
             .insert_header(("Idempotency-Key", "order-1")),
         Some(r#"{"amount": 701}"#),
     )
@@ -85,7 +90,8 @@ async fn replays_and_concurrent_duplicates_of_a_keyed_charge_are_applied_once_wi
     // Malformed keys are refused before anything runs.
     for bad in ["", "has space", &"k".repeat(65), "caf\u{e9}"] {
         let refused = send(
-            http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(0)))
+            http.post(format!("{}/api/v1/users/{}/points/charge", cluster.url(0), user.id))
+                .bearer(&user)
                 .insert_header(("Idempotency-Key", bad)),
             Some(r#"{"amount": 5}"#),
         )
@@ -111,9 +117,12 @@ async fn a_charge_whose_answer_was_lost_is_applied_once_when_retried_with_its_ke
         // cannot tell whether the charge happened.
         let body = r#"{"amount": 50}"#;
         let request = format!(
-            "POST /api/v1/users/{user}/points/charge HTTP/1.1\r\nHost: {address}\r\n\
+            "POST /api/v1/users/{}/points/charge HTTP/1.1\r\nHost: {address}\r\n\
+             Authorization: Bearer {}\r\n\
              Content-Type: application/json\r\nIdempotency-Key: lost-{n}\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            user.id,
+            user.access,
             body.len()
         );
         let mut stream = std::net::TcpStream::connect(&address).expect("connect");

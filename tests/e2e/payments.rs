@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use adapters_redis::connection::{DEFAULT_COMMAND_TIMEOUT, RedisConnections};
 use adapters_redis::events::EventConsumer;
-use e2e::booking::{admitted_users, call, env, open_schedule, seat_statuses};
+use e2e::booking::{AsFan as _, Fan, admitted_users, call, env, open_schedule, seat_statuses};
 use e2e::{Cluster, ClusterOptions, client};
 use serde_json::{Value, json};
 
@@ -32,29 +32,45 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
     Setup { cluster, stream }
 }
 
-async fn charge(http: &awc::Client, base: &str, user: &str, amount: i64) -> u16 {
-    call(http.post(format!("{base}/api/v1/users/{user}/points/charge")), Some(json!({"amount": amount})))
-        .await
-        .expect("answered")
-        .0
+async fn charge(http: &awc::Client, base: &str, user: &Fan, amount: i64) -> u16 {
+    call(
+        http.post(format!("{base}/api/v1/users/{}/points/charge", user.id)).bearer(user),
+        Some(json!({"amount": amount})),
+    )
+    .await
+    .expect("answered")
+    .0
 }
 
-async fn balance(http: &awc::Client, base: &str, user: &str) -> i64 {
-    let (_, body) =
-        call(http.get(format!("{base}/api/v1/users/{user}/points")), None).await.expect("answered");
+async fn balance(http: &awc::Client, base: &str, user: &Fan) -> i64 {
+    let (_, body) = call(http.get(format!("{base}/api/v1/users/{}/points", user.id)).bearer(user), None)
+        .await
+        .expect("answered");
     body["balance"].as_i64().expect("balance")
 }
 
-async fn history_kinds(http: &awc::Client, base: &str, user: &str) -> Vec<String> {
-    let (_, body) = call(http.get(format!("{base}/api/v1/users/{user}/points/history?limit=1000")), None)
-        .await
-        .expect("answered");
+async fn history_kinds(http: &awc::Client, base: &str, user: &Fan) -> Vec<String> {
+    let (_, body) = call(
+        http.get(format!("{base}/api/v1/users/{}/points/history?limit=1000", user.id)).bearer(user),
+        None,
+    )
+    .await
+    .expect("answered");
     body.as_array().expect("entries").iter().map(|e| e["kind"].as_str().unwrap_or("?").to_owned()).collect()
 }
 
-async fn hold(http: &awc::Client, base: &str, token: &str, schedule: &str, seat: i64) -> String {
+/// A user with one of its queue tokens: `(user, token)`, as the booking calls take them.
+type Caller<'a> = (&'a Fan, &'a str);
+
+async fn hold(
+    http: &awc::Client,
+    base: &str,
+    (user, token): Caller<'_>,
+    schedule: &str,
+    seat: i64,
+) -> String {
     let (status, body) = call(
-        http.post(format!("{base}/api/v1/reservations")).insert_header(("Queue-Token", token)),
+        http.post(format!("{base}/api/v1/reservations")).bearer(user).queue(token),
         Some(json!({"scheduleId": schedule, "seatNumber": seat})),
     )
     .await
@@ -66,11 +82,11 @@ async fn hold(http: &awc::Client, base: &str, token: &str, schedule: &str, seat:
 async fn pay(
     http: &awc::Client,
     base: &str,
-    token: &str,
+    (user, token): Caller<'_>,
     reservation: &str,
     key: Option<&str>,
 ) -> (u16, Value, bool) {
-    let mut request = http.post(format!("{base}/api/v1/payments")).insert_header(("Queue-Token", token));
+    let mut request = http.post(format!("{base}/api/v1/payments")).bearer(user).queue(token);
     if let Some(key) = key {
         request = request.insert_header(("Idempotency-Key", key));
     }
@@ -111,12 +127,13 @@ async fn ten_payments_of_one_hold(locks: bool) {
     let bases: Vec<&str> = cluster.instances.iter().map(|i| i.base_url.as_str()).collect();
     let users = admitted_users(&http, &bases, 2).await.expect("users");
     let (user, token) = (&users[0].0, users[0].1.as_str());
+    let payer = (user, token);
     assert_eq!(charge(&http, bases[0], user, 100_000).await, 200);
     let schedule = open_schedule(&http, bases[0], 70_000).await.expect("schedule");
-    let reservation = hold(&http, bases[1], token, &schedule, 8).await;
+    let reservation = hold(&http, bases[1], payer, &schedule, 8).await;
 
     let answers =
-        futures::future::join_all((0..10).map(|i| pay(&http, cluster.url(i), token, &reservation, None)))
+        futures::future::join_all((0..10).map(|i| pay(&http, cluster.url(i), payer, &reservation, None)))
             .await;
 
     let paid = answers.iter().filter(|(s, _, _)| *s == 201).count();
@@ -132,14 +149,12 @@ async fn ten_payments_of_one_hold(locks: bool) {
     assert_eq!(history_kinds(&http, bases[2], user).await, vec!["USE", "CHARGE"]);
     // SOLD on every instance right after; the token is spent.
     for base in &bases {
-        let map = seat_statuses(&http, base, &users[1].1, &schedule).await.expect("map");
+        let map =
+            seat_statuses(&http, base, (&users[1].0, users[1].1.as_str()), &schedule).await.expect("map");
         assert_eq!(map[7], (8, "SOLD".to_owned()), "on {base}");
     }
-    let spent = send(
-        http.get(format!("{}/api/v1/queue/tokens/me", bases[0])).insert_header(("Queue-Token", token)),
-        None,
-    )
-    .await;
+    let spent =
+        send(http.get(format!("{}/api/v1/queue/tokens/me", bases[0])).bearer(user).queue(token), None).await;
     assert_problem(&spent, 401, "QUEUE_TOKEN_INVALID", None);
     // The event reached the stream, once.
     let events = events_on(&stream, 1).await;
@@ -168,12 +183,13 @@ async fn eight_replays(locks: bool) {
     let bases: Vec<&str> = cluster.instances.iter().map(|i| i.base_url.as_str()).collect();
     let users = admitted_users(&http, &bases, 1).await.expect("users");
     let (user, token) = (&users[0].0, users[0].1.as_str());
+    let payer = (user, token);
     assert_eq!(charge(&http, bases[0], user, 100_000).await, 200);
     let schedule = open_schedule(&http, bases[0], 25_000).await.expect("schedule");
-    let reservation = hold(&http, bases[1], token, &schedule, 3).await;
+    let reservation = hold(&http, bases[1], payer, &schedule, 3).await;
 
     let answers = futures::future::join_all(
-        (0..8).map(|i| pay(&http, cluster.url(i), token, &reservation, Some("pay-once-1"))),
+        (0..8).map(|i| pay(&http, cluster.url(i), payer, &reservation, Some("pay-once-1"))),
     )
     .await;
 
@@ -183,10 +199,10 @@ async fn eight_replays(locks: bool) {
     assert_eq!(balance(&http, bases[2], user).await, 75_000, "deducted once");
     // A retry after the token was spent still gets the answer (not 401), on any instance;
     // without the key, or with another, it is 401.
-    let (status, body, replayed) = pay(&http, bases[2], token, &reservation, Some("pay-once-1")).await;
+    let (status, body, replayed) = pay(&http, bases[2], payer, &reservation, Some("pay-once-1")).await;
     assert_eq!((status, &body, replayed), (201, &answers[0].1, true));
-    assert_eq!(pay(&http, bases[0], token, &reservation, None).await.0, 401);
-    assert_eq!(pay(&http, bases[0], token, &reservation, Some("another-key")).await.0, 401);
+    assert_eq!(pay(&http, bases[0], payer, &reservation, None).await.0, 401);
+    assert_eq!(pay(&http, bases[0], payer, &reservation, Some("another-key")).await.0, 401);
     assert_eq!(events_on(&stream, 1).await.len(), 1);
     cluster.shut_down().await;
 }
@@ -212,10 +228,11 @@ async fn a_payment_racing_forty_charges_of_the_same_user_leaves_the_exact_balanc
         let (user, token) = (users[0].0.clone(), users[0].1.clone());
         assert_eq!(charge(&http, bases[0], &user, 100_000).await, 200);
         let schedule = open_schedule(&http, bases[0], 70_000).await.expect("schedule");
-        let reservation = hold(&http, bases[1], &token, &schedule, 20).await;
+        let reservation = hold(&http, bases[1], (&user, token.as_str()), &schedule, 20).await;
 
         let charges = futures::future::join_all((0..40).map(|i| charge(&http, cluster.url(i), &user, 1_000)));
-        let (charged, paid) = futures::join!(charges, pay(&http, bases[2], &token, &reservation, None));
+        let (charged, paid) =
+            futures::join!(charges, pay(&http, bases[2], (&user, token.as_str()), &reservation, None));
 
         assert!(charged.iter().all(|s| *s == 200), "locks {locks}: {charged:?}");
         assert_eq!(paid.0, 201, "{:?}", paid.1);
@@ -234,40 +251,46 @@ async fn refused_payments_change_nothing() {
     let http = client();
     let base = cluster.url(0);
     let users = admitted_users(&http, &[base], 2).await.expect("users");
-    let (user, token) = (users[0].0.as_str(), users[0].1.as_str());
+    let (user, token) = (&users[0].0, users[0].1.as_str());
+    let (me, them) = ((user, token), (&users[1].0, users[1].1.as_str()));
     assert_eq!(charge(&http, base, user, 10_000).await, 200);
     let schedule = open_schedule(&http, base, 70_000).await.expect("schedule");
-    let reservation = hold(&http, base, token, &schedule, 1).await;
+    let reservation = hold(&http, base, me, &schedule, 1).await;
     let payments = format!("{base}/api/v1/payments");
-    let post = |token: &str| http.post(&payments).insert_header(("Queue-Token", token.to_owned()));
+    let post = |(user, token): (&Fan, &str)| http.post(&payments).bearer(user).queue(token);
 
     // Not enough points: 409, nothing changed, the token still works.
-    let poor = send(post(token), Some(&format!(r#"{{"reservationId": "{reservation}"}}"#))).await;
+    let poor = send(post(me), Some(&format!(r#"{{"reservationId": "{reservation}"}}"#))).await;
     assert_problem(&poor, 409, "INSUFFICIENT_BALANCE", None);
     assert_eq!(balance(&http, base, user).await, 10_000);
     assert_eq!(history_kinds(&http, base, user).await, vec!["CHARGE"]);
-    assert_eq!(seat_statuses(&http, base, token, &schedule).await.expect("map")[0].1, "HELD");
+    assert_eq!(seat_statuses(&http, base, me, &schedule).await.expect("map")[0].1, "HELD");
     // Bad input, someone else's reservation, an unknown one.
     for (body, field) in [
         ("{}".to_owned(), "reservationId"),
         (r#"{"reservationId": "nope"}"#.to_owned(), "reservationId"),
         (r#"{"reservationId": 5}"#.to_owned(), "reservationId"),
     ] {
-        assert_problem(&send(post(token), Some(&body)).await, 400, "VALIDATION_FAILED", Some(field));
+        assert_problem(&send(post(me), Some(&body)).await, 400, "VALIDATION_FAILED", Some(field));
     }
     let unknown = format!(r#"{{"reservationId": "{}"}}"#, uuid::Uuid::now_v7());
-    assert_problem(&send(post(token), Some(&unknown)).await, 404, "RESERVATION_NOT_FOUND", None);
+    assert_problem(&send(post(me), Some(&unknown)).await, 404, "RESERVATION_NOT_FOUND", None);
     let theirs = format!(r#"{{"reservationId": "{reservation}"}}"#);
-    assert_problem(&send(post(&users[1].1), Some(&theirs)).await, 404, "RESERVATION_NOT_FOUND", None);
-    let bad_key = post(token).insert_header(("Idempotency-Key", "has space"));
+    assert_problem(&send(post(them), Some(&theirs)).await, 404, "RESERVATION_NOT_FOUND", None);
+    let bad_key = post(me).insert_header(("Idempotency-Key", "has space"));
     assert_problem(&send(bad_key, Some(&theirs)).await, 400, "VALIDATION_FAILED", Some("Idempotency-Key"));
-    assert_problem(&send(http.post(&payments), Some(&theirs)).await, 401, "QUEUE_TOKEN_INVALID", None);
+    let tokenless = http.post(&payments).bearer(user);
+    assert_problem(&send(tokenless, Some(&theirs)).await, 401, "QUEUE_TOKEN_INVALID", None);
+    // The payer's own token, in someone else's hands or in nobody's: refused.
+    assert_problem(&send(post((them.0, token)), Some(&theirs)).await, 401, "QUEUE_TOKEN_INVALID", None);
+    let anonymous = http.post(&payments).queue(token);
+    assert_problem(&send(anonymous, Some(&theirs)).await, 401, "UNAUTHENTICATED", None);
 
     // The same key for two reservations: 422 for the second.
     assert_eq!(charge(&http, base, user, 200_000).await, 200);
-    let other = hold(&http, base, token, &schedule, 2).await;
+    let other = hold(&http, base, me, &schedule, 2).await;
     let keyed = |r: &str| {
-        (post(token).insert_header(("Idempotency-Key", "k-422")), format!(r#"{{"reservationId": "{r}"}}"#))
+        (post(me).insert_header(("Idempotency-Key", "k-422")), format!(r#"{{"reservationId": "{r}"}}"#))
     };
     let (first, body) = keyed(&other);
     assert_eq!(send(first, Some(&body)).await.0.as_u16(), 201);
@@ -287,15 +310,15 @@ async fn a_payment_of_a_hold_that_ran_out_is_refused_and_changes_nothing() {
     let http = client();
     let base = cluster.url(0);
     let users = admitted_users(&http, &[base], 1).await.expect("users");
-    let (user, token) = (users[0].0.as_str(), users[0].1.as_str());
+    let (user, token) = (&users[0].0, users[0].1.as_str());
     // Points enough: the hold's end is the only reason to refuse.
     assert_eq!(charge(&http, base, user, 100_000).await, 200);
     let schedule = open_schedule(&http, base, 70_000).await.expect("schedule");
-    let reservation = hold(&http, base, token, &schedule, 1).await;
+    let reservation = hold(&http, base, (user, token), &schedule, 1).await;
     let url = format!("{base}/api/v1/reservations/{reservation}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, read) = call(http.get(&url).insert_header(("Queue-Token", token)), None).await.expect("read");
+        let (_, read) = call(http.get(&url).bearer(user).queue(token), None).await.expect("read");
         if read["status"] == "EXPIRED" {
             break;
         }
@@ -306,7 +329,7 @@ async fn a_payment_of_a_hold_that_ran_out_is_refused_and_changes_nothing() {
 
     // 409, nothing changed: no points taken, no history, the token still admitted.
     let late = send(
-        http.post(format!("{base}/api/v1/payments")).insert_header(("Queue-Token", token)),
+        http.post(format!("{base}/api/v1/payments")).bearer(user).queue(token),
         Some(&format!(r#"{{"reservationId": "{reservation}"}}"#)),
     )
     .await;
@@ -314,7 +337,7 @@ async fn a_payment_of_a_hold_that_ran_out_is_refused_and_changes_nothing() {
     assert_eq!(balance(&http, base, user).await, 100_000);
     assert_eq!(history_kinds(&http, base, user).await, vec!["CHARGE"]);
     let (status, view) =
-        call(http.get(format!("{base}/api/v1/queue/tokens/me")).insert_header(("Queue-Token", token)), None)
+        call(http.get(format!("{base}/api/v1/queue/tokens/me")).bearer(user).queue(token), None)
             .await
             .expect("view");
     assert_eq!((status, view["status"].as_str()), (200, Some("ACTIVE")), "{view}");
@@ -332,13 +355,15 @@ async fn a_payment_whose_answer_was_lost_is_paid_once_when_retried_with_its_key(
     for (n, (user, token)) in users.iter().enumerate() {
         assert_eq!(charge(&http, bases[0], user, 50_000).await, 200);
         let seat = i64::try_from(n).unwrap_or(0) + 1;
-        let reservation = hold(&http, bases[0], token, &schedule, seat).await;
+        let reservation = hold(&http, bases[0], (user, token.as_str()), &schedule, seat).await;
         // The client sends the whole payment and hangs up without reading the answer.
         let address = bases[n % 3].trim_start_matches("http://").to_owned();
         let body = format!(r#"{{"reservationId": "{reservation}"}}"#);
         let request = format!(
             "POST /api/v1/payments HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+             Authorization: Bearer {}\r\n\
              Queue-Token: {token}\r\nIdempotency-Key: lost-{n}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            user.access,
             body.len()
         );
         let mut sent = std::net::TcpStream::connect(&address).expect("connect");
@@ -349,7 +374,8 @@ async fn a_payment_whose_answer_was_lost_is_paid_once_when_retried_with_its_key(
         // So it retries with the same key, on another instance: paid (now, or before and
         // replayed, even though that payment spent the token), never twice.
         let (status, answer, _) =
-            pay(&http, bases[(n + 1) % 3], token, &reservation, Some(&format!("lost-{n}"))).await;
+            pay(&http, bases[(n + 1) % 3], (user, token.as_str()), &reservation, Some(&format!("lost-{n}")))
+                .await;
         assert_eq!(status, 201, "{answer}");
         assert_eq!(balance(&http, bases[2], user).await, 20_000, "user {n} paid once");
     }

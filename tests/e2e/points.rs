@@ -1,18 +1,17 @@
 use std::collections::BTreeSet;
 
+use e2e::booking::{AsFan as _, Fan, sign_up};
 use e2e::{Cluster, ClusterOptions, client};
 use futures::future::join_all;
 
 use super::{assert_problem, send};
 
-async fn new_user(http: &awc::Client, base: &str) -> String {
-    let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "storm"}"#)).await;
-    assert_eq!(created.0.as_u16(), 201, "{}", created.2);
-    created.2["id"].as_str().expect("id").to_owned()
+async fn new_user(http: &awc::Client, base: &str) -> Fan {
+    sign_up(http, base, "storm").await.expect("a user")
 }
 
-async fn balance(http: &awc::Client, base: &str, user: &str) -> i64 {
-    let answer = send(http.get(format!("{base}/api/v1/users/{user}/points")), None).await;
+async fn balance(http: &awc::Client, base: &str, user: &Fan) -> i64 {
+    let answer = send(http.get(format!("{base}/api/v1/users/{}/points", user.id)).bearer(user), None).await;
     assert_eq!(answer.0.as_u16(), 200, "{}", answer.2);
     answer.2["balance"].as_i64().expect("balance")
 }
@@ -28,8 +27,9 @@ async fn three_hundred_concurrent_charges_over_three_instances_are_each_applied_
     let http = client();
     let user = new_user(&http, cluster.url(0)).await;
 
+    let id = &user.id;
     let answers = join_all((0..CHARGES).map(|i| {
-        let request = http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i)));
+        let request = http.post(format!("{}/api/v1/users/{id}/points/charge", cluster.url(i))).bearer(&user);
         send(request, Some(r#"{"amount": 1000}"#))
     }))
     .await;
@@ -42,9 +42,11 @@ async fn three_hundred_concurrent_charges_over_three_instances_are_each_applied_
     for i in 0..3 {
         assert_eq!(balance(&http, cluster.url(i), &user).await, charges * AMOUNT, "instance {i}");
     }
-    let history =
-        send(http.get(format!("{}/api/v1/users/{user}/points/history?limit=1000", cluster.url(1))), None)
-            .await;
+    let history = send(
+        http.get(format!("{}/api/v1/users/{id}/points/history?limit=1000", cluster.url(1))).bearer(&user),
+        None,
+    )
+    .await;
     let entries = history.2.as_array().expect("a list");
     assert_eq!(entries.len(), CHARGES);
     // Each charge saw the balance the one before left: balances after are 1000, 2000, ...
@@ -69,7 +71,8 @@ async fn bad_charges_are_refused_with_problems_and_change_nothing() {
     let http = client();
     let base = cluster.url(0);
     let user = new_user(&http, base).await;
-    let charge = format!("{base}/api/v1/users/{user}/points/charge");
+    let charge = format!("{base}/api/v1/users/{}/points/charge", user.id);
+    let post = || http.post(&charge).bearer(&user);
 
     for body in [
         r#"{"amount": 0}"#,
@@ -84,39 +87,34 @@ async fn bad_charges_are_refused_with_problems_and_change_nothing() {
         r#"{"amount": null}"#,
         r#"{}"#,
     ] {
-        assert_problem(&send(http.post(&charge), Some(body)).await, 400, "VALIDATION_FAILED", Some("amount"));
+        assert_problem(&send(post(), Some(body)).await, 400, "VALIDATION_FAILED", Some("amount"));
     }
-    assert_problem(&send(http.post(&charge), Some(r#"{"amount": 5"#)).await, 400, "MALFORMED_JSON", None);
-    assert_problem(
-        &send(http.post(&charge), Some(r#"{"amount": 5, "amount": 7}"#)).await,
-        400,
-        "MALFORMED_JSON",
-        None,
-    );
+    assert_problem(&send(post(), Some(r#"{"amount": 5"#)).await, 400, "MALFORMED_JSON", None);
+    assert_problem(&send(post(), Some(r#"{"amount": 5, "amount": 7}"#)).await, 400, "MALFORMED_JSON", None);
     let huge = format!(r#"{{"amount": 5, "pad": "{}"}}"#, "x".repeat(65 * 1024));
-    assert_problem(&send(http.post(&charge), Some(&huge)).await, 413, "PAYLOAD_TOO_LARGE", None);
+    assert_problem(&send(post(), Some(&huge)).await, 413, "PAYLOAD_TOO_LARGE", None);
+    let charge_of = |id: &str| http.post(format!("{base}/api/v1/users/{id}/points/charge")).bearer(&user);
     assert_problem(
-        &send(http.post(format!("{base}/api/v1/users/not-a-uuid/points/charge")), Some(r#"{"amount": 5}"#))
-            .await,
+        &send(charge_of("not-a-uuid"), Some(r#"{"amount": 5}"#)).await,
         400,
         "VALIDATION_FAILED",
         Some("userId"),
     );
-    let stranger = uuid::Uuid::new_v4();
-    assert_problem(
-        &send(http.post(format!("{base}/api/v1/users/{stranger}/points/charge")), Some(r#"{"amount": 5}"#))
-            .await,
-        404,
-        "USER_NOT_FOUND",
-        None,
-    );
+    // Nobody's account, and somebody else's: the same answer, and no charge.
+    let stranger = uuid::Uuid::new_v4().to_string();
+    let other = new_user(&http, base).await;
+    for id in [stranger.as_str(), other.id.as_str()] {
+        assert_problem(&send(charge_of(id), Some(r#"{"amount": 5}"#)).await, 404, "USER_NOT_FOUND", None);
+    }
+    assert_eq!(balance(&http, base, &other).await, 0, "nothing was charged to another user");
 
     assert_eq!(balance(&http, base, &user).await, 0, "nothing was charged");
-    let history = send(http.get(format!("{base}/api/v1/users/{user}/points/history")), None).await;
+    let history =
+        send(http.get(format!("{base}/api/v1/users/{}/points/history", user.id)).bearer(&user), None).await;
     assert_eq!(history.2.as_array().map(Vec::len), Some(0));
 
     // An integer written with a zero fraction is that integer (JSON Schema agrees).
-    let two = send(http.post(&charge), Some(r#"{"amount": 2.0}"#)).await;
+    let two = send(post(), Some(r#"{"amount": 2.0}"#)).await;
     assert_eq!((two.0.as_u16(), two.2["balance"].as_i64()), (200, Some(2)), "{}", two.2);
     cluster.shut_down().await;
 }
@@ -128,28 +126,23 @@ async fn a_charge_past_the_ceiling_is_a_conflict_and_changes_nothing() {
     let cluster = Cluster::start_with(2, &options).await.expect("cluster");
     let http = client();
     let user = new_user(&http, cluster.url(0)).await;
+    let id = &user.id;
+    let charge =
+        |i: usize| http.post(format!("{}/api/v1/users/{id}/points/charge", cluster.url(i))).bearer(&user);
 
     // 100 charges of 10,000,000 reach the ceiling of 1,000,000,000 exactly.
-    let answers = join_all((0..100).map(|i| {
-        send(
-            http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i))),
-            Some(r#"{"amount": 10000000}"#),
-        )
-    }))
-    .await;
+    let answers = join_all((0..100).map(|i| send(charge(i), Some(r#"{"amount": 10000000}"#)))).await;
     assert!(answers.iter().all(|(status, ..)| status.as_u16() == 200), "{answers:?}");
 
-    let over = send(
-        http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(1))),
-        Some(r#"{"amount": 1}"#),
-    )
-    .await;
+    let over = send(charge(1), Some(r#"{"amount": 1}"#)).await;
 
     assert_problem(&over, 409, "BALANCE_LIMIT_EXCEEDED", None);
     assert_eq!(balance(&http, cluster.url(0), &user).await, 1_000_000_000);
-    let history =
-        send(http.get(format!("{}/api/v1/users/{user}/points/history?limit=1000", cluster.url(0))), None)
-            .await;
+    let history = send(
+        http.get(format!("{}/api/v1/users/{id}/points/history?limit=1000", cluster.url(0))).bearer(&user),
+        None,
+    )
+    .await;
     assert_eq!(history.2.as_array().map(Vec::len), Some(100));
     cluster.shut_down().await;
 }
@@ -160,16 +153,18 @@ async fn balance_and_history_reads_validate_their_input() {
     let http = client();
     let base = cluster.url(0);
     let user = new_user(&http, base).await;
+    let id = &user.id;
+    let get = |path: String| http.get(format!("{base}{path}")).bearer(&user);
     for amount in 1..=3 {
         let charged = send(
-            http.post(format!("{base}/api/v1/users/{user}/points/charge")),
+            http.post(format!("{base}/api/v1/users/{id}/points/charge")).bearer(&user),
             Some(&format!(r#"{{"amount": {amount}}}"#)),
         )
         .await;
         assert_eq!(charged.0.as_u16(), 200);
     }
 
-    let newest_two = send(http.get(format!("{base}/api/v1/users/{user}/points/history?limit=2")), None).await;
+    let newest_two = send(get(format!("/api/v1/users/{id}/points/history?limit=2")), None).await;
     let amounts: Vec<i64> = newest_two
         .2
         .as_array()
@@ -180,37 +175,41 @@ async fn balance_and_history_reads_validate_their_input() {
     assert_eq!(amounts, vec![3, 2], "newest first, cut at the limit");
     for limit in ["0", "1001", "abc", "-1", ""] {
         assert_problem(
-            &send(http.get(format!("{base}/api/v1/users/{user}/points/history?limit={limit}")), None).await,
+            &send(get(format!("/api/v1/users/{id}/points/history?limit={limit}")), None).await,
             400,
             "VALIDATION_FAILED",
             Some("limit"),
         );
     }
     assert_problem(
-        &send(http.get(format!("{base}/api/v1/users/xyz/points")), None).await,
+        &send(get("/api/v1/users/xyz/points".to_owned()), None).await,
         400,
         "VALIDATION_FAILED",
         Some("userId"),
     );
     assert_problem(
-        &send(http.get(format!("{base}/api/v1/users/xyz/points/history")), None).await,
+        &send(get("/api/v1/users/xyz/points/history".to_owned()), None).await,
         400,
         "VALIDATION_FAILED",
         Some("userId"),
     );
-    let stranger = uuid::Uuid::new_v4();
-    assert_problem(
-        &send(http.get(format!("{base}/api/v1/users/{stranger}/points")), None).await,
-        404,
-        "USER_NOT_FOUND",
-        None,
-    );
-    assert_problem(
-        &send(http.get(format!("{base}/api/v1/users/{stranger}/points/history")), None).await,
-        404,
-        "USER_NOT_FOUND",
-        None,
-    );
+    // Nobody's account and somebody else's read the same: not found.
+    let stranger = uuid::Uuid::new_v4().to_string();
+    let other = new_user(&http, base).await;
+    for someone in [stranger.as_str(), other.id.as_str()] {
+        assert_problem(
+            &send(get(format!("/api/v1/users/{someone}/points")), None).await,
+            404,
+            "USER_NOT_FOUND",
+            None,
+        );
+        assert_problem(
+            &send(get(format!("/api/v1/users/{someone}/points/history")), None).await,
+            404,
+            "USER_NOT_FOUND",
+            None,
+        );
+    }
     cluster.shut_down().await;
 }
 
@@ -223,13 +222,12 @@ async fn three_hundred_charges_are_exact_with_spinning_waiters_too() {
     options.env.push(("LOCK_WAIT_STRATEGY".into(), "spin".into()));
     let cluster = Cluster::start_with(3, &options).await.expect("cluster");
     let http = client();
-    let created =
-        send(http.post(format!("{}/api/v1/users", cluster.url(0))), Some(r#"{"name": "spin"}"#)).await;
-    let user = created.2["id"].as_str().expect("id").to_owned();
+    let user = sign_up(&http, cluster.url(0), "spin").await.expect("a user");
+    let id = &user.id;
 
     let answers = futures::future::join_all((0..300).map(|i| {
         send(
-            http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i))),
+            http.post(format!("{}/api/v1/users/{id}/points/charge", cluster.url(i))).bearer(&user),
             Some(r#"{"amount": 7}"#),
         )
     }))
@@ -237,11 +235,14 @@ async fn three_hundred_charges_are_exact_with_spinning_waiters_too() {
 
     let not_ok: Vec<_> = answers.iter().filter(|(status, ..)| status.as_u16() != 200).collect();
     assert!(not_ok.is_empty(), "{not_ok:?}");
-    let balance = send(http.get(format!("{}/api/v1/users/{user}/points", cluster.url(2))), None).await;
+    let balance =
+        send(http.get(format!("{}/api/v1/users/{id}/points", cluster.url(2))).bearer(&user), None).await;
     assert_eq!(balance.2["balance"], 2_100);
-    let history =
-        send(http.get(format!("{}/api/v1/users/{user}/points/history?limit=1000", cluster.url(1))), None)
-            .await;
+    let history = send(
+        http.get(format!("{}/api/v1/users/{id}/points/history?limit=1000", cluster.url(1))).bearer(&user),
+        None,
+    )
+    .await;
     assert_eq!(history.2.as_array().map(Vec::len), Some(300));
     cluster.shut_down().await;
 }

@@ -3,22 +3,20 @@
 
 use std::time::{Duration, Instant};
 
+use e2e::booking::{AsFan as _, Fan};
 use e2e::{Cluster, ClusterOptions, client};
 use futures::StreamExt as _;
 use serde_json::Value;
 
 use super::{assert_problem, send};
 
-async fn new_user(http: &awc::Client, base: &str) -> String {
-    let created = send(http.post(format!("{base}/api/v1/users")), Some(r#"{"name": "fan"}"#)).await;
-    created.2["id"].as_str().expect("id").to_owned()
+async fn new_user(http: &awc::Client, base: &str) -> Fan {
+    e2e::booking::new_user(http, base).await.expect("a user")
 }
 
-/// `POST /api/v1/queue/tokens` for `user` on `base`: its status and body.
-async fn issue(http: &awc::Client, base: &str, user: &str) -> (u16, Value) {
-    let answer =
-        send(http.post(format!("{base}/api/v1/queue/tokens")), Some(&format!(r#"{{"userId": "{user}"}}"#)))
-            .await;
+/// `POST /api/v1/queue/tokens` as `user` on `base`: its status and body.
+async fn issue(http: &awc::Client, base: &str, user: &Fan) -> (u16, Value) {
+    let answer = send(http.post(format!("{base}/api/v1/queue/tokens")).bearer(user), Some("{}")).await;
     (answer.0.as_u16(), answer.2)
 }
 
@@ -42,11 +40,11 @@ impl Seen {
     }
 }
 
-/// Reads `token`'s view on `base` (401 is gone), checking that its fields fit its status.
-async fn read(http: &awc::Client, base: &str, token: &str) -> Seen {
+/// Reads `token`'s view on `base` as its owner `user` (401 is gone), checking that its
+/// fields fit its status.
+async fn read(http: &awc::Client, base: &str, (user, token): (&Fan, &str)) -> Seen {
     let answer =
-        send(http.get(format!("{base}/api/v1/queue/tokens/me")).insert_header(("Queue-Token", token)), None)
-            .await;
+        send(http.get(format!("{base}/api/v1/queue/tokens/me")).bearer(user).queue(token), None).await;
     if answer.0.as_u16() == 401 {
         assert_problem(&answer, 401, "QUEUE_TOKEN_INVALID", None);
         return Seen::Gone;
@@ -126,12 +124,12 @@ async fn tokens_are_admitted_in_issue_order_across_instances_never_past_the_cap(
         let user = new_user(&http, cluster.url(i)).await;
         let issued = issue(&http, cluster.url(i), &user).await;
         assert_eq!(issued.0, 201, "{}", issued.1);
-        assert_eq!(issued.1["userId"], user.as_str());
+        assert_eq!(issued.1["userId"], user.id.as_str());
         // Asking again, on another instance, gives the same token back.
         let again = issue(&http, cluster.url(i + 1), &user).await;
         assert_eq!(again.0, 200, "{}", again.1);
         assert_eq!(again.1["token"], issued.1["token"]);
-        tokens.push(issued.1["token"].as_str().expect("token").to_owned());
+        tokens.push((user, issued.1["token"].as_str().expect("token").to_owned()));
     }
 
     // Every instance runs admission: three at a time are let in, in issue order, each for
@@ -148,7 +146,7 @@ async fn tokens_are_admitted_in_issue_order_across_instances_never_past_the_cap(
     loop {
         let mut pass = [Seen::Gone; TOKENS];
         for i in (0..TOKENS).rev() {
-            pass[i] = read(&http, cluster.url(i), &tokens[i]).await;
+            pass[i] = read(&http, cluster.url(i), (&tokens[i].0, tokens[i].1.as_str())).await;
             let now = Instant::now();
             if let Some(before) = last_read[i] {
                 longest_gap = longest_gap.max(now - before);
@@ -230,13 +228,14 @@ async fn an_event_stream_shows_the_position_falling_then_active_and_ends() {
     for i in 0..6 {
         let user = new_user(&http, cluster.url(i)).await;
         let issued = issue(&http, cluster.url(i), &user).await;
-        tokens.push(issued.1["token"].as_str().expect("token").to_owned());
+        tokens.push((user, issued.1["token"].as_str().expect("token").to_owned()));
     }
-    let last = tokens.last().expect("six").clone();
+    let (owner, last) = tokens.last().expect("six").clone();
 
     let response = client()
         .get(format!("{}/api/v1/queue/tokens/me/events", cluster.url(1)))
-        .insert_header(("Queue-Token", last.as_str()))
+        .bearer(&owner)
+        .queue(&last)
         .timeout(Duration::from_secs(60))
         .send()
         .await
@@ -272,25 +271,45 @@ async fn bad_queue_requests_are_problems() {
     let cluster = Cluster::start(1).await.expect("cluster");
     let http = client();
     let base = cluster.url(0);
+    let fan = new_user(&http, base).await;
+    let someone = new_user(&http, base).await;
     let tokens = format!("{base}/api/v1/queue/tokens");
-    for body in [r#"{}"#, r#"{"userId": "nope"}"#, r#"{"userId": 5}"#, r#"{"userId": null}"#, "[]"] {
-        assert_problem(&send(http.post(&tokens), Some(body)).await, 400, "VALIDATION_FAILED", None);
+    let post = || http.post(&tokens).bearer(&fan);
+    // The caller is the bearer's subject: a `userId`, when sent, must be a user id.
+    for body in [r#"{"userId": "nope"}"#, r#"{"userId": 5}"#] {
+        assert_problem(&send(post(), Some(body)).await, 400, "VALIDATION_FAILED", Some("userId"));
     }
-    assert_problem(&send(http.post(&tokens), Some("{")).await, 400, "MALFORMED_JSON", None);
-    let stranger = uuid::Uuid::now_v7();
-    assert_problem(
-        &send(http.post(&tokens), Some(&format!(r#"{{"userId": "{stranger}"}}"#))).await,
-        404,
-        "USER_NOT_FOUND",
-        None,
-    );
+    assert_problem(&send(post(), Some("[]")).await, 400, "VALIDATION_FAILED", None);
+    assert_problem(&send(post(), Some("{")).await, 400, "MALFORMED_JSON", None);
+    // ... and the caller's: nobody's id, or another user's, is forbidden (and issues nothing).
+    let stranger = uuid::Uuid::now_v7().to_string();
+    for id in [stranger.as_str(), someone.id.as_str()] {
+        let body = format!(r#"{{"userId": "{id}"}}"#);
+        assert_problem(&send(post(), Some(&body)).await, 403, "FORBIDDEN", None);
+    }
+    let (status, theirs) = issue(&http, base, &someone).await;
+    assert_eq!(status, 201, "a refused request issued the other user a token: {theirs}");
+    // The caller's own id is the same as none.
+    let own = send(post(), Some(&format!(r#"{{"userId": "{}"}}"#, fan.id))).await;
+    assert_eq!(own.0.as_u16(), 201, "{}", own.2);
+    assert_eq!(own.2["userId"], fan.id.as_str());
+    let again = issue(&http, base, &fan).await;
+    assert_eq!((again.0, &again.1["token"]), (200, &own.2["token"]), "{}", again.1);
+    // Without an access token, nothing is issued.
+    assert_problem(&send(http.post(&tokens), Some("{}")).await, 401, "UNAUTHENTICATED", None);
+
+    let mine = own.2["token"].as_str().expect("token");
+    let theirs = theirs["token"].as_str().expect("token");
     for path in ["/api/v1/queue/tokens/me", "/api/v1/queue/tokens/me/events"] {
         let url = format!("{base}{path}");
-        assert_problem(&send(http.get(&url), None).await, 401, "QUEUE_TOKEN_INVALID", None);
-        for token in ["nope", "", &uuid::Uuid::now_v7().to_string()] {
-            let answer = send(http.get(&url).insert_header(("Queue-Token", token)), None).await;
+        assert_problem(&send(http.get(&url).bearer(&fan), None).await, 401, "QUEUE_TOKEN_INVALID", None);
+        // A made-up token, or another user's live one: worth nothing to this caller.
+        for token in ["nope", "", &uuid::Uuid::now_v7().to_string(), theirs] {
+            let answer = send(http.get(&url).bearer(&fan).queue(token), None).await;
             assert_problem(&answer, 401, "QUEUE_TOKEN_INVALID", None);
         }
+        // Its own token without its access token: not authenticated.
+        assert_problem(&send(http.get(&url).queue(mine), None).await, 401, "UNAUTHENTICATED", None);
     }
     cluster.shut_down().await;
 }
@@ -308,14 +327,15 @@ async fn open_event_streams_end_when_the_instance_stops_instead_of_holding_the_s
     for _ in 0..3 {
         let user = new_user(&http, &base).await;
         let issued = issue(&http, &base, &user).await;
-        tokens.push(issued.1["token"].as_str().expect("token").to_owned());
+        tokens.push((user, issued.1["token"].as_str().expect("token").to_owned()));
     }
     // One is let in; the other two wait, their streams open.
     let mut streams = Vec::new();
-    for token in &tokens[1..] {
+    for (user, token) in &tokens[1..] {
         let response = client()
             .get(format!("{base}/api/v1/queue/tokens/me/events"))
-            .insert_header(("Queue-Token", token.as_str()))
+            .bearer(user)
+            .queue(token)
             .timeout(Duration::from_secs(60))
             .send()
             .await

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 /// The admin key the tests and benchmarks give their servers.
-pub const ADMIN_KEY: &str = "e2e-admin-key-0123456789";
+pub const ADMIN_KEY: &str = "e2e-admin-key-0123456789-abcdefghij";
 
 /// Environment for a booking cluster: the admin API on, room for `max_active` admitted
 /// users, admission every 100 ms, no demo data.
@@ -34,19 +34,84 @@ pub async fn call(request: awc::ClientRequest, body: Option<Value>) -> anyhow::R
     Ok((response.status().as_u16(), serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
+/// A signed-up user: the id, the apiKey sign-up showed once, and an access token.
+#[derive(Debug, Clone)]
+pub struct Fan {
+    pub id: String,
+    pub api_key: String,
+    /// The access token (`Authorization: Bearer <access>`).
+    pub access: String,
+}
+
+/// Adds the caller's credentials to a request.
+pub trait AsFan: Sized {
+    /// `Authorization: Bearer <fan's access token>`.
+    #[must_use]
+    fn bearer(self, fan: &Fan) -> Self;
+    /// `Queue-Token: <token>`.
+    #[must_use]
+    fn queue(self, token: &str) -> Self;
+}
+
+impl AsFan for awc::ClientRequest {
+    fn bearer(self, fan: &Fan) -> Self {
+        self.insert_header(("Authorization", format!("Bearer {}", fan.access)))
+    }
+
+    fn queue(self, token: &str) -> Self {
+        self.insert_header(("Queue-Token", token.to_owned()))
+    }
+}
+
+/// Signs up a user named `name` on `base` and takes an access token for it.
+///
+/// # Errors
+/// When either step is refused.
+pub async fn sign_up(http: &awc::Client, base: &str, name: &str) -> anyhow::Result<Fan> {
+    let (status, body) = call(http.post(format!("{base}/api/v1/users")), Some(json!({"name": name}))).await?;
+    anyhow::ensure!(status == 201, "user not created: {status} {body}");
+    let id = body["id"].as_str().context("an id")?.to_owned();
+    let api_key = body["apiKey"].as_str().context("an apiKey")?.to_owned();
+    let access = access_token(http, base, &api_key).await?;
+    Ok(Fan { id, api_key, access })
+}
+
+/// A fresh access token for `api_key`.
+///
+/// # Errors
+/// When the key is refused.
+pub async fn access_token(http: &awc::Client, base: &str, api_key: &str) -> anyhow::Result<String> {
+    let (status, body) = call(
+        http.post(format!("{base}/api/v1/auth/tokens"))
+            .insert_header(("Authorization", format!("Bearer {api_key}"))),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(status == 201, "no access token: {status} {body}");
+    body["accessToken"].as_str().map(str::to_owned).context("an accessToken")
+}
+
 /// A user, on `base`.
 ///
 /// # Errors
 /// When the user is not created.
-pub async fn new_user(http: &awc::Client, base: &str) -> anyhow::Result<String> {
+pub async fn new_user(http: &awc::Client, base: &str) -> anyhow::Result<Fan> {
+    sign_up(http, base, "fan").await
+}
+
+/// A queue token for `fan` on `base`: `(status, token)` (201 new, 200 the live one).
+///
+/// # Errors
+/// When no token is issued.
+pub async fn queue_token(http: &awc::Client, base: &str, fan: &Fan) -> anyhow::Result<(u16, String)> {
     let (status, body) =
-        call(http.post(format!("{base}/api/v1/users")), Some(json!({"name": "fan"}))).await?;
-    anyhow::ensure!(status == 201, "user not created: {status} {body}");
-    body["id"].as_str().map(str::to_owned).context("an id")
+        call(http.post(format!("{base}/api/v1/queue/tokens")).bearer(fan), Some(json!({}))).await?;
+    anyhow::ensure!(status == 201 || status == 200, "no token: {status} {body}");
+    Ok((status, body["token"].as_str().context("a token")?.to_owned()))
 }
 
 /// `n` users with ACTIVE queue tokens, created and queued round-robin over `bases`:
-/// `(userId, token)` pairs.
+/// `(user, token)` pairs.
 ///
 /// # Errors
 /// When a step fails or the tokens are not admitted within a minute.
@@ -54,31 +119,27 @@ pub async fn admitted_users(
     http: &awc::Client,
     bases: &[&str],
     n: usize,
-) -> anyhow::Result<Vec<(String, String)>> {
+) -> anyhow::Result<Vec<(Fan, String)>> {
     let mut users = Vec::with_capacity(n);
     // In slices, so that a large n does not open thousands of connections at once.
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
         let made = futures::future::join_all(chunk.iter().map(|i| async move {
             let base = bases[i % bases.len()];
             let user = new_user(http, base).await?;
-            let (status, body) =
-                call(http.post(format!("{base}/api/v1/queue/tokens")), Some(json!({"userId": user}))).await?;
-            anyhow::ensure!(status == 201, "no token: {status} {body}");
-            Ok::<_, anyhow::Error>((user, body["token"].as_str().context("a token")?.to_owned()))
+            let (status, token) = queue_token(http, base, &user).await?;
+            anyhow::ensure!(status == 201, "not a new token: {status}");
+            Ok::<_, anyhow::Error>((user, token))
         }))
         .await;
         users.extend(made.into_iter().collect::<anyhow::Result<Vec<_>>>()?);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    for (i, (_, token)) in users.iter().enumerate() {
+    for (i, (user, token)) in users.iter().enumerate() {
         loop {
             let base = bases[i % bases.len()];
-            let (_, view) = call(
-                http.get(format!("{base}/api/v1/queue/tokens/me"))
-                    .insert_header(("Queue-Token", token.as_str())),
-                None,
-            )
-            .await?;
+            let (_, view) =
+                call(http.get(format!("{base}/api/v1/queue/tokens/me")).bearer(user).queue(token), None)
+                    .await?;
             if view["status"] == "ACTIVE" {
                 break;
             }
@@ -146,14 +207,12 @@ pub fn rfc3339(secs: i64) -> String {
 pub async fn seat_statuses(
     http: &awc::Client,
     base: &str,
-    token: &str,
+    (user, token): (&Fan, &str),
     schedule: &str,
 ) -> anyhow::Result<Vec<(u64, String)>> {
-    let (status, map) = call(
-        http.get(format!("{base}/api/v1/schedules/{schedule}/seats")).insert_header(("Queue-Token", token)),
-        None,
-    )
-    .await?;
+    let (status, map) =
+        call(http.get(format!("{base}/api/v1/schedules/{schedule}/seats")).bearer(user).queue(token), None)
+            .await?;
     anyhow::ensure!(status == 200, "no seat map: {status} {map}");
     map["seats"]
         .as_array()

@@ -35,8 +35,10 @@ pub struct Cluster {
 #[derive(Debug)]
 pub struct Instance {
     child: Mutex<Child>,
-    /// `http://127.0.0.1:<port>`
+    /// `http://127.0.0.1:<port>`: the public listener (`HTTP_ADDR`).
     pub base_url: String,
+    /// `http://127.0.0.1:<port>`: the operations listener (`OPS_ADDR`: health, metrics).
+    pub ops_url: String,
     /// Everything the process printed so far, for failure messages.
     pub output: Arc<Mutex<Vec<String>>>,
 }
@@ -150,6 +152,15 @@ pub const NO_LOCKS: &[(&str, &str)] = &[
     ("LOCK_MAX_HOLD_MS", "60000"),
 ];
 
+/// Every per-client rate limit off (`0`): the harness's default, since all of a test's
+/// clients come from one address. A test of the limits sets its own values after these.
+pub const NO_RATE_LIMITS: &[(&str, &str)] = &[
+    ("RATE_LIMIT_SIGNUPS_PER_MINUTE", "0"),
+    ("RATE_LIMIT_AUTH_PER_MINUTE", "0"),
+    ("RATE_LIMIT_QUEUE_TOKENS_PER_MINUTE", "0"),
+    ("RATE_LIMIT_CHARGES_PER_MINUTE", "0"),
+];
+
 impl Cluster {
     /// Starts `count` instances at once against a database that does not exist yet (they
     /// create and migrate it concurrently, as a fresh deployment would).
@@ -176,8 +187,11 @@ impl Cluster {
             None => test_support::redis_url().await,
         };
         let binary = server_binary()?;
-        // A line of its own on the shared Redis (a test may still name one).
+        // A line of its own on the shared Redis (a test may still name one). The per-client
+        // rate limits are off: every test's clients share one address (127.0.0.1); the
+        // tests of the limits set their own (a later value of a name wins).
         let mut env = vec![("QUEUE_NAME".to_owned(), format!("e2e-{name}"))];
+        env.extend(owned(NO_RATE_LIMITS));
         env.extend(options.env.iter().cloned());
         // Each process belongs to an `Instance` from the moment it exists, so that whatever
         // fails below (another spawn, another start) kills it on the way out.
@@ -185,23 +199,41 @@ impl Cluster {
         let mut readiness = Vec::with_capacity(count);
         for _ in 0..count {
             let (child, ready, output) = spawn(&binary, &database_url, &redis_url, &env)?;
-            instances.push(Instance { child: Mutex::new(child), base_url: String::new(), output });
+            instances.push(Instance {
+                child: Mutex::new(child),
+                base_url: String::new(),
+                ops_url: String::new(),
+                output,
+            });
             readiness.push(ready);
         }
         for (instance, ready) in instances.iter_mut().zip(readiness) {
             let output = Arc::clone(&instance.output);
-            instance.base_url = tokio::task::spawn_blocking(move || ready.recv_timeout(START_TIMEOUT))
-                .await?
-                .map_err(|error| {
-                    let why = match error {
-                        mpsc::RecvTimeoutError::Timeout => format!("did not listen within {START_TIMEOUT:?}"),
-                        mpsc::RecvTimeoutError::Disconnected => "exited before listening".to_owned(),
-                    };
-                    anyhow::anyhow!(
-                        "an instance {why}:\n{}",
-                        output.lock().map(|o| o.join("\n")).unwrap_or_default()
-                    )
-                })?;
+            let (base_url, ops_url) = tokio::task::spawn_blocking(move || {
+                let deadline = std::time::Instant::now() + START_TIMEOUT;
+                let (mut public, mut ops) = (None, None);
+                while public.is_none() || ops.is_none() {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    match ready.recv_timeout(left)? {
+                        Listening::Public(url) => public = Some(url),
+                        Listening::Ops(url) => ops = Some(url),
+                    }
+                }
+                Ok::<_, mpsc::RecvTimeoutError>((public.unwrap_or_default(), ops.unwrap_or_default()))
+            })
+            .await?
+            .map_err(|error| {
+                let why = match error {
+                    mpsc::RecvTimeoutError::Timeout => format!("did not listen within {START_TIMEOUT:?}"),
+                    mpsc::RecvTimeoutError::Disconnected => "exited before listening".to_owned(),
+                };
+                anyhow::anyhow!(
+                    "an instance {why}:\n{}",
+                    output.lock().map(|o| o.join("\n")).unwrap_or_default()
+                )
+            })?;
+            instance.base_url = base_url;
+            instance.ops_url = ops_url;
         }
         Ok(Self { instances, database_url, direct_database_url })
     }
@@ -216,6 +248,12 @@ impl Cluster {
     #[must_use]
     pub fn url(&self, i: usize) -> &str {
         &self.instances[i % self.instances.len()].base_url
+    }
+
+    /// The operations URL (health, metrics) of instance `i % count`.
+    #[must_use]
+    pub fn ops_url(&self, i: usize) -> &str {
+        &self.instances[i % self.instances.len()].ops_url
     }
 
     /// Stops every instance and drops the database.
@@ -243,7 +281,13 @@ fn server_binary() -> anyhow::Result<PathBuf> {
     })
 }
 
-type Spawned = (Child, mpsc::Receiver<String>, Arc<Mutex<Vec<String>>>);
+/// What an instance's log says it listens on.
+enum Listening {
+    Public(String),
+    Ops(String),
+}
+
+type Spawned = (Child, mpsc::Receiver<Listening>, Arc<Mutex<Vec<String>>>);
 
 fn spawn(
     binary: &PathBuf,
@@ -256,6 +300,7 @@ fn spawn(
         .env("DATABASE_URL", database_url)
         .env("REDIS_URL", redis_url)
         .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("OPS_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "text")
         .env("RUST_LOG", std::env::var("E2E_SERVER_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(Stdio::piped())
@@ -275,10 +320,15 @@ fn spawn(
         let (output, ready_tx) = (Arc::clone(&output), ready_tx.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
+                let address = |rest: &str| -> String {
                     let address: String =
                         rest.chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
-                    let _ = ready_tx.send(format!("http://{address}"));
+                    format!("http://{address}")
+                };
+                if let Some(rest) = line.split("operations listening on http://").nth(1) {
+                    let _ = ready_tx.send(Listening::Ops(address(rest)));
+                } else if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = ready_tx.send(Listening::Public(address(rest)));
                 }
                 if let Ok(mut lines) = output.lock() {
                     lines.push(line);

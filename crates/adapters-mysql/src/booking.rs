@@ -103,6 +103,33 @@ async fn lock_seat_and_reservation(
 
 #[async_trait]
 impl BookingRepository for MySqlBookingRepository {
+    #[tracing::instrument(name = "bookings.lock_live_holds", skip(self, tx))]
+    async fn lock_live_holds(
+        &self,
+        tx: &mut Tx,
+        user: UserId,
+        schedule: ScheduleId,
+    ) -> Result<u32, BookingRepositoryError> {
+        let conn = connection(tx)?;
+        conn.query_one_raw(Statement::from_sql_and_values(
+            DbBackend::MySql,
+            sql::LOCK_USER,
+            [(*user.as_uuid()).into()],
+        ))
+        .await
+        .db_context("failed to lock the user")?;
+        let row = conn
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::LIVE_HOLDS,
+                [(*user.as_uuid()).into(), (*schedule.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to count the user's holds")?
+            .ok_or_else(|| anyhow::anyhow!("COUNT(*) returned no row"))?;
+        Ok(u32::try_from(column::<i64>(&row, "n")?).unwrap_or(u32::MAX))
+    }
+
     async fn lock_seat(
         &self,
         tx: &mut Tx,

@@ -20,6 +20,7 @@ pub mod payments;
 pub mod points;
 pub mod queue;
 pub mod seed;
+pub mod signing_keys;
 pub mod sql;
 pub mod tx;
 pub mod users;

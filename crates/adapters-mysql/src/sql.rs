@@ -26,11 +26,27 @@ pub const SCHEDULE: &str =
 pub const SEAT_MAP: &str = "SELECT seat_number, price, status, reservation_id, held_until FROM seats \
      WHERE schedule_id = ? ORDER BY seat_number";
 
+// --- Identity (users.rs, signing_keys.rs) -------------------------------------------------
+
+/// A new API key's digest: the digest, the user's id.
+pub const ADD_API_KEY: &str =
+    "INSERT INTO api_keys (key_digest, user_id, created_at) VALUES (?, ?, UTC_TIMESTAMP(6))";
+
+/// Signing in: the user of an API key's digest.
+pub const FIND_API_KEY: &str = "SELECT user_id FROM api_keys WHERE key_digest = ?";
+
 // --- Booking (booking.rs) ----------------------------------------------------------------
 
 /// A hold's seat row, locked: the date's id, the seat number.
 pub const LOCK_SEAT: &str = "SELECT seat_number, price, status, reservation_id, held_until FROM seats \
      WHERE schedule_id = ? AND seat_number = ? FOR UPDATE";
+
+/// The hold limit's serialisation point: the holder's row, locked (the user's id).
+pub const LOCK_USER: &str = "SELECT id FROM users WHERE id = ? FOR UPDATE";
+
+/// The hold limit's count: the user's id, the date's id.
+pub const LIVE_HOLDS: &str = "SELECT COUNT(*) AS n FROM reservations \
+     WHERE user_id = ? AND schedule_id = ? AND status = 'HELD' AND held_until > UTC_TIMESTAMP(6)";
 
 /// A hold's conditional take of its seat (rows affected checked): the reservation's id, the
 /// hold's length in microseconds, the date's id, the seat number.

@@ -2,13 +2,13 @@
 
 use async_trait::async_trait;
 use domain::unit_of_work::Tx;
-use domain::user::{User, UserId, UserName, UserRepository, UserRepositoryError};
-use sea_orm::{DatabaseConnection, EntityTrait, Set, SqlErr};
+use domain::user::{ApiKeyDigest, User, UserId, UserName, UserRepository, UserRepositoryError};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Set, SqlErr, Statement};
 
 use crate::entities::user;
 use crate::tx::connection;
 use crate::{DbContext as _, db_error};
-use crate::{from_db_time, to_db_time};
+use crate::{column, from_db_time, sql, to_db_time};
 
 #[derive(Clone, Debug)]
 pub struct MySqlUserRepository {
@@ -54,5 +54,37 @@ impl UserRepository for MySqlUserRepository {
                 from_db_time(row.created_at),
             )
         }))
+    }
+
+    #[tracing::instrument(name = "users.add_api_key", skip_all, fields(user_id = %user))]
+    async fn add_api_key(
+        &self,
+        tx: &mut Tx,
+        user: UserId,
+        key: &ApiKeyDigest,
+    ) -> Result<(), UserRepositoryError> {
+        connection(tx)?
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::ADD_API_KEY,
+                [key.0.to_vec().into(), (*user.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to store the API key's digest")?;
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "users.find_by_api_key", skip_all)]
+    async fn find_by_api_key(&self, key: &ApiKeyDigest) -> Result<Option<UserId>, UserRepositoryError> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::FIND_API_KEY,
+                [key.0.to_vec().into()],
+            ))
+            .await
+            .db_context("failed to look up the API key")?;
+        Ok(row.map(|row| column::<uuid::Uuid>(&row, "user_id")).transpose()?.map(UserId::from_uuid))
     }
 }

@@ -7,10 +7,12 @@ use domain::user::{User, UserName, UserRepository, UserRepositoryError};
 
 use crate::clock;
 use crate::failure::Failure;
+use crate::identity::ApiKey;
 use crate::tx::{TransactionManager, in_tx};
 
-/// Creates users. No lock: a fresh v7 id collides with nothing, and the user row and its
-/// account are written in one transaction so neither exists without the other.
+/// Creates users. No lock: a fresh v7 id collides with nothing, and the user row, its
+/// account and its API key's digest are written in one transaction so none exists without
+/// the others.
 #[derive(Clone)]
 pub struct CreateUser {
     users: Arc<dyn UserRepository>,
@@ -43,22 +45,27 @@ impl CreateUser {
         Self { users, points, txm }
     }
 
+    /// The new user and its API key (shown to the caller once; only its digest is kept).
+    ///
     /// # Errors
     /// [`CreateUserError::Failure`] when storage fails; nothing is then stored.
     #[tracing::instrument(name = "create_user", skip_all)]
-    pub async fn execute(&self, name: UserName) -> Result<User, CreateUserError> {
+    pub async fn execute(&self, name: UserName) -> Result<(User, ApiKey), CreateUserError> {
         let user = User::register(name, clock::now_utc());
+        let key = ApiKey::generate()?;
+        let digest = key.digest();
         let (users, points, stored) = (Arc::clone(&self.users), Arc::clone(&self.points), user.clone());
         in_tx(self.txm.as_ref(), move |tx| {
             Box::pin(async move {
                 users.insert(tx, &stored).await?;
                 points.open_account(tx, &PointAccount::open(stored.id())).await?;
+                users.add_api_key(tx, stored.id(), &digest).await?;
                 Ok::<_, CreateUserError>(())
             })
         })
         .await?;
         tracing::info!(user_id = %user.id(), "user created");
-        Ok(user)
+        Ok((user, key))
     }
 }
 
@@ -91,6 +98,12 @@ mod tests {
     async fn user_and_empty_account_are_stored_in_one_transaction() {
         let mut users = MockUserRepository::new();
         users.expect_insert().withf(|_, u| u.name().as_str() == "kim").times(1).returning(|_, _| Ok(()));
+        let stored_digest = Arc::new(std::sync::Mutex::new(None));
+        let kept = Arc::clone(&stored_digest);
+        users.expect_add_api_key().times(1).returning(move |_, _, digest| {
+            *kept.lock().expect("lock") = Some(*digest);
+            Ok(())
+        });
         let mut points = MockPointRepository::new();
         points
             .expect_open_account()
@@ -99,9 +112,14 @@ mod tests {
             .returning(|_, _| Ok(()));
         let create = CreateUser::new(Arc::new(users), Arc::new(points), Arc::new(txm(true)));
 
-        let user = create.execute(UserName::new("kim").unwrap()).await.unwrap();
+        let (user, key) = create.execute(UserName::new("kim").unwrap()).await.unwrap();
 
         assert_eq!(user.name().as_str(), "kim");
+        assert_eq!(
+            *stored_digest.lock().expect("lock"),
+            Some(key.digest()),
+            "only the key's digest is stored"
+        );
     }
 
     #[tokio::test]

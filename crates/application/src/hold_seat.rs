@@ -38,6 +38,9 @@ pub enum HoldSeatError {
     /// Held by someone else, sold, or being taken right now (its lock was busy).
     #[error("the seat is not available")]
     SeatUnavailable,
+    /// The user holds as many seats of this date as one user may.
+    #[error("the user holds {0} seats of this schedule already")]
+    HoldLimitReached(u32),
     /// A lost lease, an unavailable lock store or cache, the database: nothing changed.
     #[error(transparent)]
     Failure(Failure),
@@ -53,6 +56,8 @@ pub struct HoldSeat {
     lock: Arc<dyn DistributedLock>,
     txm: Arc<dyn TransactionManager>,
     hold: Duration,
+    /// `MAX_HOLDS_PER_USER`: live holds one user may have on one date.
+    max_holds: u32,
 }
 
 impl std::fmt::Debug for HoldSeat {
@@ -69,8 +74,9 @@ impl HoldSeat {
         lock: Arc<dyn DistributedLock>,
         txm: Arc<dyn TransactionManager>,
         hold: Duration,
+        max_holds: u32,
     ) -> Self {
-        Self { catalog, bookings, lock, txm, hold }
+        Self { catalog, bookings, lock, txm, hold, max_holds }
     }
 
     /// Holds `seat` of `schedule_id` for `user_id`. Runs to its end on a task of its own
@@ -115,6 +121,7 @@ impl HoldSeat {
         let bookings = Arc::clone(&self.bookings);
         let catalog = self.catalog.clone();
         let hold = time::Duration::try_from(self.hold).map_err(anyhow::Error::new)?;
+        let max_holds = self.max_holds;
         let (reservation, mark) = locked_tx(
             self.lock.as_ref(),
             self.txm.as_ref(),
@@ -128,6 +135,13 @@ impl HoldSeat {
                         .ok_or_else(|| anyhow::anyhow!("schedule {schedule_id} has no seat {seat}"))?;
                     if current.status_at(now) != SeatStatus::Available {
                         return Err(HoldSeatError::SeatUnavailable);
+                    }
+                    // The limit, under the holder's row lock: this user's other holds, on
+                    // any seat and any instance, wait here for this one's commit, so N
+                    // racing holds cannot all count N - 1 before them.
+                    let held = bookings.lock_live_holds(tx, user_id, schedule_id).await?;
+                    if held >= max_holds {
+                        return Err(HoldSeatError::HoldLimitReached(max_holds));
                     }
                     // A run-out hold still on the row is replaced (and expired) in this tx.
                     let replaces =
@@ -246,7 +260,7 @@ mod tests {
         txm: MockTransactionManager,
     ) -> HoldSeat {
         let catalog = Catalog::new(Arc::new(catalog), Arc::new(Cache::disabled()));
-        HoldSeat::new(catalog, Arc::new(bookings), Arc::new(lock), Arc::new(txm), DEFAULT_HOLD)
+        HoldSeat::new(catalog, Arc::new(bookings), Arc::new(lock), Arc::new(txm), DEFAULT_HOLD, 4)
     }
 
     /// An open schedule whose map shows seat 7 free.
@@ -297,6 +311,11 @@ mod tests {
             .times(1)
             .returning(move |_, s, _| Ok(Some(seat(s, SeatStatus::Available, None))));
         bookings
+            .expect_lock_live_holds()
+            .withf(move |_, u, s| *u == user && *s == id)
+            .times(1)
+            .returning(|_, _, _| Ok(3));
+        bookings
             .expect_hold_seat()
             .withf(move |_, r, replaces, _| {
                 r.user_id == user
@@ -343,6 +362,7 @@ mod tests {
         let old = stale.reservation_id;
         let mut bookings = MockBookingRepository::new();
         bookings.expect_lock_seat().returning(move |_, _, _| Ok(Some(stale.clone())));
+        bookings.expect_lock_live_holds().returning(|_, _, _| Ok(0));
         bookings
             .expect_hold_seat()
             .withf(move |_, _, replaces, _| *replaces == old)
@@ -354,6 +374,26 @@ mod tests {
             use_case(bookings, lock, txm).execute(UserId::generate(), id, SeatNumber::new(7).unwrap()).await;
 
         assert!(result.is_ok(), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_user_at_the_hold_limit_is_refused_under_the_lock_and_nothing_is_written() {
+        let id = ScheduleId::generate();
+        let user = UserId::generate();
+        let mut bookings = MockBookingRepository::new();
+        bookings.expect_lock_seat().returning(|_, s, _| Ok(Some(seat(s, SeatStatus::Available, None))));
+        // Counted after the seat's row lock, under the holder's row lock (the adapter's).
+        bookings
+            .expect_lock_live_holds()
+            .withf(move |_, u, s| *u == user && *s == id)
+            .times(1)
+            .returning(|_, _, _| Ok(4));
+        bookings.expect_hold_seat().never();
+        let (lock, txm) = lock_and_tx(false);
+
+        let result = use_case(bookings, lock, txm).execute(user, id, SeatNumber::new(7).unwrap()).await;
+
+        assert!(matches!(result, Err(HoldSeatError::HoldLimitReached(4))), "{result:?}");
     }
 
     #[tokio::test]
@@ -384,9 +424,10 @@ mod tests {
         let catalog = Catalog::new(Arc::new(catalog(Some(true), SeatStatus::Available)), cache);
         let mut bookings = MockBookingRepository::new();
         bookings.expect_lock_seat().returning(|_, s, _| Ok(Some(seat(s, SeatStatus::Available, None))));
+        bookings.expect_lock_live_holds().returning(|_, _, _| Ok(0));
         bookings.expect_hold_seat().times(1).returning(|_, r, _, _| Ok(r.held_until));
         let (lock, txm) = lock_and_tx(false);
-        let hold = HoldSeat::new(catalog, Arc::new(bookings), Arc::new(lock), Arc::new(txm), DEFAULT_HOLD);
+        let hold = HoldSeat::new(catalog, Arc::new(bookings), Arc::new(lock), Arc::new(txm), DEFAULT_HOLD, 4);
 
         let result =
             hold.execute(UserId::generate(), ScheduleId::generate(), SeatNumber::new(7).unwrap()).await;

@@ -15,6 +15,8 @@
 //! - [`hold_seat`], [`reservations`]: seat holds, their cancel and expiry.
 //! - [`pay`]: paying a hold with points; [`outbox`]: the outbox its events leave by.
 //! - [`idempotency`]: idempotency keys, one mechanism for every retried operation.
+//! - [`identity`]: API keys, access tokens (the [`identity::TokenVerifier`] port) and
+//!   their signing keys.
 //! - [`queue`]: the [`queue::WaitingQueue`] port and the queue's use cases.
 //! - one module per use case: [`create_user`], [`charge_points`], [`get_balance`],
 //!   [`point_history`].
@@ -29,6 +31,7 @@ pub mod failure;
 pub mod get_balance;
 pub mod hold_seat;
 pub mod idempotency;
+pub mod identity;
 pub mod lock;
 #[cfg(test)]
 mod mocks;

@@ -175,7 +175,7 @@ impl Pay {
     /// The payment runs to its end on a task of its own ([`run_to_end`]): once it has
     /// committed, its locks are released, the seat map's mark lifted and the token expired
     /// whatever the client does.
-    #[tracing::instrument(name = "pay", skip(self, key), fields(%user_id, reservation = %reservation_id, keyed = key.is_some()))]
+    #[tracing::instrument(name = "pay", skip(self, token, key), fields(%user_id, reservation = %reservation_id, keyed = key.is_some()))]
     pub async fn execute(
         &self,
         user_id: UserId,

@@ -160,22 +160,31 @@ impl QueueReader {
         Self { queue }
     }
 
-    /// The holder's view of `token`.
+    /// `owner`'s view of `token`. A token of another user is as good as none: worth
+    /// nothing without its owner's credentials.
     ///
     /// # Errors
-    /// [`GateError::Invalid`] when the token is not live; [`GateError::Unexpected`].
-    pub async fn view(&self, token: QueueTokenId) -> Result<TokenView, GateError> {
-        let state = self.queue.state(token).await?.ok_or(GateError::Invalid)?;
+    /// [`GateError::Invalid`] when the token is not live or not `owner`'s;
+    /// [`GateError::Unexpected`].
+    pub async fn view(&self, token: QueueTokenId, owner: UserId) -> Result<TokenView, GateError> {
+        let state = self
+            .queue
+            .state(token)
+            .await?
+            .filter(|state| state.user_id == owner)
+            .ok_or(GateError::Invalid)?;
         Ok(TokenView::from(&state))
     }
 
-    /// The gate: the user of an ACTIVE token, in one round trip to the queue's store.
+    /// The gate: lets `owner` in with `token` when it is `owner`'s and ACTIVE, in one round
+    /// trip to the queue's store. Returns the owner.
     ///
     /// # Errors
-    /// [`GateError::Invalid`] (not live), [`GateError::NotActive`] (waiting),
-    /// [`GateError::Unexpected`].
-    pub async fn admit_holder(&self, token: QueueTokenId) -> Result<UserId, GateError> {
+    /// [`GateError::Invalid`] (not live, or another user's), [`GateError::NotActive`]
+    /// (waiting), [`GateError::Unexpected`].
+    pub async fn admit_holder(&self, token: QueueTokenId, owner: UserId) -> Result<UserId, GateError> {
         match self.queue.state(token).await? {
+            Some(state) if state.user_id != owner => Err(GateError::Invalid),
             None => Err(GateError::Invalid),
             Some(state) if state.status == QueueStatus::Waiting => Err(GateError::NotActive),
             Some(state) => Ok(state.user_id),
@@ -260,9 +269,34 @@ mod tests {
         let reader = QueueReader::new(Arc::new(queue));
         let token = QueueTokenId::generate();
 
-        assert_eq!(reader.admit_holder(token).await.unwrap(), holder);
-        assert!(matches!(reader.admit_holder(token).await, Err(GateError::NotActive)));
-        assert!(matches!(reader.admit_holder(token).await, Err(GateError::Invalid)));
+        assert_eq!(reader.admit_holder(token, holder).await.unwrap(), holder);
+        let waiting_owner = UserId::generate();
+        assert!(
+            matches!(reader.admit_holder(token, waiting_owner).await, Err(GateError::Invalid)),
+            "not the owner's"
+        );
+        assert!(matches!(reader.admit_holder(token, holder).await, Err(GateError::Invalid)));
+    }
+
+    #[tokio::test]
+    async fn a_token_is_worth_nothing_to_anyone_but_its_owner() {
+        let active = state(QueueStatus::Active, None, 0.0);
+        let waiting = state(QueueStatus::Waiting, Some(3), 1.0);
+        let (owner, waiter) = (active.user_id, waiting.user_id);
+        let mut queue = MockWaitingQueue::new();
+        let (a, w) = (active.clone(), waiting.clone());
+        queue
+            .expect_state()
+            .returning(move |token| Ok(Some(if token == a.token { a.clone() } else { w.clone() })));
+        let reader = QueueReader::new(Arc::new(queue));
+        let stranger = UserId::generate();
+
+        assert!(matches!(reader.admit_holder(active.token, stranger).await, Err(GateError::Invalid)));
+        assert!(matches!(reader.view(active.token, stranger).await, Err(GateError::Invalid)));
+        // A stranger is not even told the token is waiting.
+        assert!(matches!(reader.admit_holder(waiting.token, stranger).await, Err(GateError::Invalid)));
+        assert!(matches!(reader.admit_holder(waiting.token, waiter).await, Err(GateError::NotActive)));
+        assert_eq!(reader.view(active.token, owner).await.unwrap().user_id, owner);
     }
 
     #[tokio::test]
@@ -273,7 +307,13 @@ mod tests {
         queue.expect_state().times(1).in_sequence(&mut seq).returning(|_| Err(anyhow::anyhow!("redis down")));
         let reader = QueueReader::new(Arc::new(queue));
 
-        assert!(matches!(reader.view(QueueTokenId::generate()).await, Err(GateError::Invalid)));
-        assert!(matches!(reader.view(QueueTokenId::generate()).await, Err(GateError::Unexpected(_))));
+        assert!(matches!(
+            reader.view(QueueTokenId::generate(), UserId::generate()).await,
+            Err(GateError::Invalid)
+        ));
+        assert!(matches!(
+            reader.view(QueueTokenId::generate(), UserId::generate()).await,
+            Err(GateError::Unexpected(_))
+        ));
     }
 }

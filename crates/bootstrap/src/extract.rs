@@ -8,6 +8,10 @@
 //! - JSON of the wrong shape is `400 VALIDATION_FAILED` naming the field (`amount`,
 //!   `name`), found with `serde_path_to_error`.
 //!
+//! - a body that has not arrived whole within [`BodyDeadline`] (`HTTP_BODY_TIMEOUT_MS`,
+//!   10 s by default) is `408 REQUEST_TIMEOUT` and the connection is closed: a client
+//!   trickling a byte every few seconds holds a connection no longer than that.
+//!
 //! Unknown fields are ignored, as the API promises.
 
 use actix_web::dev::Payload;
@@ -22,6 +26,20 @@ use crate::problem::ApiError;
 /// The largest body accepted: 64 KiB. Every request of this API is a few dozen bytes.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
+/// How long a request body may take to arrive, registered as app data (10 s without it).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline(pub std::time::Duration);
+
+impl Default for BodyDeadline {
+    fn default() -> Self {
+        Self(std::time::Duration::from_secs(10))
+    }
+}
+
+fn deadline(req: &HttpRequest) -> BodyDeadline {
+    req.app_data::<web::Data<BodyDeadline>>().map(|d| *d.get_ref()).unwrap_or_default()
+}
+
 /// A deserialized, shape-checked JSON body.
 #[derive(Debug)]
 pub struct ValidJson<T>(pub T);
@@ -33,9 +51,10 @@ impl<T: DeserializeOwned + 'static> FromRequest for ValidJson<T> {
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let checked = check_headers(req);
         let payload = payload.take();
+        let deadline = deadline(req);
         Box::pin(async move {
             checked?;
-            read_json(payload).await.map(ValidJson)
+            read_json(payload, deadline).await.map(ValidJson)
         })
     }
 }
@@ -46,6 +65,7 @@ impl<T: DeserializeOwned + 'static> FromRequest for ValidJson<T> {
 pub struct LateJson {
     checked: Result<(), ApiError>,
     payload: Payload,
+    deadline: BodyDeadline,
 }
 
 impl std::fmt::Debug for LateJson {
@@ -61,7 +81,7 @@ impl LateJson {
     /// As [`ValidJson`]: 413, 400 `MALFORMED_JSON` or `VALIDATION_FAILED`.
     pub async fn read<T: DeserializeOwned>(self) -> Result<T, ApiError> {
         self.checked?;
-        read_json(self.payload).await
+        read_json(self.payload, self.deadline).await
     }
 }
 
@@ -70,19 +90,30 @@ impl FromRequest for LateJson {
     type Future = std::future::Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        std::future::ready(Ok(Self { checked: check_headers(req), payload: payload.take() }))
+        std::future::ready(Ok(Self {
+            checked: check_headers(req),
+            payload: payload.take(),
+            deadline: deadline(req),
+        }))
     }
 }
 
-async fn read_json<T: DeserializeOwned>(mut payload: Payload) -> Result<T, ApiError> {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| ApiError::MalformedJson("the body could not be read".into()))?;
-        if body.len() + chunk.len() > BODY_LIMIT {
-            return Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT });
+async fn read_json<T: DeserializeOwned>(mut payload: Payload, deadline: BodyDeadline) -> Result<T, ApiError> {
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|_| ApiError::MalformedJson("the body could not be read".into()))?;
+            if body.len() + chunk.len() > BODY_LIMIT {
+                return Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT });
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
+        Ok(body)
+    };
+    let body = tokio::time::timeout(deadline.0, read).await.map_err(|_| {
+        metrics::counter!("http_body_timeouts_total").increment(1);
+        ApiError::RequestTimeout
+    })??;
     parse(&body)
 }
 

@@ -8,6 +8,7 @@ use domain::queue::QueueTokenId;
 use domain::user::UserId;
 use futures::future::LocalBoxFuture;
 
+use crate::auth::Caller;
 use crate::problem::ApiError;
 
 /// The header that carries a queue token.
@@ -36,12 +37,14 @@ impl From<GateError> for ApiError {
     }
 }
 
-/// The gate of the booking routes: a handler that takes `Admitted` runs only for the
-/// holder of an ACTIVE queue token, and gets that token's user (never a user named in
-/// the body). One round trip to the queue's store.
+/// The gate of the booking routes: a handler that takes `Admitted` runs only for an
+/// authenticated caller ([`Caller`]) holding an ACTIVE queue token of its own, and gets
+/// that user (never a user named in the body). The access token is checked in memory,
+/// then one round trip to the queue's store.
 ///
-/// No header, a malformed, unknown or expired token: `401 QUEUE_TOKEN_INVALID`; a WAITING
-/// token: `403 QUEUE_TOKEN_NOT_ACTIVE`.
+/// No valid access token: `401 UNAUTHENTICATED`. No queue token, a malformed, unknown or
+/// expired one, or another user's: `401 QUEUE_TOKEN_INVALID`; a WAITING token:
+/// `403 QUEUE_TOKEN_NOT_ACTIVE`.
 #[derive(Debug, Clone, Copy)]
 pub struct Admitted(pub UserId);
 
@@ -50,12 +53,14 @@ impl FromRequest for Admitted {
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let caller = Caller::of(req);
         let token = queue_token(req);
         let reader = req.app_data::<web::Data<QueueReader>>().cloned();
         Box::pin(async move {
+            let Caller(user) = caller?;
             let reader =
                 reader.ok_or_else(|| ApiError::from(anyhow::anyhow!("no QueueReader is registered")))?;
-            Ok(Self(reader.admit_holder(token?).await?))
+            Ok(Self(reader.admit_holder(token?, user).await?))
         })
     }
 }
@@ -72,6 +77,23 @@ mod tests {
 
     async fn whoami(Admitted(user): Admitted) -> HttpResponse {
         HttpResponse::Ok().body(user.to_string())
+    }
+
+    /// Accepts the bearer `good` as `user`, nothing else.
+    struct OneUser(UserId);
+
+    impl application::identity::TokenVerifier for OneUser {
+        fn verify(&self, token: &str) -> Result<UserId, application::identity::Unauthenticated> {
+            if token == "good" {
+                Ok(self.0)
+            } else {
+                Err(application::identity::Unauthenticated::BadSignature)
+            }
+        }
+    }
+
+    fn verifier(user: UserId) -> crate::auth::Verifier {
+        web::Data::new(Arc::new(OneUser(user)) as Arc<dyn application::identity::TokenVerifier>)
     }
 
     fn state(status: QueueStatus, user_id: UserId) -> TokenState {
@@ -94,7 +116,7 @@ mod tests {
             Ok(if token == active {
                 Some(state(QueueStatus::Active, holder))
             } else if token == waiting {
-                Some(state(QueueStatus::Waiting, UserId::generate()))
+                Some(state(QueueStatus::Waiting, holder))
             } else {
                 None
             })
@@ -102,11 +124,14 @@ mod tests {
         let app = actix_test::init_service(
             App::new()
                 .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
+                .app_data(verifier(holder))
                 .route("/booking", web::get().to(whoami)),
         )
         .await;
         let call = |headers: Vec<&'static str>| {
-            let mut request = actix_test::TestRequest::get().uri("/booking");
+            let mut request = actix_test::TestRequest::get()
+                .uri("/booking")
+                .append_header(("Authorization", "Bearer good"));
             for value in headers {
                 request = request.append_header((QUEUE_TOKEN, value));
             }
@@ -132,6 +157,52 @@ mod tests {
             let body: serde_json::Value = actix_test::read_body_json(refused).await;
             assert_eq!(body["code"], "QUEUE_TOKEN_INVALID");
         }
+
+        // Without the owner's access token, even the owner's ACTIVE token lets nobody in.
+        for bearer in [None, Some("Bearer forged"), Some("Basic Z29vZA==")] {
+            let mut request =
+                actix_test::TestRequest::get().uri("/booking").append_header((QUEUE_TOKEN, active_header));
+            if let Some(bearer) = bearer {
+                request = request.append_header(("Authorization", bearer));
+            }
+            let refused = actix_test::call_service(&app, request.to_request()).await;
+            assert_eq!(refused.status().as_u16(), 401, "{bearer:?}");
+            assert!(
+                refused
+                    .headers()
+                    .get("www-authenticate")
+                    .is_some_and(|v| v.as_bytes().starts_with(b"Bearer"))
+            );
+            let body: serde_json::Value = actix_test::read_body_json(refused).await;
+            assert_eq!(body["code"], "UNAUTHENTICATED");
+        }
+    }
+
+    #[actix_web::test]
+    async fn another_users_active_token_is_401_queue_token_invalid() {
+        let (token, owner, caller) = (QueueTokenId::generate(), UserId::generate(), UserId::generate());
+        let mut queue = MockWaitingQueue::new();
+        queue
+            .expect_state()
+            .returning(move |_| Ok(Some(TokenState { token, ..state(QueueStatus::Active, owner) })));
+        let app = actix_test::init_service(
+            App::new()
+                .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
+                .app_data(verifier(caller))
+                .route("/booking", web::get().to(whoami)),
+        )
+        .await;
+        let request = actix_test::TestRequest::get()
+            .uri("/booking")
+            .append_header(("Authorization", "Bearer good"))
+            .append_header((QUEUE_TOKEN, token.to_string()))
+            .to_request();
+
+        let refused = actix_test::call_service(&app, request).await;
+
+        assert_eq!(refused.status().as_u16(), 401);
+        let body: serde_json::Value = actix_test::read_body_json(refused).await;
+        assert_eq!(body["code"], "QUEUE_TOKEN_INVALID");
     }
 
     #[actix_web::test]
@@ -146,11 +217,13 @@ mod tests {
         let app = actix_test::init_service(
             App::new()
                 .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
+                .app_data(verifier(UserId::generate()))
                 .route("/booking", web::get().to(whoami)),
         )
         .await;
         let request = actix_test::TestRequest::get()
             .uri("/booking")
+            .append_header(("Authorization", "Bearer good"))
             .append_header((QUEUE_TOKEN, QueueTokenId::generate().to_string()))
             .to_request();
 

@@ -50,6 +50,10 @@ pub struct JobPorts {
     /// The queue event fan-out's task, started with its hub (`QueueEvents::start`):
     /// stopped with the jobs.
     pub event_fanout: JoinHandle<()>,
+    /// The shared signing keys to reload (`None` when the operator sets them).
+    pub signing_keys: Option<application::identity::SigningKeys>,
+    /// The per-client limits whose idle clients are forgotten.
+    pub rate_limits: actix_web::web::Data<crate::limits::RateLimits>,
 }
 
 impl std::fmt::Debug for JobPorts {
@@ -68,13 +72,25 @@ pub struct Jobs {
     relay: JoinHandle<()>,
     trim: JoinHandle<()>,
     event_fanout: JoinHandle<()>,
+    keys: Option<JoinHandle<()>>,
+    limits: JoinHandle<()>,
 }
 
 impl Jobs {
     /// Starts every job, at the intervals `settings` gives.
     #[must_use]
     pub fn spawn(ports: JobPorts, settings: &Settings) -> Self {
-        let JobPorts { metrics, idempotency, outbox, stream, queue, reservations, event_fanout } = ports;
+        let JobPorts {
+            metrics,
+            idempotency,
+            outbox,
+            stream,
+            queue,
+            reservations,
+            event_fanout,
+            signing_keys,
+            rate_limits,
+        } = ports;
         let upkeep = metrics_upkeep(metrics);
         let purge = purge(idempotency, outbox.clone());
         // Twice per interval: with one instance, a step landing just before an interval's
@@ -83,7 +99,9 @@ impl Jobs {
         let relay = outbox_relay(outbox, settings.outbox_relay_interval);
         let expiry = hold_expiry(reservations, settings.hold_expiry_interval, settings.hold_expiry_batch);
         let trim = stream_trim(stream);
-        Self { upkeep, purge, admission, expiry, relay, trim, event_fanout }
+        let keys = signing_keys.map(|keys| key_refresh(keys, settings.auth_key_refresh));
+        let limits = limits_trim(rate_limits);
+        Self { upkeep, purge, admission, expiry, relay, trim, event_fanout, keys, limits }
     }
 
     /// Ends every job (a round in progress is dropped where it stands).
@@ -95,7 +113,49 @@ impl Jobs {
         self.relay.abort();
         self.trim.abort();
         self.event_fanout.abort();
+        if let Some(keys) = &self.keys {
+            keys.abort();
+        }
+        self.limits.abort();
     }
+}
+
+/// Reloads the shared signing keys every `every` (`AUTH_KEY_REFRESH_SECONDS`), so a
+/// rotated key reaches every instance before it signs; deletes keys whose tokens have all
+/// run out. A failed reload keeps the keys in memory and is tried at the next tick.
+#[must_use]
+pub fn key_refresh(keys: application::identity::SigningKeys, every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            if let Err(error) = keys.refresh().await {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "signing keys not reloaded; keeping those in memory"
+                );
+            }
+        }
+    })
+}
+
+/// Every minute, forgets the clients of the per-client limits whose budget is full again,
+/// so the limiters' memory follows the last minute's clients; and reports the malformed
+/// requests of the minute in one line ([`crate::telemetry::report_malformed_requests`]).
+#[must_use]
+pub fn limits_trim(limits: actix_web::web::Data<crate::limits::RateLimits>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            crate::telemetry::report_malformed_requests();
+            let tracked = limits.trim();
+            #[allow(clippy::cast_precision_loss, reason = "a gauge")]
+            metrics::gauge!("rate_limit_clients").set(tracked as f64);
+        }
+    })
 }
 
 /// The recorder keeps histograms until told to drain them: every 5 s.

@@ -19,10 +19,12 @@
 //! - [`openapi`]: the OpenAPI document served with Swagger UI.
 //! - [`telemetry`]: logs and the Prometheus recorder.
 
+pub mod auth;
 pub mod extract;
 pub mod gate;
 pub mod idempotency_header;
 pub mod jobs;
+pub mod limits;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;

@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{admin, catalog, health, payments, points, queue, reservations, users};
+use crate::routes::{admin, auth, catalog, payments, points, queue, reservations, users};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -16,6 +16,7 @@ use crate::routes::{admin, catalog, health, payments, points, queue, reservation
     ),
     paths(
         users::create_user,
+        auth::issue_access_token,
         points::get_balance,
         points::charge_points,
         points::point_history,
@@ -32,12 +33,16 @@ use crate::routes::{admin, catalog, health, payments, points, queue, reservation
         admin::create_concert,
         admin::update_concert,
         admin::add_schedule,
-        health::live,
-        health::ready,
+        admin::rotate_signing_key,
     ),
+    modifiers(&SecuritySchemes),
     components(schemas(Problem, queue::QueueEvent)),
     tags(
-        (name = "users", description = "Registration"),
+        (name = "users", description = "Sign-up and access tokens. Sign-up shows the user's `apiKey` once; \
+            `POST /api/v1/auth/tokens` exchanges it (as `Authorization: Bearer <apiKey>`) for an access token \
+            (a JWT, `AUTH_TOKEN_SECONDS`, 15 minutes by default) that every user route takes as \
+            `Authorization: Bearer <accessToken>`. The user is always the token's subject: another user's \
+            points, history, queue token, reservation or payment answer exactly as unknown ones."),
         (name = "points", description = "Prepaid points: balance, charge, history"),
         (name = "queue", description = "The waiting queue: a token with a place in line, its view and live events. \
             The booking routes admit only the holder of an ACTIVE token (header `Queue-Token`): no header, \
@@ -59,7 +64,37 @@ use crate::routes::{admin, catalog, health, payments, points, queue, reservation
             order per reservation."),
         (name = "admin", description = "Catalog writes; only when ADMIN_API_KEY is set, with it in X-Admin-Key \
             (else 401 ADMIN_KEY_INVALID). Each write evicts the cached answers it changes on every instance."),
-        (name = "operations", description = "Health"),
     )
 )]
 pub struct ApiDoc;
+
+/// The security schemes the routes name: `bearerAuth` (an access token) on every user
+/// route, `apiKey` (the key sign-up showed, also sent as a bearer) on `POST /auth/tokens`,
+/// so Swagger UI's Authorize button fills both in.
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearerAuth",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("An access token from POST /api/v1/auth/tokens"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "apiKey",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The apiKey that POST /api/v1/users showed once"))
+                    .build(),
+            ),
+        );
+    }
+}

@@ -80,6 +80,28 @@ pub enum ApiError {
     QueueTokenInvalid,
     #[error("this queue token is still waiting in line; it is let in when admitted")]
     QueueTokenNotActive,
+    /// No usable access token (or, at `POST /auth/tokens`, API key). The reason is logged,
+    /// never answered: every refusal reads the same.
+    #[error("{}", unauthenticated_detail(*.0))]
+    Unauthenticated(application::identity::Unauthenticated),
+    #[error(
+        "the signing keys are set by AUTH_SIGNING_KEY: rotate them by listing the new key first, the old one after it"
+    )]
+    SigningKeysExternal,
+    /// `POST /auth/tokens` with no API key, or one no user has.
+    #[error("Authorization: Bearer <apiKey> is missing, or no user has this API key")]
+    ApiKeyInvalid,
+    /// The caller asked to act for someone else.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("you hold {0} seats of this date already, the most one user may; pay for or cancel one first")]
+    HoldLimitReached(u32),
+    /// A per-client limit: too many requests of one kind from this client.
+    #[error("too many {what} from this client; retry after {retry_after} s")]
+    RateLimited { what: &'static str, retry_after: u64 },
+    /// The body did not arrive within the deadline.
+    #[error("the request body did not arrive in time; send it whole, promptly")]
+    RequestTimeout,
     #[error("{0}")]
     BalanceLimitExceeded(String),
     #[error("this Idempotency-Key was used before for a different request; use a new key for a new request")]
@@ -120,6 +142,17 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+fn unauthenticated_detail(reason: application::identity::Unauthenticated) -> &'static str {
+    match reason {
+        application::identity::Unauthenticated::Missing => {
+            "this route needs Authorization: Bearer <accessToken>; take one with POST /api/v1/auth/tokens"
+        }
+        _ => {
+            "the access token is malformed, expired or not valid; take a new one with POST /api/v1/auth/tokens"
+        }
+    }
+}
+
 impl ApiError {
     pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Validation { field: field.into(), message: message.into() }
@@ -146,6 +179,12 @@ impl ApiError {
             Self::InsufficientBalance(_) => "INSUFFICIENT_BALANCE",
             Self::QueueTokenInvalid => "QUEUE_TOKEN_INVALID",
             Self::QueueTokenNotActive => "QUEUE_TOKEN_NOT_ACTIVE",
+            Self::Unauthenticated(_) | Self::ApiKeyInvalid => "UNAUTHENTICATED",
+            Self::Forbidden(_) => "FORBIDDEN",
+            Self::SigningKeysExternal => "SIGNING_KEYS_EXTERNAL",
+            Self::HoldLimitReached(_) => "HOLD_LIMIT_REACHED",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::RequestTimeout => "REQUEST_TIMEOUT",
             Self::BalanceLimitExceeded(_) => "BALANCE_LIMIT_EXCEEDED",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::Busy(_) => "RESOURCE_BUSY",
@@ -177,6 +216,12 @@ impl ApiError {
             Self::InsufficientBalance(_) => "Insufficient balance",
             Self::QueueTokenInvalid => "Queue token invalid",
             Self::QueueTokenNotActive => "Queue token not active",
+            Self::Unauthenticated(_) | Self::ApiKeyInvalid => "Unauthenticated",
+            Self::Forbidden(_) => "Forbidden",
+            Self::SigningKeysExternal => "Signing keys set by the operator",
+            Self::HoldLimitReached(_) => "Hold limit reached",
+            Self::RateLimited { .. } => "Too many requests",
+            Self::RequestTimeout => "Request timeout",
             Self::BalanceLimitExceeded(_) => "Balance limit exceeded",
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::Busy(_) => "Resource busy",
@@ -234,7 +279,11 @@ impl ResponseError for ApiError {
             Self::AdminKeyInvalid => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::QueueTokenInvalid => StatusCode::UNAUTHORIZED,
-            Self::QueueTokenNotActive => StatusCode::FORBIDDEN,
+            Self::QueueTokenNotActive | Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Unauthenticated(_) | Self::ApiKeyInvalid => StatusCode::UNAUTHORIZED,
+            Self::HoldLimitReached(_) | Self::SigningKeysExternal => StatusCode::CONFLICT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BalanceLimitExceeded(_) => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -258,6 +307,30 @@ impl ResponseError for ApiError {
         }
         if let Self::MethodNotAllowed { allow } = self {
             response.insert_header((header::ALLOW, HeaderValue::from_static(allow)));
+        }
+        if let Self::RateLimited { retry_after, .. } = self {
+            response.insert_header((header::RETRY_AFTER, retry_after.to_string()));
+        }
+        if let Self::Unauthenticated(reason) = self {
+            // RFC 6750 §3: a request with no credentials gets the scheme alone; one whose
+            // token was refused is told so (but not why).
+            response.insert_header((
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(match reason {
+                    application::identity::Unauthenticated::Missing => r#"Bearer realm="concert-api""#,
+                    _ => r#"Bearer realm="concert-api", error="invalid_token""#,
+                }),
+            ));
+        }
+        if matches!(self, Self::ApiKeyInvalid) {
+            response.insert_header((
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="concert-api""#),
+            ));
+        }
+        if matches!(self, Self::RequestTimeout) {
+            // The rest of the body is not read: the connection cannot carry another request.
+            response.insert_header((header::CONNECTION, HeaderValue::from_static("close")));
         }
         response.json(self.problem())
     }
@@ -360,6 +433,7 @@ impl From<HoldSeatError> for ApiError {
             HoldSeatError::ScheduleNotFound(id) => Self::ScheduleNotFound(*id.as_uuid()),
             HoldSeatError::BookingClosed => Self::BookingClosed,
             HoldSeatError::SeatUnavailable => Self::SeatUnavailable,
+            HoldSeatError::HoldLimitReached(limit) => Self::HoldLimitReached(limit),
             HoldSeatError::Failure(failure) => failure.into(),
         }
     }

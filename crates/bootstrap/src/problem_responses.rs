@@ -14,7 +14,11 @@ use crate::problem::Problem;
 /// The queue gate's refusals ([`crate::gate::Admitted`]): 401 and 403.
 #[derive(Debug, IntoResponses)]
 pub enum QueueGate {
-    #[response(status = 401, description = "QUEUE_TOKEN_INVALID", content_type = "application/problem+json")]
+    #[response(
+        status = 401,
+        description = "UNAUTHENTICATED (no valid access token; with WWW-Authenticate: Bearer) or QUEUE_TOKEN_INVALID (no live queue token of the caller's)",
+        content_type = "application/problem+json"
+    )]
     Invalid(Problem),
     #[response(
         status = 403,
@@ -28,10 +32,28 @@ pub enum QueueGate {
 #[derive(Debug, IntoResponses)]
 #[response(
     status = 401,
-    description = "QUEUE_TOKEN_INVALID: missing, malformed, unknown or expired",
+    description = "UNAUTHENTICATED (no valid access token) or QUEUE_TOKEN_INVALID (missing, malformed, unknown, expired, or another user's)",
     content_type = "application/problem+json"
 )]
 pub struct QueueTokenInvalid(pub Problem);
+
+/// 401 for every route that acts for a user ([`crate::auth::Caller`]).
+#[derive(Debug, IntoResponses)]
+#[response(
+    status = 401,
+    description = "UNAUTHENTICATED: no Authorization: Bearer <accessToken>, or one that is malformed, expired or badly signed (with WWW-Authenticate: Bearer)",
+    content_type = "application/problem+json"
+)]
+pub struct Unauthenticated(pub Problem);
+
+/// 429 for the routes with a per-client limit ([`crate::limits`]).
+#[derive(Debug, IntoResponses)]
+#[response(
+    status = 429,
+    description = "RATE_LIMITED: too many such requests from this client; nothing changed, retry after Retry-After",
+    content_type = "application/problem+json"
+)]
+pub struct RateLimited(pub Problem);
 
 /// 401 for the admin routes after the first (which words it at length).
 #[derive(Debug, IntoResponses)]

@@ -108,6 +108,27 @@ pub struct Settings {
     pub outbox_relay_interval: Duration,
     /// `OUTBOX_BATCH`: the most events one relay round sends.
     pub outbox_batch: u32,
+    /// `OPS_ADDR`: the listener of health and metrics.
+    pub ops_addr: String,
+    /// `AUTH_SIGNING_KEY`: keys set by the operator (the first signs, every one verifies);
+    /// `None`: shared keys kept in MySQL.
+    pub auth_signing_keys: Option<Vec<Vec<u8>>>,
+    /// `AUTH_TOKEN_SECONDS`: how long an access token lives.
+    pub auth_token_lifetime: Duration,
+    /// `AUTH_KEY_REFRESH_SECONDS`: how often the shared signing keys are reloaded.
+    pub auth_key_refresh: Duration,
+    /// `MAX_HOLDS_PER_USER`: live holds one user may have on one schedule.
+    pub max_holds_per_user: u32,
+    /// `RATE_LIMIT_*_PER_MINUTE`.
+    pub rate_limits: crate::limits::RateLimitSettings,
+    /// `TRUSTED_PROXIES`: whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<crate::limits::IpNet>,
+    /// `SSE_MAX_STREAMS`: open event streams one instance serves.
+    pub sse_max_streams: usize,
+    /// `HTTP_MAX_CONNECTIONS`: open connections per worker thread.
+    pub http_max_connections: usize,
+    /// `HTTP_BODY_TIMEOUT_MS`: how long a request body may take to arrive.
+    pub http_body_timeout: Duration,
 }
 
 /// A variable that is set but cannot be used.
@@ -143,14 +164,15 @@ impl Settings {
             })
         };
 
-        let http_addr = text("HTTP_ADDR", "127.0.0.1:8080");
-        if http_addr.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
-            return Err(SettingsError {
-                name: "HTTP_ADDR",
-                value: http_addr,
-                problem: "must be host:port".into(),
-            });
-        }
+        let address = |name: &'static str, default: &str| {
+            let value = text(name, default);
+            if value.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
+                return Err(SettingsError { name, value, problem: "must be host:port".into() });
+            }
+            Ok(value)
+        };
+        let http_addr = address("HTTP_ADDR", "127.0.0.1:8080")?;
+        let ops_addr = address("OPS_ADDR", "127.0.0.1:9090")?;
         let choice = |name: &'static str, default: &str, options: &[&str]| {
             let value = text(name, default).to_ascii_lowercase();
             if options.contains(&value.as_str()) {
@@ -259,20 +281,76 @@ impl Settings {
         };
         let admin_api_key = match lookup("ADMIN_API_KEY") {
             None => None,
-            Some(key) if key.len() >= 16 && key.len() <= 256 && key.bytes().all(|b| b.is_ascii_graphic()) => {
+            Some(key)
+                if key.len() >= 16
+                    && key.len() <= 256
+                    && key.bytes().all(|b| b.is_ascii_graphic())
+                    && distinct(key.as_bytes()) >= MIN_DISTINCT =>
+            {
                 Some(key)
             }
             Some(_) => {
                 return Err(SettingsError {
                     name: "ADMIN_API_KEY",
                     value: "***".into(),
-                    problem:
-                        "must be 16..=256 visible ASCII characters; leave it unset to turn the admin API off"
-                            .into(),
+                    problem: format!(
+                        "must be 16..=256 visible ASCII characters, at least {MIN_DISTINCT} of them different (a weak key is refused); leave it unset to turn the admin API off"
+                    ),
                 });
             }
         };
+        let auth_signing_keys = match lookup("AUTH_SIGNING_KEY") {
+            None => None,
+            Some(raw) => {
+                let keys: Vec<Vec<u8>> = raw.split(',').map(|k| k.trim().as_bytes().to_vec()).collect();
+                if keys.iter().any(|k| {
+                    k.len() < 32 || k.len() > 512 || distinct(k) < 16 || !k.iter().all(u8::is_ascii_graphic)
+                }) {
+                    return Err(SettingsError {
+                        name: "AUTH_SIGNING_KEY",
+                        value: "***".into(),
+                        problem: "must be one key, or several separated by commas (the first signs, all verify), each 32..=512 visible ASCII characters with at least 16 different ones; leave it unset for the shared key kept in MySQL".into(),
+                    });
+                }
+                Some(keys)
+            }
+        };
+        let trusted_proxies = match lookup("TRUSTED_PROXIES") {
+            None => Vec::new(),
+            Some(raw) => raw
+                .split(',')
+                .filter(|entry| !entry.trim().is_empty())
+                .map(|entry| crate::limits::IpNet::parse(entry.trim()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|problem| SettingsError {
+                    name: "TRUSTED_PROXIES",
+                    value: raw.clone(),
+                    problem: format!("{problem}: give IP addresses or CIDR blocks, comma-separated"),
+                })?,
+        };
+        let per_minute = |name: &'static str, default: u32| {
+            number(name, u64::from(default), 0..=1_000_000).map(|n| u32::try_from(n).unwrap_or(default))
+        };
+        let defaults = crate::limits::RateLimitSettings::default();
+        let rate_limits = crate::limits::RateLimitSettings {
+            signups: per_minute("RATE_LIMIT_SIGNUPS_PER_MINUTE", defaults.signups)?,
+            auth: per_minute("RATE_LIMIT_AUTH_PER_MINUTE", defaults.auth)?,
+            queue_tokens: per_minute("RATE_LIMIT_QUEUE_TOKENS_PER_MINUTE", defaults.queue_tokens)?,
+            charges: per_minute("RATE_LIMIT_CHARGES_PER_MINUTE", defaults.charges)?,
+        };
         Ok(Self {
+            ops_addr,
+            auth_signing_keys,
+            auth_token_lifetime: Duration::from_secs(number("AUTH_TOKEN_SECONDS", 900, 60..=86_400)?),
+            auth_key_refresh: Duration::from_secs(number("AUTH_KEY_REFRESH_SECONDS", 60, 1..=3_600)?),
+            max_holds_per_user: u32::try_from(number("MAX_HOLDS_PER_USER", 4, 1..=50)?).unwrap_or(4),
+            rate_limits,
+            trusted_proxies,
+            sse_max_streams: usize::try_from(number("SSE_MAX_STREAMS", 10_000, 1..=1_000_000)?)
+                .unwrap_or(10_000),
+            http_max_connections: usize::try_from(number("HTTP_MAX_CONNECTIONS", 25_000, 1..=1_000_000)?)
+                .unwrap_or(25_000),
+            http_body_timeout: ms("HTTP_BODY_TIMEOUT_MS", Duration::from_secs(10), 100..=600_000)?,
             reservation_hold: Duration::from_secs(number("RESERVATION_HOLD_SECONDS", 300, 1..=86_400)?),
             hold_expiry_interval: ms("HOLD_EXPIRY_INTERVAL_MS", Duration::from_secs(2), 100..=600_000)?,
             hold_expiry_batch: u32::try_from(number("HOLD_EXPIRY_BATCH", 200, 1..=10_000)?).unwrap_or(200),
@@ -336,6 +414,15 @@ impl Settings {
             lock_wait_mode,
         })
     }
+}
+
+/// The fewest different characters a secret set by the operator may have: `aaaa...` or
+/// `1234123412341234` is refused at start-up.
+const MIN_DISTINCT: usize = 10;
+
+fn distinct(bytes: &[u8]) -> usize {
+    let mut seen = [false; 256];
+    bytes.iter().filter(|b| !std::mem::replace(&mut seen[usize::from(**b)], true)).count()
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -8,12 +8,14 @@ use std::time::Duration;
 use actix_web::dev::Server;
 use actix_web::http::header;
 use actix_web::{App, HttpResponse, HttpServer, web};
+use adapters_jwt::JwtTokens;
 use adapters_mysql::booking::MySqlBookingRepository;
 use adapters_mysql::catalog::MySqlCatalogRepository;
 use adapters_mysql::idempotency::MySqlIdempotencyStore;
 use adapters_mysql::outbox::MySqlOutboxStore;
 use adapters_mysql::payments::MySqlPaymentRepository;
 use adapters_mysql::points::MySqlPointRepository;
+use adapters_mysql::signing_keys::MySqlSigningKeyStore;
 use adapters_mysql::tx::MySqlTransactionManager;
 use adapters_mysql::users::MySqlUserRepository;
 use adapters_mysql::{DatabaseConnection, database};
@@ -29,6 +31,7 @@ use application::create_user::CreateUser;
 use application::get_balance::GetBalance;
 use application::hold_seat::HoldSeat;
 use application::idempotency::{DEFAULT_RETENTION, Idempotency};
+use application::identity::{KeySet, Keyring, Secret, SignIn, SigningKey, SigningKeys, TokenVerifier};
 use application::outbox::OutboxRelay;
 use application::pay::{Pay, PayPorts};
 use application::point_history::PointHistory;
@@ -38,11 +41,12 @@ use utoipa::OpenApi as _;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::jobs::{JobPorts, Jobs};
+use crate::limits::RateLimits;
 use crate::openapi::ApiDoc;
 use crate::problem::ApiError;
 use crate::queue_events::QueueEvents;
 use crate::routes::admin::AdminKey;
-use crate::routes::{self, AppState, health::Readiness};
+use crate::routes::{self, AppState, health::OpsState};
 use crate::settings::{LockWaitMode, QueueBackend, Settings, redact};
 use crate::telemetry;
 
@@ -52,7 +56,9 @@ const RELEASE_AT_SHUTDOWN: Duration = Duration::from_secs(3);
 /// A built, listening server.
 pub struct Application {
     port: u16,
+    ops_port: u16,
     server: Server,
+    ops_server: Server,
     db: DatabaseConnection,
     redis: RedisConnections,
     lock: RedisLock,
@@ -162,6 +168,7 @@ impl Application {
         let (queue_events, events) = QueueEvents::start(
             queue_reader.clone(),
             settings.queue.admit_interval.min(Duration::from_secs(1)),
+            settings.sse_max_streams,
         );
         let catalog = Catalog::new(Arc::new(MySqlCatalogRepository::new(db.clone())), cache);
         let bookings = Arc::new(MySqlBookingRepository::new(db.clone()));
@@ -171,6 +178,7 @@ impl Application {
             Arc::clone(&lock_port),
             txm.clone(),
             settings.reservation_hold,
+            settings.max_holds_per_user,
         );
         let reservations =
             Reservations::new(catalog.clone(), bookings.clone(), Arc::clone(&lock_port), txm.clone());
@@ -192,6 +200,37 @@ impl Application {
         let publisher = RedisEventPublisher::new(redis.pool.clone(), settings.payment_events_stream.clone());
         let relay = OutboxRelay::new(outbox, Arc::new(publisher.clone()), txm.clone(), settings.outbox_batch);
         let metrics = telemetry::prometheus();
+        // Identity: the signing keys (the operator's, or the shared ones kept in MySQL,
+        // created on the first start), and the JWT adapter that signs and verifies with them.
+        let keyring = Arc::new(Keyring::default());
+        let signing_keys = match &settings.auth_signing_keys {
+            Some(keys) => {
+                // The first signs; the others only verify (the keys being rotated out).
+                let now = application::clock::now_utc();
+                let keys = keys.iter().enumerate().map(|(i, secret)| {
+                    let activates = if i == 0 { now } else { time::OffsetDateTime::UNIX_EPOCH };
+                    SigningKey::from_operator(Secret::new(secret.clone()), activates)
+                });
+                keyring.replace(KeySet::new(keys.collect()));
+                tracing::info!("access tokens are signed with the key set by AUTH_SIGNING_KEY");
+                None
+            }
+            None => {
+                let keys = SigningKeys::new(
+                    Arc::new(MySqlSigningKeyStore::new(db.clone())),
+                    Arc::clone(&keyring),
+                    settings.auth_key_refresh,
+                    settings.auth_token_lifetime,
+                );
+                keys.load().await.context("failed to load the access-token signing keys")?;
+                Some(keys)
+            }
+        };
+        let tokens = Arc::new(JwtTokens::new(keyring, settings.auth_token_lifetime));
+        let verifier: crate::auth::Verifier = web::Data::new(tokens.clone() as Arc<dyn TokenVerifier>);
+        let rate_limits =
+            web::Data::new(RateLimits::new(settings.rate_limits, settings.trusted_proxies.clone()));
+        let body_deadline = web::Data::new(crate::extract::BodyDeadline(settings.http_body_timeout));
         let state = web::Data::new(AppState {
             create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),
             charge_points: ChargePoints::new(
@@ -204,27 +243,33 @@ impl Application {
             ),
             get_balance: GetBalance::new(points.clone()),
             point_history: PointHistory::new(users.clone(), points),
-            issue_token: IssueToken::new(users, Arc::clone(&queue)),
+            issue_token: IssueToken::new(users.clone(), Arc::clone(&queue)),
+            sign_in: SignIn::new(users, tokens),
+            signing_keys: signing_keys.clone(),
             queue_reader,
             queue_events: queue_events.clone(),
             catalog,
             hold_seat,
             reservations: reservations.clone(),
             pay,
-            readiness: Readiness { db: db.clone(), redis: redis.clone() },
-            metrics: metrics.clone(),
         });
+        let ops_state =
+            web::Data::new(OpsState { db: db.clone(), redis: redis.clone(), metrics: metrics.clone() });
 
-        let admin_key = web::Data::new(AdminKey(settings.admin_api_key.clone()));
+        let admin_key = web::Data::new(AdminKey::new(settings.admin_api_key.as_deref()));
         let listener = TcpListener::bind(&settings.http_addr)
             .with_context(|| format!("failed to listen on {}", settings.http_addr))?;
         let address = listener.local_addr()?;
         let openapi = ApiDoc::openapi();
+        let (limits, deadline) = (rate_limits.clone(), body_deadline);
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 // What the queue gate (`gate::Admitted`) reads tokens with.
                 .app_data(gate.clone())
+                .app_data(verifier.clone())
+                .app_data(limits.clone())
+                .app_data(deadline.clone())
                 .app_data(admin_key.clone())
                 .app_data(web::QueryConfig::default().error_handler(|error, _| {
                     ApiError::validation("query", format!("the query string cannot be read: {error}")).into()
@@ -241,9 +286,30 @@ impl Application {
                 .default_service(web::to(routes::not_found))
         })
         .listen(listener)?
+        // Per worker thread: with the event streams' own cap, what keeps one flood of
+        // connections from taking every file descriptor (and health with them: that is on
+        // its own listener).
+        .max_connections(settings.http_max_connections)
         .shutdown_timeout(settings.shutdown_grace_seconds)
         // SIGTERM and SIGINT are handled in `run_until_stopped`, which ends the event
         // streams before the graceful stop starts waiting for in-flight requests.
+        .disable_signals()
+        .run();
+
+        let ops_listener = TcpListener::bind(&settings.ops_addr)
+            .with_context(|| format!("OPS_ADDR: failed to listen on {}", settings.ops_addr))?;
+        let ops_address = ops_listener.local_addr()?;
+        let ops_server = HttpServer::new(move || {
+            App::new()
+                .app_data(ops_state.clone())
+                .wrap(actix_web::middleware::from_fn(crate::middleware::observe))
+                .configure(routes::configure_ops)
+                .default_service(web::to(routes::not_found))
+        })
+        .listen(ops_listener)?
+        .workers(1)
+        .max_connections(1_024)
+        .shutdown_timeout(1)
         .disable_signals()
         .run();
 
@@ -256,18 +322,38 @@ impl Application {
                 queue,
                 reservations,
                 event_fanout: events,
+                signing_keys,
+                rate_limits,
             },
             &settings,
         );
+        tracing::info!("operations listening on http://{ops_address}");
         tracing::info!("listening on http://{address}");
         let grace = Duration::from_secs(settings.shutdown_grace_seconds);
-        Ok(Self { port: address.port(), server, db, redis, lock, jobs, queue_events, grace })
+        Ok(Self {
+            port: address.port(),
+            ops_port: ops_address.port(),
+            server,
+            ops_server,
+            db,
+            redis,
+            lock,
+            jobs,
+            queue_events,
+            grace,
+        })
     }
 
     /// The port actually bound (useful with `HTTP_ADDR=...:0`).
     #[must_use]
     pub const fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The operations listener's port (`OPS_ADDR`).
+    #[must_use]
+    pub const fn ops_port(&self) -> u16 {
+        self.ops_port
     }
 
     /// Serves until SIGINT or SIGTERM; then takes no new connection, lets the writes in
@@ -303,8 +389,13 @@ impl Application {
             tracing::warn!("second stop signal: stopping without waiting for requests");
             handle.stop(false).await;
         });
+        let ops = self.ops_server.handle();
+        let ops_served = tokio::spawn(self.ops_server);
         let served = self.server.await;
         stopper.abort();
+        // Health answers until the public listener is done, then stops too.
+        ops.stop(true).await;
+        let _ = ops_served.await;
         self.jobs.stop();
         self.lock.release_all(RELEASE_AT_SHUTDOWN).await;
         self.redis.quit().await;

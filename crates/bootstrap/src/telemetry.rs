@@ -2,22 +2,81 @@
 
 use std::io::IsTerminal as _;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::settings::LogFormat;
+
+/// Where the HTTP library reports requests it could not parse (malformed request lines,
+/// headers, chunked bodies): at ERROR, one line per request, so anyone could fill the logs
+/// at will. Those events are not printed; they are counted, and one WARN line a minute says
+/// how many there were ([`report_malformed_requests`]).
+const HTTP_PARSER_TARGET: &str = "actix_http::h1";
+
+/// Malformed requests since the last report.
+static MALFORMED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts the HTTP parser's complaints instead of printing them.
+struct MalformedRequests;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for MalformedRequests {
+    fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        MALFORMED.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("http_malformed_requests_total").increment(1);
+    }
+}
+
+fn from_http_parser(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.target().starts_with(HTTP_PARSER_TARGET) && *metadata.level() <= tracing::Level::WARN
+}
 
 /// Installs the log subscriber; a second call (tests) is a no-op.
 pub fn init_logs(filter: &str, format: LogFormat) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal; escape codes in files and log shippers are noise.
     let ansi = std::io::stdout().is_terminal();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi);
+    let printed = tracing_subscriber::filter::filter_fn(|metadata| !from_http_parser(metadata));
+    let counted = MalformedRequests.with_filter(tracing_subscriber::filter::filter_fn(from_http_parser));
+    let registry = tracing_subscriber::registry().with(counted);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_target(false)
+                    .with_ansi(false)
+                    .with_filter(filter)
+                    .with_filter(printed),
+            )
+            .try_init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_ansi(ansi)
+                    .with_filter(filter)
+                    .with_filter(printed),
+            )
+            .try_init(),
     };
+}
+
+/// One WARN line for the malformed requests of the last period, if there were any: what
+/// the HTTP parser would have logged one ERROR line each for. Run every minute by a job.
+pub fn report_malformed_requests() {
+    let count = MALFORMED.swap(0, Ordering::Relaxed);
+    if count > 0 {
+        tracing::warn!(
+            count,
+            "malformed HTTP requests refused since the last report (each answered 400 and closed)"
+        );
+    }
 }
 
 /// Latency buckets, in seconds: from a cache hit to a request that waited out a lock.

@@ -432,6 +432,17 @@ pub trait BookingRepository: Send + Sync {
         number: SeatNumber,
     ) -> Result<Option<Seat>, BookingRepositoryError>;
 
+    /// How many live holds (HELD, not run out on the database's clock) `user` has on
+    /// `schedule`, counted after locking the user's row in `tx`: two holds of one user
+    /// (on any seats, through any instances) count one after the other, so a limit checked
+    /// on this count cannot be passed by racing.
+    async fn lock_live_holds(
+        &self,
+        tx: &mut Tx,
+        user: UserId,
+        schedule: ScheduleId,
+    ) -> Result<u32, BookingRepositoryError>;
+
     /// Takes the seat for `reservation` in `tx`: the seat goes HELD only if it is
     /// AVAILABLE or its hold has run out (rows affected checked); a run-out hold it
     /// replaces (`replaces`) becomes EXPIRED; the reservation row is inserted. The hold

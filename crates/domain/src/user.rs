@@ -198,6 +198,37 @@ pub trait UserRepository: Send + Sync {
     /// [`UserRepositoryError::Unexpected`] for any storage failure; an unknown id is
     /// `Ok(None)`.
     async fn find(&self, id: UserId) -> Result<Option<User>, UserRepositoryError>;
+
+    /// Stores the digest of a new API key of `user` inside `tx` (the key itself is never
+    /// stored).
+    ///
+    /// # Errors
+    /// [`UserRepositoryError::Unexpected`] for any storage failure.
+    async fn add_api_key(
+        &self,
+        tx: &mut Tx,
+        user: UserId,
+        key: &ApiKeyDigest,
+    ) -> Result<(), UserRepositoryError>;
+
+    /// The user whose API key has this digest, outside any transaction.
+    ///
+    /// # Errors
+    /// [`UserRepositoryError::Unexpected`] for any storage failure; no such key is
+    /// `Ok(None)`.
+    async fn find_by_api_key(&self, key: &ApiKeyDigest) -> Result<Option<UserId>, UserRepositoryError>;
+}
+
+/// The SHA-256 digest of an API key: what is stored and looked up. An API key is a random
+/// secret of 256 bits, so a fast hash is the right one (nothing to brute-force, unlike a
+/// password), and the lookup by digest leaks nothing through its timing.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ApiKeyDigest(pub [u8; 32]);
+
+impl fmt::Debug for ApiKeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKeyDigest(..)")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

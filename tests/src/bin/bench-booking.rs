@@ -1,8 +1,9 @@
 //! `make bench`: booking. Prints its figures and writes `docs/report/booking.md`.
 //!
 //! 1. The seat map, cached and uncached (`CACHE_ENABLED=false`), against `/health/live` of
-//!    the cached server in the same run: requests/s, p50, p99 and MySQL `SELECT`s per
-//!    1,000 requests (the server's `Com_select` delta), at 64 concurrent clients.
+//!    the cached server in the same run (on its operations listener): requests/s, p50, p99
+//!    and MySQL `SELECT`s per 1,000 requests (the server's `Com_select` delta), at 64
+//!    concurrent clients.
 //! 2. 500 racers for one seat, three instances: wall time, outcomes, latencies, 5xx.
 //! 3. 10,000 users over 50 seats, three instances: wall time, outcomes, latencies, 5xx,
 //!    each instance's peak RSS.
@@ -24,7 +25,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use e2e::booking::{admitted_users, env, open_schedule};
+use e2e::booking::{AsFan as _, Fan, admitted_users, env, open_schedule};
 use e2e::stats::{ms, percentile};
 use e2e::{Cluster, ClusterOptions, client};
 use serde_json::json;
@@ -66,9 +67,15 @@ struct Rate {
     failures: usize,
 }
 
-/// `n` GETs of `url` over `CLIENTS` clients, after a warm-up.
-async fn hammer(http: &awc::Client, url: &str, token: &str, n: usize) -> anyhow::Result<Rate> {
-    let get = || http.get(url).insert_header(("Queue-Token", token));
+/// `n` GETs of `url` over `CLIENTS` clients, after a warm-up, each with `user`'s access
+/// token and queue token (which `/health/live` ignores).
+async fn hammer(
+    http: &awc::Client,
+    url: &str,
+    (user, token): (&Fan, &str),
+    n: usize,
+) -> anyhow::Result<Rate> {
+    let get = || http.get(url).bearer(user).queue(token);
     for _ in 0..200 {
         let mut response = get().send().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         anyhow::ensure!(response.status().is_success(), "warm-up: {}", response.status());
@@ -125,19 +132,20 @@ struct Storm {
 async fn storm(
     http: &awc::Client,
     cluster: &Cluster,
-    users: &[(String, String)],
+    users: &[(Fan, String)],
     schedule: &str,
     seat_of: impl Fn(usize) -> usize,
 ) -> Storm {
     let started = Instant::now();
-    let answers = futures::future::join_all(users.iter().enumerate().map(|(i, (_, token))| {
+    let answers = futures::future::join_all(users.iter().enumerate().map(|(i, (user, token))| {
         let seat = seat_of(i);
         let base = cluster.url(i).to_owned();
         async move {
             let sent = Instant::now();
             let status = http
                 .post(format!("{base}/api/v1/reservations"))
-                .insert_header(("Queue-Token", token.as_str()))
+                .bearer(user)
+                .queue(token)
                 .send_json(&json!({"scheduleId": schedule, "seatNumber": seat}))
                 .await
                 .map(|mut r| {
@@ -198,15 +206,16 @@ async fn seat_map_rates(http: &awc::Client, out: &mut String) -> anyhow::Result<
         env.push(("RUST_LOG".into(), "warn".into()));
         let cluster = Cluster::start_with(1, &ClusterOptions { env, ..ClusterOptions::default() }).await?;
         let base = cluster.url(0).to_owned();
+        let ops = cluster.ops_url(0).to_owned();
         let users = admitted_users(http, &[&base], 1).await?;
         let schedule = open_schedule(http, &base, 50_000).await?;
-        let token = users[0].1.clone();
+        let caller = (&users[0].0, users[0].1.as_str());
         if cached {
-            let live = hammer(http, &format!("{base}/health/live"), &token, MAP_REQUESTS).await?;
+            let live = hammer(http, &format!("{ops}/health/live"), caller, MAP_REQUESTS).await?;
             rows.push(("`/health/live` (same server as cached)", live));
         }
         let map =
-            hammer(http, &format!("{base}/api/v1/schedules/{schedule}/seats"), &token, MAP_REQUESTS).await?;
+            hammer(http, &format!("{base}/api/v1/schedules/{schedule}/seats"), caller, MAP_REQUESTS).await?;
         rows.push((
             if cached { "seat map, cached" } else { "seat map, uncached (`CACHE_ENABLED=false`)" },
             map,
@@ -217,7 +226,8 @@ async fn seat_map_rates(http: &awc::Client, out: &mut String) -> anyhow::Result<
     writeln!(
         out,
         "{CLIENTS} concurrent clients, {MAP_REQUESTS} requests per row after 200 warm-up requests; one release-build \
-         instance per row pair; the seat map is behind the queue gate (one Redis script per request) in both modes.\n"
+         instance per row pair; the seat map is behind the access token and the queue gate (one Redis script per \
+         request) in both modes; `/health/live` is served on the operations listener.\n"
     )?;
     writeln!(
         out,
@@ -293,9 +303,9 @@ async fn main() -> anyhow::Result<()> {
     writeln!(out, "## Seat storms, three instances\n")?;
     writeln!(
         out,
-        "Every user holds an ACTIVE queue token; all requests are sent at once, round-robin over the instances \
-         (the client keeps at most 1,000 connections open). Wall time is from the first request sent to the last \
-         answer.\n"
+        "Every user holds an access token and an ACTIVE queue token and asks for one seat; all requests are sent \
+         at once, round-robin over the instances (the client keeps at most 1,000 connections open). Wall time is \
+         from the first request sent to the last answer.\n"
     )?;
     writeln!(
         out,

@@ -16,6 +16,7 @@ use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use e2e::booking::AsFan as _;
 use e2e::stats::{ms, percentile};
 use e2e::{Cluster, ClusterOptions, client};
 use futures::future::join_all;
@@ -80,16 +81,10 @@ async fn measure(mode: &'static str, storm: usize, redis_url: &str) -> anyhow::R
     };
     let cluster = Cluster::start_with(INSTANCES, &options).await?;
     let http = client();
-    let created = http
-        .post(format!("{}/api/v1/users", cluster.url(0)))
-        .send_json(&serde_json::json!({"name": "bench"}))
-        .await
-        .map_err(|e| anyhow::anyhow!("create user: {e}"))?
-        .json::<serde_json::Value>()
-        .await?;
-    let user = created["id"].as_str().context("user id")?.to_owned();
+    let fan = e2e::booking::sign_up(&http, cluster.url(0), "bench").await.context("create user")?;
+    let user = fan.id.as_str();
     let charge = |i: usize| {
-        let request = http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i)));
+        let request = http.post(format!("{}/api/v1/users/{user}/points/charge", cluster.url(i))).bearer(&fan);
         async move {
             let started = Instant::now();
             let response = request.send_json(&serde_json::json!({"amount": AMOUNT})).await;
@@ -111,6 +106,7 @@ async fn measure(mode: &'static str, storm: usize, redis_url: &str) -> anyhow::R
     anyhow::ensure!(failed == 0, "{failed} charges were not applied");
     let balance = http
         .get(format!("{}/api/v1/users/{user}/points", cluster.url(1)))
+        .bearer(&fan)
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("balance: {e}"))?

@@ -31,6 +31,7 @@ use anyhow::Context as _;
 use application::queue::{QueueConfig, WaitingQueue};
 use domain::queue::{AdmitPolicy, QueueStatus, QueueTokenId};
 use domain::user::UserId;
+use e2e::booking::{AsFan as _, Fan};
 use e2e::stats::{ms, percentile};
 use e2e::{Cluster, ClusterOptions};
 use futures::StreamExt as _;
@@ -217,13 +218,14 @@ async fn policy_run(
     Ok(PolicyRun { name, waits: admitted_at.into_iter().flatten().collect(), active_over_time })
 }
 
-/// Latency of `GET /api/v1/users/{id}/points` on `base`: 300 sequential requests.
-async fn other_route_latency(http: &awc::Client, base: &str, user: &str) -> anyhow::Result<Vec<Duration>> {
+/// Latency of `GET /api/v1/users/{id}/points` on `base`, as `user`: 300 sequential requests.
+async fn other_route_latency(http: &awc::Client, base: &str, user: &Fan) -> anyhow::Result<Vec<Duration>> {
     let mut latencies = Vec::new();
     for _ in 0..300 {
         let began = Instant::now();
         let mut response = http
-            .get(format!("{base}/api/v1/users/{user}/points"))
+            .get(format!("{base}/api/v1/users/{}/points", user.id))
+            .bearer(user)
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -442,33 +444,15 @@ async fn main() -> anyhow::Result<()> {
         .connector(awc::Connector::new().limit(12_000))
         .timeout(Duration::from_secs(60))
         .finish();
-    let user = {
-        let mut created = http
-            .post(format!("{base}/api/v1/users"))
-            .send_json(&serde_json::json!({"name": "bench"}))
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let body: serde_json::Value = created.json().await?;
-        body["id"].as_str().context("id")?.to_owned()
-    };
+    let user = e2e::booking::sign_up(&http, &base, "bench").await?;
     let before = other_route_latency(&http, &base, &user).await?;
+    // 10,000 users, each with its queue token (and the access token a stream is opened with).
     let mut tokens = Vec::new();
     for chunk in 0..100 {
         let made = futures::future::join_all((0..100).map(|_| async {
-            let mut created = http
-                .post(format!("{base}/api/v1/users"))
-                .send_json(&serde_json::json!({"name": "s"}))
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let body: serde_json::Value = created.json().await?;
-            let id = body["id"].as_str().context("id")?.to_owned();
-            let mut issued = http
-                .post(format!("{base}/api/v1/queue/tokens"))
-                .send_json(&serde_json::json!({"userId": id}))
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let body: serde_json::Value = issued.json().await?;
-            anyhow::Ok(body["token"].as_str().context("token")?.to_owned())
+            let fan = e2e::booking::sign_up(&http, &base, "s").await?;
+            let (_, token) = e2e::booking::queue_token(&http, &base, &fan).await?;
+            anyhow::Ok((fan, token))
         }))
         .await;
         for token in made {
@@ -480,9 +464,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut streams = Vec::new();
     for chunk in tokens.chunks(500) {
-        let opened = futures::future::join_all(chunk.iter().map(|token| {
+        let opened = futures::future::join_all(chunk.iter().map(|(fan, token)| {
             http.get(format!("{base}/api/v1/queue/tokens/me/events"))
-                .insert_header(("Queue-Token", token.as_str()))
+                .bearer(fan)
+                .queue(token)
                 .timeout(Duration::from_secs(600))
                 .send()
         }))

@@ -85,6 +85,7 @@ fn hold_without_lock(db: &Db, hold: Duration) -> HoldSeat {
         Arc::new(NoLock),
         db.txm.clone(),
         hold,
+        4,
     )
 }
 

@@ -20,6 +20,7 @@ async fn registered_user(db: &Db) -> User {
         .execute(UserName::new("kim").expect("valid"))
         .await
         .expect("user created")
+        .0
 }
 
 /// The real use case on the real adapters, with the distributed lock taken out.

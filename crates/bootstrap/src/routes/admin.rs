@@ -7,7 +7,7 @@ use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
 use application::catalog::{OpenSchedule, ScheduleDraft};
 use domain::booking::{ConcertId, SEATS_PER_SCHEDULE};
 use futures::future::{Ready, ready};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
@@ -15,14 +15,34 @@ use super::catalog::{ConcertResponse, ScheduleResponse};
 use super::{AppState, uuid_param};
 use crate::extract::ValidJson;
 use crate::problem::{ApiError, Problem};
-use crate::problem_responses::{AdminKeyInvalid, BodyTooLarge, CatalogWriteUnavailable};
+use crate::problem_responses::{AdminKeyInvalid, BodyTooLarge, CatalogWriteUnavailable, MySqlUnavailable};
 
 /// The header that carries the admin key.
 pub const ADMIN_KEY: &str = "X-Admin-Key";
 
-/// The configured admin key (`None`: the admin API is off).
-#[derive(Debug, Clone)]
-pub struct AdminKey(pub Option<String>);
+/// The configured admin key, kept as its SHA-256 digest (`None`: the admin API is off).
+/// A sent key is digested and the two digests compared in constant time, so neither the
+/// comparison's time nor its early exit on a length mismatch tells anything of the key.
+#[derive(Clone)]
+pub struct AdminKey(Option<[u8; 32]>);
+
+impl std::fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AdminKey").field(&self.0.map(|_| "set")).finish()
+    }
+}
+
+impl AdminKey {
+    #[must_use]
+    pub fn new(key: Option<&str>) -> Self {
+        Self(key.map(digest))
+    }
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}
 
 /// Proof that the request carried the admin key.
 #[derive(Debug, Clone, Copy)]
@@ -33,20 +53,21 @@ impl FromRequest for Admin {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let expected = req.app_data::<web::Data<AdminKey>>().and_then(|key| key.0.clone());
+        let expected = req.app_data::<web::Data<AdminKey>>().and_then(|key| key.0);
         let mut sent = req.headers().get_all(ADMIN_KEY);
         let allowed = match (expected, sent.next(), sent.next()) {
-            (Some(expected), Some(value), None) => constant_time_eq(expected.as_bytes(), value.as_bytes()),
+            (Some(expected), Some(value), None) => {
+                value.to_str().is_ok_and(|value| constant_time_eq(&expected, &digest(value)))
+            }
             _ => false,
         };
         ready(if allowed { Ok(Self) } else { Err(ApiError::AdminKeyInvalid) })
     }
 }
 
-/// Compares without stopping at the first difference, so that the time taken does not
-/// tell how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
+/// Compares two digests without stopping at the first difference.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -204,4 +225,45 @@ pub async fn add_schedule(
     let seats = usize::from(SEATS_PER_SCHEDULE);
     let open = OpenSchedule { schedule, total_seats: seats, available_seats: seats };
     Ok(HttpResponse::Created().json(ScheduleResponse::from(&open)))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SigningKeyResponse {
+    /// The new key's id (the `kid` of the tokens it will sign).
+    pub kid: String,
+    /// When it starts signing: every instance has read it by then. Until then, and for the
+    /// lifetime of an access token after, the key it replaces still verifies.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub activates_at: OffsetDateTime,
+}
+
+/// Rotate the access-token signing key.
+///
+/// Publishes a new shared key. It starts signing once every instance has had time to load
+/// it (twice `AUTH_KEY_REFRESH_SECONDS`, and a margin); the key it replaces keeps verifying
+/// until the tokens it signed have run out, so nobody is logged out. Concurrent rotations
+/// make one key. Not available when the operator sets the keys (`AUTH_SIGNING_KEY`):
+/// rotate those by listing the new key first and the old one after it.
+///
+/// # Errors
+/// 401 without the admin key, 409 when the keys are the operator's, 503 when MySQL is
+/// unavailable.
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/auth/signing-keys",
+    tag = "admin",
+    params(("X-Admin-Key" = String, Header, description = "The admin key (ADMIN_API_KEY)")),
+    responses(
+        (status = 201, description = "The new key (its secret never leaves the server)", body = SigningKeyResponse),
+        AdminKeyInvalid,
+        (status = 409, description = "SIGNING_KEYS_EXTERNAL: the keys are set by AUTH_SIGNING_KEY", body = Problem, content_type = "application/problem+json"),
+        MySqlUnavailable,
+    )
+)]
+pub async fn rotate_signing_key(state: web::Data<AppState>, _admin: Admin) -> Result<HttpResponse, ApiError> {
+    let keys = state.signing_keys.as_ref().ok_or(ApiError::SigningKeysExternal)?;
+    let key = keys.rotate().await?;
+    Ok(HttpResponse::Created().json(SigningKeyResponse { kid: key.kid, activates_at: key.activates_at }))
 }

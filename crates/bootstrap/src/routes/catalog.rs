@@ -129,6 +129,7 @@ pub async fn list_concerts(state: web::Data<AppState>) -> Result<HttpResponse, A
     get,
     path = "/api/v1/concerts/{concertId}/schedules",
     tag = "concerts",
+    security(("bearerAuth" = [])),
     params(
         ("concertId" = uuid::Uuid, Path, description = "The concert's id"),
         ("Queue-Token" = uuid::Uuid, Header, description = "An ACTIVE queue token"),
@@ -162,6 +163,7 @@ pub async fn list_schedules(
     get,
     path = "/api/v1/schedules/{scheduleId}/seats",
     tag = "concerts",
+    security(("bearerAuth" = [])),
     params(
         ("scheduleId" = uuid::Uuid, Path, description = "The schedule's (date's) id"),
         ("Queue-Token" = uuid::Uuid, Header, description = "An ACTIVE queue token"),

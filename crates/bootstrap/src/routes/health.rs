@@ -1,4 +1,5 @@
-//! Operations: liveness, readiness, metrics.
+//! Operations: liveness, readiness, metrics, served on the operations listener
+//! (`OPS_ADDR`) only.
 
 use std::time::Duration;
 
@@ -9,17 +10,23 @@ use adapters_redis::connection::RedisConnections;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::AppState;
 use crate::problem::{ApiError, Problem};
 
 /// How long a readiness check waits for each dependency.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What readiness checks.
-#[derive(Debug, Clone)]
-pub struct Readiness {
+/// What the operations listener's handlers share: what readiness checks, and the metrics.
+#[derive(Clone)]
+pub struct OpsState {
     pub db: DatabaseConnection,
     pub redis: RedisConnections,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl std::fmt::Debug for OpsState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpsState").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -58,8 +65,8 @@ pub async fn live() -> HttpResponse {
         (status = 503, description = "NOT_READY: a dependency is down; `checks` names it", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let readiness = &state.readiness;
+pub async fn ready(state: web::Data<OpsState>) -> HttpResponse {
+    let readiness = &state;
     let (mysql, redis) = futures::join!(
         tokio::time::timeout(CHECK_TIMEOUT, adapters_mysql::database::ping(&readiness.db)),
         tokio::time::timeout(CHECK_TIMEOUT, readiness.redis.ping()),
@@ -90,6 +97,6 @@ struct NotReady {
 }
 
 /// Prometheus text format.
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+pub async fn metrics(state: web::Data<OpsState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render())
 }

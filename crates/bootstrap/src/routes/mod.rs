@@ -3,6 +3,7 @@
 //! [`crate::problem::ApiError`].
 
 pub mod admin;
+pub mod auth;
 pub mod catalog;
 pub mod health;
 pub mod payments;
@@ -36,8 +37,9 @@ pub struct AppState {
     pub hold_seat: HoldSeat,
     pub reservations: Reservations,
     pub pay: application::pay::Pay,
-    pub readiness: health::Readiness,
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub sign_in: application::identity::SignIn,
+    /// The shared signing keys (`None` when the operator sets them: `AUTH_SIGNING_KEY`).
+    pub signing_keys: Option<application::identity::SigningKeys>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -46,15 +48,20 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// Every route of the API and of operations. Each path answers the methods it has (HEAD
-/// wherever GET is) and `405 METHOD_NOT_ALLOWED` with an `Allow` header for any other
-/// (RFC 9110).
+/// Every route of the public API. Each path answers the methods it has (HEAD wherever GET
+/// is) and `405 METHOD_NOT_ALLOWED` with an `Allow` header for any other (RFC 9110).
+/// Health and metrics are not here: they are on the operations listener ([`configure_ops`]).
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
             .service(
                 web::resource("/users")
                     .route(web::post().to(users::create_user))
+                    .default_service(allow("POST")),
+            )
+            .service(
+                web::resource("/auth/tokens")
+                    .route(web::post().to(auth::issue_access_token))
                     .default_service(allow("POST")),
             )
             .service(
@@ -124,11 +131,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 web::resource("/admin/concerts/{concertId}/schedules")
                     .route(web::post().to(admin::add_schedule))
                     .default_service(allow("POST")),
+            )
+            .service(
+                web::resource("/admin/auth/signing-keys")
+                    .route(web::post().to(admin::rotate_signing_key))
+                    .default_service(allow("POST")),
             ),
-    )
-    .service(get_and_head("/health/live", health::live))
-    .service(get_and_head("/health/ready", health::ready))
-    .service(get_and_head("/metrics", health::metrics));
+    );
+}
+
+/// The operations listener's routes (`OPS_ADDR`): health for load balancers, metrics for
+/// Prometheus. Kept off the public listener: clients have no business with either.
+pub fn configure_ops(cfg: &mut web::ServiceConfig) {
+    cfg.service(get_and_head("/health/live", health::live))
+        .service(get_and_head("/health/ready", health::ready))
+        .service(get_and_head("/metrics", health::metrics));
 }
 
 /// A resource answering GET and HEAD (RFC 9110: HEAD wherever GET is), 405 otherwise.

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::AppState;
+use crate::auth::Caller;
 use crate::extract::LateJson;
 use crate::gate::queue_token;
 use crate::idempotency_header::{idempotency_key, mark_replayed};
@@ -75,6 +76,7 @@ fn created(view: PaymentView, replayed: bool) -> HttpResponse {
     post,
     path = "/api/v1/payments",
     tag = "payments",
+    security(("bearerAuth" = [])),
     params(
         ("Queue-Token" = uuid::Uuid, Header, description = "An ACTIVE queue token (or, for a replay, the token the replayed payment expired)"),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes the payment idempotent: 1..=64 visible ASCII characters (`!` to `~`), scoped to the user, kept at least 24 hours", min_length = 1, max_length = 64, pattern = r"^[!-~]{1,64}$"),
@@ -98,8 +100,9 @@ pub async fn pay(
     req: HttpRequest,
     body: LateJson,
 ) -> Result<HttpResponse, ApiError> {
+    let Caller(caller) = Caller::of(&req)?;
     let token = queue_token(&req)?;
-    match state.queue_reader.admit_holder(token).await {
+    match state.queue_reader.admit_holder(token, caller).await {
         Ok(user) => {
             let key = idempotency_key(&req)?;
             let body: PayRequest = body.read().await?;
@@ -112,7 +115,8 @@ pub async fn pay(
         // still gets its answer.
         Err(GateError::Invalid) => {
             let Ok(Some(key)) = idempotency_key(&req) else { return Err(ApiError::QueueTokenInvalid) };
-            let Some(user) = state.pay.user_of_spent_token(token).await? else {
+            let Some(user) = state.pay.user_of_spent_token(token).await?.filter(|user| *user == caller)
+            else {
                 return Err(ApiError::QueueTokenInvalid);
             };
             let body: PayRequest = body.read().await?;

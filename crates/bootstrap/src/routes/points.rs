@@ -8,10 +8,12 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{AppState, uuid_param};
-use crate::extract::ValidJson;
+use crate::auth::Caller;
+use crate::extract::LateJson;
 use crate::idempotency_header::{idempotency_key, mark_replayed};
+use crate::limits::RateLimits;
 use crate::problem::{ApiError, Problem};
-use crate::problem_responses::{BodyTooLarge, MySqlUnavailable};
+use crate::problem_responses::{BodyTooLarge, MySqlUnavailable, Unauthenticated};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -68,32 +70,37 @@ fn balance_response(user_id: UserId, balance: Balance) -> BalanceResponse {
     BalanceResponse { user_id: *user_id.as_uuid(), balance: balance.points() }
 }
 
-/// A user's balance.
+/// The caller's balance.
 ///
 /// # Errors
-/// 400 for a malformed id, 404 for an unknown user.
+/// 400 for a malformed id, 401 without a valid access token, 404 for any id but the
+/// caller's (another user's answers exactly as an unknown one).
 #[utoipa::path(
     get,
     path = "/api/v1/users/{userId}/points",
     tag = "points",
-    params(("userId" = uuid::Uuid, Path, description = "The user's id")),
+    security(("bearerAuth" = [])),
+    params(("userId" = uuid::Uuid, Path, description = "The caller's own id")),
     responses(
         (status = 200, description = "The balance", body = BalanceResponse),
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Unauthenticated,
+        (status = 404, description = "USER_NOT_FOUND (also for another user's id)", body = Problem, content_type = "application/problem+json"),
         MySqlUnavailable,
     )
 )]
 pub async fn get_balance(
     state: web::Data<AppState>,
+    caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let user_id = UserId::from_uuid(uuid_param(&path, "userId")?);
+    let user_id = caller.owns(UserId::from_uuid(uuid_param(&path, "userId")?))?;
     let balance = state.get_balance.execute(user_id).await?;
     Ok(HttpResponse::Ok().json(balance_response(user_id, balance)))
 }
 
-/// Charge points. Every charge is applied exactly once, whatever the concurrency.
+/// Charge the caller's points. Every charge is applied exactly once, whatever the
+/// concurrency. Charges are limited per user (`RATE_LIMIT_CHARGES_PER_MINUTE`).
 ///
 /// With an `Idempotency-Key` header, a charge is applied at most once per (user, key): a
 /// repetition (a retry after a lost answer, a double click, on any instance) gets the first
@@ -104,15 +111,17 @@ pub async fn get_balance(
 /// retried with its key.
 ///
 /// # Errors
-/// 400 for a malformed id, amount or key, 404 for an unknown user, 409 when the balance
-/// would pass 1,000,000,000, 422 for a reused key, 429 when the account stayed busy for the
-/// whole lock wait, 503 when Redis or MySQL is unavailable.
+/// 400 for a malformed id, amount or key, 401 without a valid access token, 404 for any id
+/// but the caller's, 409 when the balance would pass 1,000,000,000, 422 for a reused key,
+/// 429 when the account stayed busy for the whole lock wait or the caller is over its
+/// limit, 503 when Redis or MySQL is unavailable.
 #[utoipa::path(
     post,
     path = "/api/v1/users/{userId}/points/charge",
     tag = "points",
+    security(("bearerAuth" = [])),
     params(
-        ("userId" = uuid::Uuid, Path, description = "The user's id"),
+        ("userId" = uuid::Uuid, Path, description = "The caller's own id"),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes the charge idempotent: 1..=64 visible ASCII characters (`!` to `~`), scoped to the user, kept at least 24 hours", min_length = 1, max_length = 64, pattern = r"^[!-~]{1,64}$"),
     ),
     request_body = ChargeRequest,
@@ -120,22 +129,27 @@ pub async fn get_balance(
         (status = 200, description = "The new balance (or, for a replayed key, the first answer: see the header)", body = BalanceResponse,
             headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer of an earlier request with the same key"))),
         (status = 400, description = "Malformed id, amount or Idempotency-Key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Unauthenticated,
+        (status = 404, description = "USER_NOT_FOUND (also for another user's id)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "BALANCE_LIMIT_EXCEEDED", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used for another amount; nothing changed", body = Problem, content_type = "application/problem+json"),
         BodyTooLarge,
-        (status = 429, description = "RESOURCE_BUSY: nothing changed; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "RESOURCE_BUSY (the account stayed busy) or RATE_LIMITED (too many charges by this user): nothing changed; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, the lock was lost before the commit, or this instance is shutting down or at its limit of concurrent writes, nothing changed. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit, the charge may or may not have been applied; retry with the same Idempotency-Key, which is always safe", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn charge_points(
     state: web::Data<AppState>,
+    limits: web::Data<RateLimits>,
     req: HttpRequest,
+    caller: Caller,
     path: web::Path<String>,
-    ValidJson(body): ValidJson<ChargeRequest>,
+    body: LateJson,
 ) -> Result<HttpResponse, ApiError> {
-    let user_id = UserId::from_uuid(uuid_param(&path, "userId")?);
+    let user_id = caller.owns(UserId::from_uuid(uuid_param(&path, "userId")?))?;
+    let body: ChargeRequest = body.read().await?;
     let key = idempotency_key(&req)?;
+    limits.charge(user_id)?;
     let amount = ChargeAmount::new(body.amount).map_err(|e| ApiError::validation("amount", e.to_string()))?;
     let outcome = state.charge_points.execute(user_id, amount, key).await?;
     let mut response = HttpResponse::Ok();
@@ -143,28 +157,32 @@ pub async fn charge_points(
     Ok(response.json(balance_response(user_id, outcome.into_inner())))
 }
 
-/// A user's point history, newest first.
+/// The caller's point history, newest first.
 ///
 /// # Errors
-/// 400 for a malformed id or limit, 404 for an unknown user.
+/// 400 for a malformed id or limit, 401 without a valid access token, 404 for any id but
+/// the caller's.
 #[utoipa::path(
     get,
     path = "/api/v1/users/{userId}/points/history",
     tag = "points",
-    params(("userId" = uuid::Uuid, Path, description = "The user's id"), HistoryQuery),
+    security(("bearerAuth" = [])),
+    params(("userId" = uuid::Uuid, Path, description = "The caller's own id"), HistoryQuery),
     responses(
         (status = 200, description = "Entries, newest first", body = [HistoryEntryResponse]),
         (status = 400, description = "Malformed id or limit", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Unauthenticated,
+        (status = 404, description = "USER_NOT_FOUND (also for another user's id)", body = Problem, content_type = "application/problem+json"),
         MySqlUnavailable,
     )
 )]
 pub async fn point_history(
     state: web::Data<AppState>,
+    caller: Caller,
     path: web::Path<String>,
     query: web::Query<HistoryQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let user_id = UserId::from_uuid(uuid_param(&path, "userId")?);
+    let user_id = caller.owns(UserId::from_uuid(uuid_param(&path, "userId")?))?;
     let limit = match query.limit.as_deref() {
         None => HistoryLimit::default(),
         Some(raw) => raw

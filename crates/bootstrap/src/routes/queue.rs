@@ -8,19 +8,21 @@ use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
 use application::queue::{IssueTokenError, TokenView};
 use domain::queue::QueueStatus;
-use domain::user::UserId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::AppState;
-use crate::extract::ValidJson;
+use crate::auth::Caller;
+use crate::extract::LateJson;
 use crate::gate::queue_token;
+use crate::limits::RateLimits;
 use crate::problem::{ApiError, Problem};
 use crate::problem_responses::{
-    BodyTooLarge, MySqlOrQueueUnavailable, QueueStoreUnavailable, QueueTokenInvalid,
+    BodyTooLarge, MySqlOrQueueUnavailable, QueueStoreUnavailable, QueueTokenInvalid, RateLimited,
+    Unauthenticated,
 };
-use crate::queue_events::StreamState;
+use crate::queue_events::{StreamState, Subscription};
 
 /// How often an event stream sends a comment line when nothing changed, so that proxies
 /// and clients see the connection is alive.
@@ -29,8 +31,9 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IssueTokenRequest {
-    /// The user who queues.
-    pub user_id: uuid::Uuid,
+    /// Optional: the caller's own id (the token is always the caller's; any other id is
+    /// 403 `FORBIDDEN`).
+    pub user_id: Option<uuid::Uuid>,
 }
 
 /// A queue token as its holder sees it.
@@ -74,8 +77,10 @@ impl From<&TokenView> for TokenViewResponse {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct QueueEvent {
     /// `status`: `data` is a token view (the JSON of `TokenViewResponse`); `expired`: the
-    /// token is no longer live, `data` is `{}`, and the stream ends.
-    #[schema(pattern = "^(status|expired)$", example = "status")]
+    /// token is no longer live, `data` is `{}`, and the stream ends; `superseded`: a newer
+    /// stream of this token opened (at most 2 are kept), `data` is `{}`, and this one ends
+    /// (do not reconnect it).
+    #[schema(pattern = "^(status|expired|superseded)$", example = "status")]
     pub event: String,
     /// JSON text: a token view for `status`, `{}` for `expired`.
     #[schema(
@@ -84,32 +89,46 @@ pub struct QueueEvent {
     pub data: String,
 }
 
-/// Take a place in line.
+/// Take a place in line, for the caller.
 ///
 /// A user with a live token gets that same token back (200), place kept; otherwise a new
-/// WAITING token at the end of the line (201).
+/// WAITING token at the end of the line (201). Limited per user
+/// (`RATE_LIMIT_QUEUE_TOKENS_PER_MINUTE`).
 ///
 /// # Errors
-/// 400 for a malformed body, 404 for an unknown user, 503 when the queue's store is down.
+/// 400 for a malformed body, 401 without a valid access token, 403 for a `userId` that is
+/// not the caller's, 429 past the limit, 503 when the queue's store is down.
 #[utoipa::path(
     post,
     path = "/api/v1/queue/tokens",
     tag = "queue",
+    security(("bearerAuth" = [])),
     request_body = IssueTokenRequest,
     responses(
         (status = 201, description = "A new token", body = TokenViewResponse),
         (status = 200, description = "The user's live token, place kept", body = TokenViewResponse),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Unauthenticated,
+        (status = 403, description = "FORBIDDEN: the body names another user", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "USER_NOT_FOUND: the caller's account no longer exists", body = Problem, content_type = "application/problem+json"),
         BodyTooLarge,
+        RateLimited,
         MySqlOrQueueUnavailable,
     )
 )]
 pub async fn issue_token(
     state: web::Data<AppState>,
-    ValidJson(body): ValidJson<IssueTokenRequest>,
+    limits: web::Data<RateLimits>,
+    Caller(user_id): Caller,
+    body: LateJson,
 ) -> Result<HttpResponse, ApiError> {
-    let user_id = UserId::from_uuid(body.user_id);
+    let body: IssueTokenRequest = body.read().await?;
+    if body.user_id.is_some_and(|named| named != *user_id.as_uuid()) {
+        return Err(ApiError::Forbidden(
+            "a queue token can be taken only for yourself; leave userId out, or send your own",
+        ));
+    }
+    limits.queue_token(user_id)?;
     let (view, created) = state.issue_token.execute(user_id).await.map_err(|error| match error {
         IssueTokenError::UserNotFound(id) => ApiError::UserNotFound(*id.as_uuid()),
         IssueTokenError::Unexpected(error) => error.into(),
@@ -121,11 +140,13 @@ pub async fn issue_token(
 /// The view of the caller's token.
 ///
 /// # Errors
-/// 401 when the `Queue-Token` is missing, malformed, unknown or expired.
+/// 401 without a valid access token, or when the `Queue-Token` is missing, malformed,
+/// unknown, expired or another user's.
 #[utoipa::path(
     get,
     path = "/api/v1/queue/tokens/me",
     tag = "queue",
+    security(("bearerAuth" = [])),
     params(("Queue-Token" = uuid::Uuid, Header, description = "The queue token")),
     responses(
         (status = 200, description = "The token's view", body = TokenViewResponse),
@@ -133,8 +154,12 @@ pub async fn issue_token(
         QueueStoreUnavailable,
     )
 )]
-pub async fn my_token(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let view = state.queue_reader.view(queue_token(&req)?).await?;
+pub async fn my_token(
+    state: web::Data<AppState>,
+    Caller(user): Caller,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let view = state.queue_reader.view(queue_token(&req)?, user).await?;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(TokenViewResponse::from(&view)))
@@ -148,25 +173,46 @@ pub async fn my_token(state: web::Data<AppState>, req: HttpRequest) -> Result<Ht
 /// instance stops, the stream ends with a `retry` hint: reconnect with the same token
 /// (the place in line is kept).
 ///
+/// A token has at most 2 open streams (on each instance): a third ends the oldest. An
+/// instance serves at most `SSE_MAX_STREAMS` streams; past that it answers 503 with
+/// `Retry-After` (another instance may have room).
+///
 /// # Errors
-/// 401 when the `Queue-Token` is missing, malformed, unknown or expired.
+/// 401 without a valid access token, or when the `Queue-Token` is missing, malformed,
+/// unknown, expired or another user's; 503 when this instance serves all the streams it
+/// takes.
 #[utoipa::path(
     get,
     path = "/api/v1/queue/tokens/me/events",
     tag = "queue",
+    security(("bearerAuth" = [])),
     params(("Queue-Token" = uuid::Uuid, Header, description = "The queue token")),
     responses(
         (status = 200, description = "`text/event-stream`: `event: status` with a token view as `data`, each time it changes; `event: expired` when the token is gone. The schema is that of one event.", body = QueueEvent, content_type = "text/event-stream"),
         QueueTokenInvalid,
-        QueueStoreUnavailable,
+        (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): the queue's store is unavailable, or this instance serves as many event streams as it takes", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn my_token_events(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn my_token_events(
+    state: web::Data<AppState>,
+    Caller(user): Caller,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let token = queue_token(&req)?;
-    let first = state.queue_reader.view(token).await?;
-    let updates = state.queue_events.subscribe(token, first.clone());
+    let first = state.queue_reader.view(token, user).await?;
+    let updates = state.queue_events.subscribe(token, first.clone()).ok_or_else(|| {
+        ApiError::Unavailable(
+            "this instance serves as many event streams as it takes; retry shortly (another instance may have room), or poll GET /api/v1/queue/tokens/me".into(),
+        )
+    })?;
     let stream = futures::stream::unfold(
-        Stream { first: Some(StreamState::View(first)), updates, heartbeat: heartbeat(), done: false },
+        Stream {
+            first: Some(StreamState::View(first)),
+            subscription: updates,
+            heartbeat: heartbeat(),
+            done: false,
+            hub_let_go: false,
+        },
         next_event,
     );
     Ok(HttpResponse::Ok()
@@ -178,9 +224,12 @@ pub async fn my_token_events(state: web::Data<AppState>, req: HttpRequest) -> Re
 
 struct Stream {
     first: Option<StreamState>,
-    updates: tokio::sync::watch::Receiver<StreamState>,
+    subscription: Subscription,
     heartbeat: tokio::time::Interval,
     done: bool,
+    /// The hub dropped this token's ender (it let go of the token): nothing can push this
+    /// stream out any more, and the closed channel must not be polled again.
+    hub_let_go: bool,
 }
 
 fn heartbeat() -> tokio::time::Interval {
@@ -195,19 +244,33 @@ async fn next_event(mut stream: Stream) -> Option<(Result<Bytes, actix_web::Erro
         let bytes = event(&first, &mut stream.done);
         return Some((Ok(bytes), stream));
     }
-    tokio::select! {
-        changed = stream.updates.changed() => {
-            if changed.is_err() {
-                // The hub let go of this token after its last state was read.
-                return None;
+    loop {
+        tokio::select! {
+            changed = stream.subscription.updates.changed() => {
+                if changed.is_err() {
+                    // The hub let go of this token after its last state was read.
+                    return None;
+                }
+                let state = stream.subscription.updates.borrow_and_update().clone();
+                let bytes = event(&state, &mut stream.done);
+                return Some((Ok(bytes), stream));
             }
-            let state = stream.updates.borrow_and_update().clone();
-            let bytes = event(&state, &mut stream.done);
-            Some((Ok(bytes), stream))
+            pushed = &mut stream.subscription.superseded, if !stream.hub_let_go => {
+                if pushed.is_ok() {
+                    // A third stream of this token opened: this, the oldest, ends. No
+                    // `retry`: the client that opened the newer one follows it.
+                    stream.done = true;
+                    return Some((Ok(Bytes::from_static(SUPERSEDED)), stream));
+                }
+                stream.hub_let_go = true;
+            }
+            _ = stream.heartbeat.tick() => return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), stream)),
         }
-        _ = stream.heartbeat.tick() => Some((Ok(Bytes::from_static(b": keep-alive\n\n")), stream)),
     }
 }
+
+/// The last frame of a stream that a newer stream of its token pushed out.
+const SUPERSEDED: &[u8] = b"event: superseded\ndata: {}\n\n";
 
 /// The SSE frame for `state`; sets `done` when it is the last one.
 fn event(state: &StreamState, done: &mut bool) -> Bytes {

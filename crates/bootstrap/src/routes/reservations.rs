@@ -67,6 +67,7 @@ impl From<&Reservation> for ReservationResponse {
     post,
     path = "/api/v1/reservations",
     tag = "reservations",
+    security(("bearerAuth" = [])),
     params(("Queue-Token" = uuid::Uuid, Header, description = "An ACTIVE queue token")),
     request_body = HoldRequest,
     responses(
@@ -101,6 +102,7 @@ pub async fn hold_seat(
     get,
     path = "/api/v1/reservations/{reservationId}",
     tag = "reservations",
+    security(("bearerAuth" = [])),
     params(
         ("reservationId" = uuid::Uuid, Path, description = "The reservation's id"),
         ("Queue-Token" = uuid::Uuid, Header, description = "An ACTIVE queue token"),
@@ -135,6 +137,7 @@ pub async fn get_reservation(
     delete,
     path = "/api/v1/reservations/{reservationId}",
     tag = "reservations",
+    security(("bearerAuth" = [])),
     params(
         ("reservationId" = uuid::Uuid, Path, description = "The reservation's id"),
         ("Queue-Token" = uuid::Uuid, Header, description = "An ACTIVE queue token"),

@@ -1,15 +1,16 @@
 //! `POST /api/v1/users`.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use domain::user::{User, UserName};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::AppState;
-use crate::extract::ValidJson;
+use crate::extract::LateJson;
+use crate::limits::RateLimits;
 use crate::problem::{ApiError, Problem};
-use crate::problem_responses::{BodyTooLarge, MySqlUnavailable};
+use crate::problem_responses::{BodyTooLarge, MySqlUnavailable, RateLimited};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -38,6 +39,18 @@ pub struct UserResponse {
     pub created_at: OffsetDateTime,
 }
 
+/// A new user, with its API key shown this once.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedUserResponse {
+    #[serde(flatten)]
+    pub user: UserResponse,
+    /// The user's API key, shown only in this answer (the server keeps its digest, so it
+    /// cannot be shown again): exchange it for access tokens at `POST /api/v1/auth/tokens`.
+    #[schema(example = "ck_3q2-7wE1bS0hZf5cX8yVnLk4pR6tJ9mQaUoGiD2eB7s")]
+    pub api_key: String,
+}
+
 impl From<&User> for UserResponse {
     fn from(user: &User) -> Self {
         Self {
@@ -48,27 +61,37 @@ impl From<&User> for UserResponse {
     }
 }
 
-/// Register a user, with an empty point account.
+/// Register a user, with an empty point account and an API key.
+///
+/// The answer carries the user's `apiKey` this once; only its digest is kept. Sign-ups are
+/// limited per client address (`RATE_LIMIT_SIGNUPS_PER_MINUTE`).
 ///
 /// # Errors
-/// 400 for a missing, mistyped or out-of-range name, 503 when MySQL is unavailable.
+/// 400 for a missing, mistyped or out-of-range name, 429 past the per-address limit, 503
+/// when MySQL is unavailable.
 #[utoipa::path(
     post,
     path = "/api/v1/users",
     tag = "users",
     request_body = CreateUserRequest,
     responses(
-        (status = 201, description = "User created", body = UserResponse),
+        (status = 201, description = "User created; `apiKey` is shown only here", body = CreatedUserResponse),
         (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
         BodyTooLarge,
+        RateLimited,
         MySqlUnavailable,
     )
 )]
 pub async fn create_user(
     state: web::Data<AppState>,
-    ValidJson(body): ValidJson<CreateUserRequest>,
+    limits: web::Data<RateLimits>,
+    req: HttpRequest,
+    body: LateJson,
 ) -> Result<HttpResponse, ApiError> {
+    limits.signup(&req)?;
+    let body: CreateUserRequest = body.read().await?;
     let name = UserName::new(&body.name).map_err(|e| ApiError::validation("name", e.to_string()))?;
-    let user = state.create_user.execute(name).await?;
-    Ok(HttpResponse::Created().json(UserResponse::from(&user)))
+    let (user, api_key) = state.create_user.execute(name).await?;
+    Ok(HttpResponse::Created()
+        .json(CreatedUserResponse { user: UserResponse::from(&user), api_key: api_key.as_str().to_owned() }))
 }
