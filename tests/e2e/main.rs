@@ -4,6 +4,7 @@ mod booking;
 mod consolidation;
 mod failures;
 mod idempotency;
+mod identity;
 mod payments;
 mod points;
 mod queue;

@@ -303,6 +303,8 @@ fn spawn(
         .env("OPS_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "text")
         .env("RUST_LOG", std::env::var("E2E_SERVER_LOG").unwrap_or_else(|_| "info".into()))
+        // A test's own filter wins over the harness's.
+        .envs(env.iter().filter(|(k, _)| k == "RUST_LOG").map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
