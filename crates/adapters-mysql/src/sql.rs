@@ -202,15 +202,22 @@ pub struct Explained {
     pub params: &'static [Sample],
 }
 
-/// Every hot statement, in the order of a booking's life: the cache's loads, a hold, pay,
+/// Every hot statement, in the order of a booking's life: sign-in, the cache's loads, a hold, pay,
 /// cancel, the expiry job, then points, idempotency keys and the outbox.
 pub const EXPLAINED: &[Explained] = &[
+    Explained { title: "Sign-in: the user of an API key", sql: FIND_API_KEY, params: &[Text] },
     Explained { title: "Every concert (cache load)", sql: CONCERTS, params: &[] },
     Explained { title: "A concert (cache load)", sql: CONCERT, params: &[Concert] },
     Explained { title: "A concert's dates (cache load)", sql: CONCERT_SCHEDULES, params: &[Concert] },
     Explained { title: "A date (cache load, hold pre-check)", sql: SCHEDULE, params: &[Schedule] },
     Explained { title: "Seat map (cache load)", sql: SEAT_MAP, params: &[Schedule] },
     Explained { title: "Hold: the seat row, locked", sql: LOCK_SEAT, params: &[Schedule, Seat] },
+    Explained { title: "Hold limit: the holder's row, locked", sql: LOCK_USER, params: &[User] },
+    Explained {
+        title: "Hold limit: the holder's live holds of the date",
+        sql: LIVE_HOLDS,
+        params: &[User, Schedule],
+    },
     Explained {
         title: "Hold: the conditional take",
         sql: TAKE_SEAT,

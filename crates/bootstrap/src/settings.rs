@@ -470,6 +470,51 @@ mod tests {
         assert_eq!((s.admin_api_key, s.seed_demo_data, s.cache_enabled), (None, true, true));
         assert_eq!(s.cache_prefix, "concert:", "the database's name");
         assert_eq!(s.payment_events_stream, "events:payments");
+        assert_eq!(s.ops_addr, "127.0.0.1:9090");
+        assert_eq!((s.auth_signing_keys, s.auth_token_lifetime), (None, Duration::from_secs(900)));
+        assert_eq!(s.max_holds_per_user, 4);
+        assert_eq!(s.rate_limits, crate::limits::RateLimitSettings::default());
+        assert!(s.trusted_proxies.is_empty());
+        assert_eq!((s.sse_max_streams, s.http_body_timeout), (10_000, Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn identity_and_limit_settings_are_read_and_checked() {
+        let key = "k3y-0f-the-0perat0r-ABCDEFGHIJKLMNOPQRSTU";
+        let s = settings(&[
+            ("AUTH_SIGNING_KEY", &format!("{key}, old-{key}")),
+            ("OPS_ADDR", "0.0.0.0:9100"),
+            ("MAX_HOLDS_PER_USER", "2"),
+            ("RATE_LIMIT_SIGNUPS_PER_MINUTE", "0"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8, ::1"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.auth_signing_keys,
+            Some(vec![key.as_bytes().to_vec(), format!("old-{key}").into_bytes()]),
+            "the first signs, the rest verify"
+        );
+        assert_eq!(
+            (s.ops_addr.as_str(), s.max_holds_per_user, s.rate_limits.signups),
+            ("0.0.0.0:9100", 2, 0)
+        );
+        assert_eq!(s.trusted_proxies.len(), 2);
+        for (name, value) in [
+            ("AUTH_SIGNING_KEY", "too-short"),
+            ("AUTH_SIGNING_KEY", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+            ("AUTH_SIGNING_KEY", &format!("{key},")),
+            ("ADMIN_API_KEY", "abababababababababab"),
+            ("ADMIN_API_KEY", "1234123412341234"),
+            ("OPS_ADDR", "9090"),
+            ("MAX_HOLDS_PER_USER", "0"),
+            ("TRUSTED_PROXIES", "10.0.0.0/40"),
+            ("RATE_LIMIT_CHARGES_PER_MINUTE", "-1"),
+            ("AUTH_TOKEN_SECONDS", "10"),
+        ] {
+            let error = settings(&[(name, value)]).unwrap_err().to_string();
+            assert!(error.starts_with(name), "{error}");
+            assert!(!error.contains(key) && !error.contains("abab"), "a secret is never echoed: {error}");
+        }
     }
 
     #[test]
