@@ -244,8 +244,10 @@ pub struct SigningKeyResponse {
 /// Publishes a new shared key. It starts signing once every instance has had time to load
 /// it (twice `AUTH_KEY_REFRESH_SECONDS`, and a margin); the key it replaces keeps verifying
 /// until the tokens it signed have run out, so nobody is logged out. Concurrent rotations
-/// make one key. Not available when the operator sets the keys (`AUTH_SIGNING_KEY`):
-/// rotate those by listing the new key first and the old one after it.
+/// make one key. Not available when the operator sets the keys (`AUTH_SIGNING_KEY`, the
+/// first signs, all verify): rotate those in three rollouts, `old,new` (every instance
+/// learns the new key), then `new,old` (the new key signs), then `new` alone once the old
+/// key's tokens have run out.
 ///
 /// # Errors
 /// 401 without the admin key, 409 when the keys are the operator's, 503 when MySQL is

@@ -61,7 +61,7 @@ impl From<&Reservation> for ReservationResponse {
 ///
 /// # Errors
 /// 400 for a malformed body, 401/403 without an ACTIVE queue token, 404 for an unknown
-/// schedule, 409 `SEAT_UNAVAILABLE` or `BOOKING_CLOSED`, 503 when a store is unavailable
+/// schedule, 409 `SEAT_UNAVAILABLE`, `BOOKING_CLOSED` or `HOLD_LIMIT_REACHED`, 503 when a store is unavailable
 /// (nothing changed).
 #[utoipa::path(
     post,
@@ -75,7 +75,7 @@ impl From<&Reservation> for ReservationResponse {
         (status = 400, description = "Malformed body, scheduleId or seatNumber", body = Problem, content_type = "application/problem+json"),
         QueueGate,
         (status = 404, description = "SCHEDULE_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "SEAT_UNAVAILABLE (held, sold, or being taken right now) or BOOKING_CLOSED (outside the booking window)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "SEAT_UNAVAILABLE (held, sold, or being taken right now), BOOKING_CLOSED (outside the booking window) or HOLD_LIMIT_REACHED (the caller holds MAX_HOLDS_PER_USER live seats of this date, 4 by default)", body = Problem, content_type = "application/problem+json"),
         BodyTooLarge,
         (status = 503, description = "SERVICE_UNAVAILABLE: Redis or MySQL is unavailable, the lock was lost before the commit, or this instance is shutting down or at its limit of concurrent writes; nothing changed, retry after Retry-After. OUTCOME_UNKNOWN: MySQL did not confirm the commit; read your reservations before retrying", body = Problem, content_type = "application/problem+json"),
     )
