@@ -125,8 +125,10 @@ pub struct Settings {
     pub trusted_proxies: Vec<crate::limits::IpNet>,
     /// `SSE_MAX_STREAMS`: open event streams one instance serves.
     pub sse_max_streams: usize,
-    /// `HTTP_MAX_CONNECTIONS`: open connections per worker thread.
-    pub http_max_connections: usize,
+    /// `HTTP_MAX_CONNECTIONS`: open connections of the public listener, all workers
+    /// together; `None`: derived from the process's open-file limit
+    /// ([`crate::startup::connection_budget`]).
+    pub http_max_connections: Option<usize>,
     /// `HTTP_BODY_TIMEOUT_MS`: how long a request body may take to arrive.
     pub http_body_timeout: Duration,
 }
@@ -348,8 +350,12 @@ impl Settings {
             trusted_proxies,
             sse_max_streams: usize::try_from(number("SSE_MAX_STREAMS", 10_000, 1..=1_000_000)?)
                 .unwrap_or(10_000),
-            http_max_connections: usize::try_from(number("HTTP_MAX_CONNECTIONS", 25_000, 1..=1_000_000)?)
-                .unwrap_or(25_000),
+            http_max_connections: match lookup("HTTP_MAX_CONNECTIONS") {
+                None => None,
+                Some(_) => Some(
+                    usize::try_from(number("HTTP_MAX_CONNECTIONS", 0, 16..=1_000_000)?).unwrap_or(25_000),
+                ),
+            },
             http_body_timeout: ms("HTTP_BODY_TIMEOUT_MS", Duration::from_secs(10), 100..=600_000)?,
             reservation_hold: Duration::from_secs(number("RESERVATION_HOLD_SECONDS", 300, 1..=86_400)?),
             hold_expiry_interval: ms("HOLD_EXPIRY_INTERVAL_MS", Duration::from_secs(2), 100..=600_000)?,

@@ -50,6 +50,27 @@ use crate::routes::{self, AppState, health::OpsState};
 use crate::settings::{LockWaitMode, QueueBackend, Settings, redact};
 use crate::telemetry;
 
+/// Open connections the operations listener takes (health checks and scrapes).
+const OPS_CONNECTIONS: usize = 64;
+
+/// File descriptors kept for everything but public connections: the pools, the operations
+/// listener, logs, the Redis subscriber, a margin.
+const RESERVED_FDS: usize = 256 + OPS_CONNECTIONS;
+
+/// The public listener's connection cap when `HTTP_MAX_CONNECTIONS` is unset: the soft
+/// open-file limit (from `/proc/self/limits`) less [`RESERVED_FDS`], so a flood of
+/// connections is refused at accept before the process runs out of descriptors; 25,000
+/// where the limit cannot be read or is unlimited.
+#[must_use]
+pub fn connection_budget(limits: Option<&str>) -> usize {
+    const FALLBACK: usize = 25_000;
+    let soft = limits.and_then(|text| {
+        let line = text.lines().find(|line| line.starts_with("Max open files"))?;
+        line.trim_start_matches("Max open files").split_whitespace().next()?.parse::<usize>().ok()
+    });
+    soft.map_or(FALLBACK, |soft| soft.saturating_sub(RESERVED_FDS).clamp(16, FALLBACK))
+}
+
 /// How long shutdown waits for Redis to confirm the release of locks still held.
 const RELEASE_AT_SHUTDOWN: Duration = Duration::from_secs(3);
 
@@ -262,6 +283,12 @@ impl Application {
         let address = listener.local_addr()?;
         let openapi = ApiDoc::openapi();
         let (limits, deadline) = (rate_limits.clone(), body_deadline);
+        let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let budget = settings.http_max_connections.unwrap_or_else(|| {
+            connection_budget(std::fs::read_to_string("/proc/self/limits").ok().as_deref())
+        });
+        let per_worker = (budget / workers).max(1);
+        tracing::info!(connections = budget, workers, "public listener connection cap");
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -286,10 +313,10 @@ impl Application {
                 .default_service(web::to(routes::not_found))
         })
         .listen(listener)?
-        // Per worker thread: with the event streams' own cap, what keeps one flood of
-        // connections from taking every file descriptor (and health with them: that is on
-        // its own listener).
-        .max_connections(settings.http_max_connections)
+        // With the event streams' own cap, what keeps one flood of connections from taking
+        // every file descriptor (and the operations listener, the pools and the logs with
+        // them). actix counts per worker thread.
+        .max_connections(per_worker)
         .shutdown_timeout(settings.shutdown_grace_seconds)
         // SIGTERM and SIGINT are handled in `run_until_stopped`, which ends the event
         // streams before the graceful stop starts waiting for in-flight requests.
@@ -308,7 +335,7 @@ impl Application {
         })
         .listen(ops_listener)?
         .workers(1)
-        .max_connections(1_024)
+        .max_connections(OPS_CONNECTIONS)
         .shutdown_timeout(1)
         .disable_signals()
         .run();
@@ -426,5 +453,26 @@ async fn stop_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_follows_the_open_file_limit() {
+        let limits = |soft: &str| {
+            format!(
+                "Limit                     Soft Limit           Hard Limit           Units\n\
+                 Max processes             95000                95000                processes\n\
+                 Max open files            {soft:<20} 1048576              files\n"
+            )
+        };
+        assert_eq!(connection_budget(Some(&limits("1024"))), 1024 - RESERVED_FDS);
+        assert_eq!(connection_budget(Some(&limits("1048576"))), 25_000, "capped");
+        assert_eq!(connection_budget(Some(&limits("100"))), 16, "never below a floor");
+        assert_eq!(connection_budget(Some(&limits("unlimited"))), 25_000);
+        assert_eq!(connection_budget(None), 25_000);
     }
 }
