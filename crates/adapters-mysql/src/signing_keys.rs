@@ -12,17 +12,21 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use time::PrimitiveDateTime;
 
 use crate::DbContext as _;
-use crate::{column, from_db_time, to_db_time};
+use crate::{column, from_db_time};
 
 const KEYS: &str = "SELECT generation, kid, secret, activates_at FROM auth_signing_keys";
 
+/// The first key, active now on the database's clock (every time of this table is the
+/// database's, so no instance's clock can order two keys wrongly).
 const CREATE_FIRST: &str = "INSERT IGNORE INTO auth_signing_keys (generation, kid, secret, activates_at, created_at) \
-     VALUES (1, ?, ?, ?, UTC_TIMESTAMP(6))";
+     VALUES (1, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))";
 
-/// The next generation, activating `?` microseconds from now (the database's clock, the
-/// same for every instance).
+/// The next generation, activating `?` microseconds from now on the database's clock, and
+/// never before the newest key already there: generations and activations keep one order.
 const ROTATE: &str = "INSERT IGNORE INTO auth_signing_keys (generation, kid, secret, activates_at, created_at) \
-     SELECT COALESCE(MAX(generation), 0) + 1, ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, UTC_TIMESTAMP(6) \
+     SELECT COALESCE(MAX(generation), 0) + 1, ?, ?, \
+       GREATEST(COALESCE(MAX(activates_at), UTC_TIMESTAMP(6)), UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND), \
+       UTC_TIMESTAMP(6) \
      FROM auth_signing_keys";
 
 const BY_KID: &str = "SELECT generation, kid, secret, activates_at FROM auth_signing_keys WHERE kid = ?";
@@ -75,11 +79,7 @@ impl SigningKeyStore for MySqlSigningKeyStore {
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
                 CREATE_FIRST,
-                [
-                    key.kid.clone().into(),
-                    key.secret.as_bytes().to_vec().into(),
-                    to_db_time(key.activates_at).into(),
-                ],
+                [key.kid.clone().into(), key.secret.as_bytes().to_vec().into()],
             ))
             .await
             .db_context("failed to store the first signing key")?;

@@ -138,7 +138,9 @@ impl HoldSeat {
                     }
                     // The limit, under the holder's row lock: this user's other holds, on
                     // any seat and any instance, wait here for this one's commit, so N
-                    // racing holds cannot all count N - 1 before them.
+                    // racing holds cannot all count N - 1 before them. (The adapter's count
+                    // must see what committed during that wait: see `sql::LIVE_HOLDS`. No
+                    // plain read may come before it in this transaction.)
                     let held = bookings.lock_live_holds(tx, user_id, schedule_id).await?;
                     if held >= max_holds {
                         return Err(HoldSeatError::HoldLimitReached(max_holds));

@@ -265,8 +265,9 @@ pub trait SigningKeyStore: Send + Sync {
     /// Every key kept, in any order.
     async fn keys(&self) -> anyhow::Result<Vec<SigningKey>>;
 
-    /// Stores `key` as the first key unless a key exists already (instances starting
-    /// together agree on one).
+    /// Stores `key` as the first key, active now on the store's clock (its `activates_at`
+    /// is not used), unless a key exists already (instances starting together agree on
+    /// one).
     async fn create_first(&self, key: &SigningKey) -> anyhow::Result<()>;
 
     /// Adds a key that starts signing `delay` after now (the store's clock): the next
@@ -345,9 +346,14 @@ impl SigningKeys {
     /// # Errors
     /// When the store fails; the keys in memory are kept.
     pub async fn refresh(&self) -> anyhow::Result<()> {
-        let pruned = self.store.prune(self.retention).await?;
-        if pruned > 0 {
-            tracing::info!(pruned, "signing keys whose tokens have all expired were deleted");
+        // Best effort: a prune that fails (a lock wait against another instance's) must not
+        // keep this instance from learning a new key.
+        match self.store.prune(self.retention).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "signing keys whose tokens have all expired were deleted"),
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "replaced signing keys not pruned; next time")
+            }
         }
         let keys = self.store.keys().await?;
         if keys.is_empty() {
@@ -369,7 +375,14 @@ impl SigningKeys {
     pub async fn rotate(&self) -> Result<SigningKey, Failure> {
         let key = self.store.rotate(&new_kid()?, &Secret::generate()?, self.activation_delay).await?;
         tracing::info!(kid = %key.kid, activates_at = %key.activates_at, "signing key rotated");
-        self.refresh().await?;
+        // The key is stored: the rotation happened. This instance learns it now or at its
+        // next refresh, well before the key signs.
+        if let Err(error) = self.refresh().await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "signing keys not reloaded after the rotation; the job will"
+            );
+        }
         Ok(key)
     }
 }
@@ -521,6 +534,24 @@ mod tests {
         assert_eq!(keyring.current().len(), 1);
         assert!(keys.refresh().await.is_err(), "a store with no key is an error");
         assert_eq!(keyring.current().len(), 1, "and the keys in memory are kept");
+    }
+
+    #[tokio::test]
+    async fn a_failed_prune_does_not_keep_a_new_key_from_being_learned() {
+        let mut store = MockSigningKeyStore::new();
+        store.expect_prune().returning(|_| Err(anyhow::anyhow!("lock wait timeout")));
+        store.expect_keys().returning(|| Ok(vec![key("k1", 0), key("k2", 100)]));
+        let keyring = Arc::new(Keyring::default());
+        let keys = SigningKeys::new(
+            Arc::new(store),
+            Arc::clone(&keyring),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+
+        keys.refresh().await.expect("refreshed");
+
+        assert!(keyring.current().verifying("k2").is_some());
     }
 
     struct FixedIssuer;

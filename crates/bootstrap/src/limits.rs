@@ -38,7 +38,7 @@ impl IpNet {
             Some((addr, prefix)) => (addr, Some(prefix)),
             None => (text, None),
         };
-        let addr: IpAddr = addr.trim().parse().map_err(|_| format!("{text:?} is not an IP address"))?;
+        let addr = canonical(addr.trim().parse().map_err(|_| format!("{text:?} is not an IP address"))?);
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -66,6 +66,21 @@ impl IpNet {
             }
             _ => false,
         }
+    }
+}
+
+/// An `X-Forwarded-For` entry: an address, or one with a port (`1.2.3.4:5678`,
+/// `[2001:db8::1]:443`), as some proxies write them.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+}
+
+/// What an address is counted as: an IPv4 address itself, an IPv6 one by its /64 (one
+/// subscriber's network: a client that changes addresses within it stays one client).
+fn budget_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
     }
 }
 
@@ -164,7 +179,7 @@ impl RateLimits {
         let hops =
             req.headers().get_all("x-forwarded-for").filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
         for hop in hops.iter().rev().flat_map(|value| value.rsplit(',')) {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else { break };
+            let Some(ip) = parse_hop(hop.trim()) else { break };
             client = canonical(ip);
             if !self.trusted(client) {
                 break;
@@ -181,7 +196,7 @@ impl RateLimits {
     /// [`ApiError::RateLimited`] past `RATE_LIMIT_SIGNUPS_PER_MINUTE` for this address.
     pub fn signup(&self, req: &HttpRequest) -> Result<(), ApiError> {
         match (&self.signups, self.client_ip(req)) {
-            (Some(limiter), Some(ip)) => limiter.check(&ip),
+            (Some(limiter), Some(ip)) => limiter.check(&budget_key(ip)),
             _ => Ok(()),
         }
     }
@@ -190,7 +205,7 @@ impl RateLimits {
     /// [`ApiError::RateLimited`] past `RATE_LIMIT_AUTH_PER_MINUTE` for this address.
     pub fn access_token(&self, req: &HttpRequest) -> Result<(), ApiError> {
         match (&self.auth, self.client_ip(req)) {
-            (Some(limiter), Some(ip)) => limiter.check(&ip),
+            (Some(limiter), Some(ip)) => limiter.check(&budget_key(ip)),
             _ => Ok(()),
         }
     }
@@ -270,6 +285,16 @@ mod tests {
         );
         assert_eq!(proxied.client_ip(&request("10.0.0.2:5000", &[])), "10.0.0.2".parse().ok());
         assert_eq!(proxied.client_ip(&request("10.0.0.2:5000", &["garbage"])), "10.0.0.2".parse().ok());
+        assert_eq!(
+            proxied.client_ip(&request("10.0.0.2:5000", &["198.51.100.4:61000"])),
+            "198.51.100.4".parse().ok()
+        );
+        assert_eq!(
+            proxied.client_ip(&request("10.0.0.2:5000", &["[2001:db8::7]:443"])),
+            "2001:db8::7".parse().ok()
+        );
+        // A mapped-IPv4 trusted entry is the IPv4 one.
+        assert!(limits(&["::ffff:10.0.0.2"]).trusted("10.0.0.2".parse().expect("ip")));
     }
 
     #[test]
@@ -285,6 +310,12 @@ mod tests {
             other => panic!("expected 429, got {other:?}"),
         }
         assert!(limits.signup(&other).is_ok(), "another address has its own budget");
+        // IPv6 addresses of one /64 share a budget; another /64 has its own.
+        let v6 = |addr: &str| request(addr, &[]);
+        assert!(limits.signup(&v6("[2001:db8:1:1::1]:5000")).is_ok());
+        assert!(limits.signup(&v6("[2001:db8:1:1::2]:5000")).is_ok());
+        assert!(limits.signup(&v6("[2001:db8:1:1:ffff::3]:5000")).is_err(), "the same /64");
+        assert!(limits.signup(&v6("[2001:db8:1:2::1]:5000")).is_ok());
         assert!(limits.access_token(&one).is_ok(), "0 is off");
         let (a, b) = (domain::user::UserId::generate(), domain::user::UserId::generate());
         assert!(limits.queue_token(a).is_ok());

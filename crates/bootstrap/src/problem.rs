@@ -330,7 +330,7 @@ impl ResponseError for ApiError {
         }
         if matches!(self, Self::RequestTimeout) {
             // The rest of the body is not read: the connection cannot carry another request.
-            response.insert_header((header::CONNECTION, HeaderValue::from_static("close")));
+            response.force_close();
         }
         response.json(self.problem())
     }

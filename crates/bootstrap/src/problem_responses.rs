@@ -60,10 +60,24 @@ pub struct RateLimited(pub Problem);
 #[response(status = 401, description = "ADMIN_KEY_INVALID", content_type = "application/problem+json")]
 pub struct AdminKeyInvalid(pub Problem);
 
-/// 413 for every route with a body ([`crate::extract::BODY_LIMIT`]).
+/// What every route with a body may answer about the body itself: 413 over
+/// [`crate::extract::BODY_LIMIT`], 408 when it does not arrive within
+/// `HTTP_BODY_TIMEOUT_MS` ([`crate::extract::BodyDeadline`]).
 #[derive(Debug, IntoResponses)]
-#[response(status = 413, description = "Body over 64 KiB", content_type = "application/problem+json")]
-pub struct BodyTooLarge(pub Problem);
+pub enum BodyTooLarge {
+    #[response(
+        status = 413,
+        description = "PAYLOAD_TOO_LARGE: body over 64 KiB",
+        content_type = "application/problem+json"
+    )]
+    TooLarge(Problem),
+    #[response(
+        status = 408,
+        description = "REQUEST_TIMEOUT: the body did not arrive whole within HTTP_BODY_TIMEOUT_MS (10 s by default); the connection is closed",
+        content_type = "application/problem+json"
+    )]
+    Timeout(Problem),
+}
 
 /// 503 for the routes that need only MySQL and change nothing on failure.
 #[derive(Debug, IntoResponses)]

@@ -42,7 +42,8 @@ pub enum QueueBackend {
 }
 
 /// Everything the server can be configured with. See the README's configuration table.
-#[derive(Debug, Clone)]
+/// Its `Debug` leaves the secrets out (the admin key, the signing keys, URL passwords).
+#[derive(Clone)]
 pub struct Settings {
     /// `DATABASE_URL`: MySQL 8 or MariaDB 10.6+; the database is created when missing.
     pub database_url: String,
@@ -131,6 +132,22 @@ pub struct Settings {
     pub http_max_connections: Option<usize>,
     /// `HTTP_BODY_TIMEOUT_MS`: how long a request body may take to arrive.
     pub http_body_timeout: Duration,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("database_url", &redact(&self.database_url))
+            .field("redis_url", &redact(&self.redis_url))
+            .field("http_addr", &self.http_addr)
+            .field("ops_addr", &self.ops_addr)
+            .field("admin_api_key", &self.admin_api_key.as_ref().map(|_| "***"))
+            .field(
+                "auth_signing_keys",
+                &self.auth_signing_keys.as_ref().map(|keys| format!("{} key(s)", keys.len())),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// A variable that is set but cannot be used.

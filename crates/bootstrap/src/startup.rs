@@ -85,6 +85,8 @@ pub struct Application {
     lock: RedisLock,
     jobs: Jobs,
     queue_events: QueueEvents,
+    /// Set at the first stop signal: readiness then answers 503.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     /// `SHUTDOWN_GRACE_SECONDS`.
     grace: Duration,
 }
@@ -274,8 +276,16 @@ impl Application {
             reservations: reservations.clone(),
             pay,
         });
-        let ops_state =
-            web::Data::new(OpsState { db: db.clone(), redis: redis.clone(), metrics: metrics.clone() });
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ops_state = web::Data::new(OpsState {
+            db: db.clone(),
+            redis: redis.clone(),
+            metrics: metrics.clone(),
+            stopping: Arc::clone(&stopping),
+        });
+        // Both addresses taken before anything is served: a busy OPS_ADDR stops the start.
+        let ops_listener = TcpListener::bind(&settings.ops_addr)
+            .with_context(|| format!("OPS_ADDR: failed to listen on {}", settings.ops_addr))?;
 
         let admin_key = web::Data::new(AdminKey::new(settings.admin_api_key.as_deref()));
         let listener = TcpListener::bind(&settings.http_addr)
@@ -323,8 +333,6 @@ impl Application {
         .disable_signals()
         .run();
 
-        let ops_listener = TcpListener::bind(&settings.ops_addr)
-            .with_context(|| format!("OPS_ADDR: failed to listen on {}", settings.ops_addr))?;
         let ops_address = ops_listener.local_addr()?;
         let ops_server = HttpServer::new(move || {
             App::new()
@@ -367,6 +375,7 @@ impl Application {
             lock,
             jobs,
             queue_events,
+            stopping,
             grace,
         })
     }
@@ -395,8 +404,10 @@ impl Application {
         let handle = self.server.handle();
         let queue_events = self.queue_events.clone();
         let grace = self.grace;
+        let stopping = Arc::clone(&self.stopping);
         let stopper = tokio::spawn(async move {
             stop_signal().await;
+            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
             tracing::info!("stopping: ending event streams, then letting requests finish");
             queue_events.close_all();
             let graceful = handle.clone();

@@ -11,27 +11,67 @@ use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::settings::LogFormat;
 
-/// Where the HTTP library reports requests it could not parse (malformed request lines,
-/// headers, chunked bodies): at ERROR, one line per request, so anyone could fill the logs
-/// at will. Those events are not printed; they are counted, and one WARN line a minute says
-/// how many there were ([`report_malformed_requests`]).
-const HTTP_PARSER_TARGET: &str = "actix_http::h1";
+/// Where the HTTP library reports a connection it gave up on (a request line, header or
+/// chunked body it could not parse, a peer that reset): `stream error: ...` at ERROR, one
+/// line per connection, so anyone could fill the logs at will. Those events are not
+/// printed; they are counted, and one WARN line a minute says how many there were
+/// ([`report_malformed_requests`]). The library's other complaints are printed as they are.
+const HTTP_DISPATCHER_TARGET: &str = "actix_http::h1::dispatcher";
 
 /// Malformed requests since the last report.
 static MALFORMED: AtomicU64 = AtomicU64::new(0);
 
-/// Counts the HTTP parser's complaints instead of printing them.
+/// Whether `event` is the HTTP dispatcher's per-connection `stream error`.
+fn is_stream_error(event: &tracing::Event<'_>) -> bool {
+    struct Message(bool);
+    impl tracing::field::Visit for Message {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}").starts_with("stream error");
+            }
+        }
+    }
+    let metadata = event.metadata();
+    if metadata.target() != HTTP_DISPATCHER_TARGET || *metadata.level() != tracing::Level::ERROR {
+        return false;
+    }
+    let mut message = Message(false);
+    event.record(&mut message);
+    message.0
+}
+
+/// Counts the HTTP dispatcher's stream errors instead of printing them.
 struct MalformedRequests;
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for MalformedRequests {
-    fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        MALFORMED.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("http_malformed_requests_total").increment(1);
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if is_stream_error(event) {
+            MALFORMED.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("http_malformed_requests_total").increment(1);
+        }
     }
 }
 
-fn from_http_parser(metadata: &tracing::Metadata<'_>) -> bool {
-    metadata.target().starts_with(HTTP_PARSER_TARGET) && *metadata.level() <= tracing::Level::WARN
+/// Lets every event through but the dispatcher's stream errors (it restricts no level: the
+/// log filter beside it does).
+struct NotStreamErrors;
+
+impl<S> tracing_subscriber::layer::Filter<S> for NotStreamErrors {
+    fn enabled(&self, _: &tracing::Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        true
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        !is_stream_error(event)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing_subscriber::filter::LevelFilter> {
+        Some(tracing_subscriber::filter::LevelFilter::TRACE)
+    }
 }
 
 /// Installs the log subscriber; a second call (tests) is a no-op.
@@ -39,8 +79,13 @@ pub fn init_logs(filter: &str, format: LogFormat) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal; escape codes in files and log shippers are noise.
     let ansi = std::io::stdout().is_terminal();
-    let printed = tracing_subscriber::filter::filter_fn(|metadata| !from_http_parser(metadata));
-    let counted = MalformedRequests.with_filter(tracing_subscriber::filter::filter_fn(from_http_parser));
+    let printed = tracing_subscriber::filter::FilterExt::and(filter, NotStreamErrors);
+    let counted = MalformedRequests.with_filter(
+        tracing_subscriber::filter::filter_fn(|metadata| {
+            metadata.target() == HTTP_DISPATCHER_TARGET && *metadata.level() == tracing::Level::ERROR
+        })
+        .with_max_level_hint(tracing::Level::ERROR),
+    );
     let registry = tracing_subscriber::registry().with(counted);
     let _ = match format {
         LogFormat::Json => registry
@@ -51,18 +96,11 @@ pub fn init_logs(filter: &str, format: LogFormat) {
                     .with_current_span(true)
                     .with_target(false)
                     .with_ansi(false)
-                    .with_filter(filter)
                     .with_filter(printed),
             )
             .try_init(),
         LogFormat::Text => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_target(false)
-                    .with_ansi(ansi)
-                    .with_filter(filter)
-                    .with_filter(printed),
-            )
+            .with(tracing_subscriber::fmt::layer().with_target(false).with_ansi(ansi).with_filter(printed))
             .try_init(),
     };
 }

@@ -12,7 +12,8 @@ use crate::limits::RateLimits;
 use crate::problem::{ApiError, Problem};
 use crate::problem_responses::{MySqlUnavailable, RateLimited};
 
-#[derive(Debug, Serialize, ToSchema)]
+/// Its `Debug` leaves the secret out.
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessTokenResponse {
     /// A signed JWT: send it as `Authorization: Bearer <accessToken>` on every user route.
@@ -67,4 +68,10 @@ pub async fn issue_access_token(
         token_type: "Bearer",
         expires_at: token.expires_at,
     }))
+}
+
+impl std::fmt::Debug for AccessTokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessTokenResponse").finish_non_exhaustive()
+    }
 }

@@ -21,6 +21,9 @@ pub struct OpsState {
     pub db: DatabaseConnection,
     pub redis: RedisConnections,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Set when the instance starts stopping: readiness answers 503 from then on, so the
+    /// load balancer sends nothing more while the requests in flight end.
+    pub stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for OpsState {
@@ -55,7 +58,8 @@ pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(HealthResponse { status: "UP", checks: None })
 }
 
-/// 200 when MySQL and Redis both answer, else 503 naming which did not.
+/// 200 when MySQL and Redis both answer, else 503 naming which did not; 503 once the
+/// instance is stopping.
 #[utoipa::path(
     get,
     path = "/health/ready",
@@ -66,6 +70,13 @@ pub async fn live() -> HttpResponse {
     )
 )]
 pub async fn ready(state: web::Data<OpsState>) -> HttpResponse {
+    if state.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        let problem = ApiError::NotReady("this instance is stopping".into()).problem();
+        return HttpResponse::ServiceUnavailable()
+            .insert_header((header::CONTENT_TYPE, "application/problem+json"))
+            .insert_header((header::RETRY_AFTER, "1"))
+            .json(problem);
+    }
     let readiness = &state;
     let (mysql, redis) = futures::join!(
         tokio::time::timeout(CHECK_TIMEOUT, adapters_mysql::database::ping(&readiness.db)),

@@ -40,7 +40,8 @@ pub struct UserResponse {
 }
 
 /// A new user, with its API key shown this once.
-#[derive(Debug, Serialize, ToSchema)]
+/// Its `Debug` leaves the secret out.
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatedUserResponse {
     #[serde(flatten)]
@@ -94,4 +95,10 @@ pub async fn create_user(
     let (user, api_key) = state.create_user.execute(name).await?;
     Ok(HttpResponse::Created()
         .json(CreatedUserResponse { user: UserResponse::from(&user), api_key: api_key.as_str().to_owned() }))
+}
+
+impl std::fmt::Debug for CreatedUserResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedUserResponse").finish_non_exhaustive()
+    }
 }
