@@ -302,9 +302,20 @@ fn spawn(
         .env("HTTP_ADDR", "127.0.0.1:0")
         .env("OPS_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "text")
-        .env("RUST_LOG", std::env::var("E2E_SERVER_LOG").unwrap_or_else(|_| "info".into()))
-        // A test's own filter wins over the harness's.
-        .envs(env.iter().filter(|(k, _)| k == "RUST_LOG").map(|(k, v)| (k.as_str(), v.as_str())))
+        // A test's own filter wins over the harness's; the start-up lines the harness waits
+        // for ("listening on") are always kept.
+        .env(
+            "RUST_LOG",
+            format!(
+                "{},bootstrap::startup=info",
+                env.iter()
+                    .rev()
+                    .find(|(k, _)| k == "RUST_LOG")
+                    .map(|(_, v)| v.clone())
+                    .or_else(|| std::env::var("E2E_SERVER_LOG").ok())
+                    .unwrap_or_else(|| "info".into())
+            ),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

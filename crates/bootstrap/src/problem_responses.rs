@@ -41,8 +41,9 @@ pub struct QueueTokenInvalid(pub Problem);
 #[derive(Debug, IntoResponses)]
 #[response(
     status = 401,
-    description = "UNAUTHENTICATED: no Authorization: Bearer <accessToken>, or one that is malformed, expired or badly signed (with WWW-Authenticate: Bearer)",
-    content_type = "application/problem+json"
+    description = "UNAUTHENTICATED: no Authorization: Bearer <accessToken>, or one that is malformed, expired or badly signed",
+    content_type = "application/problem+json",
+    headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"concert-api\"`, with `error=\"invalid_token\"` when a token was sent"))
 )]
 pub struct Unauthenticated(pub Problem);
 
@@ -51,7 +52,8 @@ pub struct Unauthenticated(pub Problem);
 #[response(
     status = 429,
     description = "RATE_LIMITED: too many such requests from this client; nothing changed, retry after Retry-After",
-    content_type = "application/problem+json"
+    content_type = "application/problem+json",
+    headers(("Retry-After" = u64, description = "Seconds until this client may try again"))
 )]
 pub struct RateLimited(pub Problem);
 

@@ -48,7 +48,7 @@ pub struct CreatedUserResponse {
     pub user: UserResponse,
     /// The user's API key, shown only in this answer (the server keeps its digest, so it
     /// cannot be shown again): exchange it for access tokens at `POST /api/v1/auth/tokens`.
-    #[schema(example = "ck_3q2-7wE1bS0hZf5cX8yVnLk4pR6tJ9mQaUoGiD2eB7s")]
+    #[schema(example = "ck_3q2-7wE1bS0hZf5cX8yVnLk4pR6tJ9mQaUoGiD2eB7s", pattern = "^ck_[A-Za-z0-9_-]{43}$")]
     pub api_key: String,
 }
 
