@@ -13,6 +13,7 @@ mod m20261122_000002_waiting_queue;
 mod m20261122_000003_booking;
 mod m20261122_000004_payments;
 mod m20261206_000001_identity;
+mod m20261206_000002_fencing;
 
 /// Runs `statements` in order on the migration's connection: every migration here is a
 /// list of plain DDL statements, up and down.
@@ -37,6 +38,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000003_booking::Migration),
             Box::new(m20261122_000004_payments::Migration),
             Box::new(m20261206_000001_identity::Migration),
+            Box::new(m20261206_000002_fencing::Migration),
         ]
     }
 }

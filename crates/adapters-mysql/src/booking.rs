@@ -159,6 +159,13 @@ impl BookingRepository for MySqlBookingRepository {
         // own clock says) and every guard below agree on when it runs out.
         let hold_micros = i64::try_from((reservation.held_until - now).whole_microseconds())
             .map_err(|_| anyhow::anyhow!("a hold of {} is out of range", reservation.held_until - now))?;
+        // The seat lock's fencing number (see `application::tx::fence`): a hold whose lease ran
+        // out under it carries a lower one than the holder after it, and takes nothing.
+        let fence = application::tx::fence(&application::lock::LockKey::seat(
+            reservation.schedule_id,
+            reservation.seat_number,
+        ))
+        .map(|token| token.0);
         let taken = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
@@ -166,8 +173,11 @@ impl BookingRepository for MySqlBookingRepository {
                 [
                     (*reservation.id.as_uuid()).into(),
                     hold_micros.into(),
+                    fence.into(),
                     (*reservation.schedule_id.as_uuid()).into(),
                     reservation.seat_number.get().into(),
+                    fence.into(),
+                    fence.into(),
                 ],
             ))
             .await

@@ -23,6 +23,8 @@ use sea_orm::{
     QueryResult, QuerySelect, Set, Statement,
 };
 
+use application::lock::LockKey;
+
 use crate::DbContext as _;
 use crate::entities::{point_account, point_history};
 use crate::tx::connection;
@@ -117,7 +119,11 @@ impl PointRepository for MySqlPointRepository {
         account: &PointAccount,
         expected_version: u64,
     ) -> Result<(), PointRepositoryError> {
-        let updated = connection(tx)?
+        // The point lock's fencing number, when this transaction holds it (under
+        // `locked_tx`); unfenced writes (the lock turned off for tests) carry none.
+        let fence = application::tx::fence(&LockKey::point(account.user_id())).map(|token| token.0);
+        let conn = connection(tx)?;
+        let updated = conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
                 sql::SAVE_BALANCE,
@@ -125,15 +131,36 @@ impl PointRepository for MySqlPointRepository {
                     account.balance().points().into(),
                     db_version(account.version())?.into(),
                     to_db_time(application::clock::now_utc()).into(),
+                    fence.into(),
                     (*account.user_id().as_uuid()).into(),
                     db_version(expected_version)?.into(),
+                    fence.into(),
+                    fence.into(),
                 ],
             ))
             .await
             .db_context("failed to update the balance")?;
         match updated.rows_affected() {
             1 => Ok(()),
-            0 => Err(PointRepositoryError::StaleBalance { user_id: account.user_id() }),
+            0 => {
+                let stored = conn
+                    .query_one_raw(Statement::from_sql_and_values(
+                        DbBackend::MySql,
+                        sql::ACCOUNT_FENCE,
+                        [(*account.user_id().as_uuid()).into()],
+                    ))
+                    .await
+                    .db_context("failed to read the account's fence")?
+                    .map(|row| column::<u64>(&row, "fence"))
+                    .transpose()?
+                    .unwrap_or(0);
+                match fence {
+                    Some(refused) if refused < stored => {
+                        Err(PointRepositoryError::Fenced { user_id: account.user_id(), refused, stored })
+                    }
+                    _ => Err(PointRepositoryError::StaleBalance { user_id: account.user_id() }),
+                }
+            }
             n => Err(anyhow::anyhow!("a balance update matched {n} accounts").into()),
         }
     }

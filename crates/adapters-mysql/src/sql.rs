@@ -57,11 +57,14 @@ pub const LIVE_HOLDS: &str = "SELECT COUNT(*) AS n FROM reservations \
      WHERE user_id = ? AND schedule_id = ? AND status = 'HELD' AND held_until > UTC_TIMESTAMP(6)";
 
 /// A hold's conditional take of its seat (rows affected checked): the reservation's id, the
-/// hold's length in microseconds, the date's id, the seat number.
+/// hold's length in microseconds, the seat lock's fencing number (or NULL), the date's id,
+/// the seat number, the fencing number twice more. A number lower than the seat's `fence`
+/// (a later holder of the seat lock wrote) matches nothing.
 pub const TAKE_SEAT: &str = "UPDATE seats SET status = 'HELD', reservation_id = ?, \
-       held_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, version = version + 1 \
+       held_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, version = version + 1, fence = COALESCE(?, fence) \
      WHERE schedule_id = ? AND seat_number = ? \
-       AND (status = 'AVAILABLE' OR (status = 'HELD' AND held_until <= UTC_TIMESTAMP(6)))";
+       AND (status = 'AVAILABLE' OR (status = 'HELD' AND held_until <= UTC_TIMESTAMP(6))) \
+       AND (? IS NULL OR fence <= ?)";
 
 /// The run-out hold a new hold replaces, expired: the time, the old reservation's id.
 pub const EXPIRE_REPLACED_HOLD: &str =
@@ -129,9 +132,15 @@ pub const LOCK_ACCOUNT: &str =
     "SELECT user_id, balance, version, updated_at FROM point_accounts WHERE user_id = ? FOR UPDATE";
 
 /// A balance's compare-and-set (rows affected checked): the new balance, the new version,
-/// the time, the user's id, the version read.
-pub const SAVE_BALANCE: &str =
-    "UPDATE point_accounts SET balance = ?, version = ?, updated_at = ? WHERE user_id = ? AND version = ?";
+/// the time, the point lock's fencing number (or NULL, unfenced), the user's id, the
+/// version read, the fencing number twice more. A number lower than the account's `fence`
+/// (a later holder of the point lock wrote) matches nothing.
+pub const SAVE_BALANCE: &str = "UPDATE point_accounts SET balance = ?, version = ?, updated_at = ?, fence = COALESCE(?, fence) \
+     WHERE user_id = ? AND version = ? AND (? IS NULL OR fence <= ?)";
+
+/// After a refused [`SAVE_BALANCE`]: the account's fence, to tell a stale version from a
+/// fenced-out holder (the user's id).
+pub const ACCOUNT_FENCE: &str = "SELECT fence FROM point_accounts WHERE user_id = ?";
 
 /// A point history entry: id, user, kind, amount, balance after, seq, time.
 pub const APPEND_HISTORY: &str = "INSERT INTO point_history (id, user_id, kind, amount, balance_after, seq, created_at) \
@@ -229,7 +238,7 @@ pub const EXPLAINED: &[Explained] = &[
     Explained {
         title: "Hold: the conditional take",
         sql: TAKE_SEAT,
-        params: &[Reservation, Micros, Schedule, Seat],
+        params: &[Reservation, Micros, Number, Schedule, Seat, Number, Number],
     },
     Explained {
         title: "Hold: the run-out hold it replaces, expired",
@@ -282,7 +291,7 @@ pub const EXPLAINED: &[Explained] = &[
     Explained {
         title: "Points: the balance's compare-and-set",
         sql: SAVE_BALANCE,
-        params: &[Number, Number, Time, User, Number],
+        params: &[Number, Number, Time, Number, User, Number, Number, Number],
     },
     Explained {
         title: "Points: the history entry",

@@ -24,7 +24,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Either};
 
 use crate::failure::Failure;
-use crate::lock::{DistributedLock, LockError, LockGuard, LockKey, LockRequest};
+use crate::lock::{DistributedLock, FencingToken, LockError, LockGuard, LockKey, LockRequest};
 
 /// Begins transactions. The adapter decides what a transaction is.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
@@ -61,6 +61,32 @@ where
         Ended::LeaseLost(key) => unreachable!("no lease was given, yet {key} was lost"),
         Ended::Panicked(panic) => resume_unwind(panic),
     }
+}
+
+tokio::task_local! {
+    /// The fencing tokens of the locks the running transaction's work holds.
+    static FENCES: Vec<(LockKey, FencingToken)>;
+}
+
+/// The fencing token of `key`'s lock, when the transaction running on this task holds it
+/// (inside [`locked_tx`]'s work); `None` outside, or for an unfenced key.
+///
+/// Every write made under a fenced lock carries this number (the adapters ask for it), and
+/// the database keeps the highest number it accepted per resource and refuses a lower one
+/// in the same conditional update that already guards the write: a holder whose lease ran
+/// out while it was paused cannot overwrite what the next holder committed.
+#[must_use]
+pub fn fence(key: &LockKey) -> Option<FencingToken> {
+    FENCES
+        .try_with(|fences| fences.iter().find(|(held, _)| held == key).map(|(_, token)| *token))
+        .ok()
+        .flatten()
+}
+
+/// Runs `work` with `fences` as its transaction's fencing tokens ([`fence`]): what
+/// [`locked_tx`] does with the tokens of the locks it took. For adapters' tests.
+pub async fn with_fences<T>(fences: Vec<(LockKey, FencingToken)>, work: impl Future<Output = T>) -> T {
+    FENCES.scope(fences, work).await
 }
 
 /// Runs `work` as: acquire every lock of `locks`, in their order, each under its own wait
@@ -143,8 +169,12 @@ where
         Ok(tx) => tx,
         Err(error) => return Ended::Returned(Err(Failure::from(error).into())),
     };
+    let fences: Vec<(LockKey, FencingToken)> = leases
+        .iter()
+        .filter_map(|guard| guard.fencing_token().map(|token| (guard.key().clone(), token)))
+        .collect();
     let worked = {
-        let work = AssertUnwindSafe(work(tx.as_mut())).catch_unwind();
+        let work = AssertUnwindSafe(FENCES.scope(fences, work(tx.as_mut()))).catch_unwind();
         if leases.is_empty() {
             Some(work.await)
         } else {
@@ -253,6 +283,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_work_sees_the_fencing_token_of_each_lock_it_holds_and_nothing_outside() {
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_commit().times(1).returning(|| Ok(()));
+        let mut fenced = MockLockGuard::new();
+        fenced.expect_is_lost().return_const(false);
+        fenced.expect_key().return_const(LockKey::fenced("test", "f"));
+        fenced.expect_fencing_token().return_const(Some(FencingToken(42)));
+        fenced.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
+        fenced.expect_release().times(1).returning(|| Ok(()));
+        let mut unfenced = MockLockGuard::new();
+        unfenced.expect_is_lost().return_const(false);
+        unfenced.expect_key().return_const(key());
+        unfenced.expect_fencing_token().return_const(None);
+        unfenced.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
+        unfenced.expect_release().times(1).returning(|| Ok(()));
+        let mut lock = MockDistributedLock::new();
+        let guards = Mutex::new(vec![Box::new(unfenced) as Box<dyn LockGuard>, Box::new(fenced)]);
+        lock.expect_acquire().times(2).returning(move |_, _| Ok(guards.lock().unwrap().pop().unwrap()));
+        let requests = [LockRequest::fail_fast(LockKey::fenced("test", "f")), LockRequest::fail_fast(key())];
+
+        let seen = locked_tx(&lock, &txm_handing_out(uow), &requests, |_| {
+            Box::pin(async {
+                Ok::<_, Failure>((
+                    fence(&LockKey::fenced("test", "f")),
+                    fence(&key()),
+                    fence(&LockKey::fenced("test", "other")),
+                ))
+            })
+        })
+        .await
+        .unwrap();
+
+        assert_eq!(seen, (Some(FencingToken(42)), None, None));
+        assert_eq!(fence(&LockKey::fenced("test", "f")), None, "outside the work, no token");
+    }
+
+    #[tokio::test]
     async fn lock_then_begin_then_work_then_commit_then_release() {
         let mut seq = Sequence::new();
         // The guard and the unit of work are made before their expectations are all set,
@@ -285,6 +352,7 @@ mod tests {
         let mut guard = MockLockGuard::new();
         guard.expect_is_lost().return_const(false);
         guard.expect_key().return_const(key());
+        guard.expect_fencing_token().return_const(None);
         guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
         guard.expect_release().times(1).in_sequence(&mut seq).returning(|| Ok(()));
 
@@ -367,6 +435,7 @@ mod tests {
         let mut guard = MockLockGuard::new();
         guard.expect_is_lost().return_const(true);
         guard.expect_key().return_const(key());
+        guard.expect_fencing_token().return_const(None);
         // The lease runs out while the work hangs (a database call that never returns).
         let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
         let lost = std::sync::Mutex::new(Some(lost_rx));
@@ -442,6 +511,7 @@ mod tests {
         let mut guard = MockLockGuard::new();
         guard.expect_is_lost().return_const(false);
         guard.expect_key().return_const(key());
+        guard.expect_fencing_token().return_const(None);
         guard.expect_lease_lost().returning(|| Box::pin(std::future::pending()));
         guard.expect_release().times(1).returning(|| Err(LockError::LeaseLost { key: key() }));
         let mut uow = MockUnitOfWork::new();

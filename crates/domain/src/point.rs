@@ -365,10 +365,16 @@ pub trait PointRepository: Send + Sync {
     /// Writes the account's balance and version inside `tx`, only if the stored version
     /// is still `expected_version` (the one it was read at): a compare-and-set.
     ///
+    /// Under the account's lock, the write carries the lock's fencing number (the
+    /// transaction's, see `application::tx::fence`): the store keeps the highest number it
+    /// accepted for the account and refuses a lower one in the same conditional update.
+    ///
     /// # Errors
     /// [`PointRepositoryError::StaleBalance`] when the stored version is not
     /// `expected_version` (someone changed the balance since it was read);
-    /// [`PointRepositoryError::Unexpected`] for any storage failure.
+    /// [`PointRepositoryError::Fenced`] when a later holder of the account's lock wrote
+    /// already (this one's lease ran out under it); [`PointRepositoryError::Unexpected`]
+    /// for any storage failure.
     async fn save_balance(
         &self,
         tx: &mut Tx,
@@ -407,6 +413,11 @@ pub trait PointRepository: Send + Sync {
 pub enum PointRepositoryError {
     #[error("the balance of user {user_id} changed since it was read")]
     StaleBalance { user_id: UserId },
+    /// The write carried a fencing number lower than one the store accepted already.
+    #[error(
+        "the account of user {user_id} was written under a later lock (fencing number {refused} < {stored})"
+    )]
+    Fenced { user_id: UserId, refused: u64, stored: u64 },
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }

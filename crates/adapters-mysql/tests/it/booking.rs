@@ -297,3 +297,62 @@ async fn the_catalog_writes_and_reads_concerts_dates_and_seats() {
     assert!(map.seats.iter().all(|s| s.price == 70_000));
     db.drop_now().await;
 }
+
+/// Takes seat `n` for `user` in a transaction whose seat lock carries fencing number
+/// `fence` (as `locked_tx` would hand it), committing when taken.
+async fn take_fenced(
+    db: &Db,
+    schedule: ScheduleId,
+    n: SeatNumber,
+    user: UserId,
+    fence: u64,
+) -> Result<domain::booking::ReservationId, domain::booking::BookingRepositoryError> {
+    use application::lock::{FencingToken, LockKey};
+    use application::tx::TransactionManager as _;
+    use domain::booking::BookingRepository as _;
+    let repo = MySqlBookingRepository::new(db.conn.clone());
+    let mut tx = db.txm.begin().await.expect("begin");
+    let seat = repo.lock_seat(tx.as_mut(), schedule, n).await.expect("lock").expect("seat");
+    let now = application::clock::now_utc();
+    let reservation = domain::booking::Reservation::hold(user, &seat, now, time::Duration::minutes(5));
+    let taken = application::tx::with_fences(
+        vec![(LockKey::seat(schedule, n), FencingToken(fence))],
+        repo.hold_seat(tx.as_mut(), &reservation, None, now),
+    )
+    .await;
+    match taken {
+        Ok(_) => {
+            tx.commit().await.expect("commit");
+            Ok(reservation.id)
+        }
+        Err(error) => {
+            tx.rollback().await.expect("rollback");
+            Err(error)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_under_an_older_seat_lock_than_the_last_one_is_refused_by_the_database() {
+    let db = Db::fresh("seat_fence").await;
+    let schedule = open_schedule(&db).await;
+    let people = users(&db, 2).await;
+    let seat = SeatNumber::new(4).unwrap();
+    let reservations = reservations_without_lock(&db);
+
+    // The holder with number 200 takes the seat, then lets it go.
+    let first = take_fenced(&db, schedule, seat, people[0], 200).await.expect("taken under 200");
+    reservations.cancel(people[0], first).await.expect("cancelled");
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM seats WHERE fence = 200").await, 1);
+
+    // A holder of an older acquisition (its lease ran out while it was paused) wakes up:
+    // the seat is free, but its number is lower than the one the seat saw. Refused.
+    let stale = take_fenced(&db, schedule, seat, people[1], 100).await;
+    assert!(matches!(stale, Err(domain::booking::BookingRepositoryError::SeatTaken)), "{stale:?}");
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM seats WHERE status <> 'AVAILABLE'").await, 0);
+
+    // A later acquisition, and an equal one (the same holder writing again), are taken.
+    take_fenced(&db, schedule, seat, people[1], 200).await.expect("taken under 200 again");
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM seats WHERE status = 'HELD' AND fence = 200").await, 1);
+    db.drop_now().await;
+}

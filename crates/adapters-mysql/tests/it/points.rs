@@ -153,6 +153,52 @@ async fn a_balance_write_from_a_stale_read_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_write_under_an_older_point_lock_than_the_last_one_is_refused() {
+    use application::lock::{FencingToken, LockKey};
+    let db = Db::fresh("points_fence").await;
+    let user = registered_user(&db).await;
+    // One charge of `amount` in its own transaction, its point lock carrying `fence`
+    // (`None`: no lock, as with the lock turned off).
+    let charge = |amount: i64, fence: Option<u64>| {
+        let db = &db;
+        let user = user.id();
+        async move {
+            let mut tx = db.txm.begin().await.expect("begin");
+            let mut account =
+                db.points.lock_account(tx.as_mut(), user).await.expect("lock").expect("account");
+            let read_at = account.version();
+            account.charge(ChargeAmount::new(amount).unwrap(), clock::now_utc()).expect("charge");
+            let fences = fence.map(|n| (LockKey::point(user), FencingToken(n))).into_iter().collect();
+            let saved =
+                application::tx::with_fences(fences, db.points.save_balance(tx.as_mut(), &account, read_at))
+                    .await;
+            if saved.is_ok() {
+                tx.commit().await.expect("commit");
+            } else {
+                tx.rollback().await.expect("rollback");
+            }
+            saved
+        }
+    };
+
+    charge(100, Some(1_000)).await.expect("the holder with 1000");
+    // The holder before it, paused past its lease, resumes and writes: refused.
+    let stale = charge(5_000, Some(999)).await;
+    assert!(
+        matches!(stale, Err(PointRepositoryError::Fenced { refused: 999, stored: 1_000, .. })),
+        "{stale:?}"
+    );
+    charge(10, Some(1_000)).await.expect("the same holder again");
+    charge(1, Some(1_001)).await.expect("the next holder");
+    // A Redis restart that lost the counter hands out the Redis clock in microseconds,
+    // far above what any counter reached: taken.
+    charge(1, Some(1_800_000_000_000_000)).await.expect("after a counter reset");
+    charge(1, None).await.expect("an unfenced write (the lock turned off) is not fenced out");
+    assert_eq!(db.points.balance(user.id()).await.expect("balance").map(|b| b.points()), Some(113));
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_is_newest_first_and_cut_at_the_limit() {
     let db = Db::fresh("points_hist").await;
     let user = registered_user(&db).await;
