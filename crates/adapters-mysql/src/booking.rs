@@ -183,6 +183,25 @@ impl BookingRepository for MySqlBookingRepository {
             .await
             .db_context("failed to hold a seat")?;
         if taken.rows_affected() != 1 {
+            if let Some(refused) = fence {
+                // Told apart for the logs only: to the client, a later holder of this
+                // seat's lock exists, so the seat is not this request's to take.
+                let stored = conn
+                    .query_one_raw(Statement::from_sql_and_values(
+                        DbBackend::MySql,
+                        sql::SEAT_FENCE,
+                        [(*reservation.schedule_id.as_uuid()).into(), reservation.seat_number.get().into()],
+                    ))
+                    .await
+                    .db_context("failed to read the seat's fence")?
+                    .map(|row| column::<u64>(&row, "fence"))
+                    .transpose()?
+                    .unwrap_or(0);
+                if refused < stored {
+                    tracing::warn!(refused, stored, "a seat take under a lost seat lock was fenced out");
+                    metrics::counter!("fenced_writes_total", "kind" => "seat").increment(1);
+                }
+            }
             return Err(BookingRepositoryError::SeatTaken);
         }
         if let Some(old) = replaces {

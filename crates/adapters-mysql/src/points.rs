@@ -156,6 +156,7 @@ impl PointRepository for MySqlPointRepository {
                     .unwrap_or(0);
                 match fence {
                     Some(refused) if refused < stored => {
+                        metrics::counter!("fenced_writes_total", "kind" => "point").increment(1);
                         Err(PointRepositoryError::Fenced { user_id: account.user_id(), refused, stored })
                     }
                     _ => Err(PointRepositoryError::StaleBalance { user_id: account.user_id() }),

@@ -139,8 +139,15 @@ pub const SAVE_BALANCE: &str = "UPDATE point_accounts SET balance = ?, version =
      WHERE user_id = ? AND version = ? AND (? IS NULL OR fence <= ?)";
 
 /// After a refused [`SAVE_BALANCE`]: the account's fence, to tell a stale version from a
-/// fenced-out holder (the user's id).
-pub const ACCOUNT_FENCE: &str = "SELECT fence FROM point_accounts WHERE user_id = ?";
+/// fenced-out holder (the user's id). A locking read: it must see the latest committed
+/// fence, not the transaction's snapshot (a keyed charge's snapshot is taken before its
+/// lock); the row is this transaction's already, so it waits for nothing.
+pub const ACCOUNT_FENCE: &str = "SELECT fence FROM point_accounts WHERE user_id = ? LOCK IN SHARE MODE";
+
+/// After a refused [`TAKE_SEAT`]: the seat's fence, to log a fenced-out holder (the date's
+/// id, the seat number). Locking, for the same reason as [`ACCOUNT_FENCE`].
+pub const SEAT_FENCE: &str =
+    "SELECT fence FROM seats WHERE schedule_id = ? AND seat_number = ? LOCK IN SHARE MODE";
 
 /// A point history entry: id, user, kind, amount, balance after, seq, time.
 pub const APPEND_HISTORY: &str = "INSERT INTO point_history (id, user_id, kind, amount, balance_after, seq, created_at) \

@@ -382,6 +382,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_fenced_out_by_a_later_holder_rolls_back_as_a_lost_lease() {
+        let user_id = UserId::generate();
+        let mut harness = Harness::new(user_id, false);
+        harness.points.expect_lock_account().times(1).returning(move |_, u| Ok(Some(account(u, 0))));
+        harness
+            .points
+            .expect_save_balance()
+            .times(1)
+            .returning(move |_, _, _| Err(PointRepositoryError::Fenced { user_id, refused: 1, stored: 2 }));
+        harness.points.expect_append_history().never();
+
+        let result = harness.build().execute(user_id, amount(6), None).await;
+
+        assert!(
+            matches!(&result, Err(ChargePointsError::Failure(Failure::LeaseLost(key))) if *key == LockKey::point(user_id)),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_failed_history_insert_rolls_the_balance_back() {
         let user_id = UserId::generate();
         let mut harness = Harness::new(user_id, false);

@@ -316,7 +316,6 @@ mod tests {
         .unwrap();
 
         assert_eq!(seen, (Some(FencingToken(42)), None, None));
-        assert_eq!(fence(&LockKey::fenced("test", "f")), None, "outside the work, no token");
     }
 
     #[tokio::test]

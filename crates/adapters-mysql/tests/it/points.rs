@@ -199,6 +199,45 @@ async fn a_balance_write_under_an_older_point_lock_than_the_last_one_is_refused(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_out_write_is_told_from_a_stale_one_even_after_an_early_snapshot() {
+    use application::idempotency::IdempotencyStore as _;
+    use application::lock::{FencingToken, LockKey};
+    let db = Db::fresh("points_fence_snapshot").await;
+    let user = registered_user(&db).await;
+    let fences = |n: u64| vec![(LockKey::point(user.id()), FencingToken(n))];
+
+    // Holder A (100) reads first as a keyed charge does (a plain read: its snapshot starts
+    // here), then is paused.
+    let mut a = db.txm.begin().await.expect("begin");
+    let key = IdempotencyKey::new("k-1").expect("key");
+    assert!(!db.idempotency.is_recorded(a.as_mut(), user.id(), &key).await.expect("read"));
+    // Holder B (200) charges and commits meanwhile.
+    let mut b = db.txm.begin().await.expect("begin");
+    let mut account = db.points.lock_account(b.as_mut(), user.id()).await.expect("lock").expect("account");
+    let read_at = account.version();
+    account.charge(ChargeAmount::new(7).unwrap(), clock::now_utc()).expect("charge");
+    application::tx::with_fences(fences(200), db.points.save_balance(b.as_mut(), &account, read_at))
+        .await
+        .expect("B's write");
+    b.commit().await.expect("commit");
+    // A resumes: its locking read sees B's version, so only the fence can refuse it, and
+    // the refusal is named for what it is.
+    let mut account = db.points.lock_account(a.as_mut(), user.id()).await.expect("lock").expect("account");
+    let read_at = account.version();
+    account.charge(ChargeAmount::new(1_000).unwrap(), clock::now_utc()).expect("charge");
+    let refused =
+        application::tx::with_fences(fences(100), db.points.save_balance(a.as_mut(), &account, read_at))
+            .await;
+    assert!(
+        matches!(refused, Err(PointRepositoryError::Fenced { refused: 100, stored: 200, .. })),
+        "{refused:?}"
+    );
+    a.rollback().await.expect("rollback");
+    assert_eq!(db.points.balance(user.id()).await.expect("balance").map(|b| b.points()), Some(7));
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_is_newest_first_and_cut_at_the_limit() {
     let db = Db::fresh("points_hist").await;
     let user = registered_user(&db).await;
