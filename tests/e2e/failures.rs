@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use e2e::booking::{AsFan as _, sign_up};
 use e2e::{Cluster, ClusterOptions, PrivateRedis, TcpProxy, client};
 
@@ -43,7 +45,50 @@ async fn with_redis_gone_charges_fail_closed_reads_go_on_and_readiness_names_red
     assert_eq!(ready.2["checks"]["redis"], "DOWN");
     assert_eq!(ready.2["checks"]["mysql"], "UP");
     assert_eq!(send(http.get(format!("{ops}/health/live")), None).await.0.as_u16(), 200);
+
+    // Degrade fast: after a few failures in a row the breakers open, and the calls that
+    // would each wait out the command timeout are refused (lock) or sent to MySQL (cache)
+    // at once. Shown by the breakers' own gauges, not by timing.
+    for _ in 0..5 {
+        assert_problem(
+            &send(http.post(&charge).bearer(&fan), Some(r#"{"amount": 100}"#)).await,
+            503,
+            "SERVICE_UNAVAILABLE",
+            None,
+        );
+        assert_eq!(send(http.get(format!("{base}/api/v1/concerts")), None).await.0.as_u16(), 200);
+    }
+    let metrics = metrics_text(&http, ops).await;
+    for dependency in ["lock", "cache"] {
+        assert!(
+            metrics.lines().any(|l| l == format!("circuit_breaker_state{{dependency=\"{dependency}\"}} 1")),
+            "the {dependency} breaker is open:\n{metrics}"
+        );
+    }
+    assert!(metrics.lines().any(|l| l.starts_with("circuit_breaker_refused_total{dependency=\"lock\"}")));
+
+    // Recover by itself: Redis comes back (empty), and without a restart of the service the
+    // next probe closes the breakers and writes go through again.
+    redis.restart().expect("redis back");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let answer = send(http.post(&charge).bearer(&fan), Some(r#"{"amount": 100}"#)).await;
+        if answer.0.as_u16() == 200 {
+            assert_eq!(answer.2["balance"], 200, "exactly the charges that were answered 200: {}", answer.2);
+            break;
+        }
+        assert_eq!(answer.0.as_u16(), 503, "{}", answer.2);
+        assert!(std::time::Instant::now() < deadline, "the service never recovered: {}", answer.2);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = metrics_text(&http, ops).await;
+    assert!(metrics.lines().any(|l| l == "circuit_breaker_state{dependency=\"lock\"} 0"), "{metrics}");
     cluster.shut_down().await;
+}
+
+async fn metrics_text(http: &awc::Client, ops: &str) -> String {
+    let mut scrape = http.get(format!("{ops}/metrics")).send().await.expect("metrics");
+    String::from_utf8_lossy(&scrape.body().limit(10 << 20).await.expect("body")).into_owned()
 }
 
 #[actix_web::test]

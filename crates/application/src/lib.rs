@@ -9,6 +9,8 @@
 //!   transaction.
 //! - [`failure`]: the one error model for what fails below a use case; [`detach`]: writes
 //!   that run to their end when the client hangs up.
+//! - [`breaker`]: circuit breakers in front of the cache and lock ports (degrade fast,
+//!   recover by itself).
 //! - [`cache`]: the [`cache::CachePort`] port and the read path over it ([`cache::Cache`]:
 //!   versioned entries, local copies, one loader per key).
 //! - [`catalog`]: concerts, dates and seat maps through the cache, and the admin writes.
@@ -21,6 +23,7 @@
 //! - one module per use case: [`create_user`], [`charge_points`], [`get_balance`],
 //!   [`point_history`].
 
+pub mod breaker;
 pub mod cache;
 pub mod catalog;
 pub mod charge_points;

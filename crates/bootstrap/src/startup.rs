@@ -24,6 +24,7 @@ use adapters_redis::connection::RedisConnections;
 use adapters_redis::events::RedisEventPublisher;
 use adapters_redis::lock::{DEFAULT_FALLBACK_POLL, LockOptions, RedisLock, WaitStrategy};
 use anyhow::Context as _;
+use application::breaker::{BreakerCache, BreakerLock, BreakerSettings};
 use application::cache::{Cache, CacheSettings};
 use application::catalog::Catalog;
 use application::charge_points::ChargePoints;
@@ -118,7 +119,13 @@ impl Application {
                 write_mark: settings.lock_max_hold + settings.lock_lease,
                 ..CacheSettings::default()
             };
-            Cache::new(Arc::new(RedisCache::with_prefix(redis.pool.clone(), cache_prefix)), settings)
+            // Behind a circuit breaker: while Redis is down, reads go to MySQL at once
+            // instead of after the command timeout each.
+            let port = BreakerCache::new(
+                RedisCache::with_prefix(redis.pool.clone(), cache_prefix),
+                BreakerSettings::default(),
+            );
+            Cache::new(Arc::new(port), settings)
         } else {
             tracing::warn!("CACHE_ENABLED=false: every catalog read goes to MySQL");
             Cache::disabled()
@@ -167,7 +174,8 @@ impl Application {
             );
             Arc::new(application::lock::NoLock)
         } else {
-            Arc::new(lock.clone())
+            // Behind a circuit breaker: while Redis is down, writes are refused (503) at once.
+            Arc::new(BreakerLock::new(lock.clone(), BreakerSettings::default()))
         };
         // A duplicate waits for the first request with its key: its lock wait plus its
         // longest hold.

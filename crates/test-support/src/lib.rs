@@ -112,6 +112,21 @@ impl PrivateRedis {
     /// When it cannot be started or does not answer within a few seconds.
     pub fn start() -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_on(port)
+    }
+
+    /// Starts it again on the same port after [`PrivateRedis::kill`] (empty, as a Redis
+    /// without persistence comes back), and waits until it answers.
+    ///
+    /// # Errors
+    /// As [`PrivateRedis::start`].
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        *self = Self::start_on(self.port)?;
+        Ok(())
+    }
+
+    fn start_on(port: u16) -> anyhow::Result<Self> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
