@@ -24,6 +24,10 @@ use tokio::time::Instant;
 use crate::cache::{CacheError, CacheKey, CachePort, CacheRead};
 use crate::lock::{DistributedLock, LockError, LockGuard, LockKey, WaitPolicy};
 
+/// The least time without a success before failures count as an outage: one stall that
+/// times out every call in flight at once, right after successes, does not open a breaker.
+const MIN_OUTAGE: Duration = Duration::from_secs(1);
+
 /// When a breaker opens and how long it stays open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerSettings {
@@ -46,8 +50,12 @@ enum State {
     Open {
         until: Instant,
     },
-    /// One probe is out; the others fail at once until it answers.
-    HalfOpen,
+    /// One probe is out since the instant; the others fail at once until it answers, or
+    /// until a cooldown has passed (a probe caught in a long lock wait must not keep the
+    /// breaker half-open for that long): then another probe goes.
+    HalfOpen {
+        since: Instant,
+    },
 }
 
 /// One dependency's breaker.
@@ -56,6 +64,9 @@ pub struct Breaker {
     settings: BreakerSettings,
     failures: AtomicU32,
     state: Mutex<State>,
+    /// When a call last succeeded: a burst of failures within a moment of a success (one
+    /// stall timing out every call in flight) is not yet an outage.
+    last_success: Mutex<Instant>,
 }
 
 impl fmt::Debug for Breaker {
@@ -75,7 +86,13 @@ enum Admit {
 impl Breaker {
     #[must_use]
     pub fn new(name: &'static str, settings: BreakerSettings) -> Self {
-        Self { name, settings, failures: AtomicU32::new(0), state: Mutex::new(State::Closed) }
+        Self {
+            name,
+            settings,
+            failures: AtomicU32::new(0),
+            state: Mutex::new(State::Closed),
+            last_success: Mutex::new(Instant::now()),
+        }
     }
 
     fn state(&self) -> State {
@@ -90,19 +107,25 @@ impl Breaker {
 
     fn admit(&self) -> Admit {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
         match *state {
             State::Closed => Admit::Call,
-            State::Open { until } if Instant::now() >= until => {
-                *state = State::HalfOpen;
+            State::Open { until } if now >= until => {
+                *state = State::HalfOpen { since: now };
                 self.gauge(2.0);
                 Admit::Probe
             }
-            State::Open { .. } | State::HalfOpen => Admit::Refuse,
+            State::HalfOpen { since } if now >= since + self.settings.cooldown => {
+                *state = State::HalfOpen { since: now };
+                Admit::Probe
+            }
+            State::Open { .. } | State::HalfOpen { .. } => Admit::Refuse,
         }
     }
 
     fn succeeded(&self, admitted: Admit) {
         self.failures.store(0, Ordering::Relaxed);
+        *self.last_success.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
         if admitted == Admit::Probe {
             *self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = State::Closed;
             self.gauge(0.0);
@@ -112,9 +135,20 @@ impl Breaker {
 
     fn failed(&self, admitted: Admit) {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if admitted == Admit::Probe || failures >= self.settings.failures {
-            let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !matches!(*state, State::Open { .. }) {
+        let quiet = self.last_success.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed();
+        let outage = failures >= self.settings.failures && quiet >= MIN_OUTAGE;
+        if admitted != Admit::Probe && !outage {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *state {
+            // Already open: a late failure of a call that started before does not push the
+            // probe back.
+            State::Open { .. } => return,
+            // Only the probe's own answer decides a half-open breaker.
+            State::HalfOpen { .. } if admitted != Admit::Probe => return,
+            State::HalfOpen { .. } => {}
+            State::Closed => {
                 tracing::warn!(
                     dependency = self.name,
                     failures,
@@ -123,9 +157,9 @@ impl Breaker {
                 );
                 metrics::counter!("circuit_breaker_opened_total", "dependency" => self.name).increment(1);
             }
-            *state = State::Open { until: Instant::now() + self.settings.cooldown };
-            self.gauge(1.0);
         }
+        *state = State::Open { until: Instant::now() + self.settings.cooldown };
+        self.gauge(1.0);
     }
 
     /// A call that did not count either way (the probe was cancelled, say): let another
@@ -133,8 +167,9 @@ impl Breaker {
     fn abandoned(&self, admitted: Admit) {
         if admitted == Admit::Probe {
             let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if *state == State::HalfOpen {
+            if matches!(*state, State::HalfOpen { .. }) {
                 *state = State::Open { until: Instant::now() };
+                self.gauge(1.0);
             }
         }
     }
@@ -241,7 +276,9 @@ impl<P: CachePort> CachePort for BreakerCache<P> {
     }
 
     async fn release_load(&self, key: &CacheKey, token: u64) -> Result<(), CacheError> {
-        self.inner.release_load(key, token).await
+        // Through the breaker: a claim that was refused at once was never taken, and its
+        // give-back must not wait out the command timeout either.
+        self.breaker.run(self.inner.release_load(key, token), cache_outage, cache_refused).await
     }
 }
 
@@ -315,6 +352,14 @@ mod tests {
         let settings = BreakerSettings { failures: 3, cooldown: Duration::from_secs(5) };
         let cache = BreakerCache::new(port(Arc::clone(&down), Arc::clone(&calls)), settings);
 
+        // Failures within a second of the last success (a stall) do not open it yet.
+        for _ in 0..3 {
+            assert!(cache.read(&key(), None).await.is_err());
+        }
+        assert!(cache.breaker.is_closed(), "a burst right after a success is not an outage");
+        calls.store(0, Ordering::SeqCst);
+        cache.breaker.failures.store(0, Ordering::SeqCst);
+        tokio::time::advance(MIN_OUTAGE).await;
         for _ in 0..3 {
             assert!(cache.read(&key(), None).await.is_err());
         }
@@ -345,6 +390,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_success_between_failures_keeps_it_closed_and_answers_that_are_not_outages_do_not_count() {
         let breaker = Breaker::new("t", BreakerSettings { failures: 2, cooldown: Duration::from_secs(1) });
+        tokio::time::advance(MIN_OUTAGE).await;
         let outage = || async { Err::<(), LockError>(LockError::Unavailable(anyhow::anyhow!("down"))) };
         let busy = || async { Err::<(), LockError>(LockError::Busy { key: LockKey::new("t", "k") }) };
         let is_outage = |e: &LockError| matches!(e, LockError::Unavailable(_));
@@ -354,10 +400,12 @@ mod tests {
         assert!(breaker.run(async { Ok::<(), LockError>(()) }, is_outage, refused).await.is_ok());
         assert!(breaker.run(outage(), is_outage, refused).await.is_err());
         assert!(breaker.is_closed(), "the success reset the count");
+        tokio::time::advance(MIN_OUTAGE).await;
         for _ in 0..5 {
             assert!(breaker.run(busy(), is_outage, refused).await.is_err());
         }
         assert!(breaker.is_closed(), "a busy lock is Redis answering (and resets the count)");
+        tokio::time::advance(MIN_OUTAGE).await;
         assert!(breaker.run(outage(), is_outage, refused).await.is_err());
         assert!(breaker.is_closed());
         assert!(breaker.run(outage(), is_outage, refused).await.is_err());
@@ -365,8 +413,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_probe_caught_in_a_long_wait_does_not_keep_the_breaker_half_open() {
+        let breaker = Breaker::new("t", BreakerSettings { failures: 1, cooldown: Duration::from_secs(1) });
+        tokio::time::advance(MIN_OUTAGE).await;
+        let is_outage = |_: &()| true;
+        assert!(breaker.run(async { Err::<(), ()>(()) }, is_outage, || ()).await.is_err());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The probe waits (a lock held by someone else, say); meanwhile calls are refused...
+        let slow = breaker.run(
+            async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok::<(), ()>(())
+            },
+            is_outage,
+            || (),
+        );
+        let mut slow = Box::pin(slow);
+        assert!(futures::poll!(&mut slow).is_pending());
+        assert!(
+            breaker.run(async { Ok::<(), ()>(()) }, is_outage, || ()).await.is_err(),
+            "refused while probing"
+        );
+        // ...but only for a cooldown: then another probe goes, and closes it.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(breaker.run(async { Ok::<(), ()>(()) }, is_outage, || ()).await.is_ok());
+        assert!(breaker.is_closed());
+        drop(slow);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_cancelled_probe_lets_another_probe_go() {
         let breaker = Breaker::new("t", BreakerSettings { failures: 1, cooldown: Duration::from_secs(1) });
+        tokio::time::advance(MIN_OUTAGE).await;
         let is_outage = |_: &()| true;
         assert!(breaker.run(async { Err::<(), ()>(()) }, is_outage, || ()).await.is_err());
         tokio::time::advance(Duration::from_secs(1)).await;

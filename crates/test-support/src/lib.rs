@@ -133,7 +133,7 @@ impl PrivateRedis {
             .stderr(Stdio::null())
             .spawn()
             .context("failed to start redis-server (is it installed? `make services` installs it)")?;
-        let redis = Self { child: Some(child), port };
+        let mut redis = Self { child: Some(child), port };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !redis.answers() {
             anyhow::ensure!(
@@ -142,6 +142,10 @@ impl PrivateRedis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The answer must be this process's: a server that could not bind (the port taken
+        // by another in the meantime) has exited.
+        let exited = redis.child.as_mut().map(|child| child.try_wait().map(|status| status.is_some()));
+        anyhow::ensure!(matches!(exited, Some(Ok(false))), "redis-server on port {port} exited at start");
         Ok(redis)
     }
 
