@@ -321,3 +321,137 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
     db.close().await.ok();
     cluster.shut_down().await;
 }
+
+/// One number from SQL, on the cluster's database.
+async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    use sea_orm::ConnectionTrait as _;
+    db.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql))
+        .await
+        .expect("query")
+        .expect("a row")
+        .try_get_by_index::<i64>(0)
+        .expect("a number")
+}
+
+#[actix_web::test]
+async fn an_instance_crashing_mid_payments_leaves_every_payment_exact_once_retried() {
+    use std::cell::Cell;
+
+    use e2e::booking::{Fan, admitted_users, call, env, open_schedule};
+    use serde_json::json;
+    use tokio::sync::Notify;
+
+    const USERS: usize = 30;
+    const PRICE: i64 = 1_000;
+    let mut env = env(USERS + 10);
+    env.extend(e2e::owned(e2e::PATIENT_LOCKS));
+    let cluster =
+        Cluster::start_with(3, &ClusterOptions { env, ..ClusterOptions::default() }).await.expect("cluster");
+    let http = client();
+    let bases: Vec<&str> = (0..3).map(|i| cluster.url(i)).collect();
+    let schedule = open_schedule(&http, bases[1], PRICE).await.expect("schedule");
+    let users: Vec<(Fan, String)> = admitted_users(&http, &bases, USERS).await.expect("admitted");
+    // Each user: points, then a hold of a seat of its own, all answered before the crash.
+    let mut reservations = Vec::with_capacity(USERS);
+    for (i, (user, token)) in users.iter().enumerate() {
+        let base = bases[i % 3];
+        let (status, _) = call(
+            http.post(format!("{base}/api/v1/users/{}/points/charge", user.id)).bearer(user),
+            Some(json!({"amount": 100_000})),
+        )
+        .await
+        .expect("charge");
+        assert_eq!(status, 200);
+        let (status, held) = call(
+            http.post(format!("{base}/api/v1/reservations")).bearer(user).queue(token),
+            Some(json!({"scheduleId": schedule, "seatNumber": i + 1})),
+        )
+        .await
+        .expect("hold");
+        assert_eq!(status, 201, "{held}");
+        reservations.push(held["id"].as_str().expect("id").to_owned());
+    }
+
+    // Every user pays at once, with a key, a third of them through instance 0, which is
+    // killed (SIGKILL: locks held, transactions open) after the first five answers.
+    let answered = Cell::new(0_usize);
+    let progress = Notify::new();
+    let pay = |i: usize, base: &str| {
+        let (user, token) = &users[i];
+        http.post(format!("{base}/api/v1/payments"))
+            .bearer(user)
+            .queue(token)
+            .insert_header(("Idempotency-Key", format!("pay-{i}")))
+            .send_json(&json!({"reservationId": reservations[i]}))
+    };
+    let storm = futures::future::join_all((0..USERS).map(|i| {
+        let request = pay(i, bases[i % 3]);
+        let (answered, progress) = (&answered, &progress);
+        async move {
+            let status = request.await.map(|r| r.status().as_u16()).unwrap_or(0);
+            answered.set(answered.get() + 1);
+            progress.notify_one();
+            (i, status)
+        }
+    }));
+    let crash = async {
+        while answered.get() < 5 {
+            progress.notified().await;
+        }
+        cluster.instances[0].crash();
+    };
+    let (answers, ()) = futures::join!(storm, crash);
+    let cut = answers.iter().filter(|(_, status)| *status == 0).count();
+    eprintln!("payments cut by the crash: {cut} of {}", USERS / 3);
+    assert!(
+        answers.iter().all(|(i, status)| *status == 201 || (i % 3 == 0 && *status == 0)),
+        "survivors pay every payment they get: {answers:?}"
+    );
+
+    // Clients retry what got no answer, with the same key, on a survivor: once the dead
+    // instance's leases run out, each is paid, or replayed if it had committed. Until then
+    // its reservation's lock is still held (409 PAYMENT_IN_PROGRESS) or its point lock
+    // (waited for).
+    for (i, _) in answers.iter().filter(|(_, status)| *status == 0) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut response = pay(*i, bases[1]).await.expect("answered");
+            let status = response.status().as_u16();
+            let body = response.body().await.unwrap_or_default();
+            if status == 201 {
+                break;
+            }
+            assert!(
+                status == 409 || status == 429 || status == 503,
+                "a retry of payment {i}: {status} {}",
+                String::from_utf8_lossy(&body)
+            );
+            assert!(std::time::Instant::now() < deadline, "payment {i} never went through");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // Exactly once, everywhere: every seat SOLD once, one payment, one CONFIRMED
+    // reservation and one USE row per user, every balance down by the price once.
+    let db = sea_orm::Database::connect(cluster.direct_database_url()).await.expect("db");
+    let n = i64::try_from(USERS).expect("small");
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM seats WHERE status = 'SOLD'").await, n);
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM payments").await, n);
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM reservations WHERE status = 'CONFIRMED'").await, n);
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM point_history WHERE kind = 'USE'").await, n);
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM point_accounts WHERE balance <> 100000 - 1000").await,
+        0,
+        "every balance paid once"
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT COUNT(*) FROM (SELECT user_id FROM payments GROUP BY user_id HAVING COUNT(*) <> 1) AS twice"
+        )
+        .await,
+        0
+    );
+    db.close().await.ok();
+    cluster.shut_down().await;
+}
