@@ -186,17 +186,13 @@ impl BookingRepository for MySqlBookingRepository {
             if let Some(refused) = fence {
                 // Told apart for the logs only: to the client, a later holder of this
                 // seat's lock exists, so the seat is not this request's to take.
-                let stored = conn
-                    .query_one_raw(Statement::from_sql_and_values(
-                        DbBackend::MySql,
-                        sql::SEAT_FENCE,
-                        [(*reservation.schedule_id.as_uuid()).into(), reservation.seat_number.get().into()],
-                    ))
-                    .await
-                    .db_context("failed to read the seat's fence")?
-                    .map(|row| column::<u64>(&row, "fence"))
-                    .transpose()?
-                    .unwrap_or(0);
+                let stored = crate::stored_fence(
+                    conn,
+                    sql::SEAT_FENCE,
+                    vec![(*reservation.schedule_id.as_uuid()).into(), reservation.seat_number.get().into()],
+                    "failed to read the seat's fence",
+                )
+                .await?;
                 if refused < stored {
                     tracing::warn!(refused, stored, "a seat take under a lost seat lock was fenced out");
                     metrics::counter!("fenced_writes_total", "kind" => "seat").increment(1);

@@ -112,6 +112,22 @@ impl<T> DbContext<T> for Result<T, DbErr> {
 /// A failed COMMIT with context `what`: when the connection failed under it, the outcome
 /// is unknown ([`OutcomeUnknown`]), never "nothing changed"; when the server answered with
 /// an error, it rolled back and the error is classified as any other.
+/// The `fence` column of the one row `sql` (a locking read) finds with `values`, 0 when
+/// none: what a write refused by its fencing number is compared with.
+pub(crate) async fn stored_fence(
+    conn: &sea_orm::DatabaseTransaction,
+    sql: &'static str,
+    values: Vec<sea_orm::Value>,
+    what: &'static str,
+) -> anyhow::Result<u64> {
+    use sea_orm::ConnectionTrait as _;
+    let row = conn
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(sea_orm::DbBackend::MySql, sql, values))
+        .await
+        .db_context(what)?;
+    Ok(row.map(|row| column::<u64>(&row, "fence")).transpose()?.unwrap_or(0))
+}
+
 pub(crate) fn commit_error(error: DbErr, what: &'static str) -> anyhow::Error {
     if connection_lost(&error) {
         anyhow::Error::new(OutcomeUnknown { source: Box::new(error) }).context(what)

@@ -143,17 +143,13 @@ impl PointRepository for MySqlPointRepository {
         match updated.rows_affected() {
             1 => Ok(()),
             0 => {
-                let stored = conn
-                    .query_one_raw(Statement::from_sql_and_values(
-                        DbBackend::MySql,
-                        sql::ACCOUNT_FENCE,
-                        [(*account.user_id().as_uuid()).into()],
-                    ))
-                    .await
-                    .db_context("failed to read the account's fence")?
-                    .map(|row| column::<u64>(&row, "fence"))
-                    .transpose()?
-                    .unwrap_or(0);
+                let stored = crate::stored_fence(
+                    conn,
+                    sql::ACCOUNT_FENCE,
+                    vec![(*account.user_id().as_uuid()).into()],
+                    "failed to read the account's fence",
+                )
+                .await?;
                 match fence {
                     Some(refused) if refused < stored => {
                         metrics::counter!("fenced_writes_total", "kind" => "point").increment(1);

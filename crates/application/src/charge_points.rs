@@ -190,15 +190,7 @@ impl From<PointError> for ChargePointsError {
 
 impl From<PointRepositoryError> for ChargePointsError {
     fn from(error: PointRepositoryError) -> Self {
-        match error {
-            // A later holder of the account's lock wrote first: this one's lease ran out
-            // under it (a pause), and the database refused its write. Nothing changed.
-            PointRepositoryError::Fenced { user_id, refused, stored } => {
-                tracing::warn!(%user_id, refused, stored, "a write under a lost point lock was fenced out");
-                Failure::LeaseLost(crate::lock::LockKey::point(user_id)).into()
-            }
-            other => anyhow::Error::new(other).context("failed to charge points").into(),
-        }
+        crate::failure::point_write(error, "failed to charge points").into()
     }
 }
 

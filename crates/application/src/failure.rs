@@ -100,6 +100,20 @@ impl From<CacheError> for Failure {
     }
 }
 
+/// What a failed point-account write means to any use case that makes one (charge, pay):
+/// a write fenced out by a later holder of the account's lock is a lost lease (this one's
+/// ran out under it, a pause, and the database refused the write; nothing changed);
+/// anything else is unexpected, with `what` as its context.
+pub(crate) fn point_write(error: domain::point::PointRepositoryError, what: &'static str) -> Failure {
+    match error {
+        domain::point::PointRepositoryError::Fenced { user_id, refused, stored } => {
+            tracing::warn!(%user_id, refused, stored, "a write under a lost point lock was fenced out");
+            Failure::LeaseLost(LockKey::point(user_id))
+        }
+        other => anyhow::Error::new(other).context(what).into(),
+    }
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(error: anyhow::Error) -> Self {
         Self::Unexpected(error)

@@ -195,16 +195,18 @@ impl RateLimits {
     /// # Errors
     /// [`ApiError::RateLimited`] past `RATE_LIMIT_SIGNUPS_PER_MINUTE` for this address.
     pub fn signup(&self, req: &HttpRequest) -> Result<(), ApiError> {
-        match (&self.signups, self.client_ip(req)) {
-            (Some(limiter), Some(ip)) => limiter.check(&budget_key(ip)),
-            _ => Ok(()),
-        }
+        self.by_address(self.signups.as_ref(), req)
     }
 
     /// # Errors
     /// [`ApiError::RateLimited`] past `RATE_LIMIT_AUTH_PER_MINUTE` for this address.
     pub fn access_token(&self, req: &HttpRequest) -> Result<(), ApiError> {
-        match (&self.auth, self.client_ip(req)) {
+        self.by_address(self.auth.as_ref(), req)
+    }
+
+    /// `limiter` (when on) for the request's client address, counted by its budget key.
+    fn by_address(&self, limiter: Option<&Limiter<IpAddr>>, req: &HttpRequest) -> Result<(), ApiError> {
+        match (limiter, self.client_ip(req)) {
             (Some(limiter), Some(ip)) => limiter.check(&budget_key(ip)),
             _ => Ok(()),
         }
