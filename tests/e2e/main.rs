@@ -8,6 +8,7 @@ mod identity;
 mod payments;
 mod points;
 mod queue;
+mod quorum;
 mod users;
 
 use awc::http::StatusCode;

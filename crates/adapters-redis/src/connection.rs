@@ -54,6 +54,38 @@ impl RedisConnections {
         Ok(Self { pool, subscriber })
     }
 
+    /// Connects `pool_size` command connections to one node of a quorum lock.
+    ///
+    /// Unlike [`RedisConnections::connect`], a node that cannot be reached does not fail:
+    /// its pool keeps trying in the background (a quorum lock works with a minority of its
+    /// nodes down, and a node that comes back later is used from then on). Returns the
+    /// pool and whether it connected within a few seconds.
+    ///
+    /// # Errors
+    /// When the URL is invalid.
+    pub async fn connect_lock_node(
+        url: &str,
+        pool_size: usize,
+        command_timeout: Duration,
+    ) -> anyhow::Result<(Pool, bool)> {
+        let mut config = Config::from_url(url).context("invalid REDIS_LOCK_NODES entry")?;
+        config.fail_fast = false;
+        let pool = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = CONNECT_TIMEOUT;
+                c.internal_command_timeout = command_timeout;
+            })
+            .with_performance_config(|c| c.default_command_timeout = command_timeout)
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build_pool(pool_size.max(1))
+            .context("build a lock node's pool")?;
+        let _connections = pool.connect_pool();
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT * 2, pool.wait_for_connect())
+            .await
+            .is_ok_and(|connected| connected.is_ok());
+        Ok((pool, connected))
+    }
+
     /// Answers whether Redis takes commands now (readiness).
     ///
     /// # Errors

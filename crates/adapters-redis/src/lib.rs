@@ -3,6 +3,8 @@
 //! - [`connection`]: connecting a command pool and a pub/sub subscriber.
 //! - [`lock`]: [`lock::RedisLock`], the `DistributedLock` port: owner tokens, leases
 //!   renewed by a watchdog, fencing numbers, and three ways of waiting.
+//! - [`quorum`]: [`quorum::QuorumLock`], the same port over several independent Redis
+//!   nodes (Redlock), with fencing numbers that stay monotonic across majorities.
 //! - [`cache`]: [`cache::RedisCache`], the `CachePort` port.
 //! - [`queue`]: [`queue::RedisQueue`], the `WaitingQueue` port (the default queue).
 //! - [`events`]: payment events on a Redis Stream: the outbox publisher, an idempotent consumer.
@@ -14,3 +16,4 @@ pub mod connection;
 pub mod events;
 pub mod lock;
 pub mod queue;
+pub mod quorum;

@@ -77,6 +77,8 @@ const RELEASE_LUA: &str = include_str!("lua/lock_release.lua");
 
 const RENEW_LUA: &str = include_str!("lua/lock_renew.lua");
 
+const RAISE_FENCE_LUA: &str = include_str!("lua/lock_raise_fence.lua");
+
 /// The default lease: short enough that a crashed instance blocks a key only briefly; long
 /// enough that a renewal can miss a beat or two.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
@@ -151,6 +153,7 @@ struct Inner {
     acquire: Script,
     release: Script,
     renew: Script,
+    raise: Script,
     /// Local pub/sub waiters, by key.
     waiters: Waiters,
     /// Keeps the subscriber task alive as long as the lock.
@@ -235,6 +238,7 @@ impl RedisLock {
                 acquire: Script::from_lua(ACQUIRE_LUA),
                 release: Script::from_lua(RELEASE_LUA),
                 renew: Script::from_lua(RENEW_LUA),
+                raise: Script::from_lua(RAISE_FENCE_LUA),
                 waiters,
                 listener,
                 sleeping: AtomicUsize::new(0),
@@ -308,6 +312,44 @@ impl RedisLock {
         let left = self.outstanding();
         tracing::warn!(freed, left, "some locks may be left at shutdown; their leases will free them");
         freed
+    }
+
+    /// Acquires `key` and returns the concrete guard: [`DistributedLock::acquire`] without
+    /// its metrics, for a [`crate::quorum::QuorumLock`] that takes one per node. `report`
+    /// says whether the guard records its hold time (a node's guard of a quorum does not:
+    /// the quorum's hold is one hold, not one per node).
+    pub(crate) async fn acquire_guard(
+        &self,
+        key: &LockKey,
+        wait: WaitPolicy,
+        report: bool,
+    ) -> Result<RedisLockGuard, LockError> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let acquired = match wait {
+            WaitPolicy::FailFast => match self.try_once(key, &token).await? {
+                Attempt::Acquired(acquired) => acquired,
+                Attempt::Held { .. } => return Err(LockError::Busy { key: key.clone() }),
+            },
+            WaitPolicy::WaitUpTo(limit) => self.acquire_waiting(key, &token, limit).await?,
+        };
+        Ok(self.guard(key, token, acquired, report))
+    }
+
+    /// Raises `key`'s fencing counter to at least `floor` (never lowers it). A quorum lock
+    /// hands out the highest number its nodes gave and writes it back to them, so that
+    /// whichever majority the next holder wins, one of its nodes has seen this number.
+    pub(crate) async fn raise_fence(&self, key: &LockKey, floor: FencingToken) -> Result<(), LockError> {
+        let _: i64 = self
+            .inner
+            .raise
+            .evalsha_with_reload(
+                self.inner.pool.next(),
+                vec![fence_key(key)],
+                vec![floor.0.to_string(), millis(FENCE_TTL).to_string()],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     /// One attempt: the fencing number if acquired, else how long the holder's lease has left.
@@ -395,7 +437,7 @@ impl RedisLock {
         }
     }
 
-    fn guard(&self, key: &LockKey, token: String, acquired: Acquired) -> RedisLockGuard {
+    fn guard(&self, key: &LockKey, token: String, acquired: Acquired, report: bool) -> RedisLockGuard {
         let options = self.inner.options;
         let (state_tx, state_rx) = watch::channel(LeaseState {
             lost: false,
@@ -421,6 +463,7 @@ impl RedisLock {
             watchdog: Some(watchdog),
             acquired_at: Instant::now(),
             released: false,
+            report,
         }
     }
 }
@@ -553,30 +596,27 @@ impl DistributedLock for RedisLock {
     #[tracing::instrument(name = "lock.acquire", skip(self), fields(key = %key))]
     async fn acquire(&self, key: &LockKey, wait: WaitPolicy) -> Result<Box<dyn LockGuard>, LockError> {
         let started = Instant::now();
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        let outcome = match wait {
-            WaitPolicy::FailFast => match self.try_once(key, &token).await {
-                Ok(Attempt::Acquired(acquired)) => Ok(acquired),
-                Ok(Attempt::Held { .. }) => Err(LockError::Busy { key: key.clone() }),
-                Err(error) => Err(error),
-            },
-            WaitPolicy::WaitUpTo(limit) => self.acquire_waiting(key, &token, limit).await,
-        };
-        let label = match &outcome {
-            Ok(_) => "acquired",
-            Err(LockError::Busy { .. }) => "busy",
-            Err(LockError::Timeout { .. }) => "timeout",
-            Err(_) => "error",
-        };
-        metrics::histogram!("lock_wait_seconds", "kind" => key.kind(), "outcome" => label)
-            .record(started.elapsed().as_secs_f64());
-        if outcome.is_err() {
-            metrics::counter!("lock_acquire_failures_total", "kind" => key.kind(), "reason" => label)
-                .increment(1);
-        }
-        let acquired = outcome?;
-        tracing::debug!(fence = acquired.fence.map(|fence| fence.0), "lock acquired");
-        Ok(Box::new(self.guard(key, token, acquired)))
+        let outcome = self.acquire_guard(key, wait, true).await;
+        record_acquire(key, started, outcome.as_ref().map(|_| ()));
+        let guard = outcome?;
+        tracing::debug!(fence = guard.fence.map(|fence| fence.0), "lock acquired");
+        Ok(Box::new(guard))
+    }
+}
+
+/// The metrics of one acquisition (by the lock as a whole, not by a node of a quorum).
+pub(crate) fn record_acquire(key: &LockKey, started: Instant, outcome: Result<(), &LockError>) {
+    let label = match outcome {
+        Ok(()) => "acquired",
+        Err(LockError::Busy { .. }) => "busy",
+        Err(LockError::Timeout { .. }) => "timeout",
+        Err(_) => "error",
+    };
+    metrics::histogram!("lock_wait_seconds", "kind" => key.kind(), "outcome" => label)
+        .record(started.elapsed().as_secs_f64());
+    if outcome.is_err() {
+        metrics::counter!("lock_acquire_failures_total", "kind" => key.kind(), "reason" => label)
+            .increment(1);
     }
 }
 
@@ -658,6 +698,8 @@ pub struct RedisLockGuard {
     /// release that failed on a Redis blip, or one cancelled while fred reloads a flushed
     /// script) tries again from `Drop`, instead of leaving the key locked for its lease.
     released: bool,
+    /// Whether the hold time is recorded (not for a node's guard of a quorum).
+    report: bool,
 }
 
 impl fmt::Debug for RedisLockGuard {
@@ -729,6 +771,9 @@ impl LockGuard for RedisLockGuard {
 
 impl RedisLockGuard {
     fn record_hold(&self) {
+        if !self.report {
+            return;
+        }
         metrics::histogram!("lock_hold_seconds", "kind" => self.key.kind())
             .record(self.acquired_at.elapsed().as_secs_f64());
     }
@@ -848,7 +893,7 @@ fn millis(duration: Duration) -> i64 {
 }
 
 /// Full jitter: uniformly in `0..=backoff`.
-fn jitter(backoff: Duration) -> Duration {
+pub(crate) fn jitter(backoff: Duration) -> Duration {
     let nanos = u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(fastrand::u64(0..=nanos))
 }

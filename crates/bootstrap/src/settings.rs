@@ -49,6 +49,11 @@ pub struct Settings {
     pub database_url: String,
     /// `REDIS_URL`.
     pub redis_url: String,
+    /// `REDIS_LOCK_NODES`: independent Redis nodes (comma-separated URLs, at least three)
+    /// for the quorum lock; `None`: the lock lives on `REDIS_URL`.
+    pub redis_lock_nodes: Option<Vec<String>>,
+    /// `LOCK_NODE_TIMEOUT_MS`: how long a quorum acquisition waits for one node.
+    pub lock_node_timeout: Duration,
     /// `HTTP_ADDR`: where to listen; port 0 picks a free port (tests).
     pub http_addr: String,
     /// `RUST_LOG`.
@@ -139,6 +144,13 @@ impl std::fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("database_url", &redact(&self.database_url))
             .field("redis_url", &redact(&self.redis_url))
+            .field(
+                "redis_lock_nodes",
+                &self
+                    .redis_lock_nodes
+                    .as_ref()
+                    .map(|nodes| nodes.iter().map(|n| redact(n)).collect::<Vec<_>>()),
+            )
             .field("http_addr", &self.http_addr)
             .field("ops_addr", &self.ops_addr)
             .field("admin_api_key", &self.admin_api_key.as_ref().map(|_| "***"))
@@ -258,6 +270,39 @@ impl Settings {
             format!(
                 "must be below LOCK_MAX_HOLD_MS ({} ms), so that the database cuts a hung statement before the lock holder is abandoned",
                 millis(lock_max_hold)
+            ),
+        )?;
+        let redis_lock_nodes = match lookup("REDIS_LOCK_NODES").filter(|raw| !raw.trim().is_empty()) {
+            None => None,
+            Some(raw) => {
+                let nodes: Vec<String> = raw.split(',').map(|node| node.trim().to_owned()).collect();
+                let problem = if nodes.len() < 3 {
+                    Some(
+                        "must list at least three Redis URLs: a majority of two is both nodes, so one down would stop every write",
+                    )
+                } else if nodes.iter().any(|n| !(n.starts_with("redis://") || n.starts_with("rediss://"))) {
+                    Some("every entry must be a redis:// or rediss:// URL")
+                } else if nodes.iter().enumerate().any(|(i, n)| nodes[..i].contains(n)) {
+                    Some("lists a node twice: a quorum needs independent nodes")
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    let value = nodes.iter().map(|n| redact(n)).collect::<Vec<_>>().join(",");
+                    return Err(SettingsError { name: "REDIS_LOCK_NODES", value, problem: problem.into() });
+                }
+                Some(nodes)
+            }
+        };
+        let lock_node_timeout =
+            ms("LOCK_NODE_TIMEOUT_MS", adapters_redis::quorum::DEFAULT_NODE_TIMEOUT, 10..=10_000)?;
+        related(
+            lock_node_timeout * 3 <= lock_lease,
+            "LOCK_NODE_TIMEOUT_MS",
+            lock_node_timeout,
+            format!(
+                "must be at most a third of LOCK_LEASE_MS ({} ms): the lease runs on the nodes that answered while the slowest is awaited",
+                millis(lock_lease)
             ),
         )?;
         let queue_backend = if choice("QUEUE_BACKEND", "redis", &["redis", "mysql"])? == "mysql" {
@@ -422,6 +467,8 @@ impl Settings {
             shutdown_grace_seconds,
             database_url,
             redis_url,
+            redis_lock_nodes,
+            lock_node_timeout,
             http_addr,
             log_filter: text("RUST_LOG", "info"),
             log_format,
@@ -499,6 +546,31 @@ mod tests {
         assert_eq!(s.rate_limits, crate::limits::RateLimitSettings::default());
         assert!(s.trusted_proxies.is_empty());
         assert_eq!((s.sse_max_streams, s.http_body_timeout), (10_000, Duration::from_secs(10)));
+        assert_eq!((s.redis_lock_nodes, s.lock_node_timeout), (None, Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn quorum_lock_nodes_are_read_and_checked() {
+        let three = "redis://a:6379, redis://b:6379,rediss://c:6380";
+        let s = settings(&[("REDIS_LOCK_NODES", three)]).unwrap();
+        assert_eq!(
+            s.redis_lock_nodes.as_deref(),
+            Some(
+                &["redis://a:6379".to_owned(), "redis://b:6379".to_owned(), "rediss://c:6380".to_owned()][..]
+            )
+        );
+        assert_eq!(settings(&[("REDIS_LOCK_NODES", " ")]).unwrap().redis_lock_nodes, None, "blank is unset");
+        for bad in ["redis://a,redis://b", "redis://a,redis://b,http://c", "redis://a,redis://b,redis://a"] {
+            let error = settings(&[("REDIS_LOCK_NODES", bad)]).unwrap_err().to_string();
+            assert!(error.starts_with("REDIS_LOCK_NODES:"), "{bad}: {error}");
+        }
+        let error = settings(&[("REDIS_LOCK_NODES", "redis://:pw1@a,redis://b,redis://c,ftp://:pw2@d")])
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("pw1") && !error.contains("pw2"), "{error}");
+        // A node timeout the lease could not absorb.
+        let error = settings(&[("LOCK_NODE_TIMEOUT_MS", "5000")]).unwrap_err().to_string();
+        assert!(error.starts_with("LOCK_NODE_TIMEOUT_MS:"), "{error}");
     }
 
     #[test]

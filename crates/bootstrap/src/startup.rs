@@ -23,6 +23,7 @@ use adapters_redis::cache::RedisCache;
 use adapters_redis::connection::RedisConnections;
 use adapters_redis::events::RedisEventPublisher;
 use adapters_redis::lock::{DEFAULT_FALLBACK_POLL, LockOptions, RedisLock, WaitStrategy};
+use adapters_redis::quorum::{QuorumLock, QuorumOptions};
 use anyhow::Context as _;
 use application::breaker::{BreakerCache, BreakerLock, BreakerSettings};
 use application::cache::{Cache, CacheSettings};
@@ -83,7 +84,7 @@ pub struct Application {
     ops_server: Server,
     db: DatabaseConnection,
     redis: RedisConnections,
-    lock: RedisLock,
+    lock: ServerLock,
     jobs: Jobs,
     queue_events: QueueEvents,
     /// Set at the first stop signal: readiness then answers 503.
@@ -146,24 +147,8 @@ impl Application {
             settings.database_statement_timeout,
         )
         .await?;
-        let lock = RedisLock::new(
-            redis.pool.clone(),
-            Some(&redis.subscriber),
-            LockOptions {
-                lease: settings.lock_lease,
-                renew_every: settings.lock_lease / 3,
-                max_hold: settings.lock_max_hold,
-                wait: match settings.lock_wait_mode {
-                    LockWaitMode::PubSub => WaitStrategy::PubSub { fallback_poll: DEFAULT_FALLBACK_POLL },
-                    LockWaitMode::Spin => WaitStrategy::Spin {
-                        initial: Duration::from_millis(5),
-                        max: Duration::from_millis(100),
-                    },
-                },
-            },
-        )
-        .await
-        .context("failed to set up the distributed lock")?;
+        let lock =
+            ServerLock::build(&settings, &redis).await.context("failed to set up the distributed lock")?;
 
         let users = Arc::new(MySqlUserRepository::new(db.clone()));
         let points = Arc::new(MySqlPointRepository::new(db.clone()));
@@ -175,7 +160,14 @@ impl Application {
             Arc::new(application::lock::NoLock)
         } else {
             // Behind a circuit breaker: while Redis is down, writes are refused (503) at once.
-            Arc::new(BreakerLock::new(lock.clone(), BreakerSettings::default()))
+            match &lock {
+                ServerLock::Single(lock) => {
+                    Arc::new(BreakerLock::new(lock.clone(), BreakerSettings::default()))
+                }
+                ServerLock::Quorum(lock) => {
+                    Arc::new(BreakerLock::new(lock.clone(), BreakerSettings::default()))
+                }
+            }
         };
         // A duplicate waits for the first request with its key: its lock wait plus its
         // longest hold.
@@ -448,6 +440,77 @@ impl Application {
         self.db.close().await.ok();
         tracing::info!("stopped");
         served.context("the HTTP server failed")
+    }
+}
+
+/// The lock an instance takes its keys on: on `REDIS_URL`, or over `REDIS_LOCK_NODES`.
+enum ServerLock {
+    Single(RedisLock),
+    Quorum(QuorumLock),
+}
+
+impl ServerLock {
+    async fn build(settings: &Settings, redis: &RedisConnections) -> anyhow::Result<Self> {
+        let options = LockOptions {
+            lease: settings.lock_lease,
+            renew_every: settings.lock_lease / 3,
+            max_hold: settings.lock_max_hold,
+            wait: match settings.lock_wait_mode {
+                LockWaitMode::PubSub => WaitStrategy::PubSub { fallback_poll: DEFAULT_FALLBACK_POLL },
+                LockWaitMode::Spin => {
+                    WaitStrategy::Spin { initial: Duration::from_millis(5), max: Duration::from_millis(100) }
+                }
+            },
+        };
+        let Some(urls) = &settings.redis_lock_nodes else {
+            return Ok(Self::Single(
+                RedisLock::new(redis.pool.clone(), Some(&redis.subscriber), options).await?,
+            ));
+        };
+        // Each node is asked once per attempt and never waited on: the quorum retries.
+        let node_options = LockOptions {
+            wait: WaitStrategy::Spin { initial: Duration::from_millis(5), max: Duration::from_millis(100) },
+            ..options
+        };
+        let connected = futures::future::try_join_all(urls.iter().map(|url| {
+            RedisConnections::connect_lock_node(url, settings.redis_pool_size, settings.redis_command_timeout)
+        }))
+        .await?;
+        let mut nodes = Vec::with_capacity(urls.len());
+        let mut reachable = 0;
+        for ((pool, up), url) in connected.into_iter().zip(urls) {
+            if up {
+                reachable += 1;
+            } else {
+                tracing::warn!(node = %redact(url), "a lock node is not reachable; it is retried in the background");
+            }
+            nodes.push(RedisLock::new(pool, None, node_options).await?);
+        }
+        let lock = QuorumLock::new(
+            nodes,
+            QuorumOptions { node_timeout: settings.lock_node_timeout, ..QuorumOptions::default() },
+        )?;
+        // Fail at start, as with a single Redis, rather than start an instance that could
+        // never take a lock.
+        anyhow::ensure!(
+            reachable >= lock.quorum(),
+            "only {reachable} of {} REDIS_LOCK_NODES answered; a quorum lock needs {}",
+            urls.len(),
+            lock.quorum()
+        );
+        tracing::info!(
+            nodes = urls.len(),
+            quorum = lock.quorum(),
+            "locks are taken on a quorum of Redis nodes"
+        );
+        Ok(Self::Quorum(lock))
+    }
+
+    async fn release_all(&self, within: Duration) -> usize {
+        match self {
+            Self::Single(lock) => lock.release_all(within).await,
+            Self::Quorum(lock) => lock.release_all(within).await,
+        }
     }
 }
 

@@ -5,6 +5,7 @@ mod cache;
 mod events;
 mod lock;
 mod queue;
+mod quorum;
 
 use adapters_redis::connection::RedisConnections;
 
