@@ -18,7 +18,7 @@ use std::time::Duration;
 use application::cache::{CacheError, CacheKey, CachePort, CacheRead};
 use async_trait::async_trait;
 use fred::clients::Pool;
-use fred::prelude::KeysInterface;
+use fred::prelude::{KeysInterface, ServerInterface};
 use fred::types::Value;
 use fred::types::scripts::Script;
 
@@ -49,11 +49,20 @@ const END_WRITE: &str = include_str!("lua/cache_end_write.lua");
 /// KEYS: claim. ARGV: token. Standalone (no clock).
 const RELEASE_CLAIM: &str = include_str!("lua/cache_release_claim.lua");
 
+/// How many replicas must have a write mark before the write may go on, and how long to
+/// wait for them ([`RedisCache::with_replica_acks`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaAcks {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
 /// A cache in one Redis (or a cluster), keys optionally under a prefix (tests use one each).
 #[derive(Clone, Debug)]
 pub struct RedisCache {
     pool: Pool,
     prefix: String,
+    acks: Option<ReplicaAcks>,
     read: Script,
     store: Script,
     begin_write: Script,
@@ -73,12 +82,29 @@ impl RedisCache {
         Self {
             pool,
             prefix,
+            acks: None,
             read: clocked(READ),
             store: clocked(STORE),
             begin_write: clocked(BEGIN_WRITE),
             end_write: clocked(END_WRITE),
             release_claim: Script::from_lua(RELEASE_CLAIM),
         }
+    }
+
+    /// Makes every write mark wait until `acks.replicas` replicas have it (`WAIT`), and
+    /// fail (so that the write is refused, 503) when fewer had it within `acks.timeout`.
+    ///
+    /// Why: Redis replicates asynchronously. A mark (with its version bump and eviction)
+    /// that the master acknowledged but no replica received is lost when a replica is
+    /// promoted; the write then commits in MySQL while the new master still holds the entry
+    /// from before it, and serves it as current until it runs out. With the mark on the
+    /// replica first, the promoted node has it. The mark's lift needs no wait: a lift lost in
+    /// a failover leaves the mark in place, and reads bypass the cache until it runs out.
+    /// `replicas` of 0 means no wait.
+    #[must_use]
+    pub fn with_replica_acks(mut self, acks: ReplicaAcks) -> Self {
+        self.acks = (acks.replicas > 0).then_some(acks);
+        self
     }
 
     /// The Redis key of `key` with `suffix` (`v`, `e`, `w`, `l`).
@@ -150,9 +176,28 @@ impl CachePort for RedisCache {
     }
 
     async fn begin_write(&self, key: &CacheKey, token: u64, ttl: Duration) -> Result<(), CacheError> {
-        self.run(&self.begin_write, self.keys(key), vec![millis(VERSION_TTL), token.to_string(), millis(ttl)])
+        // WAIT counts the writes of its own connection: the mark and the wait go on one.
+        let client = self.pool.next();
+        self.begin_write
+            .evalsha_with_reload::<Value, _, _>(
+                client,
+                self.keys(key),
+                vec![millis(VERSION_TTL), token.to_string(), millis(ttl)],
+            )
             .await
-            .map(drop)
+            .map_err(unavailable)?;
+        let Some(acks) = self.acks else { return Ok(()) };
+        let timeout_ms = i64::try_from(acks.timeout.as_millis()).unwrap_or(i64::MAX).max(1);
+        let acked: i64 = client.wait(i64::from(acks.replicas), timeout_ms).await.map_err(unavailable)?;
+        if acked < i64::from(acks.replicas) {
+            metrics::counter!("cache_replica_ack_failures_total").increment(1);
+            return Err(CacheError::Unavailable(anyhow::anyhow!(
+                "a write mark reached {acked} of {} replicas within {:?}",
+                acks.replicas,
+                acks.timeout
+            )));
+        }
+        Ok(())
     }
 
     async fn end_write(&self, key: &CacheKey, token: u64) -> Result<(), CacheError> {

@@ -54,7 +54,9 @@ impl RedisConnections {
         Ok(Self { pool, subscriber })
     }
 
-    /// Connects `pool_size` command connections to one node of a quorum lock.
+    /// Connects `pool_size` command connections to one node of a quorum lock, every command
+    /// timing out after `command_timeout` (the quorum's node timeout: fred then knows a
+    /// command was abandoned and never sends it after a reconnection).
     ///
     /// Unlike [`RedisConnections::connect`], a node that cannot be reached does not fail:
     /// its pool keeps trying in the background (a quorum lock works with a minority of its
@@ -80,9 +82,15 @@ impl RedisConnections {
             .build_pool(pool_size.max(1))
             .context("build a lock node's pool")?;
         let _connections = pool.connect_pool();
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT * 2, pool.wait_for_connect())
-            .await
-            .is_ok_and(|connected| connected.is_ok());
+        // Asked until it answers, rather than waiting for a connect notice that could come
+        // before the wait began (fred reports a later failed reconnect only as an error).
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT * 2, async {
+            while pool.next().ping::<String>(None).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .is_ok();
         Ok((pool, connected))
     }
 

@@ -451,6 +451,7 @@ impl RedisLock {
             acquired.lease_from,
             hold_until,
             state_tx,
+            report,
         ));
         RedisLockGuard {
             key: key.clone(),
@@ -630,6 +631,7 @@ async fn watchdog(
     lease_from: Instant,
     hold_until: Instant,
     state: watch::Sender<LeaseState>,
+    report: bool,
 ) {
     let lease = inner.options.lease;
     let margin = inner.options.margin();
@@ -645,7 +647,9 @@ async fn watchdog(
             // Held too long: stop extending. The guard stops trusting the lease at
             // `hold_until` and the work under it is abandoned; nothing to mark here.
             tracing::warn!(%key, "lock held past its longest hold; no longer renewed");
-            metrics::counter!("lock_hold_limit_reached_total", "kind" => key.kind()).increment(1);
+            if report {
+                metrics::counter!("lock_hold_limit_reached_total", "kind" => key.kind()).increment(1);
+            }
             return;
         }
         let renewed: Result<i64, _> = inner
@@ -675,7 +679,11 @@ async fn watchdog(
             }
         }
     }
-    metrics::counter!("lock_lease_lost_total", "kind" => key.kind()).increment(1);
+    if report {
+        // A node's grant of a quorum lock is not the lock: its losses are counted by
+        // `lock_quorum_node_failures_total` and the quorum guard.
+        metrics::counter!("lock_lease_lost_total", "kind" => key.kind()).increment(1);
+    }
     state.send_modify(|s| s.lost = true);
 }
 

@@ -9,10 +9,12 @@
 //!   owner token and fencing counter), each bounded by [`QuorumOptions::node_timeout`],
 //!   **in the same order on every instance**. Granted by a majority (`N / 2 + 1`) →
 //!   acquired (the nodes after it are asked too: a grant on more nodes survives more node
-//!   failures during the hold). Busy on a node before the majority → every grant so far is
-//!   given back at once and the attempt is busy: contenders meet at the first node they
-//!   share, so a storm on one key does not split the vote (asking every node at once did:
-//!   200 charges on one account, each contender holding one node of three, livelocked).
+//!   failures during the hold). Busy on a node while holding some grants short of a
+//!   majority → they are given back at once and the attempt is busy: contenders meet at the
+//!   first node they both took, so a storm on one key does not split the vote (asking every
+//!   node at once did: 200 charges on one account, each contender holding one node of
+//!   three, livelocked). Busy while holding none → the next node is asked, so that one
+//!   stale grant on an early node does not block a key the others would give.
 //!   So many nodes failed that no majority can be reached → unavailable (locks fail
 //!   closed). A node that failed is skipped for a second ([`NodeHealth`]) rather than cost
 //!   every acquisition its timeout; an attempt it did not answer in time is dropped, and
@@ -28,7 +30,9 @@
 //!   (never lowering a counter) before it is handed out. Any two majorities share a node,
 //!   so the next holder's majority contains a node that has seen this number, and its own
 //!   number is higher: the numbers strictly increase without trusting the nodes' clocks to
-//!   agree. (Without the write-back, majority {A, B} could hand out B's 200 and the next
+//!   agree, as long as that node's counter survives (it lives an hour past the key's last
+//!   acquisition and is lost with an empty restart; then the clocks decide, as with one
+//!   Redis, and a number too low is refused by the database: it fails closed). (Without the write-back, majority {A, B} could hand out B's 200 and the next
 //!   majority {A, C} C's 150.)
 //! - **Renewal and loss**: each node's grant is renewed by its own watchdog, as a
 //!   single-node guard is. The quorum guard counts as lost as soon as fewer than a majority
@@ -186,7 +190,7 @@ impl QuorumLock {
         let inner = &self.inner;
         let spare = inner.nodes.len() - inner.quorum;
         let mut granted = Vec::with_capacity(inner.nodes.len());
-        let mut failed = 0;
+        let (mut busy, mut failed) = (0, 0);
         let mut last_failure = None;
         for (node, lock) in inner.nodes.iter().enumerate() {
             if failed > spare {
@@ -198,15 +202,17 @@ impl QuorumLock {
                     Some(LockError::Unavailable(anyhow::anyhow!("node {node} failed a moment ago")));
                 continue;
             }
+            // The node's own connections time a command out at the node timeout (so that
+            // fred never sends an abandoned acquire later); this bound is a backstop.
             let answer = tokio::time::timeout(
-                inner.options.node_timeout,
+                inner.options.node_timeout * 2,
                 lock.acquire_guard(key, WaitPolicy::FailFast, false),
             )
             .await
             .unwrap_or_else(|_| {
                 Err(LockError::Unavailable(anyhow::anyhow!(
                     "no answer within {:?}",
-                    inner.options.node_timeout
+                    inner.options.node_timeout * 2
                 )))
             });
             match answer {
@@ -214,15 +220,21 @@ impl QuorumLock {
                     inner.health[node].answered();
                     granted.push((node, guard));
                 }
-                // Held by someone else: contenders meet at the first node they share, so
-                // stop here rather than take grants that only split the vote. Past a
-                // majority, a busy node only means one grant fewer.
-                Err(LockError::Busy { .. }) if granted.len() < inner.quorum => {
+                Err(LockError::Busy { .. }) => {
                     inner.health[node].answered();
-                    give_back(granted.into_iter().map(|(_, guard)| guard).collect()).await;
-                    return Err(LockError::Busy { key: key.clone() });
+                    busy += 1;
+                    // Held by someone else. Holding grants of our own short of a majority,
+                    // we give them back at once: contenders meet at the first node they
+                    // both took, and grants that only split the vote are not kept. Holding
+                    // none, we go on: one stale grant on an early node (a holder's release
+                    // that never arrived) must not block a key the other nodes would give.
+                    // Past a majority, a busy node is one grant fewer.
+                    let split = !granted.is_empty() && granted.len() < inner.quorum;
+                    if split || busy + failed > spare {
+                        give_back(granted.into_iter().map(|(_, guard)| guard).collect()).await;
+                        return Err(LockError::Busy { key: key.clone() });
+                    }
                 }
-                Err(LockError::Busy { .. }) => inner.health[node].answered(),
                 Err(error) => {
                     failed += 1;
                     inner.health[node].failed();
@@ -235,6 +247,9 @@ impl QuorumLock {
         }
         if granted.len() < inner.quorum {
             give_back(granted.into_iter().map(|(_, guard)| guard).collect()).await;
+            if failed <= spare {
+                return Err(LockError::Busy { key: key.clone() });
+            }
             let why = last_failure.map_or_else(|| anyhow::anyhow!("no node answered"), anyhow::Error::new);
             return Err(LockError::Unavailable(why.context(format!(
                 "{failed} of {} lock nodes failed; a majority of {} cannot be reached",
@@ -262,10 +277,12 @@ impl QuorumLock {
             released: false,
         };
         if guard.is_lost() {
-            // The round took so long that a majority's leases are no longer trusted.
-            tracing::debug!(%key, "quorum reached too late; given back");
+            // The round took so long that a majority's leases are no longer trusted: the
+            // nodes are too slow to lock on (not someone else holding the key).
             let _ = Box::new(guard).release().await;
-            return Err(LockError::Busy { key: key.clone() });
+            return Err(LockError::Unavailable(anyhow::anyhow!(
+                "a majority was reached too late to trust its leases"
+            )));
         }
         Ok(guard)
     }
@@ -413,7 +430,10 @@ impl LockGuard for QuorumGuard {
             _ => None,
         }) {
             Some(error) => Err(LockError::Unavailable(error)),
-            None => Err(LockError::LeaseLost { key: self.key.clone() }),
+            None => {
+                metrics::counter!("lock_lease_lost_total", "kind" => self.key.kind()).increment(1);
+                Err(LockError::LeaseLost { key: self.key.clone() })
+            }
         }
     }
 }

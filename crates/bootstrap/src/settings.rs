@@ -100,6 +100,9 @@ pub struct Settings {
     /// `CACHE_ENABLED`: `false` sends every catalog read to MySQL (the benchmark's
     /// baseline).
     pub cache_enabled: bool,
+    /// `CACHE_REPLICA_ACKS` / `CACHE_REPLICA_ACK_TIMEOUT_MS`: how many Redis replicas must
+    /// have a cache write mark before the write goes on (0: no wait), and how long to wait.
+    pub cache_replica_acks: adapters_redis::cache::ReplicaAcks,
     /// `DISABLE_LOCKS_FOR_TESTING`: replaces the distributed lock by one that excludes no
     /// one, so that tests can show the SQL guards alone keep every write exact. Never in
     /// production.
@@ -282,7 +285,7 @@ impl Settings {
                     )
                 } else if nodes.iter().any(|n| !(n.starts_with("redis://") || n.starts_with("rediss://"))) {
                     Some("every entry must be a redis:// or rediss:// URL")
-                } else if nodes.iter().enumerate().any(|(i, n)| nodes[..i].contains(n)) {
+                } else if nodes.iter().enumerate().any(|(i, n)| nodes[..i].iter().any(|m| same_node(m, n))) {
                     Some("lists a node twice: a quorum needs independent nodes")
                 } else {
                     None
@@ -297,11 +300,11 @@ impl Settings {
         let lock_node_timeout =
             ms("LOCK_NODE_TIMEOUT_MS", adapters_redis::quorum::DEFAULT_NODE_TIMEOUT, 10..=10_000)?;
         related(
-            lock_node_timeout * 3 <= lock_lease,
+            redis_lock_nodes.is_none() || lock_node_timeout * 3 <= lock_lease,
             "LOCK_NODE_TIMEOUT_MS",
             lock_node_timeout,
             format!(
-                "must be at most a third of LOCK_LEASE_MS ({} ms): the lease runs on the nodes that answered while the slowest is awaited",
+                "must be at most a third of LOCK_LEASE_MS ({} ms) with REDIS_LOCK_NODES: renewals on each node start a third into the lease, and one that times out must leave time for another",
                 millis(lock_lease)
             ),
         )?;
@@ -425,6 +428,10 @@ impl Settings {
             admin_api_key,
             seed_demo_data: flag("SEED_DEMO_DATA", true)?,
             cache_enabled: flag("CACHE_ENABLED", true)?,
+            cache_replica_acks: adapters_redis::cache::ReplicaAcks {
+                replicas: u32::try_from(number("CACHE_REPLICA_ACKS", 0, 0..=16)?).unwrap_or(0),
+                timeout: ms("CACHE_REPLICA_ACK_TIMEOUT_MS", Duration::from_millis(200), 1..=5_000)?,
+            },
             disable_locks_for_testing: flag("DISABLE_LOCKS_FOR_TESTING", false)?,
             cache_prefix: {
                 let default = adapters_mysql::database::database_name(&database_url)
@@ -484,6 +491,23 @@ impl Settings {
             lock_wait_mode,
         })
     }
+}
+
+/// Whether two Redis URLs name the same server: `redis://a`, `redis://A:6379/1` and
+/// `rediss://user:pw@a:6379` do (two databases of one server fail together, so they are
+/// not independent nodes). Two names of one host cannot be told apart here.
+fn same_node(a: &str, b: &str) -> bool {
+    fn address(url: &str) -> String {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        let address = rest.split(['/', '?']).next().unwrap_or(rest).to_ascii_lowercase();
+        if address.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+            address
+        } else {
+            format!("{address}:6379")
+        }
+    }
+    address(a) == address(b)
 }
 
 /// The fewest different characters a secret set by the operator may have: `aaaa...` or
@@ -547,6 +571,14 @@ mod tests {
         assert!(s.trusted_proxies.is_empty());
         assert_eq!((s.sse_max_streams, s.http_body_timeout), (10_000, Duration::from_secs(10)));
         assert_eq!((s.redis_lock_nodes, s.lock_node_timeout), (None, Duration::from_millis(250)));
+        assert_eq!(s.cache_replica_acks.replicas, 0, "no replica wait with one Redis");
+        let acks = settings(&[("CACHE_REPLICA_ACKS", "1"), ("CACHE_REPLICA_ACK_TIMEOUT_MS", "50")]).unwrap();
+        assert_eq!(
+            acks.cache_replica_acks,
+            adapters_redis::cache::ReplicaAcks { replicas: 1, timeout: Duration::from_millis(50) }
+        );
+        assert!(settings(&[("CACHE_REPLICA_ACKS", "17")]).is_err());
+        assert!(settings(&[("CACHE_REPLICA_ACK_TIMEOUT_MS", "0")]).is_err(), "WAIT 0 waits for ever");
     }
 
     #[test]
@@ -560,7 +592,14 @@ mod tests {
             )
         );
         assert_eq!(settings(&[("REDIS_LOCK_NODES", " ")]).unwrap().redis_lock_nodes, None, "blank is unset");
-        for bad in ["redis://a,redis://b", "redis://a,redis://b,http://c", "redis://a,redis://b,redis://a"] {
+        for bad in [
+            "redis://a,redis://b",
+            "redis://a,redis://b,http://c",
+            "redis://a,redis://b,redis://a",
+            "redis://a,redis://b,redis://A:6379/0",
+            "redis://a:6379/,redis://b,rediss://u:pw@a",
+            "redis://a/0,redis://b,redis://a/1",
+        ] {
             let error = settings(&[("REDIS_LOCK_NODES", bad)]).unwrap_err().to_string();
             assert!(error.starts_with("REDIS_LOCK_NODES:"), "{bad}: {error}");
         }
@@ -568,9 +607,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!error.contains("pw1") && !error.contains("pw2"), "{error}");
-        // A node timeout the lease could not absorb.
-        let error = settings(&[("LOCK_NODE_TIMEOUT_MS", "5000")]).unwrap_err().to_string();
+        // A node timeout the lease could not absorb, with a quorum (without one it is unused).
+        let error = settings(&[("REDIS_LOCK_NODES", three), ("LOCK_NODE_TIMEOUT_MS", "5000")])
+            .unwrap_err()
+            .to_string();
         assert!(error.starts_with("LOCK_NODE_TIMEOUT_MS:"), "{error}");
+        assert!(settings(&[("LOCK_NODE_TIMEOUT_MS", "5000")]).is_ok());
     }
 
     #[test]

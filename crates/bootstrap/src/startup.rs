@@ -116,17 +116,18 @@ impl Application {
         let cache_prefix = settings.cache_prefix.clone();
         let cache = Arc::new(if settings.cache_enabled {
             // A write's mark must outlast the longest a write may hold its lock.
-            let settings = CacheSettings {
+            let cache_settings = CacheSettings {
                 write_mark: settings.lock_max_hold + settings.lock_lease,
                 ..CacheSettings::default()
             };
             // Behind a circuit breaker: while Redis is down, reads go to MySQL at once
             // instead of after the command timeout each.
             let port = BreakerCache::new(
-                RedisCache::with_prefix(redis.pool.clone(), cache_prefix),
+                RedisCache::with_prefix(redis.pool.clone(), cache_prefix)
+                    .with_replica_acks(settings.cache_replica_acks),
                 BreakerSettings::default(),
             );
-            Cache::new(Arc::new(port), settings)
+            Cache::new(Arc::new(port), cache_settings)
         } else {
             tracing::warn!("CACHE_ENABLED=false: every catalog read goes to MySQL");
             Cache::disabled()
@@ -473,7 +474,7 @@ impl ServerLock {
             ..options
         };
         let connected = futures::future::try_join_all(urls.iter().map(|url| {
-            RedisConnections::connect_lock_node(url, settings.redis_pool_size, settings.redis_command_timeout)
+            RedisConnections::connect_lock_node(url, settings.redis_pool_size, settings.lock_node_timeout)
         }))
         .await?;
         let mut nodes = Vec::with_capacity(urls.len());

@@ -126,9 +126,32 @@ impl PrivateRedis {
         Ok(())
     }
 
+    /// Starts a replica of `master` (asynchronous replication, as Redis does), on a free
+    /// port, and waits until it answers (not until it has synchronised).
+    ///
+    /// # Errors
+    /// As [`PrivateRedis::start`].
+    pub fn start_replica_of(master: &Self) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_with(port, &["--replicaof", "127.0.0.1", &master.port.to_string()])
+    }
+
     fn start_on(port: u16) -> anyhow::Result<Self> {
+        Self::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> anyhow::Result<Self> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            // A replica writes the snapshot its master sends: into the temporary directory,
+            // under a name of its own, never into the working tree.
+            .args([
+                "--dir",
+                &std::env::temp_dir().to_string_lossy(),
+                "--dbfilename",
+                &format!("concert-test-{port}.rdb"),
+            ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -2,6 +2,7 @@
 //! testcontainers Redis). Every test uses keys under its own random prefix.
 
 mod cache;
+mod cache_failover;
 mod events;
 mod lock;
 mod queue;

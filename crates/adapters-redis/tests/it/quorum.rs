@@ -256,3 +256,20 @@ impl Nodes {
         n == 1
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_grant_on_the_first_node_does_not_block_a_key_the_others_give() {
+    let nodes = Nodes::start().await;
+    let lock = nodes.lock(options()).await;
+    let key = fenced_key();
+    // A grant nobody owns any more (its holder's release never reached node 0).
+    let _: () = nodes.admins[0]
+        .set(key.as_str(), "orphan", Some(fred::types::Expiration::EX(60)), None, false)
+        .await
+        .expect("SET");
+    let guard = lock.acquire(&key, WaitPolicy::FailFast).await.expect("nodes 1 and 2 give it");
+    assert!(!guard.is_lost());
+    guard.release().await.expect("released on the two that gave it");
+    let orphan: Option<String> = nodes.admins[0].get(key.as_str()).await.expect("GET");
+    assert_eq!(orphan.as_deref(), Some("orphan"), "someone else's grant is left alone");
+}
