@@ -3,6 +3,7 @@
 mod booking;
 mod consolidation;
 mod failures;
+mod faults;
 mod idempotency;
 mod identity;
 mod payments;

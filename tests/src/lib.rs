@@ -29,6 +29,11 @@ pub struct Cluster {
     pub database_url: String,
     /// The same database on the real server, for cleaning up.
     direct_database_url: String,
+    /// What [`Cluster::restart`] starts a process with: the binary, the Redis and the
+    /// environment every instance was given.
+    binary: PathBuf,
+    redis_url: String,
+    env: Vec<(String, String)>,
 }
 
 /// One running server process, killed when dropped.
@@ -65,6 +70,9 @@ impl Instance {
         let mut child = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
         anyhow::ensure!(status.success(), "kill -TERM failed");
+        // A paused process ([`Instance::pause`]) handles the signal only once it runs again;
+        // to one that runs, SIGCONT means nothing.
+        let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
         let deadline = std::time::Instant::now() + within;
         loop {
             if child.try_wait()?.is_some() {
@@ -87,10 +95,42 @@ impl Instance {
     /// Kills the process with SIGKILL: a crash, with requests and transactions in flight
     /// and locks held, not a graceful shutdown.
     pub fn crash(&self) {
-        // Also when a panic poisoned the lock: the process must not outlive the test.
+        // Also when a panic poisoned the lock: the process must not outlive the test. SIGKILL
+        // ends a paused (stopped) process too, so this and `Drop` need no `resume` first.
         let mut child = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Freezes the process with SIGSTOP, as a long GC pause or a stalled VM would: every
+    /// thread stops where it is, with its locks, open transactions and connections, and
+    /// learns nothing of the time passing. Its leases run out meanwhile; the kernel still
+    /// accepts connections for it, so clients wait instead of being refused.
+    ///
+    /// A paused process is still killed by [`Instance::crash`] (and so when dropped), and
+    /// [`Instance::terminate_and_wait`] lets it run again to handle its SIGTERM.
+    ///
+    /// # Errors
+    /// When the process has exited or the signal cannot be sent.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Lets a paused process go on (SIGCONT), from where it stopped, unaware that it did.
+    ///
+    /// # Errors
+    /// As [`Instance::pause`].
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let mut child = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        // The pid names this process only until it is reaped; after that it may be another's.
+        anyhow::ensure!(child.try_wait()?.is_none(), "the process has exited");
+        let status = Command::new("kill").args([format!("-{name}"), child.id().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -{name} failed");
+        Ok(())
     }
 }
 
@@ -208,34 +248,31 @@ impl Cluster {
             readiness.push(ready);
         }
         for (instance, ready) in instances.iter_mut().zip(readiness) {
-            let output = Arc::clone(&instance.output);
-            let (base_url, ops_url) = tokio::task::spawn_blocking(move || {
-                let deadline = std::time::Instant::now() + START_TIMEOUT;
-                let (mut public, mut ops) = (None, None);
-                while public.is_none() || ops.is_none() {
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    match ready.recv_timeout(left)? {
-                        Listening::Public(url) => public = Some(url),
-                        Listening::Ops(url) => ops = Some(url),
-                    }
-                }
-                Ok::<_, mpsc::RecvTimeoutError>((public.unwrap_or_default(), ops.unwrap_or_default()))
-            })
-            .await?
-            .map_err(|error| {
-                let why = match error {
-                    mpsc::RecvTimeoutError::Timeout => format!("did not listen within {START_TIMEOUT:?}"),
-                    mpsc::RecvTimeoutError::Disconnected => "exited before listening".to_owned(),
-                };
-                anyhow::anyhow!(
-                    "an instance {why}:\n{}",
-                    output.lock().map(|o| o.join("\n")).unwrap_or_default()
-                )
-            })?;
-            instance.base_url = base_url;
-            instance.ops_url = ops_url;
+            await_listening(instance, ready).await?;
         }
-        Ok(Self { instances, database_url, direct_database_url })
+        Ok(Self { instances, database_url, direct_database_url, binary, redis_url, env })
+    }
+
+    /// Replaces instance `i` by a fresh process started as the first ones were (the same
+    /// database, Redis and environment), as an orchestrator replaces a dead container. The
+    /// old process is killed first (SIGKILL) if it still runs. The new one migrates (there is
+    /// nothing left to do) and listens on new ports: read [`Cluster::url`] and
+    /// [`Cluster::ops_url`] again afterwards.
+    ///
+    /// # Errors
+    /// When there is no instance `i`, or the new process does not come up in time; instance
+    /// `i` is then still the old, dead one.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let count = self.instances.len();
+        let old = self.instances.get(i).with_context(|| format!("no instance {i} of {count}"))?;
+        old.crash();
+        let (child, ready, output) = spawn(&self.binary, &self.database_url, &self.redis_url, &self.env)?;
+        // Owned from the start, so that a start that fails kills it on the way out.
+        let mut fresh =
+            Instance { child: Mutex::new(child), base_url: String::new(), ops_url: String::new(), output };
+        await_listening(&mut fresh, ready).await?;
+        self.instances[i] = fresh;
+        Ok(())
     }
 
     /// The database on the real server (not through a proxy).
@@ -261,6 +298,34 @@ impl Cluster {
         self.instances.clear();
         let _ = test_support::drop_database(&self.direct_database_url).await;
     }
+}
+
+/// Waits until `instance`'s log says where it listens (both listeners), and records it.
+async fn await_listening(instance: &mut Instance, ready: mpsc::Receiver<Listening>) -> anyhow::Result<()> {
+    let output = Arc::clone(&instance.output);
+    let (base_url, ops_url) = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        let (mut public, mut ops) = (None, None);
+        while public.is_none() || ops.is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match ready.recv_timeout(left)? {
+                Listening::Public(url) => public = Some(url),
+                Listening::Ops(url) => ops = Some(url),
+            }
+        }
+        Ok::<_, mpsc::RecvTimeoutError>((public.unwrap_or_default(), ops.unwrap_or_default()))
+    })
+    .await?
+    .map_err(|error| {
+        let why = match error {
+            mpsc::RecvTimeoutError::Timeout => format!("did not listen within {START_TIMEOUT:?}"),
+            mpsc::RecvTimeoutError::Disconnected => "exited before listening".to_owned(),
+        };
+        anyhow::anyhow!("an instance {why}:\n{}", output.lock().map(|o| o.join("\n")).unwrap_or_default())
+    })?;
+    instance.base_url = base_url;
+    instance.ops_url = ops_url;
+    Ok(())
 }
 
 fn server_binary() -> anyhow::Result<PathBuf> {
@@ -355,12 +420,22 @@ fn spawn(
 pub use test_support::PrivateRedis;
 
 /// A TCP proxy on a free loopback port in front of `target`, so that a test can make a
-/// dependency unreachable ([`TcpProxy::cut`]) without stopping the shared server.
+/// dependency unreachable ([`TcpProxy::cut`]) and bring it back ([`TcpProxy::restore`])
+/// without stopping the shared server: to the clients, a server that went down (every
+/// connection dropped, new ones refused) and was restarted on the same address.
 #[derive(Debug)]
 pub struct TcpProxy {
     port: u16,
-    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    target: String,
+    /// The accept loop while the proxy listens (`None` once cut): aborting it closes the
+    /// listener.
+    accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Every forwarded connection's pipe: aborting one drops both of its sockets.
+    pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
+
+/// How long [`TcpProxy::restore`] tries to bind the port again.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl TcpProxy {
     /// Starts forwarding connections to `target` (`host:port`).
@@ -369,9 +444,24 @@ impl TcpProxy {
     /// When no local port can be bound.
     pub async fn start(target: &str) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (target, registry) = (target.to_owned(), Arc::clone(&tasks));
+        let proxy = Self {
+            port: listener.local_addr()?.port(),
+            target: target.to_owned(),
+            accept: Mutex::default(),
+            pipes: Arc::default(),
+        };
+        proxy.forward(listener);
+        Ok(proxy)
+    }
+
+    #[must_use]
+    pub const fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Accepts on `listener` and pipes each connection to the target, until cut.
+    fn forward(&self, listener: tokio::net::TcpListener) {
+        let (target, pipes) = (self.target.clone(), Arc::clone(&self.pipes));
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let target = target.clone();
@@ -380,29 +470,58 @@ impl TcpProxy {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
-                if let Ok(mut tasks) = registry.lock() {
-                    tasks.push(pipe);
+                if let Ok(mut pipes) = pipes.lock() {
+                    pipes.retain(|pipe| !pipe.is_finished());
+                    pipes.push(pipe);
                 }
             }
         });
-        if let Ok(mut all) = tasks.lock() {
-            all.push(accept);
-        }
-        Ok(Self { port, tasks })
+        *self.accept.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(accept);
     }
 
-    #[must_use]
-    pub const fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Drops every connection and stops listening: new connections are refused.
+    /// Drops every connection and stops listening: new connections are refused, as by a
+    /// server that is down. Both happen when the runtime next gets to the aborted tasks, a
+    /// moment after this returns (a test that must know waits until a connection is
+    /// refused).
     pub fn cut(&self) {
-        if let Ok(mut tasks) = self.tasks.lock() {
-            for task in tasks.drain(..) {
-                task.abort();
+        if let Some(accept) = self.accept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            accept.abort();
+        }
+        if let Ok(mut pipes) = self.pipes.lock() {
+            for pipe in pipes.drain(..) {
+                pipe.abort();
             }
         }
+    }
+
+    /// After [`TcpProxy::cut`], listens again on the same port and forwards new
+    /// connections: the server is back (the connections cut stay cut, as a restart's
+    /// would). Does nothing while the proxy listens.
+    ///
+    /// Binding is retried for a while: the old listener closes only when the runtime gets
+    /// to its aborted task, and the port may briefly be another socket's.
+    ///
+    /// # Errors
+    /// When the port cannot be bound again within 10 s.
+    pub async fn restore(&self) -> anyhow::Result<()> {
+        let listening = self.accept.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some();
+        if listening {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + RESTORE_TIMEOUT;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(listener) => break listener,
+                Err(error) if std::time::Instant::now() >= deadline => {
+                    return Err(error).with_context(|| {
+                        format!("port {} could not be bound again within {RESTORE_TIMEOUT:?}", self.port)
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        self.forward(listener);
+        Ok(())
     }
 }
 
