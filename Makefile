@@ -1,13 +1,16 @@
 # concert-server: the commands a developer and CI need.
 #   make run       start the server on the default local MariaDB and Redis
 #   make test      lint, then every test (unit, adapter integration, end-to-end, API contract)
+#   make soak      the chaos soak: ten minutes of faults under load (SOAK_SECONDS to change)
 
 CARGO ?= cargo
 # Where the tests find their services (unset them to use testcontainers where Docker runs).
 export TEST_DATABASE_URL ?= mysql://root@127.0.0.1:3306
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379
+# How long make soak runs its workload, in seconds (make test runs 120).
+SOAK_SECONDS ?= 600
 
-.PHONY: help run test contract lint fmt build bench services clean-test-dbs
+.PHONY: help run test soak contract lint fmt build bench services clean-test-dbs
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -21,7 +24,13 @@ test: services lint ## Lint, then run every test; the end-to-end tests start rea
 	# One end-to-end test at a time: each starts up to three servers, and two storms
 	# sharing two cores would measure the machine, not the service.
 	$(CARGO) test --package e2e --locked -- --test-threads=1
+	# Two minutes of the chaos soak (make soak runs ten).
+	SOAK_SECONDS=120 ./target/debug/soak
 	./tests/contract/run.sh
+
+soak: services ## Chaos soak: mixed load on three instances while they and Redis are killed (SOAK_SECONDS, SOAK_SEED)
+	$(CARGO) build --workspace --bins --locked
+	SOAK_SECONDS=$(SOAK_SECONDS) ./target/debug/soak
 
 contract: services ## Validate the OpenAPI document and fuzz every route against it (schemathesis)
 	$(CARGO) build --workspace --bins --locked
