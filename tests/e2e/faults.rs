@@ -23,12 +23,13 @@ use super::send;
 
 /// A lease short enough that a pause outlasts several of them in a few seconds. The server
 /// takes a lease only of at least 3 x the Redis command timeout (renewals start a third into
-/// it, and one that times out must leave time for another): 500 ms, still far above a round
-/// trip on loopback however busy the machine.
-const SHORT_LEASE: &[(&str, &str)] = &[("LOCK_LEASE_MS", "1500"), ("REDIS_COMMAND_TIMEOUT_MS", "500")];
+/// it, and one that times out must leave time for another): 800 ms, far above a round trip
+/// on loopback however busy the machine (the set-up's queue and cache calls go through it
+/// too; 500 ms was within reach of a loaded debug build).
+const SHORT_LEASE: &[(&str, &str)] = &[("LOCK_LEASE_MS", "2400"), ("REDIS_COMMAND_TIMEOUT_MS", "800")];
 
-/// How long a paused instance stays paused: four of its leases.
-const PAUSE: Duration = Duration::from_millis(4 * 1_500);
+/// How long a paused instance stays paused: three of its leases.
+const PAUSE: Duration = Duration::from_millis(3 * 2_400);
 
 /// How long a fault lasts at least while the storm goes on: long enough for the circuit
 /// breakers to open (five failures and a second) and for every client to meet it.
@@ -95,6 +96,12 @@ async fn answer(request: awc::ClientRequest, body: Option<Value>) -> Answer {
         Err(_) => Value::Null,
     };
     Answer { status, retry_after, body }
+}
+
+/// A hold's answer the contract allows under these faults: held, the seat taken, or a
+/// refusal that says to retry.
+fn allowed_hold_answer(held: &Answer) -> bool {
+    held.status == 201 || (held.status == 409 && held.code() == "SEAT_UNAVAILABLE") || held.is_unavailable()
 }
 
 /// Asks to hold `seat` for `who` at `base`.
@@ -308,11 +315,23 @@ async fn a_paused_lock_holder_is_fenced_out_after_its_lease_and_nothing_is_appli
     };
     let (storm, (during, after)) = futures::join!(storm, pause);
 
-    // Every answer is a charge or a refusal that says to retry: no other 5xx, and none lost.
+    // Every answer is a charge or a refusal that says to retry: no other 5xx. A request to
+    // the paused instance may get no answer: one whose head it had not read when it stopped
+    // is cut on resume by its request-head timeout (5 s, shorter than the pause).
     let answers: Vec<&Answer> = storm.iter().chain(&during).chain(&after).collect();
     for charged in &answers {
-        assert!(charged.status == 200 || charged.is_unavailable() || charged.is_busy(), "{charged:?}");
+        assert!(
+            // 408: a body the paused server had not read within its body deadline (10 s;
+            // the pause can outlast it while instance 1 waits on the paused holder's row).
+            charged.status == 200
+                || charged.is_unavailable()
+                || charged.is_busy()
+                || charged.status == 0
+                || charged.status == 408,
+            "{charged:?}"
+        );
     }
+    assert!(during.iter().chain(&after).all(|charged| charged.status != 0), "instance 1 cut a request");
     // Nothing applied twice, nothing applied that was refused: the history has one entry
     // per charge answered 200, each made on the one before, and the balance is their sum.
     let ok = answers.iter().filter(|a| a.status == 200).count();
@@ -322,6 +341,7 @@ async fn a_paused_lock_holder_is_fenced_out_after_its_lease_and_nothing_is_appli
     )
     .await;
     let entries = history.2.as_array().expect("a list");
+    // One entry per charge answered 200: a cut request never reached a handler.
     assert_eq!(entries.len(), ok, "history entries against charges answered 200 (of {})", answers.len());
     let applied = i64::try_from(entries.len()).expect("small");
     let mut afters: Vec<i64> =
@@ -415,20 +435,23 @@ async fn a_paused_seat_holder_is_fenced_out_after_its_lease_and_no_seat_is_held_
     };
     let (racing, raced) = futures::join!(racing, pause_and_race);
 
-    // Answers: a hold, a seat taken, or a refusal that says to retry; every racer answered.
+    // Answers: a hold, a seat taken, or a refusal that says to retry. A racer at the paused
+    // instance may get no answer at all: a request whose head the server had not read when
+    // it stopped is cut on resume by its request-head timeout (5 s, shorter than the pause),
+    // as a client of a stalled server would see; such a request never reached a handler.
     let survivor_answers = raced.iter().flat_map(|(seat, answers)| answers.iter().map(move |a| (*seat, a)));
+    let cut = racing.iter().filter(|(_, held)| held.status == 0).count();
     let all: Vec<(u64, &Answer)> =
         racing.iter().map(|(seat, a)| (*seat, a)).chain(survivor_answers).collect();
-    for (seat, held) in &all {
-        assert!(
-            held.status == 201
-                || (held.status == 409 && held.code() == "SEAT_UNAVAILABLE")
-                || held.is_unavailable(),
-            "seat {seat}: {held:?}"
-        );
+    for (seat, held) in racing.iter().map(|(seat, a)| (*seat, a)) {
+        assert!(held.status == 0 || allowed_hold_answer(held), "seat {seat} (paused instance): {held:?}");
     }
-    // Each seat held exactly once: one 201 (no crash, so every commit was answered), and it
-    // is the one live reservation the database has for the seat.
+    for (seat, held) in raced.iter().flat_map(|(seat, answers)| answers.iter().map(move |a| (*seat, a))) {
+        assert!(allowed_hold_answer(held), "seat {seat} (instance 1): {held:?}");
+    }
+    // Each seat held exactly once: one 201 (no crash, and a cut request never reached a
+    // handler, so every commit was answered), and it is the one live reservation the
+    // database has for the seat.
     for seat in 1..=SEATS {
         let wins: Vec<&str> = all
             .iter()
@@ -442,6 +465,9 @@ async fn a_paused_seat_holder_is_fenced_out_after_its_lease_and_no_seat_is_held_
             1,
             "seat {seat}: the hold answered 201 is the live one"
         );
+    }
+    if cut > 0 {
+        eprintln!("{cut} requests to the paused instance were cut on resume");
     }
     assert_eq!(
         scalar(
@@ -993,7 +1019,10 @@ async fn an_instance_killed_while_holding_seat_locks_frees_them_after_the_lease(
     let cut: Vec<usize> = (0..racers.len()).filter(|i| racing[*i].1.status == 0).collect();
     for (seat, held) in &racing {
         let taken = held.status == 409 && held.code() == "SEAT_UNAVAILABLE";
-        assert!(held.status == 0 || held.status == 201 || taken, "instance 0, seat {seat}: {held:?}");
+        assert!(
+            held.status == 0 || held.status == 201 || taken || held.is_unavailable(),
+            "instance 0, seat {seat}: {held:?}"
+        );
         assert!(*seat > BLOCKED || held.status != 201, "a blocked seat cannot have been taken: {held:?}");
     }
     assert!(cut.len() >= usize::try_from(BLOCKED).expect("small"), "the blocked takers were cut: {racing:?}");

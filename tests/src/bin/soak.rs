@@ -464,32 +464,35 @@ impl Chaos {
 
     async fn restart(&mut self, i: usize) -> String {
         let began = Instant::now();
+        // A failed attempt followed by a good one is a hiccup of the harness (a port taken
+        // meanwhile), not of the service: only a restart that never succeeds is a problem.
+        let mut errors = Vec::new();
         for attempt in 1..=RESTART_ATTEMPTS {
             match self.cluster.restart(i).await {
                 Ok(()) => {
                     self.endpoints.set(i, Some(self.cluster.instances[i].base_url.clone()));
                     return format!("restarted in {:.1} s", began.elapsed().as_secs_f64());
                 }
-                Err(error) => {
-                    self.problems
-                        .push(format!("instance {i} did not restart (attempt {attempt}): {error:#}"));
-                }
+                Err(error) => errors.push(format!("attempt {attempt}: {error:#}")),
             }
         }
+        self.problems.push(format!("instance {i} did not restart: {}", errors.join("; ")));
         "NOT restarted".to_owned()
     }
 
     async fn restart_redis(&mut self) -> String {
         let began = Instant::now();
+        let mut errors = Vec::new();
         for attempt in 1..=RESTART_ATTEMPTS {
             match self.redis.restart() {
                 Ok(()) => return format!("restarted (empty) in {:.1} s", began.elapsed().as_secs_f64()),
                 Err(error) => {
-                    self.problems.push(format!("Redis did not restart (attempt {attempt}): {error:#}"));
+                    errors.push(format!("attempt {attempt}: {error:#}"));
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
+        self.problems.push(format!("Redis did not restart: {}", errors.join("; ")));
         "NOT restarted".to_owned()
     }
 
