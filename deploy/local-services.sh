@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Makes sure MariaDB (root, empty password, over TCP) and Redis answer on 127.0.0.1.
+# Makes sure MariaDB (root, empty password, over TCP) and Redis answer on 127.0.0.1, and
+# that the tools the tests use are there (Python's venv, Chromium and its WebDriver).
 # Starts them when they do not; with --install, installs them first where absent
 # (Debian/Ubuntu, as root). Waits by polling against a deadline, never by a fixed sleep.
 set -euo pipefail
@@ -86,6 +87,14 @@ ensure_python_venv() {
   apt_install python3 python3-venv || log "python3-venv missing: the contract tests cannot run"
 }
 
+# The browser test of the booking page (tests/e2e/page.rs) drives Debian's Chromium through
+# its WebDriver server.
+ensure_chromium() {
+  if command -v chromedriver >/dev/null 2>&1 && [[ -x /usr/bin/chromium ]]; then return; fi
+  apt_install chromium chromium-driver || log "chromium missing: the browser test cannot run"
+}
+
 ensure_redis
 ensure_mariadb
 ensure_python_venv
+ensure_chromium

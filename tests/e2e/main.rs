@@ -6,6 +6,7 @@ mod failures;
 mod faults;
 mod idempotency;
 mod identity;
+mod page;
 mod payments;
 mod points;
 mod queue;

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 
 pub mod booking;
 pub mod stats;
+pub mod webdriver;
 
 /// How long an instance may take to migrate and bind. Generous: instances starting together
 /// migrate one at a time, the others waiting for the migration lock (the server itself waits

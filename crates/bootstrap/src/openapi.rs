@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{admin, auth, catalog, payments, points, queue, reservations, users};
+use crate::routes::{admin, auth, catalog, page, payments, points, queue, reservations, users};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -34,6 +34,9 @@ use crate::routes::{admin, auth, catalog, payments, points, queue, reservations,
         admin::update_concert,
         admin::add_schedule,
         admin::rotate_signing_key,
+        page::index,
+        page::script,
+        page::style,
     ),
     modifiers(&SecuritySchemes),
     components(schemas(Problem, queue::QueueEvent)),
@@ -44,6 +47,8 @@ use crate::routes::{admin, auth, catalog, payments, points, queue, reservations,
             `Authorization: Bearer <accessToken>`. The user is always the token's subject: another user's \
             points, history, queue token, reservation or payment answer exactly as unknown ones."),
         (name = "points", description = "Prepaid points: balance, charge, history"),
+        (name = "page", description = "The booking page for people (not for API clients): HTML, script and style, \
+            served with a Content-Security-Policy that allows this origin's own files and API only"),
         (name = "queue", description = "The waiting queue: a token with a place in line, its view and live events. \
             The booking routes admit only the holder of an ACTIVE token (header `Queue-Token`): no header, \
             a malformed, unknown or expired token is 401 `QUEUE_TOKEN_INVALID`; a WAITING one is 403 \

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod auth;
 pub mod catalog;
 pub mod health;
+pub mod page;
 pub mod payments;
 pub mod points;
 pub mod queue;
@@ -52,6 +53,9 @@ impl std::fmt::Debug for AppState {
 /// is) and `405 METHOD_NOT_ALLOWED` with an `Allow` header for any other (RFC 9110).
 /// Health and metrics are not here: they are on the operations listener ([`configure_ops`]).
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(get_and_head("/", page::index))
+        .service(get_and_head("/app.js", page::script))
+        .service(get_and_head("/app.css", page::style));
     cfg.service(
         web::scope("/api/v1")
             .service(
