@@ -14,6 +14,7 @@ mod m20261122_000003_booking;
 mod m20261122_000004_payments;
 mod m20261206_000001_identity;
 mod m20261206_000002_fencing;
+mod m20261206_000003_coupons;
 
 /// Runs `statements` in order on the migration's connection: every migration here is a
 /// list of plain DDL statements, up and down.
@@ -39,6 +40,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000004_payments::Migration),
             Box::new(m20261206_000001_identity::Migration),
             Box::new(m20261206_000002_fencing::Migration),
+            Box::new(m20261206_000003_coupons::Migration),
         ]
     }
 }

@@ -2,6 +2,7 @@
 
 mod booking;
 mod consolidation;
+mod coupons;
 mod failures;
 mod faults;
 mod idempotency;

@@ -6,12 +6,15 @@
 //! - [`tx`]: [`tx::MySqlTransactionManager`] and the unit of work repositories downcast.
 //! - [`users`], [`points`]: the repositories; [`idempotency`]: the idempotency-key store;
 //!   [`queue`]: the waiting queue's baseline adapter.
+//! - [`coupons`]: campaigns and first-come coupons, each insert counted against its
+//!   campaign's quantity in the insert's transaction.
 //! - [`sql`]: the hot statements the adapters run, and the list `docs/explain.sh` explains.
 //! - `entities`: sea-orm models. They never leave this crate; repositories convert them
 //!   to domain types at the boundary.
 
 pub mod booking;
 pub mod catalog;
+pub mod coupons;
 pub mod database;
 mod entities;
 pub mod idempotency;

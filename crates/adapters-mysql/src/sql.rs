@@ -185,6 +185,49 @@ pub const CLAIM_OUTBOX: &str = "SELECT o.seq, o.id, o.aggregate_id, o.event_type
        WHERE p.aggregate_id = o.aggregate_id AND p.sent_at IS NULL AND p.seq < o.seq) \
      ORDER BY o.seq LIMIT ? FOR UPDATE SKIP LOCKED";
 
+// --- Coupons (coupons.rs) ----------------------------------------------------------------
+
+/// A new campaign, nothing issued yet: id, name, discount, quantity, issue opens, issue
+/// closes, valid until, created.
+pub const INSERT_CAMPAIGN: &str = "INSERT INTO coupon_campaigns \
+       (id, name, discount, quantity, issue_opens_at, issue_closes_at, valid_until, created_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?)";
+
+/// One campaign: its id.
+pub const CAMPAIGN: &str = "SELECT id, name, discount, quantity, issue_opens_at, issue_closes_at, valid_until, created_at \
+     FROM coupon_campaigns WHERE id = ?";
+
+/// A coupon counted against its campaign (rows affected checked), first in the insert's
+/// transaction: the campaign's id. The quantity guard is here, not in a count of
+/// `coupons` rows: the row lock this takes queues the campaign's concurrent inserts one
+/// behind the other, and each sees the count the one before it committed (an `UPDATE`
+/// reads the latest row, not the transaction's snapshot). No row changed is "sold out".
+pub const COUNT_COUPON: &str =
+    "UPDATE coupon_campaigns SET issued = issued + 1 WHERE id = ? AND issued < quantity";
+
+/// A coupon, after [`COUNT_COUPON`] counted it: id, campaign, user, discount, status,
+/// valid until, issued. `uq_coupons_campaign_user` refuses a second coupon of the campaign
+/// for the user; the caller then rolls back, and the count with it.
+pub const INSERT_COUPON: &str = "INSERT INTO coupons (id, campaign_id, user_id, discount, status, valid_until, issued_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?)";
+
+/// The users holding a coupon of a campaign, to rebuild the fast path from: the campaign's
+/// id (a range of `uq_coupons_campaign_user`).
+pub const CAMPAIGN_HOLDERS: &str = "SELECT user_id FROM coupons WHERE campaign_id = ?";
+
+/// Whether a user has a coupon of a campaign: the campaign's id, the user's id.
+pub const HAS_COUPON: &str = "SELECT 1 AS found FROM coupons WHERE campaign_id = ? AND user_id = ?";
+
+/// A user's coupons, newest first (`ix_coupons_user` read backwards; the id breaks ties
+/// of one microsecond): the user's id, how many at most.
+pub const USER_COUPONS: &str = "SELECT id, campaign_id, user_id, discount, status, valid_until, issued_at FROM coupons \
+     WHERE user_id = ? ORDER BY issued_at DESC, id DESC LIMIT ?";
+
+/// Campaigns the reconciler looks at, issuing now or closed lately: the earliest close
+/// still of interest (now minus the grace), now.
+pub const RECENT_CAMPAIGNS: &str = "SELECT id, name, discount, quantity, issue_opens_at, issue_closes_at, valid_until, created_at \
+     FROM coupon_campaigns WHERE issue_closes_at > ? AND issue_opens_at <= ? ORDER BY issue_closes_at, id";
+
 // --- What `docs/explain.sh` explains -----------------------------------------------------
 
 use Sample::{Concert, Id, Limit, Micros, Number, Reservation, Schedule, Seat, Text, Time, User};

@@ -8,11 +8,14 @@
 //! - [`cache`]: [`cache::RedisCache`], the `CachePort` port.
 //! - [`queue`]: [`queue::RedisQueue`], the `WaitingQueue` port (the default queue).
 //! - [`events`]: payment events on a Redis Stream: the outbox publisher, an idempotent consumer.
+//! - [`coupons`]: [`coupons::RedisCouponGate`], the `CouponGate` port: the first-come coupon
+//!   decision, one atomic script per request.
 //!
 //! This crate never decides *what* to lock or cache; application use cases do.
 
 pub mod cache;
 pub mod connection;
+pub mod coupons;
 pub mod events;
 pub mod lock;
 pub mod queue;

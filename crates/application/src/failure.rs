@@ -25,6 +25,8 @@ pub enum Dependency {
     LockStore,
     /// The cache, for a write that must mark the answers it changes before committing.
     Cache,
+    /// The coupon gate (Redis), which decides every issue: no decision, no coupon.
+    CouponGate,
     /// This process's room for writes in flight ([`crate::detach::MAX_IN_FLIGHT`]).
     WriteCapacity,
     /// This process is stopping: it takes no new write ([`crate::detach::drain`]).
@@ -36,6 +38,7 @@ impl fmt::Display for Dependency {
         f.write_str(match self {
             Self::LockStore => "lock service",
             Self::Cache => "cache service",
+            Self::CouponGate => "coupon service",
             Self::WriteCapacity => "room for more concurrent writes",
             Self::ShuttingDown => "instance (shutting down)",
         })

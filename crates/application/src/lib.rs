@@ -15,6 +15,8 @@
 //!   versioned entries, local copies, one loader per key).
 //! - [`catalog`]: concerts, dates and seat maps through the cache, and the admin writes.
 //! - [`hold_seat`], [`reservations`]: seat holds, their cancel and expiry.
+//! - [`coupons`]: first-come coupon campaigns (a Redis decision, MySQL the truth, a
+//!   reconciler between them).
 //! - [`pay`]: paying a hold with points; [`outbox`]: the outbox its events leave by.
 //! - [`idempotency`]: idempotency keys, one mechanism for every retried operation.
 //! - [`identity`]: API keys, access tokens (the [`identity::TokenVerifier`] port) and
@@ -28,6 +30,7 @@ pub mod cache;
 pub mod catalog;
 pub mod charge_points;
 pub mod clock;
+pub mod coupons;
 pub mod create_user;
 pub mod detach;
 pub mod failure;

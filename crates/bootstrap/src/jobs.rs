@@ -54,6 +54,8 @@ pub struct JobPorts {
     pub signing_keys: Option<application::identity::SigningKeys>,
     /// The per-client limits whose idle clients are forgotten.
     pub rate_limits: actix_web::web::Data<crate::limits::RateLimits>,
+    /// What settles coupon decisions left pending.
+    pub coupons: application::coupons::Reconciler,
 }
 
 impl std::fmt::Debug for JobPorts {
@@ -74,6 +76,7 @@ pub struct Jobs {
     event_fanout: JoinHandle<()>,
     keys: Option<JoinHandle<()>>,
     limits: JoinHandle<()>,
+    coupons: JoinHandle<()>,
 }
 
 impl Jobs {
@@ -90,6 +93,7 @@ impl Jobs {
             event_fanout,
             signing_keys,
             rate_limits,
+            coupons,
         } = ports;
         let upkeep = metrics_upkeep(metrics);
         let purge = purge(idempotency, outbox.clone());
@@ -101,7 +105,8 @@ impl Jobs {
         let trim = stream_trim(stream);
         let keys = signing_keys.map(|keys| key_refresh(keys, settings.auth_key_refresh));
         let limits = limits_trim(rate_limits);
-        Self { upkeep, purge, admission, expiry, relay, trim, event_fanout, keys, limits }
+        let coupons = coupon_reconciler(coupons);
+        Self { upkeep, purge, admission, expiry, relay, trim, event_fanout, keys, limits, coupons }
     }
 
     /// Ends every job (a round in progress is dropped where it stands).
@@ -117,7 +122,28 @@ impl Jobs {
             keys.abort();
         }
         self.limits.abort();
+        self.coupons.abort();
     }
+}
+
+/// Settles coupon decisions left pending past their grace (an instance died between a
+/// decision and its insert), every 10 s. Every instance may do it: a decision is confirmed
+/// or given back once.
+#[must_use]
+pub fn coupon_reconciler(reconciler: application::coupons::Reconciler) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if let Err(error) = reconciler.run_once(application::clock::now_utc()).await {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "coupon reconciliation failed; retried next round"
+                );
+            }
+        }
+    })
 }
 
 /// Reloads the shared signing keys every `every` (`AUTH_KEY_REFRESH_SECONDS`), so a

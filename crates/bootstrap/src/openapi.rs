@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{admin, auth, catalog, page, payments, points, queue, reservations, users};
+use crate::routes::{admin, auth, catalog, coupons, page, payments, points, queue, reservations, users};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -34,6 +34,10 @@ use crate::routes::{admin, auth, catalog, page, payments, points, queue, reserva
         admin::update_concert,
         admin::add_schedule,
         admin::rotate_signing_key,
+        coupons::create_campaign,
+        coupons::get_campaign,
+        coupons::issue_coupon,
+        coupons::user_coupons,
         page::index,
         page::script,
         page::style,
@@ -47,6 +51,9 @@ use crate::routes::{admin, auth, catalog, page, payments, points, queue, reserva
             `Authorization: Bearer <accessToken>`. The user is always the token's subject: another user's \
             points, history, queue token, reservation or payment answer exactly as unknown ones."),
         (name = "points", description = "Prepaid points: balance, charge, history"),
+        (name = "coupons", description = "First-come coupon campaigns: at most `quantity` coupons are ever issued, \
+            at most one per user, and an issued coupon is never lost. Each request is decided in Redis by one atomic \
+            script; MySQL keeps the truth and guards both rules again."),
         (name = "page", description = "The booking page for people (not for API clients): HTML, script and style, \
             served with a Content-Security-Policy that allows this origin's own files and API only"),
         (name = "queue", description = "The waiting queue: a token with a place in line, its view and live events. \

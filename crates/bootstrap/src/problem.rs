@@ -58,6 +58,14 @@ pub enum ApiError {
     ScheduleNotFound(uuid::Uuid),
     #[error("reservation {0} not found")]
     ReservationNotFound(uuid::Uuid),
+    #[error("coupon campaign {0} not found")]
+    CampaignNotFound(uuid::Uuid),
+    #[error("every coupon of this campaign has been issued")]
+    CouponSoldOut,
+    #[error("you have a coupon of this campaign already; one per user")]
+    CouponAlreadyIssued,
+    #[error("coupons of this campaign are not being issued now (see its issueOpensAt and issueClosesAt)")]
+    CouponIssueClosed,
     #[error("this seat is held or sold, or someone is taking it right now; pick another seat")]
     SeatUnavailable,
     #[error("booking for this schedule is not open now")]
@@ -169,6 +177,10 @@ impl ApiError {
             Self::ConcertNotFound(_) => "CONCERT_NOT_FOUND",
             Self::ScheduleNotFound(_) => "SCHEDULE_NOT_FOUND",
             Self::ReservationNotFound(_) => "RESERVATION_NOT_FOUND",
+            Self::CampaignNotFound(_) => "CAMPAIGN_NOT_FOUND",
+            Self::CouponSoldOut => "COUPON_SOLD_OUT",
+            Self::CouponAlreadyIssued => "COUPON_ALREADY_ISSUED",
+            Self::CouponIssueClosed => "COUPON_ISSUE_CLOSED",
             Self::SeatUnavailable => "SEAT_UNAVAILABLE",
             Self::BookingClosed => "BOOKING_CLOSED",
             Self::ReservationNotHeld(_) => "RESERVATION_NOT_HELD",
@@ -206,6 +218,10 @@ impl ApiError {
             Self::ConcertNotFound(_) => "Concert not found",
             Self::ScheduleNotFound(_) => "Schedule not found",
             Self::ReservationNotFound(_) => "Reservation not found",
+            Self::CampaignNotFound(_) => "Campaign not found",
+            Self::CouponSoldOut => "Coupons sold out",
+            Self::CouponAlreadyIssued => "Coupon already issued",
+            Self::CouponIssueClosed => "Coupon issue closed",
             Self::SeatUnavailable => "Seat unavailable",
             Self::BookingClosed => "Booking closed",
             Self::ReservationNotHeld(_) => "Reservation not held",
@@ -268,14 +284,18 @@ impl ResponseError for ApiError {
             | Self::UserNotFound(_)
             | Self::ConcertNotFound(_)
             | Self::ScheduleNotFound(_)
-            | Self::ReservationNotFound(_) => StatusCode::NOT_FOUND,
+            | Self::ReservationNotFound(_)
+            | Self::CampaignNotFound(_) => StatusCode::NOT_FOUND,
             Self::SeatUnavailable
             | Self::BookingClosed
             | Self::ReservationNotHeld(_)
             | Self::ReservationExpired(_)
             | Self::AlreadyPaid
             | Self::PaymentInProgress
-            | Self::InsufficientBalance(_) => StatusCode::CONFLICT,
+            | Self::InsufficientBalance(_)
+            | Self::CouponSoldOut
+            | Self::CouponAlreadyIssued
+            | Self::CouponIssueClosed => StatusCode::CONFLICT,
             Self::AdminKeyInvalid => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::QueueTokenInvalid => StatusCode::UNAUTHORIZED,
@@ -461,6 +481,30 @@ impl From<PayError> for ApiError {
             )),
             PayError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             PayError::Failure(failure) => failure.into(),
+        }
+    }
+}
+
+impl From<application::coupons::CouponUseCaseError> for ApiError {
+    fn from(error: application::coupons::CouponUseCaseError) -> Self {
+        use application::coupons::CouponUseCaseError as E;
+        use domain::coupon::CouponError;
+        match error {
+            E::CampaignNotFound(id) => Self::CampaignNotFound(*id.as_uuid()),
+            E::SoldOut => Self::CouponSoldOut,
+            E::AlreadyIssued => Self::CouponAlreadyIssued,
+            E::IssueClosed => Self::CouponIssueClosed,
+            E::Invalid(rule) => {
+                let field = match rule {
+                    CouponError::NameLength => "name",
+                    CouponError::DiscountOutOfRange => "discount",
+                    CouponError::QuantityOutOfRange => "quantity",
+                    CouponError::EmptyIssueWindow => "issueClosesAt",
+                    CouponError::ValidBeforeIssueCloses => "validUntil",
+                };
+                Self::validation(field, rule.to_string())
+            }
+            E::Failure(failure) => failure.into(),
         }
     }
 }

@@ -255,6 +255,18 @@ impl Application {
         let rate_limits =
             web::Data::new(RateLimits::new(settings.rate_limits, settings.trusted_proxies.clone()));
         let body_deadline = web::Data::new(crate::extract::BodyDeadline(settings.http_body_timeout));
+        // First-come coupons: decided in Redis, kept in MySQL, reconciled between them.
+        let coupon_repo: Arc<dyn domain::coupon::CouponRepository> =
+            Arc::new(adapters_mysql::coupons::MySqlCouponRepository::new(db.clone()));
+        let coupon_gate: Arc<dyn application::coupons::CouponGate> =
+            Arc::new(adapters_redis::coupons::RedisCouponGate::new(redis.pool.clone()));
+        let coupons = application::coupons::Coupons::new(
+            Arc::clone(&coupon_repo),
+            Arc::clone(&coupon_gate),
+            Arc::clone(&lock_port),
+            txm.clone(),
+        );
+        let coupon_reconciler = application::coupons::Reconciler::new(coupon_repo, coupon_gate);
         let state = web::Data::new(AppState {
             create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),
             charge_points: ChargePoints::new(
@@ -276,6 +288,7 @@ impl Application {
             hold_seat,
             reservations: reservations.clone(),
             pay,
+            coupons,
         });
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ops_state = web::Data::new(OpsState {
@@ -360,6 +373,7 @@ impl Application {
                 event_fanout: events,
                 signing_keys,
                 rate_limits,
+                coupons: coupon_reconciler,
             },
             &settings,
         );

@@ -9,6 +9,7 @@
 //! - [`user`]: users and their repository port.
 //! - [`booking`]: concerts, schedules, seats and the reservation state machine (the
 //!   booking routes build on it).
+//! - [`coupon`]: first-come coupon campaigns, their coupons and repository port.
 //! - [`payment`]: payments of seat holds and their repository port.
 //! - [`point`]: point accounts, history entries and their repository port.
 //! - [`queue`]: waiting-queue tokens, their states and the admission policies.
@@ -49,6 +50,7 @@ macro_rules! uuid_id {
 }
 
 pub mod booking;
+pub mod coupon;
 pub mod payment;
 pub mod point;
 pub mod queue;

@@ -2,6 +2,7 @@
 //! (`TEST_DATABASE_URL`, or a testcontainers MariaDB). Every test gets a database of its own.
 
 mod booking;
+mod coupons;
 mod outbox;
 mod points;
 mod queue;

@@ -3,6 +3,7 @@
 
 mod cache;
 mod cache_failover;
+mod coupons;
 mod events;
 mod lock;
 mod queue;

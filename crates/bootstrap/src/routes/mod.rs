@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod auth;
 pub mod catalog;
+pub mod coupons;
 pub mod health;
 pub mod page;
 pub mod payments;
@@ -38,6 +39,7 @@ pub struct AppState {
     pub hold_seat: HoldSeat,
     pub reservations: Reservations,
     pub pay: application::pay::Pay,
+    pub coupons: application::coupons::Coupons,
     pub sign_in: application::identity::SignIn,
     /// The shared signing keys (`None` when the operator sets them: `AUTH_SIGNING_KEY`).
     pub signing_keys: Option<application::identity::SigningKeys>,
@@ -136,6 +138,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::post().to(admin::add_schedule))
                     .default_service(allow("POST")),
             )
+            .service(
+                web::resource("/admin/coupon-campaigns")
+                    .route(web::post().to(coupons::create_campaign))
+                    .default_service(allow("POST")),
+            )
+            .service(get_and_head("/coupon-campaigns/{campaignId}", coupons::get_campaign))
+            .service(
+                web::resource("/coupon-campaigns/{campaignId}/coupons")
+                    .route(web::post().to(coupons::issue_coupon))
+                    .default_service(allow("POST")),
+            )
+            .service(get_and_head("/users/{userId}/coupons", coupons::user_coupons))
             .service(
                 web::resource("/admin/auth/signing-keys")
                     .route(web::post().to(admin::rotate_signing_key))

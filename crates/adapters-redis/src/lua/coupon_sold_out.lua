@@ -1,0 +1,12 @@
+-- MySQL refused a decided coupon as sold out: the stock goes to zero (keeping its expiry)
+-- and the user's decision is undone, so that they may ask again (and hear 'sold_out').
+-- KEYS[1] stock, KEYS[2] users, KEYS[3] pending.
+-- ARGV[1] user.
+-- Returns 1.
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+local left = tonumber(redis.call('GET', KEYS[1]) or '0')
+-- DECRBY keeps the key's expiry (SET ... KEEPTTL needs Redis 6); a missing stock stays
+-- missing.
+if left ~= 0 then redis.call('DECRBY', KEYS[1], left) end
+return 1
