@@ -283,3 +283,141 @@ async fn bad_coupon_requests_are_refused_with_problems_and_change_nothing() {
     assert_eq!(view.2["remaining"], 10);
     cluster.shut_down().await;
 }
+
+/// Charges `points` to `fan` on `base`.
+async fn charge(http: &awc::Client, base: &str, fan: &Fan, points: i64) {
+    let (status, body) = call(
+        http.post(format!("{base}/api/v1/users/{}/points/charge", fan.id)).bearer(fan),
+        Some(json!({"amount": points})),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn balance(http: &awc::Client, base: &str, fan: &Fan) -> i64 {
+    let (_, body) = call(http.get(format!("{base}/api/v1/users/{}/points", fan.id)).bearer(fan), None)
+        .await
+        .expect("an answer");
+    body["balance"].as_i64().expect("a balance")
+}
+
+async fn hold(
+    http: &awc::Client,
+    base: &str,
+    (fan, token): &(Fan, String),
+    schedule: &str,
+    seat: u8,
+) -> String {
+    let (status, body) = call(
+        http.post(format!("{base}/api/v1/reservations")).bearer(fan).queue(token),
+        Some(json!({"scheduleId": schedule, "seatNumber": seat})),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().expect("an id").to_owned()
+}
+
+async fn pay(
+    http: &awc::Client,
+    base: &str,
+    (fan, token): &(Fan, String),
+    reservation: &str,
+    coupon: Option<&str>,
+    key: Option<&str>,
+) -> (u16, Value) {
+    let mut request = http.post(format!("{base}/api/v1/payments")).bearer(fan).queue(token);
+    if let Some(key) = key {
+        request = request.insert_header(("Idempotency-Key", key));
+    }
+    let body = match coupon {
+        Some(coupon) => json!({"reservationId": reservation, "couponId": coupon}),
+        None => json!({"reservationId": reservation}),
+    };
+    call(request, Some(body)).await.expect("an answer")
+}
+
+#[actix_web::test]
+async fn a_coupon_lowers_one_payment_once_and_a_failed_payment_leaves_it_available() {
+    let mut env = e2e::booking::env(10);
+    env.extend(e2e::owned(e2e::PATIENT_LOCKS));
+    let cluster =
+        Cluster::start_with(2, &ClusterOptions { env, ..ClusterOptions::default() }).await.expect("cluster");
+    let http = client();
+    let (base, other_base) = (cluster.url(0), cluster.url(1));
+    let schedule = e2e::booking::open_schedule(&http, base, 7_000).await.expect("a date");
+    let campaign = open_campaign(&http, base, 10).await; // 5,000 off
+    let users = e2e::booking::admitted_users(&http, &[base, other_base], 3).await.expect("admitted");
+    let (buyer, stranger, poor) = (&users[0], &users[1], &users[2]);
+    charge(&http, base, &buyer.0, 10_000).await;
+    let (status, coupon) = issue(&http, base, &campaign, &buyer.0).await;
+    assert_eq!(status, 201, "{coupon}");
+    let coupon = coupon["id"].as_str().expect("an id").to_owned();
+
+    // Someone else's coupon is not found; nothing is paid.
+    let held = hold(&http, base, stranger, &schedule, 1).await;
+    charge(&http, base, &stranger.0, 10_000).await;
+    let (status, body) = pay(&http, base, stranger, &held, Some(&coupon), None).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("COUPON_NOT_FOUND")), "{body}");
+    assert_eq!(balance(&http, base, &stranger.0).await, 10_000);
+
+    // The buyer pays 7,000 - 5,000 with a key; a replay answers the same, once.
+    let seat = hold(&http, base, buyer, &schedule, 2).await;
+    let (status, paid) = pay(&http, base, buyer, &seat, Some(&coupon), Some("with-coupon")).await;
+    assert_eq!(status, 201, "{paid}");
+    assert_eq!((paid["amount"].as_i64(), paid["couponId"].as_str()), (Some(2_000), Some(coupon.as_str())));
+    let (status, replayed) = pay(&http, other_base, buyer, &seat, Some(&coupon), Some("with-coupon")).await;
+    assert_eq!((status, &replayed), (201, &paid), "a replay answers the first payment");
+    assert_eq!(balance(&http, base, &buyer.0).await, 8_000, "deducted once, discounted");
+    // The same key with another coupon (or none) is another request.
+    let (status, body) = pay(&http, base, buyer, &seat, None, Some("with-coupon")).await;
+    assert_eq!((status, body["code"].as_str()), (422, Some("IDEMPOTENCY_KEY_REUSED")), "{body}");
+    let mine =
+        send(http.get(format!("{base}/api/v1/users/{}/coupons", buyer.0.id)).bearer(&buyer.0), None).await;
+    assert_eq!(mine.2[0]["status"], "USED", "{}", mine.2);
+
+    // Used once: a second payment with it is refused and changes nothing.
+    let (fan, _) = buyer;
+    let (_, token) = e2e::booking::queue_token(&http, base, fan).await.expect("a new token");
+    let again = (fan.clone(), token);
+    poll_active(&http, base, &again).await;
+    let second = hold(&http, base, &again, &schedule, 3).await;
+    let (status, body) = pay(&http, base, &again, &second, Some(&coupon), None).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("COUPON_NOT_USABLE")), "{body}");
+    assert_eq!(balance(&http, base, fan).await, 8_000);
+
+    // A payment that fails (the balance does not cover even the discounted price) leaves
+    // the coupon AVAILABLE.
+    let (status, poor_coupon) = issue(&http, base, &campaign, &poor.0).await;
+    assert_eq!(status, 201, "{poor_coupon}");
+    let poor_coupon = poor_coupon["id"].as_str().expect("an id").to_owned();
+    let poor_seat = hold(&http, base, poor, &schedule, 4).await;
+    let (status, body) = pay(&http, base, poor, &poor_seat, Some(&poor_coupon), None).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("INSUFFICIENT_BALANCE")), "{body}");
+    let theirs =
+        send(http.get(format!("{base}/api/v1/users/{}/coupons", poor.0.id)).bearer(&poor.0), None).await;
+    assert_eq!(theirs.2[0]["status"], "AVAILABLE", "{}", theirs.2);
+    // With points it pays 2,000, the coupon now USED.
+    charge(&http, base, &poor.0, 2_000).await;
+    let (status, paid) = pay(&http, base, poor, &poor_seat, Some(&poor_coupon), None).await;
+    assert_eq!((status, paid["amount"].as_i64()), (201, Some(2_000)), "{paid}");
+    assert_eq!(balance(&http, base, &poor.0).await, 0);
+    cluster.shut_down().await;
+}
+
+/// Waits until `token` is ACTIVE.
+async fn poll_active(http: &awc::Client, base: &str, (fan, token): &(Fan, String)) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, view) =
+            call(http.get(format!("{base}/api/v1/queue/tokens/me")).bearer(fan).queue(token), None)
+                .await
+                .expect("an answer");
+        if view["status"] == "ACTIVE" {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not admitted: {view}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

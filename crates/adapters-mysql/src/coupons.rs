@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use domain::coupon::{
     Campaign, CampaignId, Coupon, CouponId, CouponRepository, CouponRepositoryError, CouponStatus,
 };
+use domain::payment::PaymentId;
 use domain::unit_of_work::Tx;
 use domain::user::UserId;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, SqlErr, Statement};
@@ -177,6 +178,53 @@ impl CouponRepository for MySqlCouponRepository {
             }
             Err(e) => Err(db_error(e, "failed to insert a coupon").into()),
         }
+    }
+
+    #[tracing::instrument(name = "coupons.use", skip(self, tx))]
+    async fn use_coupon(
+        &self,
+        tx: &mut Tx,
+        id: CouponId,
+        user: UserId,
+        payment: PaymentId,
+        now: OffsetDateTime,
+    ) -> Result<i64, CouponRepositoryError> {
+        let conn = connection(tx)?;
+        let row = conn
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::COUPON_FOR_PAYMENT,
+                [(*id.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to read a coupon")?;
+        let Some(row) = row else { return Err(CouponRepositoryError::NotFound) };
+        let owner: uuid::Uuid = column(&row, "user_id")?;
+        if owner != *user.as_uuid() {
+            return Err(CouponRepositoryError::NotFound);
+        }
+        let status: String = column(&row, "status")?;
+        let valid_until = from_db_time(column(&row, "valid_until")?);
+        if status != CouponStatus::Available.as_str() {
+            return Err(CouponRepositoryError::NotUsable("used already"));
+        }
+        if valid_until <= now {
+            return Err(CouponRepositoryError::NotUsable("expired"));
+        }
+        let discount: i64 = column(&row, "discount")?;
+        let used = conn
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::USE_COUPON,
+                [to_db_time(now).into(), (*payment.as_uuid()).into(), (*id.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to use a coupon")?;
+        if used.rows_affected() != 1 {
+            // The row is locked and was AVAILABLE a statement ago: a broken invariant.
+            return Err(anyhow::anyhow!("coupon {id} changed under its row lock").into());
+        }
+        Ok(discount)
     }
 
     #[tracing::instrument(name = "coupons.exists", skip(self))]

@@ -215,6 +215,16 @@ pub const INSERT_COUPON: &str = "INSERT INTO coupons (id, campaign_id, user_id, 
 /// id (a range of `uq_coupons_campaign_user`).
 pub const CAMPAIGN_HOLDERS: &str = "SELECT user_id FROM coupons WHERE campaign_id = ?";
 
+/// A coupon as a payment sees it, its row locked until the payment's transaction ends (so
+/// that two payments cannot both read it AVAILABLE): the coupon's id.
+pub const COUPON_FOR_PAYMENT: &str =
+    "SELECT user_id, discount, status, valid_until FROM coupons WHERE id = ? FOR UPDATE";
+
+/// Marks a coupon USED by a payment: when, by which payment, the coupon's id. Guarded by
+/// its status again, so it cannot be used twice whatever read it before.
+pub const USE_COUPON: &str =
+    "UPDATE coupons SET status = 'USED', used_at = ?, payment_id = ? WHERE id = ? AND status = 'AVAILABLE'";
+
 /// Whether a user has a coupon of a campaign: the campaign's id, the user's id.
 pub const HAS_COUPON: &str = "SELECT 1 AS found FROM coupons WHERE campaign_id = ? AND user_id = ?";
 

@@ -290,6 +290,13 @@ impl Coupons {
                 self.give_back_failed(id, user).await;
                 Err(Failure::Unexpected(error).into())
             }
+            Err(InsertError::Refused(
+                other @ (CouponRepositoryError::NotFound | CouponRepositoryError::NotUsable(_)),
+            )) => {
+                // An insert answers neither: a broken adapter.
+                self.give_back_failed(id, user).await;
+                Err(Failure::Unexpected(anyhow::anyhow!("a coupon insert answered {other}")).into())
+            }
             Err(InsertError::Failure(failure)) => {
                 if matches!(&failure, Failure::Unexpected(error) if domain::unavailable::is_outcome_unknown(error))
                 {

@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::booking::{
-    BookingRepository, BookingRepositoryError, Reservation, ReservationId, ReservationStatus,
+    BookingRepository, BookingRepositoryError, Price, Reservation, ReservationId, ReservationStatus,
 };
+use domain::coupon::{CouponId, CouponRepository, CouponRepositoryError};
 use domain::payment::{Payment, PaymentRepository, PaymentRepositoryError};
 use domain::point::{PointAmount, PointError, PointRepository, PointRepositoryError};
 use domain::queue::QueueTokenId;
@@ -55,10 +56,14 @@ pub const PAYMENT_COMPLETED: &str = "PaymentCompleted";
 pub struct PaymentView {
     pub id: Uuid,
     pub reservation_id: Uuid,
+    /// Points deducted: the seat's price, less the coupon's discount (never below zero).
     pub amount: i64,
     pub status: String,
     #[serde(with = "time::serde::rfc3339")]
     pub paid_at: OffsetDateTime,
+    /// The coupon the payment used, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coupon_id: Option<Uuid>,
     /// The queue token the payment ended (kept in its idempotency record, not answered):
     /// a replay expires that one, not whatever token the retry came with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,13 +71,14 @@ pub struct PaymentView {
 }
 
 impl PaymentView {
-    fn of(payment: &Payment, token: QueueTokenId) -> Self {
+    fn of(payment: &Payment, token: QueueTokenId, coupon: Option<CouponId>) -> Self {
         Self {
             id: *payment.id.as_uuid(),
             reservation_id: *payment.reservation_id.as_uuid(),
             amount: payment.amount.points(),
             status: payment.status().to_owned(),
             paid_at: payment.paid_at,
+            coupon_id: coupon.map(|id| *id.as_uuid()),
             queue_token: Some(*token.as_uuid()),
         }
     }
@@ -110,6 +116,12 @@ pub enum PayError {
     InsufficientBalance { balance: i64, amount: i64 },
     #[error("the idempotency key was used for a different payment")]
     IdempotencyKeyReused,
+    /// No such coupon, or another user's (not told apart).
+    #[error("coupon {0} not found")]
+    CouponNotFound(CouponId),
+    /// The coupon is used already, or expired.
+    #[error("the coupon is {0}")]
+    CouponNotUsable(&'static str),
     /// The user's points stayed locked for the whole wait, a lost lease, an unavailable
     /// lock store or cache, the database: nothing changed.
     #[error(transparent)]
@@ -124,6 +136,7 @@ pub struct Pay {
     bookings: Arc<dyn BookingRepository>,
     points: Arc<dyn PointRepository>,
     payments: Arc<dyn PaymentRepository>,
+    coupons: Arc<dyn CouponRepository>,
     outbox: Arc<dyn OutboxStore>,
     catalog: Catalog,
     queue: Arc<dyn WaitingQueue>,
@@ -146,6 +159,8 @@ pub struct PayPorts {
     pub bookings: Arc<dyn BookingRepository>,
     pub points: Arc<dyn PointRepository>,
     pub payments: Arc<dyn PaymentRepository>,
+    /// The coupons a payment may use.
+    pub coupons: Arc<dyn CouponRepository>,
     pub outbox: Arc<dyn OutboxStore>,
     pub catalog: Catalog,
     pub queue: Arc<dyn WaitingQueue>,
@@ -154,15 +169,37 @@ pub struct PayPorts {
     pub idempotency: Idempotency,
 }
 
-fn fingerprint(reservation: ReservationId) -> Fingerprint {
-    Fingerprint::of("pay", &serde_json::json!({ "reservationId": reservation.to_string() }))
+/// What a payment's key stands for: the reservation, and the coupon when there is one (the
+/// same key with another coupon is another request). Without a coupon the fingerprint is
+/// what it was before coupons existed, so keys stored then still replay.
+fn fingerprint(reservation: ReservationId, coupon: Option<CouponId>) -> Fingerprint {
+    let request = match coupon {
+        None => serde_json::json!({ "reservationId": reservation.to_string() }),
+        Some(coupon) => {
+            serde_json::json!({ "reservationId": reservation.to_string(), "couponId": coupon.to_string() })
+        }
+    };
+    Fingerprint::of("pay", &request)
 }
 
 impl Pay {
     #[must_use]
     pub fn new(ports: PayPorts, point_lock_wait: Duration) -> Self {
-        let PayPorts { bookings, points, payments, outbox, catalog, queue, lock, txm, idempotency } = ports;
-        Self { bookings, points, payments, outbox, catalog, queue, lock, txm, idempotency, point_lock_wait }
+        let PayPorts { bookings, points, payments, coupons, outbox, catalog, queue, lock, txm, idempotency } =
+            ports;
+        Self {
+            bookings,
+            points,
+            payments,
+            coupons,
+            outbox,
+            catalog,
+            queue,
+            lock,
+            txm,
+            idempotency,
+            point_lock_wait,
+        }
     }
 
     /// Pays `reservation_id` for `user_id`, who holds the ACTIVE queue `token` (expired
@@ -181,10 +218,11 @@ impl Pay {
         user_id: UserId,
         token: QueueTokenId,
         reservation_id: ReservationId,
+        coupon: Option<CouponId>,
         key: Option<IdempotencyKey>,
     ) -> Result<Outcome<PaymentView>, PayError> {
         let this = self.clone();
-        run_to_end(async move { this.pay(user_id, token, reservation_id, key).await }).await
+        run_to_end(async move { this.pay(user_id, token, reservation_id, coupon, key).await }).await
     }
 
     async fn pay(
@@ -192,13 +230,14 @@ impl Pay {
         user_id: UserId,
         token: QueueTokenId,
         reservation_id: ReservationId,
+        coupon: Option<CouponId>,
         key: Option<IdempotencyKey>,
     ) -> Result<Outcome<PaymentView>, PayError> {
         let outcome = self
             .idempotency
-            .run(user_id, key, fingerprint(reservation_id), |recorder| async move {
+            .run(user_id, key, fingerprint(reservation_id, coupon), |recorder| async move {
                 let reservation = self.payable(user_id, reservation_id).await?;
-                let (view, mark) = self.pay_under_lock(reservation, token, recorder).await?;
+                let (view, mark) = self.pay_under_lock(reservation, token, coupon, recorder).await?;
                 // After the commit: every instance shows the seat SOLD from here.
                 self.catalog.changes_done([mark]).await;
                 Ok::<_, PayError>(view)
@@ -227,9 +266,10 @@ impl Pay {
         &self,
         user_id: UserId,
         reservation_id: ReservationId,
+        coupon: Option<CouponId>,
         key: &IdempotencyKey,
     ) -> Result<Option<PaymentView>, PayError> {
-        Ok(self.idempotency.lookup(user_id, key, &fingerprint(reservation_id)).await?)
+        Ok(self.idempotency.lookup(user_id, key, &fingerprint(reservation_id, coupon)).await?)
     }
 
     /// The user whose payment expired `token`, if one did.
@@ -265,12 +305,14 @@ impl Pay {
         &self,
         reservation: Reservation,
         token: QueueTokenId,
+        coupon: Option<CouponId>,
         recorder: Option<crate::idempotency::Recorder>,
     ) -> Result<(PaymentView, Option<WriteMark>), PayError> {
-        let (bookings, points, payments, outbox, catalog) = (
+        let (bookings, points, payments, coupons, outbox, catalog) = (
             Arc::clone(&self.bookings),
             Arc::clone(&self.points),
             Arc::clone(&self.payments),
+            Arc::clone(&self.coupons),
             Arc::clone(&self.outbox),
             self.catalog.clone(),
         );
@@ -303,8 +345,24 @@ impl Pay {
                         other => PayError::ReservationExpired(other),
                     });
                 }
-                if reservation.price.points() > 0 {
-                    let amount = PointAmount::new(reservation.price.points())
+                let mut payment = Payment::of(&reservation, now);
+                if let Some(coupon) = coupon {
+                    // Used in this transaction: a payment that fails below leaves it
+                    // AVAILABLE.
+                    let discount =
+                        coupons.use_coupon(tx, coupon, user_id, payment.id, now).await.map_err(|error| {
+                            match error {
+                                CouponRepositoryError::NotFound => PayError::CouponNotFound(coupon),
+                                CouponRepositoryError::NotUsable(why) => PayError::CouponNotUsable(why),
+                                other => anyhow::Error::new(other).context("failed to use the coupon").into(),
+                            }
+                        })?;
+                    let charged = (payment.amount.points() - discount).max(0);
+                    payment.amount = Price::new(charged)
+                        .map_err(|e| anyhow::Error::new(e).context("a discounted price out of range"))?;
+                }
+                if payment.amount.points() > 0 {
+                    let amount = PointAmount::new(payment.amount.points())
                         .map_err(|e| anyhow::Error::new(e).context("a price is not a point amount"))?;
                     let mut account = points
                         .lock_account(tx, user_id)
@@ -315,7 +373,6 @@ impl Pay {
                     points.save_balance(tx, &account, read_at).await?;
                     points.append_history(tx, &entry).await?;
                 }
-                let payment = Payment::of(&reservation, now);
                 payments.insert(tx, &payment, Some(token)).await?;
                 let event = PaymentCompleted {
                     event_id: Uuid::now_v7(),
@@ -339,7 +396,7 @@ impl Pay {
                         },
                     )
                     .await?;
-                let view = PaymentView::of(&payment, token);
+                let view = PaymentView::of(&payment, token, coupon);
                 if let Some(recorder) = &recorder {
                     recorder.record(tx, &view).await?;
                 }
@@ -437,6 +494,7 @@ mod tests {
         bookings: MockBookingRepository,
         points: MockPointRepository,
         payments: MockPaymentRepository,
+        coupons: domain::coupon::MockCouponRepository,
         outbox: MockOutboxStore,
         queue: MockWaitingQueue,
         lock: MockDistributedLock,
@@ -449,6 +507,7 @@ mod tests {
                 bookings: MockBookingRepository::new(),
                 points: MockPointRepository::new(),
                 payments: MockPaymentRepository::new(),
+                coupons: domain::coupon::MockCouponRepository::new(),
                 outbox: MockOutboxStore::new(),
                 queue: MockWaitingQueue::new(),
                 lock: MockDistributedLock::new(),
@@ -468,6 +527,7 @@ mod tests {
                     bookings: Arc::new(self.bookings),
                     points: Arc::new(self.points),
                     payments: Arc::new(self.payments),
+                    coupons: Arc::new(self.coupons),
                     outbox: Arc::new(self.outbox),
                     catalog: Catalog::new(
                         Arc::new(MockCatalogRepository::new()),
@@ -556,7 +616,7 @@ mod tests {
             .returning(|_, _| Ok(()));
         ports.queue.expect_expire().withf(move |t| *t == token).times(1).returning(|_| Ok(true));
 
-        let paid = ports.pay().execute(user, token, id, None).await.unwrap();
+        let paid = ports.pay().execute(user, token, id, None, None).await.unwrap();
 
         let paid = paid.into_inner();
         assert_eq!((paid.amount, paid.status.as_str()), (80_000, "COMPLETED"));
@@ -578,7 +638,7 @@ mod tests {
             ports.bookings.expect_reservation().returning(move |_| Ok(Some(found.clone())));
             ports.lock.expect_acquire().never();
             ports.queue.expect_expire().never();
-            let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
+            let result = ports.pay().execute(user, QueueTokenId::generate(), id, None, None).await;
             match (owner == user, status) {
                 (false, _) => {
                     assert!(matches!(result, Err(PayError::ReservationNotFound(_))), "{result:?}")
@@ -605,7 +665,7 @@ mod tests {
         ports.txm.expect_begin().never();
         ports.queue.expect_expire().never();
 
-        let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
+        let result = ports.pay().execute(user, QueueTokenId::generate(), id, None, None).await;
 
         assert!(matches!(result, Err(PayError::PaymentInProgress)), "{result:?}");
     }
@@ -643,7 +703,7 @@ mod tests {
         ports.points.expect_lock_account().never();
         ports.queue.expect_expire().never();
 
-        let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
+        let result = ports.pay().execute(user, QueueTokenId::generate(), id, None, None).await;
 
         assert!(
             matches!(result, Err(PayError::ReservationExpired(ReservationStatus::Expired))),
@@ -669,7 +729,7 @@ mod tests {
         ports.outbox.expect_append().never();
         ports.queue.expect_expire().never();
 
-        let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
+        let result = ports.pay().execute(user, QueueTokenId::generate(), id, None, None).await;
 
         assert!(
             matches!(result, Err(PayError::InsufficientBalance { balance: 79_999, amount: 80_000 })),
@@ -695,7 +755,7 @@ mod tests {
             ports.payments.expect_insert().never();
             ports.queue.expect_expire().never();
 
-            let result = ports.pay().execute(user, QueueTokenId::generate(), id, None).await;
+            let result = ports.pay().execute(user, QueueTokenId::generate(), id, None, None).await;
 
             if expected_paid {
                 assert!(matches!(result, Err(PayError::AlreadyPaid)), "{result:?}");
@@ -717,13 +777,14 @@ mod tests {
             amount: 80_000,
             status: "COMPLETED".into(),
             paid_at: clock::now_utc(),
+            coupon_id: None,
             queue_token: Some(*spent.as_uuid()),
         };
         let key = IdempotencyKey::new("pay-1").unwrap();
         let record = IdempotencyRecord {
             user_id: user,
             key: key.clone(),
-            fingerprint: fingerprint(reservation_id),
+            fingerprint: fingerprint(reservation_id, None),
             response: serde_json::to_string(&first).unwrap(),
             created_at: clock::now_utc(),
             expires_at: clock::now_utc() + DEFAULT_RETENTION,
@@ -737,7 +798,7 @@ mod tests {
         let mut pay = ports.pay();
         pay.idempotency = Idempotency::new(Arc::new(store), Duration::from_secs(1), DEFAULT_RETENTION);
 
-        let outcome = pay.execute(user, retry_token, reservation_id, Some(key)).await.unwrap();
+        let outcome = pay.execute(user, retry_token, reservation_id, None, Some(key)).await.unwrap();
 
         assert!(outcome.is_replay());
         assert_eq!(outcome.into_inner(), first);

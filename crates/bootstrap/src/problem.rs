@@ -60,6 +60,10 @@ pub enum ApiError {
     ReservationNotFound(uuid::Uuid),
     #[error("coupon campaign {0} not found")]
     CampaignNotFound(uuid::Uuid),
+    #[error("coupon {0} not found among yours")]
+    CouponNotFound(uuid::Uuid),
+    #[error("the coupon is {0}; pay without it, or with another")]
+    CouponNotUsable(&'static str),
     #[error("every coupon of this campaign has been issued")]
     CouponSoldOut,
     #[error("you have a coupon of this campaign already; one per user")]
@@ -178,6 +182,8 @@ impl ApiError {
             Self::ScheduleNotFound(_) => "SCHEDULE_NOT_FOUND",
             Self::ReservationNotFound(_) => "RESERVATION_NOT_FOUND",
             Self::CampaignNotFound(_) => "CAMPAIGN_NOT_FOUND",
+            Self::CouponNotFound(_) => "COUPON_NOT_FOUND",
+            Self::CouponNotUsable(_) => "COUPON_NOT_USABLE",
             Self::CouponSoldOut => "COUPON_SOLD_OUT",
             Self::CouponAlreadyIssued => "COUPON_ALREADY_ISSUED",
             Self::CouponIssueClosed => "COUPON_ISSUE_CLOSED",
@@ -219,6 +225,8 @@ impl ApiError {
             Self::ScheduleNotFound(_) => "Schedule not found",
             Self::ReservationNotFound(_) => "Reservation not found",
             Self::CampaignNotFound(_) => "Campaign not found",
+            Self::CouponNotFound(_) => "Coupon not found",
+            Self::CouponNotUsable(_) => "Coupon not usable",
             Self::CouponSoldOut => "Coupons sold out",
             Self::CouponAlreadyIssued => "Coupon already issued",
             Self::CouponIssueClosed => "Coupon issue closed",
@@ -285,7 +293,8 @@ impl ResponseError for ApiError {
             | Self::ConcertNotFound(_)
             | Self::ScheduleNotFound(_)
             | Self::ReservationNotFound(_)
-            | Self::CampaignNotFound(_) => StatusCode::NOT_FOUND,
+            | Self::CampaignNotFound(_)
+            | Self::CouponNotFound(_) => StatusCode::NOT_FOUND,
             Self::SeatUnavailable
             | Self::BookingClosed
             | Self::ReservationNotHeld(_)
@@ -295,7 +304,8 @@ impl ResponseError for ApiError {
             | Self::InsufficientBalance(_)
             | Self::CouponSoldOut
             | Self::CouponAlreadyIssued
-            | Self::CouponIssueClosed => StatusCode::CONFLICT,
+            | Self::CouponIssueClosed
+            | Self::CouponNotUsable(_) => StatusCode::CONFLICT,
             Self::AdminKeyInvalid => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::QueueTokenInvalid => StatusCode::UNAUTHORIZED,
@@ -480,6 +490,8 @@ impl From<PayError> for ApiError {
                 "the balance of {balance} points does not cover the price of {amount}; charge points and pay again"
             )),
             PayError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            PayError::CouponNotFound(id) => Self::CouponNotFound(*id.as_uuid()),
+            PayError::CouponNotUsable(why) => Self::CouponNotUsable(why),
             PayError::Failure(failure) => failure.into(),
         }
     }

@@ -212,6 +212,7 @@ impl Application {
                 bookings,
                 points: points.clone(),
                 payments: Arc::new(MySqlPaymentRepository::new(db.clone())),
+                coupons: Arc::new(adapters_mysql::coupons::MySqlCouponRepository::new(db.clone())),
                 outbox: outbox.clone(),
                 catalog: catalog.clone(),
                 queue: Arc::clone(&queue),

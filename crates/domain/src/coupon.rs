@@ -183,6 +183,24 @@ pub trait CouponRepository: Send + Sync {
     /// - [`CouponRepositoryError::AlreadyIssued`]: the user has one of this campaign.
     async fn insert(&self, tx: &mut Tx, coupon: &Coupon) -> Result<(), CouponRepositoryError>;
 
+    /// Uses coupon `id` for `payment` in `tx` (`USED`, with when and by which payment) and
+    /// answers its discount: only the owner's, only while `AVAILABLE` and valid at `now`.
+    /// Rolled back with the payment if the payment fails, so a failed payment leaves it
+    /// `AVAILABLE`.
+    ///
+    /// # Errors
+    /// - [`CouponRepositoryError::NotFound`]: no such coupon, or another user's (not told
+    ///   apart);
+    /// - [`CouponRepositoryError::NotUsable`]: used already, or expired.
+    async fn use_coupon(
+        &self,
+        tx: &mut Tx,
+        id: CouponId,
+        user: UserId,
+        payment: crate::payment::PaymentId,
+        now: OffsetDateTime,
+    ) -> Result<i64, CouponRepositoryError>;
+
     /// Whether `user` has a coupon of `campaign` (the reconciler asks after a decision
     /// whose insert it never saw confirmed).
     async fn exists(&self, campaign: CampaignId, user: UserId) -> Result<bool, CouponRepositoryError>;
@@ -205,6 +223,10 @@ pub enum CouponRepositoryError {
     SoldOut,
     #[error("the user has a coupon of this campaign already")]
     AlreadyIssued,
+    #[error("no such coupon of this user")]
+    NotFound,
+    #[error("the coupon is {0}")]
+    NotUsable(&'static str),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }

@@ -4,6 +4,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use application::pay::PaymentView;
 use application::queue::GateError;
 use domain::booking::ReservationId;
+use domain::coupon::CouponId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -21,6 +22,11 @@ use crate::problem_responses::{BodyTooLarge, QueueGate};
 pub struct PayRequest {
     /// The caller's HELD reservation.
     pub reservation_id: uuid::Uuid,
+    /// Optional: one of the caller's AVAILABLE, unexpired coupons. Its discount is taken off
+    /// the price (never below zero) and it becomes USED with the payment; a payment that
+    /// fails leaves it AVAILABLE. Part of what an `Idempotency-Key` stands for.
+    #[serde(default)]
+    pub coupon_id: Option<uuid::Uuid>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -28,9 +34,12 @@ pub struct PayRequest {
 pub struct PaymentResponse {
     pub id: uuid::Uuid,
     pub reservation_id: uuid::Uuid,
-    /// Points deducted: the seat's price.
+    /// Points deducted: the seat's price, less the coupon's discount (never below zero).
     #[schema(minimum = 0, maximum = 10_000_000, example = 80_000)]
     pub amount: i64,
+    /// The coupon the payment used; absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coupon_id: Option<uuid::Uuid>,
     #[schema(pattern = "^COMPLETED$", example = "COMPLETED")]
     pub status: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -44,6 +53,7 @@ impl From<PaymentView> for PaymentResponse {
             id: view.id,
             reservation_id: view.reservation_id,
             amount: view.amount,
+            coupon_id: view.coupon_id,
             status: view.status,
             paid_at: view.paid_at,
         }
@@ -70,8 +80,9 @@ fn created(view: PaymentView, replayed: bool) -> HttpResponse {
 /// reservation is 422. Keys are scoped to the user and kept at least 24 hours.
 ///
 /// # Errors
-/// 400, 401, 403, 404 `RESERVATION_NOT_FOUND`, 409 `RESERVATION_EXPIRED`, `ALREADY_PAID`,
-/// `PAYMENT_IN_PROGRESS`, `INSUFFICIENT_BALANCE`, 422, 429, 503.
+/// 400, 401, 403, 404 `RESERVATION_NOT_FOUND` / `COUPON_NOT_FOUND`, 409
+/// `RESERVATION_EXPIRED`, `ALREADY_PAID`, `PAYMENT_IN_PROGRESS`, `INSUFFICIENT_BALANCE`,
+/// `COUPON_NOT_USABLE`, 422, 429, 503.
 #[utoipa::path(
     post,
     path = "/api/v1/payments",
@@ -87,8 +98,8 @@ fn created(view: PaymentView, replayed: bool) -> HttpResponse {
             headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer of an earlier request with the same key"))),
         (status = 400, description = "Malformed body, reservationId or Idempotency-Key", body = Problem, content_type = "application/problem+json"),
         QueueGate,
-        (status = 404, description = "RESERVATION_NOT_FOUND (also another user's)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "RESERVATION_EXPIRED (the hold ran out or was cancelled), ALREADY_PAID, PAYMENT_IN_PROGRESS (another payment of it is running now), INSUFFICIENT_BALANCE; nothing changed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "RESERVATION_NOT_FOUND (also another user's), COUPON_NOT_FOUND (also another user's coupon)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "RESERVATION_EXPIRED (the hold ran out or was cancelled), ALREADY_PAID, PAYMENT_IN_PROGRESS (another payment of it is running now), INSUFFICIENT_BALANCE, COUPON_NOT_USABLE (used already, or expired); nothing changed", body = Problem, content_type = "application/problem+json"),
         BodyTooLarge,
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used for another reservation; nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "RESOURCE_BUSY: the account stayed busy; nothing changed, retry after Retry-After", body = Problem, content_type = "application/problem+json"),
@@ -106,8 +117,11 @@ pub async fn pay(
         Ok(user) => {
             let key = idempotency_key(&req)?;
             let body: PayRequest = body.read().await?;
-            let outcome =
-                state.pay.execute(user, token, ReservationId::from_uuid(body.reservation_id), key).await?;
+            let coupon = body.coupon_id.map(CouponId::from_uuid);
+            let outcome = state
+                .pay
+                .execute(user, token, ReservationId::from_uuid(body.reservation_id), coupon, key)
+                .await?;
             let replayed = outcome.is_replay();
             Ok(created(outcome.into_inner(), replayed))
         }
@@ -120,7 +134,8 @@ pub async fn pay(
                 return Err(ApiError::QueueTokenInvalid);
             };
             let body: PayRequest = body.read().await?;
-            match state.pay.replay(user, ReservationId::from_uuid(body.reservation_id), &key).await? {
+            let coupon = body.coupon_id.map(CouponId::from_uuid);
+            match state.pay.replay(user, ReservationId::from_uuid(body.reservation_id), coupon, &key).await? {
                 Some(view) => Ok(created(view, true)),
                 None => Err(ApiError::QueueTokenInvalid),
             }
