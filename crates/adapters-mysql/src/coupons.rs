@@ -96,6 +96,23 @@ impl CouponRepository for MySqlCouponRepository {
         Ok(row.map(|row| campaign_from(&row)).transpose()?)
     }
 
+    #[tracing::instrument(name = "coupons.lock_campaign", skip(self, tx))]
+    async fn lock_campaign(
+        &self,
+        tx: &mut Tx,
+        id: CampaignId,
+    ) -> Result<Option<Campaign>, CouponRepositoryError> {
+        let row = connection(tx)?
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::LOCK_CAMPAIGN,
+                [(*id.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to lock a coupon campaign")?;
+        Ok(row.map(|row| campaign_from(&row)).transpose()?)
+    }
+
     #[tracing::instrument(name = "coupons.issued", skip(self))]
     async fn issued(&self, id: CampaignId) -> Result<Vec<UserId>, CouponRepositoryError> {
         let rows = self

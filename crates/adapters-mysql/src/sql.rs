@@ -197,6 +197,11 @@ pub const INSERT_CAMPAIGN: &str = "INSERT INTO coupon_campaigns \
 pub const CAMPAIGN: &str = "SELECT id, name, discount, quantity, issue_opens_at, issue_closes_at, valid_until, created_at \
      FROM coupon_campaigns WHERE id = ?";
 
+/// A campaign, its row locked until the transaction ends: the pessimistic baseline's first
+/// statement (every request of a campaign queues here).
+pub const LOCK_CAMPAIGN: &str = "SELECT id, name, discount, quantity, issue_opens_at, issue_closes_at, valid_until, created_at \
+     FROM coupon_campaigns WHERE id = ? FOR UPDATE";
+
 /// A coupon counted against its campaign (rows affected checked), first in the insert's
 /// transaction: the campaign's id. The quantity guard is here, not in a count of
 /// `coupons` rows: the row lock this takes queues the campaign's concurrent inserts one

@@ -156,6 +156,18 @@ impl From<Failure> for InsertError {
     }
 }
 
+/// How the issue step decides (`COUPON_ISSUE_STRATEGY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IssueStrategy {
+    /// One Redis script decides; only the winners reach MySQL.
+    #[default]
+    Gate,
+    /// Every request locks the campaign's row in MySQL (`SELECT ... FOR UPDATE`), checks and
+    /// inserts: the naive, pessimistic version, kept as the benchmark's baseline. Exact too
+    /// (the same guards), but every request of a campaign queues on one row.
+    DatabaseLock,
+}
+
 /// Campaigns and the coupon race.
 #[derive(Clone)]
 pub struct Coupons {
@@ -163,6 +175,7 @@ pub struct Coupons {
     gate: Arc<dyn CouponGate>,
     lock: Arc<dyn DistributedLock>,
     txm: Arc<dyn TransactionManager>,
+    strategy: IssueStrategy,
 }
 
 impl std::fmt::Debug for Coupons {
@@ -179,7 +192,14 @@ impl Coupons {
         lock: Arc<dyn DistributedLock>,
         txm: Arc<dyn TransactionManager>,
     ) -> Self {
-        Self { repo, gate, lock, txm }
+        Self { repo, gate, lock, txm, strategy: IssueStrategy::Gate }
+    }
+
+    /// The same, deciding with `strategy`.
+    #[must_use]
+    pub const fn with_strategy(mut self, strategy: IssueStrategy) -> Self {
+        self.strategy = strategy;
+        self
     }
 
     /// Creates a campaign (admin) and loads its stock into the gate, so that the first
@@ -238,7 +258,37 @@ impl Coupons {
     #[tracing::instrument(name = "issue_coupon", skip(self), fields(%user, campaign = %id))]
     pub async fn issue(&self, id: CampaignId, user: UserId) -> Result<Coupon, CouponUseCaseError> {
         let this = self.clone();
-        run_to_end(async move { this.issue_now(id, user).await }).await
+        run_to_end(async move {
+            match this.strategy {
+                IssueStrategy::Gate => this.issue_now(id, user).await,
+                IssueStrategy::DatabaseLock => this.issue_locked(id, user).await,
+            }
+        })
+        .await
+    }
+
+    /// The baseline: the campaign's row locked, the window checked on this instance's
+    /// clock, the coupon inserted under the same guards as the fast path's winners.
+    async fn issue_locked(&self, id: CampaignId, user: UserId) -> Result<Coupon, CouponUseCaseError> {
+        let repo = Arc::clone(&self.repo);
+        in_tx(self.txm.as_ref(), |tx| {
+            Box::pin(async move {
+                let campaign = repo.lock_campaign(tx, id).await.map_err(repository)?;
+                let campaign = campaign.ok_or(CouponUseCaseError::CampaignNotFound(id))?;
+                let now = clock::now_utc();
+                if !campaign.is_issuing(now) {
+                    return Err(CouponUseCaseError::IssueClosed);
+                }
+                let coupon = Coupon::issue(&campaign, user, now);
+                match repo.insert(tx, &coupon).await {
+                    Ok(()) => Ok(coupon),
+                    Err(CouponRepositoryError::SoldOut) => Err(CouponUseCaseError::SoldOut),
+                    Err(CouponRepositoryError::AlreadyIssued) => Err(CouponUseCaseError::AlreadyIssued),
+                    Err(other) => Err(repository(other).into()),
+                }
+            })
+        })
+        .await
     }
 
     async fn issue_now(&self, id: CampaignId, user: UserId) -> Result<Coupon, CouponUseCaseError> {
@@ -603,6 +653,33 @@ mod tests {
             .returning(|_, _, _| Ok(true));
         let settled = Reconciler::new(Arc::new(repo), Arc::new(gate)).run_once(clock::now_utc()).await;
         assert_eq!(settled.expect("ran"), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn the_baseline_locks_the_campaign_row_and_never_asks_the_gate() {
+        let campaign = campaign();
+        let user = UserId::generate();
+        let mut repo = MockCouponRepository::new();
+        let locked = campaign.clone();
+        repo.expect_lock_campaign().times(2).returning(move |_, _| Ok(Some(locked.clone())));
+        let mut inserts = 0;
+        repo.expect_insert().times(2).returning(move |_, _| {
+            inserts += 1;
+            if inserts == 1 { Ok(()) } else { Err(CouponRepositoryError::SoldOut) }
+        });
+        let mut gate = MockCouponGate::new();
+        gate.expect_decide().never();
+        let mut txm = MockTransactionManager::new();
+        let mut commits = vec![true, false].into_iter();
+        txm.expect_begin()
+            .times(2)
+            .returning(move || Ok(Box::new(crate::mocks::unit_of_work(commits.next().unwrap_or(false)))));
+        let coupons =
+            coupons(repo, gate, MockDistributedLock::new(), txm).with_strategy(IssueStrategy::DatabaseLock);
+        let coupon = coupons.issue(campaign.id, user).await.expect("issued");
+        assert_eq!(coupon.user_id, user);
+        let error = coupons.issue(campaign.id, UserId::generate()).await.expect_err("sold out");
+        assert!(matches!(error, CouponUseCaseError::SoldOut));
     }
 
     #[tokio::test]

@@ -100,6 +100,9 @@ pub struct Settings {
     /// `CACHE_ENABLED`: `false` sends every catalog read to MySQL (the benchmark's
     /// baseline).
     pub cache_enabled: bool,
+    /// `COUPON_ISSUE_STRATEGY`: `redis` (one Redis script decides) or `mysql-lock` (every
+    /// request locks the campaign's row: the benchmark's baseline).
+    pub coupon_issue_strategy: application::coupons::IssueStrategy,
     /// `CACHE_REPLICA_ACKS` / `CACHE_REPLICA_ACK_TIMEOUT_MS`: how many Redis replicas must
     /// have a cache write mark before the write goes on (0: no wait), and how long to wait.
     pub cache_replica_acks: adapters_redis::cache::ReplicaAcks,
@@ -428,6 +431,13 @@ impl Settings {
             admin_api_key,
             seed_demo_data: flag("SEED_DEMO_DATA", true)?,
             cache_enabled: flag("CACHE_ENABLED", true)?,
+            coupon_issue_strategy: if choice("COUPON_ISSUE_STRATEGY", "redis", &["redis", "mysql-lock"])?
+                == "mysql-lock"
+            {
+                application::coupons::IssueStrategy::DatabaseLock
+            } else {
+                application::coupons::IssueStrategy::Gate
+            },
             cache_replica_acks: adapters_redis::cache::ReplicaAcks {
                 replicas: u32::try_from(number("CACHE_REPLICA_ACKS", 0, 0..=16)?).unwrap_or(0),
                 timeout: ms("CACHE_REPLICA_ACK_TIMEOUT_MS", Duration::from_millis(200), 1..=5_000)?,
@@ -572,6 +582,10 @@ mod tests {
         assert_eq!((s.sse_max_streams, s.http_body_timeout), (10_000, Duration::from_secs(10)));
         assert_eq!((s.redis_lock_nodes, s.lock_node_timeout), (None, Duration::from_millis(250)));
         assert_eq!(s.cache_replica_acks.replicas, 0, "no replica wait with one Redis");
+        assert_eq!(s.coupon_issue_strategy, application::coupons::IssueStrategy::Gate);
+        let baseline = settings(&[("COUPON_ISSUE_STRATEGY", "mysql-lock")]).unwrap();
+        assert_eq!(baseline.coupon_issue_strategy, application::coupons::IssueStrategy::DatabaseLock);
+        assert!(settings(&[("COUPON_ISSUE_STRATEGY", "memcached")]).is_err());
         let acks = settings(&[("CACHE_REPLICA_ACKS", "1"), ("CACHE_REPLICA_ACK_TIMEOUT_MS", "50")]).unwrap();
         assert_eq!(
             acks.cache_replica_acks,

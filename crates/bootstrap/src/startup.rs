@@ -266,7 +266,8 @@ impl Application {
             Arc::clone(&coupon_gate),
             Arc::clone(&lock_port),
             txm.clone(),
-        );
+        )
+        .with_strategy(settings.coupon_issue_strategy);
         let coupon_reconciler = application::coupons::Reconciler::new(coupon_repo, coupon_gate);
         let state = web::Data::new(AppState {
             create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),

@@ -201,6 +201,14 @@ pub trait CouponRepository: Send + Sync {
         now: OffsetDateTime,
     ) -> Result<i64, CouponRepositoryError>;
 
+    /// The campaign, its row locked until `tx` ends: the pessimistic baseline of the issue
+    /// step (`COUPON_ISSUE_STRATEGY=mysql-lock`), where every request queues on this lock.
+    async fn lock_campaign(
+        &self,
+        tx: &mut Tx,
+        id: CampaignId,
+    ) -> Result<Option<Campaign>, CouponRepositoryError>;
+
     /// Whether `user` has a coupon of `campaign` (the reconciler asks after a decision
     /// whose insert it never saw confirmed).
     async fn exists(&self, campaign: CampaignId, user: UserId) -> Result<bool, CouponRepositoryError>;
