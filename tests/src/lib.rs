@@ -200,6 +200,7 @@ pub const NO_RATE_LIMITS: &[(&str, &str)] = &[
     ("RATE_LIMIT_AUTH_PER_MINUTE", "0"),
     ("RATE_LIMIT_QUEUE_TOKENS_PER_MINUTE", "0"),
     ("RATE_LIMIT_CHARGES_PER_MINUTE", "0"),
+    ("RATE_LIMIT_COUPONS_PER_MINUTE", "0"),
 ];
 
 impl Cluster {

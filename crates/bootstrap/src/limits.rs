@@ -1,5 +1,5 @@
 //! Per-client rate limits: sign-ups and access tokens per client address, queue tokens and
-//! charges per user. A request over its limit is `429 RATE_LIMITED` with `Retry-After` and
+//! charges and coupon requests per user. A request over its limit is `429 RATE_LIMITED` with `Retry-After` and
 //! changes nothing.
 //!
 //! The limits are kept in each instance's memory (GCRA, by `governor`): behind a load
@@ -103,11 +103,13 @@ pub struct RateLimitSettings {
     pub queue_tokens: u32,
     /// `RATE_LIMIT_CHARGES_PER_MINUTE`, per user.
     pub charges: u32,
+    /// `RATE_LIMIT_COUPONS_PER_MINUTE`: coupon requests, per user.
+    pub coupons: u32,
 }
 
 impl Default for RateLimitSettings {
     fn default() -> Self {
-        Self { signups: 10, auth: 30, queue_tokens: 30, charges: 60 }
+        Self { signups: 10, auth: 30, queue_tokens: 30, charges: 60, coupons: 30 }
     }
 }
 
@@ -144,6 +146,7 @@ pub struct RateLimits {
     auth: Option<Limiter<IpAddr>>,
     queue_tokens: Option<Limiter<uuid::Uuid>>,
     charges: Option<Limiter<uuid::Uuid>>,
+    coupons: Option<Limiter<uuid::Uuid>>,
     trusted_proxies: Vec<IpNet>,
 }
 
@@ -161,6 +164,7 @@ impl RateLimits {
             auth: Limiter::new("access-token requests", settings.auth),
             queue_tokens: Limiter::new("queue-token requests", settings.queue_tokens),
             charges: Limiter::new("charges", settings.charges),
+            coupons: Limiter::new("coupon requests", settings.coupons),
             trusted_proxies,
         }
     }
@@ -224,6 +228,12 @@ impl RateLimits {
         self.charges.as_ref().map_or(Ok(()), |limiter| limiter.check(user.as_uuid()))
     }
 
+    /// # Errors
+    /// [`ApiError::RateLimited`] past `RATE_LIMIT_COUPONS_PER_MINUTE` for this user.
+    pub fn coupon(&self, user: domain::user::UserId) -> Result<(), ApiError> {
+        self.coupons.as_ref().map_or(Ok(()), |limiter| limiter.check(user.as_uuid()))
+    }
+
     /// Forgets the clients back to a fresh state (run every minute by a job); returns how
     /// many clients are still tracked.
     pub fn trim(&self) -> usize {
@@ -231,6 +241,7 @@ impl RateLimits {
             + self.auth.as_ref().map_or(0, Limiter::trim)
             + self.queue_tokens.as_ref().map_or(0, Limiter::trim)
             + self.charges.as_ref().map_or(0, Limiter::trim)
+            + self.coupons.as_ref().map_or(0, Limiter::trim)
     }
 }
 
@@ -252,7 +263,7 @@ mod tests {
 
     fn limits(trusted: &[&str]) -> RateLimits {
         RateLimits::new(
-            RateLimitSettings { signups: 2, auth: 0, queue_tokens: 1, charges: 0 },
+            RateLimitSettings { signups: 2, auth: 0, queue_tokens: 1, charges: 0, coupons: 1 },
             trusted.iter().map(|t| IpNet::parse(t).expect("net")).collect(),
         )
     }
@@ -323,6 +334,9 @@ mod tests {
         assert!(limits.queue_token(a).is_ok());
         assert!(limits.queue_token(a).is_err());
         assert!(limits.queue_token(b).is_ok());
+        assert!(limits.coupon(a).is_ok());
+        assert!(limits.coupon(a).is_err(), "coupon requests have their own budget, spent now");
+        assert!(limits.coupon(b).is_ok());
         assert!(limits.trim() >= 1);
     }
 }

@@ -407,6 +407,7 @@ impl Settings {
             auth: per_minute("RATE_LIMIT_AUTH_PER_MINUTE", defaults.auth)?,
             queue_tokens: per_minute("RATE_LIMIT_QUEUE_TOKENS_PER_MINUTE", defaults.queue_tokens)?,
             charges: per_minute("RATE_LIMIT_CHARGES_PER_MINUTE", defaults.charges)?,
+            coupons: per_minute("RATE_LIMIT_COUPONS_PER_MINUTE", defaults.coupons)?,
         };
         Ok(Self {
             ops_addr,

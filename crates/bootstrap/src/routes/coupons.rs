@@ -13,8 +13,11 @@ use super::admin::Admin;
 use super::{AppState, uuid_param};
 use crate::auth::Caller;
 use crate::extract::{LateJson, ValidJson};
+use crate::limits::RateLimits;
 use crate::problem::{ApiError, Problem};
-use crate::problem_responses::{AdminKeyInvalid, BodyTooLarge, MySqlUnavailable, Unauthenticated};
+use crate::problem_responses::{
+    AdminKeyInvalid, BodyTooLarge, MySqlUnavailable, RateLimited, Unauthenticated,
+};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -197,11 +200,12 @@ pub async fn get_campaign(
 }
 
 /// Take a coupon of a campaign, for the caller: first come, first served, one per user.
+/// Limited per user (`RATE_LIMIT_COUPONS_PER_MINUTE`).
 ///
 /// # Errors
 /// 400 for a malformed id or body, 401 without a valid access token, 404 for an unknown
 /// campaign, 409 when sold out, already issued to the caller or outside the issue window,
-/// 503 when Redis or MySQL is unavailable (no coupon issued).
+/// 429 past the per-user limit, 503 when Redis or MySQL is unavailable (no coupon issued).
 #[utoipa::path(
     post,
     path = "/api/v1/coupon-campaigns/{campaignId}/coupons",
@@ -216,17 +220,20 @@ pub async fn get_campaign(
         (status = 404, description = "CAMPAIGN_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "COUPON_SOLD_OUT, COUPON_ALREADY_ISSUED (one per user) or COUPON_ISSUE_CLOSED (outside issueOpensAt..issueClosesAt)", body = Problem, content_type = "application/problem+json"),
         BodyTooLarge,
+        RateLimited,
         (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, or this instance is shutting down or at its limit of concurrent writes; no coupon was issued. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit; list your coupons before retrying (a retry is refused as already issued if it was)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn issue_coupon(
     state: web::Data<AppState>,
+    limits: web::Data<RateLimits>,
     Caller(user): Caller,
     path: web::Path<String>,
     body: LateJson,
 ) -> Result<HttpResponse, ApiError> {
     let id = CampaignId::from_uuid(uuid_param(&path, "campaignId")?);
     let _: IssueCouponRequest = body.read().await?;
+    limits.coupon(user)?;
     let coupon = state.coupons.issue(id, user).await?;
     Ok(HttpResponse::Created().json(CouponResponse::from(&coupon)))
 }
