@@ -12,6 +12,7 @@ mod payments;
 mod points;
 mod queue;
 mod quorum;
+mod ranking;
 mod users;
 
 use awc::http::StatusCode;

@@ -8,6 +8,8 @@
 //!   [`queue`]: the waiting queue's baseline adapter.
 //! - [`coupons`]: campaigns and first-come coupons, each insert counted against its
 //!   campaign's quantity in the insert's transaction.
+//! - [`ranking`]: what the popular-concert ranking reads from MySQL (completed payments
+//!   by concert), when Redis lost it or cannot answer; its statements live beside it.
 //! - [`sql`]: the hot statements the adapters run, and the list `docs/explain.sh` explains.
 //! - `entities`: sea-orm models. They never leave this crate; repositories convert them
 //!   to domain types at the boundary.
@@ -22,6 +24,7 @@ pub mod outbox;
 pub mod payments;
 pub mod points;
 pub mod queue;
+pub mod ranking;
 pub mod seed;
 pub mod signing_keys;
 pub mod sql;

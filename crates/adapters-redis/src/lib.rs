@@ -10,6 +10,8 @@
 //! - [`events`]: payment events on a Redis Stream: the outbox publisher, an idempotent consumer.
 //! - [`coupons`]: [`coupons::RedisCouponGate`], the `CouponGate` port: the first-come coupon
 //!   decision, one atomic script per request.
+//! - [`ranking`]: [`ranking::RedisRanking`], the `RankingStore` port: hourly counts of
+//!   completed payments per concert, counted once each, rebuilt from MySQL when lost.
 //!
 //! This crate never decides *what* to lock or cache; application use cases do.
 
@@ -20,3 +22,4 @@ pub mod events;
 pub mod lock;
 pub mod queue;
 pub mod quorum;
+pub mod ranking;

@@ -18,6 +18,8 @@
 //! - [`coupons`]: first-come coupon campaigns (a Redis decision, MySQL the truth, a
 //!   reconciler between them).
 //! - [`pay`]: paying a hold with points; [`outbox`]: the outbox its events leave by.
+//! - [`ranking`]: the popular-concert ranking (hourly counts in Redis, fed by the outbox
+//!   relay, rebuilt from MySQL when Redis lost them).
 //! - [`idempotency`]: idempotency keys, one mechanism for every retried operation.
 //! - [`identity`]: API keys, access tokens (the [`identity::TokenVerifier`] port) and
 //!   their signing keys.
@@ -45,6 +47,7 @@ pub mod outbox;
 pub mod pay;
 pub mod point_history;
 pub mod queue;
+pub mod ranking;
 pub mod reservations;
 pub mod tx;
 

@@ -8,10 +8,16 @@
 //! publishing and before its commit leaves the rows unsent: they are published again
 //! (at least once), and consumers drop the duplicate by the event's id.
 //!
+//! What else must hear of every published event (the popular-concert ranking) is told in
+//! the same round, after the publication and before the rows are marked sent
+//! ([`AfterPublish`]): so it hears each event at least once too, and never holds the relay
+//! up for long nor fails it.
+//!
 //! Metrics: `outbox_published_total`, `outbox_relay_lag_seconds` (from an event's write to
 //! its publication), `outbox_pending` (unsent events, as of the last round).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use domain::unit_of_work::{Tx, TxError};
@@ -76,6 +82,23 @@ pub trait EventPublisher: Send + Sync {
     async fn publish(&self, event: &PendingEvent) -> anyhow::Result<()>;
 }
 
+/// The longest a relay round waits for one [`AfterPublish`] step: the round holds its
+/// claimed rows (and a connection) meanwhile.
+pub const AFTER_PUBLISH_BUDGET: Duration = Duration::from_secs(5);
+
+/// Told of the events a relay round published, in order, before the round marks them sent:
+/// at least once (a round that fails after this step publishes and tells again).
+///
+/// It cannot fail the round: an implementation handles its own failures (logs and counts
+/// them), and the relay stops waiting for it after [`AFTER_PUBLISH_BUDGET`].
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait AfterPublish: Send + Sync {
+    /// Hears `events`, published in this order. Infallible by design: whatever goes wrong
+    /// here is the step's to log and count.
+    async fn published(&self, events: &[PendingEvent]);
+}
+
 /// Sends outbox events. Cheap to clone.
 #[derive(Clone)]
 pub struct OutboxRelay {
@@ -83,11 +106,15 @@ pub struct OutboxRelay {
     publisher: Arc<dyn EventPublisher>,
     txm: Arc<dyn TransactionManager>,
     batch: u32,
+    after_publish: Vec<Arc<dyn AfterPublish>>,
 }
 
 impl std::fmt::Debug for OutboxRelay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutboxRelay").field("batch", &self.batch).finish_non_exhaustive()
+        f.debug_struct("OutboxRelay")
+            .field("batch", &self.batch)
+            .field("after_publish", &self.after_publish.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -107,7 +134,14 @@ impl OutboxRelay {
         txm: Arc<dyn TransactionManager>,
         batch: u32,
     ) -> Self {
-        Self { store, publisher, txm, batch }
+        Self { store, publisher, txm, batch, after_publish: Vec::new() }
+    }
+
+    /// Tells `step` of every round's published events too (see [`AfterPublish`]).
+    #[must_use]
+    pub fn with_after_publish(mut self, step: Arc<dyn AfterPublish>) -> Self {
+        self.after_publish.push(step);
+        self
     }
 
     /// One round: claims, publishes and marks up to a batch. Returns how many were sent.
@@ -147,6 +181,15 @@ impl OutboxRelay {
             self.publisher.publish(event).await?;
         }
         if !events.is_empty() {
+            for step in &self.after_publish {
+                if tokio::time::timeout(AFTER_PUBLISH_BUDGET, step.published(&events)).await.is_err() {
+                    tracing::warn!(
+                        events = events.len(),
+                        "an after-publish step ran past its budget; the relay went on without it"
+                    );
+                    metrics::counter!("outbox_after_publish_timeouts_total").increment(1);
+                }
+            }
             let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
             self.store.mark_sent(tx, &seqs, clock::now_utc()).await?;
         }
@@ -238,6 +281,70 @@ mod tests {
         let relay = OutboxRelay::new(Arc::new(store), Arc::new(publisher), Arc::new(txm(true)), 10);
 
         assert_eq!(relay.relay_once().await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_after_publish_step_hears_the_published_events_before_they_are_marked_sent() {
+        let mut seq = Sequence::new();
+        let mut store = MockOutboxStore::new();
+        let mut publisher = MockEventPublisher::new();
+        let mut step = MockAfterPublish::new();
+        store
+            .expect_claim()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _| Ok(vec![pending(1), pending(2)]));
+        publisher.expect_publish().times(2).in_sequence(&mut seq).returning(|_| Ok(()));
+        step.expect_published()
+            .withf(|events| events.iter().map(|e| e.seq).collect::<Vec<_>>() == [1, 2])
+            .times(1)
+            .in_sequence(&mut seq)
+            .return_const(());
+        store.expect_mark_sent().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(()));
+        let relay = OutboxRelay::new(Arc::new(store), Arc::new(publisher), Arc::new(txm(true)), 10)
+            .with_after_publish(Arc::new(step));
+
+        assert_eq!(relay.relay_once().await.unwrap(), 2);
+    }
+
+    /// A step that never answers.
+    struct Hangs;
+
+    #[async_trait]
+    impl AfterPublish for Hangs {
+        async fn published(&self, _events: &[PendingEvent]) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_that_hangs_holds_the_round_up_no_longer_than_its_budget() {
+        let mut store = MockOutboxStore::new();
+        let mut publisher = MockEventPublisher::new();
+        store.expect_claim().returning(|_, _| Ok(vec![pending(1)]));
+        publisher.expect_publish().returning(|_| Ok(()));
+        store.expect_mark_sent().times(1).returning(|_, _, _| Ok(()));
+        let relay = OutboxRelay::new(Arc::new(store), Arc::new(publisher), Arc::new(txm(true)), 10)
+            .with_after_publish(Arc::new(Hangs));
+        let started = tokio::time::Instant::now();
+
+        assert_eq!(relay.relay_once().await.unwrap(), 1);
+        let waited = started.elapsed();
+        assert!(waited >= AFTER_PUBLISH_BUDGET && waited < AFTER_PUBLISH_BUDGET * 2, "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn no_step_hears_of_an_empty_round() {
+        let mut store = MockOutboxStore::new();
+        store.expect_claim().returning(|_, _| Ok(Vec::new()));
+        store.expect_mark_sent().never();
+        let mut step = MockAfterPublish::new();
+        step.expect_published().never();
+        let relay =
+            OutboxRelay::new(Arc::new(store), Arc::new(MockEventPublisher::new()), Arc::new(txm(true)), 10)
+                .with_after_publish(Arc::new(step));
+
+        assert_eq!(relay.relay_once().await.unwrap(), 0);
     }
 
     #[tokio::test]

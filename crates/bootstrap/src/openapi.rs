@@ -4,7 +4,9 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{admin, auth, catalog, coupons, page, payments, points, queue, reservations, users};
+use crate::routes::{
+    admin, auth, catalog, coupons, page, payments, points, queue, ranking, reservations, users,
+};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -24,6 +26,7 @@ use crate::routes::{admin, auth, catalog, coupons, page, payments, points, queue
         queue::my_token,
         queue::my_token_events,
         catalog::list_concerts,
+        ranking::ranking,
         catalog::list_schedules,
         catalog::seat_map,
         reservations::hold_seat,
@@ -64,10 +67,11 @@ use crate::routes::{admin, auth, catalog, coupons, page, payments, points, queue
             `QUEUE_ADMIT_BATCH` every `QUEUE_ADMIT_INTERVAL_MS` (never past `QUEUE_MAX_ACTIVE`); an active \
             token lasts `QUEUE_ACTIVE_SECONDS`; a waiting token nobody asks about (no view, no open event \
             stream) for `QUEUE_WAITING_IDLE_SECONDS` leaves the line; `QUEUE_BACKEND` is `redis` or `mysql`."),
-        (name = "concerts", description = "Concerts (no token), their open dates and seat maps (ACTIVE queue token). \
-            Served from a cache that is never older than the last change: a seat held, cancelled or sold through \
-            any instance shows so in every answer given after that request returned, and a hold that ran out \
-            shows AVAILABLE at once."),
+        (name = "concerts", description = "Concerts and their ranking (no token), their open dates and seat maps \
+            (ACTIVE queue token). Served from a cache that is never older than the last change: a seat held, \
+            cancelled or sold through any instance shows so in every answer given after that request returned, and \
+            a hold that ran out shows AVAILABLE at once. The ranking is the exception: counted from payment events \
+            and cached for up to 10 s."),
         (name = "reservations", description = "Seat holds (ACTIVE queue token; the user is the token's). A hold \
             lasts RESERVATION_HOLD_SECONDS (default 300); one seat is held by at most one reservation at a time."),
         (name = "payments", description = "Paying a hold with points: exactly once whatever the retries (Idempotency-Key), \

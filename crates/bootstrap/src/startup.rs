@@ -223,7 +223,20 @@ impl Application {
             settings.point_lock_wait,
         );
         let publisher = RedisEventPublisher::new(redis.pool.clone(), settings.payment_events_stream.clone());
-        let relay = OutboxRelay::new(outbox, Arc::new(publisher.clone()), txm.clone(), settings.outbox_batch);
+        // The popular-concert ranking: hourly counts in Redis (under the cache's prefix, so
+        // deployments sharing a Redis keep theirs apart), fed by the relay with each round's
+        // published events, rebuilt from MySQL when Redis lost them.
+        let ranking = application::ranking::Ranking::new(
+            Arc::new(adapters_redis::ranking::RedisRanking::with_prefix(
+                redis.pool.clone(),
+                settings.cache_prefix.clone(),
+            )),
+            Arc::new(adapters_mysql::ranking::MySqlRankingSource::new(db.clone())),
+            catalog.clone(),
+            Arc::clone(&lock_port),
+        );
+        let relay = OutboxRelay::new(outbox, Arc::new(publisher.clone()), txm.clone(), settings.outbox_batch)
+            .with_after_publish(Arc::new(ranking.clone()));
         let metrics = telemetry::prometheus();
         // Identity: the signing keys (the operator's, or the shared ones kept in MySQL,
         // created on the first start), and the JWT adapter that signs and verifies with them.
@@ -291,6 +304,7 @@ impl Application {
             reservations: reservations.clone(),
             pay,
             coupons,
+            ranking,
         });
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ops_state = web::Data::new(OpsState {

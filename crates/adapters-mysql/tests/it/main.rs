@@ -6,6 +6,7 @@ mod coupons;
 mod outbox;
 mod points;
 mod queue;
+mod ranking;
 mod schema;
 mod users;
 

@@ -8,6 +8,7 @@ mod events;
 mod lock;
 mod queue;
 mod quorum;
+mod ranking;
 
 use adapters_redis::connection::RedisConnections;
 

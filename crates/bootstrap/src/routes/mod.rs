@@ -11,6 +11,7 @@ pub mod page;
 pub mod payments;
 pub mod points;
 pub mod queue;
+pub mod ranking;
 pub mod reservations;
 pub mod users;
 
@@ -40,6 +41,7 @@ pub struct AppState {
     pub reservations: Reservations,
     pub pay: application::pay::Pay,
     pub coupons: application::coupons::Coupons,
+    pub ranking: application::ranking::Ranking,
     pub sign_in: application::identity::SignIn,
     /// The shared signing keys (`None` when the operator sets them: `AUTH_SIGNING_KEY`).
     pub signing_keys: Option<application::identity::SigningKeys>,
@@ -104,6 +106,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .default_service(allow("GET, HEAD")),
             )
             .service(get_and_head("/concerts", catalog::list_concerts))
+            // Before `/concerts/{concertId}/...`: `ranking` is not a concert's id.
+            .service(get_and_head("/concerts/ranking", ranking::ranking))
             .service(get_and_head("/concerts/{concertId}/schedules", catalog::list_schedules))
             .service(get_and_head("/schedules/{scheduleId}/seats", catalog::seat_map))
             .service(
