@@ -46,11 +46,12 @@ fmt: ## Format the code
 build: ## Build everything
 	$(CARGO) build --workspace --all-targets --locked
 
-bench: services ## Measure lock contention, the waiting queue and booking (release build); writes docs/report/
+bench: services ## Measure lock contention, the waiting queue, booking and coupons (release build); writes docs/report/
 	$(CARGO) build --release --workspace --bins --locked
 	./target/release/bench-points
 	./target/release/bench-queue
 	./target/release/bench-booking
+	./target/release/bench-coupons
 	./docs/explain.sh
 
 services: ## Make sure MariaDB and Redis answer on 127.0.0.1 (start them if not)
