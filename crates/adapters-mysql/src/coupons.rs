@@ -113,6 +113,21 @@ impl CouponRepository for MySqlCouponRepository {
         Ok(row.map(|row| campaign_from(&row)).transpose()?)
     }
 
+    #[tracing::instrument(name = "coupons.issued_count", skip(self))]
+    async fn issued_count(&self, id: CampaignId) -> Result<u32, CouponRepositoryError> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::CAMPAIGN_ISSUED,
+                [(*id.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to count a campaign's coupons")?;
+        let row = row.ok_or_else(|| anyhow::anyhow!("coupon campaign {id} does not exist"))?;
+        Ok(column::<u32>(&row, "issued")?)
+    }
+
     #[tracing::instrument(name = "coupons.issued", skip(self))]
     async fn issued(&self, id: CampaignId) -> Result<Vec<UserId>, CouponRepositoryError> {
         let rows = self

@@ -197,6 +197,9 @@ pub const INSERT_CAMPAIGN: &str = "INSERT INTO coupon_campaigns \
 pub const CAMPAIGN: &str = "SELECT id, name, discount, quantity, issue_opens_at, issue_closes_at, valid_until, created_at \
      FROM coupon_campaigns WHERE id = ?";
 
+/// How many coupons of a campaign are issued: its counter (a primary-key read).
+pub const CAMPAIGN_ISSUED: &str = "SELECT issued FROM coupon_campaigns WHERE id = ?";
+
 /// A campaign, its row locked until the transaction ends: the pessimistic baseline's first
 /// statement (every request of a campaign queues here).
 pub const LOCK_CAMPAIGN: &str = "SELECT id, name, discount, quantity, issue_opens_at, issue_closes_at, valid_until, created_at \

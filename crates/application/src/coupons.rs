@@ -42,6 +42,9 @@ use crate::tx::{TransactionManager, in_tx};
 /// well past the longest an insert can take (the statement timeout, a commit).
 pub const PENDING_GRACE: Duration = Duration::from_secs(30);
 
+/// How many campaigns one process remembers (see [`Coupons::campaign`]).
+const KNOWN_CAMPAIGNS: usize = 1_024;
+
 /// How long a load waits for another instance's load of the same campaign.
 const LOAD_WAIT: Duration = Duration::from_secs(5);
 
@@ -176,6 +179,8 @@ pub struct Coupons {
     lock: Arc<dyn DistributedLock>,
     txm: Arc<dyn TransactionManager>,
     strategy: IssueStrategy,
+    /// Campaigns read before (they never change).
+    known: Arc<std::sync::Mutex<std::collections::HashMap<CampaignId, Campaign>>>,
 }
 
 impl std::fmt::Debug for Coupons {
@@ -192,7 +197,7 @@ impl Coupons {
         lock: Arc<dyn DistributedLock>,
         txm: Arc<dyn TransactionManager>,
     ) -> Self {
-        Self { repo, gate, lock, txm, strategy: IssueStrategy::Gate }
+        Self { repo, gate, lock, txm, strategy: IssueStrategy::Gate, known: Arc::default() }
     }
 
     /// The same, deciding with `strategy`.
@@ -228,15 +233,33 @@ impl Coupons {
             Ok(Some(left)) => left,
             // Unknown to the gate, or the gate is down: count in MySQL.
             Ok(None) | Err(_) => {
-                let issued = self.repo.issued(id).await.map_err(repository)?;
-                campaign.quantity.saturating_sub(u32::try_from(issued.len()).unwrap_or(u32::MAX))
+                let issued = self.repo.issued_count(id).await.map_err(repository)?;
+                campaign.quantity.saturating_sub(issued)
             }
         };
         Ok(CampaignView { campaign, remaining })
     }
 
+    /// The campaign, from this process's memory when it read it before: campaigns never
+    /// change once created, so a storm of requests reads MySQL once per instance, not once
+    /// per request. An unknown id is not remembered (it may be created later).
     async fn campaign(&self, id: CampaignId) -> Result<Campaign, CouponUseCaseError> {
-        self.repo.campaign(id).await.map_err(repository)?.ok_or(CouponUseCaseError::CampaignNotFound(id))
+        if let Some(known) = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id) {
+            return Ok(known.clone());
+        }
+        let campaign = self
+            .repo
+            .campaign(id)
+            .await
+            .map_err(repository)?
+            .ok_or(CouponUseCaseError::CampaignNotFound(id))?;
+        let mut known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.len() >= KNOWN_CAMPAIGNS {
+            // Bounded: forgetting them all is cheap (each costs one read to learn again).
+            known.clear();
+        }
+        known.insert(id, campaign.clone());
+        Ok(campaign)
     }
 
     /// The user's coupons, newest first.
@@ -304,9 +327,11 @@ impl Coupons {
             Decision::AlreadyIssued => return Err(CouponUseCaseError::AlreadyIssued),
             Decision::Closed => return Err(CouponUseCaseError::IssueClosed),
             Decision::NotLoaded => {
-                return Err(Failure::Unexpected(anyhow::anyhow!(
+                // Lost again between the load and the decision (evicted, flushed): the gate
+                // is not fit to decide now; nothing was issued.
+                return Err(Failure::from(GateError::Unavailable(anyhow::anyhow!(
                     "campaign {id} is still unknown to the gate after loading it"
-                ))
+                )))
                 .into());
             }
         }
@@ -329,11 +354,16 @@ impl Coupons {
                 // The gate had more stock than MySQL allows (it was rebuilt while a decision
                 // was on its way): MySQL is right.
                 tracing::warn!("the gate issued past the campaign's quantity; corrected");
-                self.gate.sold_out(id, user).await?;
+                // MySQL's answer stands whether or not the gate takes the correction.
+                if let Err(error) = self.gate.sold_out(id, user).await {
+                    tracing::warn!(error = %error, "the gate's stock not corrected; the reconciler gives the decision back");
+                }
                 Err(CouponUseCaseError::SoldOut)
             }
             Err(InsertError::Refused(CouponRepositoryError::AlreadyIssued)) => {
-                self.gate.give_back(id, user, true).await?;
+                if let Err(error) = self.gate.give_back(id, user, true).await {
+                    tracing::warn!(error = %error, "a refused decision not given back; the reconciler will");
+                }
                 Err(CouponUseCaseError::AlreadyIssued)
             }
             Err(InsertError::Refused(CouponRepositoryError::Unexpected(error))) => {
@@ -373,6 +403,11 @@ impl Coupons {
         let guard =
             self.lock.acquire(&LockKey::new("coupon", campaign.id), WaitPolicy::WaitUpTo(LOAD_WAIT)).await?;
         let loaded = async {
+            // Another instance (or request) may have loaded it while this one waited for
+            // the lock: then there is nothing to read.
+            if self.gate.remaining(campaign.id).await?.is_some() {
+                return Ok(());
+            }
             let issued = self.repo.issued(campaign.id).await.map_err(repository)?;
             self.gate.load(campaign, &issued).await?;
             tracing::info!(campaign = %campaign.id, issued = issued.len(), "coupon campaign loaded into the gate");
@@ -400,6 +435,19 @@ impl std::fmt::Debug for Reconciler {
 }
 
 impl Reconciler {
+    async fn settle(&self, campaign: CampaignId) -> Result<(usize, usize), Failure> {
+        let (mut confirmed, mut given_back) = (0, 0);
+        for user in self.gate.pending(campaign, PENDING_GRACE).await? {
+            if self.repo.exists(campaign, user).await.map_err(repository)? {
+                self.gate.confirm(campaign, user).await?;
+                confirmed += 1;
+            } else if self.gate.give_back(campaign, user, false).await? {
+                given_back += 1;
+            }
+        }
+        Ok((confirmed, given_back))
+    }
+
     #[must_use]
     pub fn new(repo: Arc<dyn CouponRepository>, gate: Arc<dyn CouponGate>) -> Self {
         Self { repo, gate }
@@ -414,12 +462,14 @@ impl Reconciler {
         let campaigns = self.repo.recent_campaigns(now, grace).await.map_err(repository)?;
         let (mut confirmed, mut given_back) = (0, 0);
         for campaign in campaigns {
-            for user in self.gate.pending(campaign.id, PENDING_GRACE).await? {
-                if self.repo.exists(campaign.id, user).await.map_err(repository)? {
-                    self.gate.confirm(campaign.id, user).await?;
-                    confirmed += 1;
-                } else if self.gate.give_back(campaign.id, user, false).await? {
-                    given_back += 1;
+            // One campaign failing does not stop the others' settling.
+            match self.settle(campaign.id).await {
+                Ok((c, g)) => {
+                    confirmed += c;
+                    given_back += g;
+                }
+                Err(error) => {
+                    tracing::warn!(campaign = %campaign.id, error = %error, "coupon decisions not settled; retried next round")
                 }
             }
         }
@@ -544,6 +594,8 @@ mod tests {
         let mut gate = MockCouponGate::new();
         let mut seq = mockall::Sequence::new();
         gate.expect_decide().times(1).in_sequence(&mut seq).returning(|_, _| Ok(Decision::NotLoaded));
+        // Not loaded by anyone else while this request waited for the lock.
+        gate.expect_remaining().times(1).in_sequence(&mut seq).returning(|_| Ok(None));
         gate.expect_load()
             .withf(move |_, issued| issued == [holder])
             .times(1)

@@ -170,6 +170,10 @@ pub trait CouponRepository: Send + Sync {
     /// The campaign, if it exists.
     async fn campaign(&self, id: CampaignId) -> Result<Option<Campaign>, CouponRepositoryError>;
 
+    /// How many coupons of the campaign are issued (its counter: one row read, whatever the
+    /// campaign's size).
+    async fn issued_count(&self, id: CampaignId) -> Result<u32, CouponRepositoryError>;
+
     /// How many coupons of the campaign are issued, and to whom: what the fast path is
     /// rebuilt from when Redis lost it.
     async fn issued(&self, id: CampaignId) -> Result<Vec<UserId>, CouponRepositoryError>;

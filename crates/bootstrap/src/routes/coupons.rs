@@ -158,6 +158,12 @@ pub async fn create_campaign(
             return Err(ApiError::validation(field, "must be a time in the years 2000 to 9998 (UTC)"));
         }
     }
+    // MySQL keeps microseconds: validated as they will be stored, so that two times
+    // apart by less than a microsecond are not "before" here and equal there.
+    let micros = |at: OffsetDateTime| {
+        let at = at.to_offset(time::UtcOffset::UTC);
+        at.replace_nanosecond(at.nanosecond() / 1_000 * 1_000).unwrap_or(at)
+    };
     let quantity = u32::try_from(body.quantity)
         .ok()
         .filter(|n| (1..=domain::coupon::MAX_QUANTITY).contains(n))
@@ -166,9 +172,9 @@ pub async fn create_campaign(
         name: body.name,
         discount: body.discount,
         quantity,
-        issue_opens_at: body.issue_opens_at.to_offset(time::UtcOffset::UTC),
-        issue_closes_at: body.issue_closes_at.to_offset(time::UtcOffset::UTC),
-        valid_until: body.valid_until.to_offset(time::UtcOffset::UTC),
+        issue_opens_at: micros(body.issue_opens_at),
+        issue_closes_at: micros(body.issue_closes_at),
+        valid_until: micros(body.valid_until),
     };
     let campaign = state.coupons.create(spec).await?;
     Ok(HttpResponse::Created().json(CampaignResponse::of(&campaign, campaign.quantity)))
@@ -221,7 +227,7 @@ pub async fn get_campaign(
         (status = 409, description = "COUPON_SOLD_OUT, COUPON_ALREADY_ISSUED (one per user) or COUPON_ISSUE_CLOSED (outside issueOpensAt..issueClosesAt)", body = Problem, content_type = "application/problem+json"),
         BodyTooLarge,
         RateLimited,
-        (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, or this instance is shutting down or at its limit of concurrent writes; no coupon was issued. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit; list your coupons before retrying (a retry is refused as already issued if it was)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE (with Retry-After): Redis or MySQL is unavailable, or this instance is shutting down or at its limit of concurrent writes; no coupon was issued. OUTCOME_UNKNOWN (no Retry-After): MySQL did not confirm the commit; list your coupons (GET /api/v1/users/{userId}/coupons): until the outcome is settled (within a minute) a retry is refused as already issued", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn issue_coupon(
