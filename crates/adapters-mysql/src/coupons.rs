@@ -259,6 +259,20 @@ impl CouponRepository for MySqlCouponRepository {
         Ok(discount)
     }
 
+    #[tracing::instrument(name = "coupons.has_coupon", skip(self))]
+    async fn has_coupon(&self, id: CouponId) -> Result<bool, CouponRepositoryError> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::COUPON_EXISTS,
+                [(*id.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to look up a coupon")?;
+        Ok(row.is_some())
+    }
+
     #[tracing::instrument(name = "coupons.exists", skip(self))]
     async fn exists(&self, campaign: CampaignId, user: UserId) -> Result<bool, CouponRepositoryError> {
         let row = self

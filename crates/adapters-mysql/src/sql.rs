@@ -233,6 +233,9 @@ pub const COUPON_FOR_PAYMENT: &str =
 pub const USE_COUPON: &str =
     "UPDATE coupons SET status = 'USED', used_at = ?, payment_id = ? WHERE id = ? AND status = 'AVAILABLE'";
 
+/// Whether a coupon exists: its id (a primary-key read).
+pub const COUPON_EXISTS: &str = "SELECT 1 AS found FROM coupons WHERE id = ?";
+
 /// Whether a user has a coupon of a campaign: the campaign's id, the user's id.
 pub const HAS_COUPON: &str = "SELECT 1 AS found FROM coupons WHERE campaign_id = ? AND user_id = ?";
 

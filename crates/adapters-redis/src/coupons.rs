@@ -26,10 +26,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use application::coupons::{CouponGate, Decision, GateError};
 use async_trait::async_trait;
-use domain::coupon::{Campaign, CampaignId};
+use domain::coupon::{Campaign, CampaignId, CouponId};
 use domain::user::UserId;
 use fred::clients::Pool;
-use fred::prelude::{HashesInterface, KeysInterface};
+use fred::prelude::KeysInterface;
 use fred::types::Value;
 use fred::types::scripts::Script;
 use time::OffsetDateTime;
@@ -57,6 +57,9 @@ const DECIDE: &str = include_str!("lua/coupon_decide.lua");
 /// ARGV: user, '1' to keep the user. 1 when given back, 0 when not pending.
 const GIVE_BACK: &str = include_str!("lua/coupon_give_back.lua");
 
+/// KEYS: stock, users, pending. ARGV: user, decision id. 1 when it was pending.
+const CONFIRM: &str = include_str!("lua/coupon_confirm.lua");
+
 /// ARGV: user. The stock to zero, the user's decision undone.
 const SOLD_OUT: &str = include_str!("lua/coupon_sold_out.lua");
 
@@ -71,6 +74,7 @@ pub struct RedisCouponGate {
     prefix: String,
     load: Script,
     decide: Script,
+    confirm: Script,
     give_back: Script,
     sold_out: Script,
     pending: Script,
@@ -89,6 +93,7 @@ impl RedisCouponGate {
             prefix,
             load: Script::from_lua(LOAD),
             decide: Script::from_lua(DECIDE),
+            confirm: Script::from_lua(CONFIRM),
             give_back: Script::from_lua(GIVE_BACK),
             sold_out: Script::from_lua(SOLD_OUT),
             pending: Script::from_lua(PENDING),
@@ -161,7 +166,12 @@ impl CouponGate for RedisCouponGate {
     }
 
     #[tracing::instrument(name = "coupons.redis.decide", skip_all, fields(campaign = %campaign.id, %user))]
-    async fn decide(&self, campaign: &Campaign, user: UserId) -> Result<Decision, GateError> {
+    async fn decide(
+        &self,
+        campaign: &Campaign,
+        user: UserId,
+        decision: CouponId,
+    ) -> Result<Decision, GateError> {
         let reply = self
             .run(
                 &self.decide,
@@ -171,6 +181,7 @@ impl CouponGate for RedisCouponGate {
                     unix_ms(campaign.issue_opens_at),
                     unix_ms(campaign.issue_closes_at),
                     expiry(campaign),
+                    decision.to_string(),
                 ],
             )
             .await?;
@@ -184,44 +195,56 @@ impl CouponGate for RedisCouponGate {
         }
     }
 
-    async fn confirm(&self, campaign: CampaignId, user: UserId) -> Result<(), GateError> {
-        // One command: atomic without a script.
-        let _: i64 = self
-            .pool
-            .hdel(self.redis_key(campaign, "pending"), user.to_string())
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+    async fn confirm(&self, campaign: CampaignId, user: UserId, decision: CouponId) -> Result<(), GateError> {
+        self.run(&self.confirm, campaign, vec![user.to_string(), decision.to_string()]).await.map(drop)
     }
 
     async fn give_back(
         &self,
         campaign: CampaignId,
         user: UserId,
+        decision: CouponId,
         keep_user: bool,
     ) -> Result<bool, GateError> {
         let keep = if keep_user { "1" } else { "0" };
-        let reply = self.run(&self.give_back, campaign, vec![user.to_string(), keep.to_owned()]).await?;
+        let reply = self
+            .run(&self.give_back, campaign, vec![user.to_string(), keep.to_owned(), decision.to_string()])
+            .await?;
         match reply.as_i64() {
             Some(given_back) => Ok(given_back == 1),
             None => Err(malformed("give back", &reply)),
         }
     }
 
-    async fn sold_out(&self, campaign: CampaignId, user: UserId) -> Result<(), GateError> {
-        self.run(&self.sold_out, campaign, vec![user.to_string()]).await.map(drop)
+    async fn sold_out(
+        &self,
+        campaign: CampaignId,
+        user: UserId,
+        decision: CouponId,
+    ) -> Result<(), GateError> {
+        self.run(&self.sold_out, campaign, vec![user.to_string(), decision.to_string()]).await.map(drop)
     }
 
-    async fn pending(&self, campaign: CampaignId, older_than: Duration) -> Result<Vec<UserId>, GateError> {
+    async fn pending(
+        &self,
+        campaign: CampaignId,
+        older_than: Duration,
+    ) -> Result<Vec<(UserId, CouponId)>, GateError> {
         let age = u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX);
         let reply = self.run(&self.pending, campaign, vec![age.to_string()]).await?;
+        let uuid = |value: &Value, what: &str| -> anyhow::Result<uuid::Uuid> {
+            let text = value.as_string().with_context(|| format!("a pending {what} is not a string"))?;
+            uuid::Uuid::try_parse(&text).with_context(|| format!("a pending {what} is not a UUID"))
+        };
         reply
             .into_array()
-            .iter()
-            .map(|user| {
-                let text = user.as_string().context("a pending user is not a string")?;
-                let id = uuid::Uuid::try_parse(&text).context("a pending user is not a UUID")?;
-                Ok(UserId::from_uuid(id))
+            .chunks(2)
+            .map(|pair| match pair {
+                [user, decision] => Ok((
+                    UserId::from_uuid(uuid(user, "user")?),
+                    CouponId::from_uuid(uuid(decision, "decision")?),
+                )),
+                _ => Err(anyhow::anyhow!("an odd number of pending entries")),
             })
             .collect::<anyhow::Result<_>>()
             .map_err(GateError::Unavailable)

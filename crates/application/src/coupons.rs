@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use domain::coupon::{
-    Campaign, CampaignId, Coupon, CouponError, CouponRepository, CouponRepositoryError, NewCampaign,
+    Campaign, CampaignId, Coupon, CouponError, CouponId, CouponRepository, CouponRepositoryError, NewCampaign,
 };
 use domain::user::UserId;
 use time::OffsetDateTime;
@@ -72,25 +72,44 @@ pub trait CouponGate: Send + Sync {
     /// never undoes decisions made since.
     async fn load(&self, campaign: &Campaign, issued: &[UserId]) -> Result<(), GateError>;
 
-    /// Decides whether `user` gets a coupon of `campaign` now.
-    async fn decide(&self, campaign: &Campaign, user: UserId) -> Result<Decision, GateError>;
+    /// Decides whether `user` gets a coupon of `campaign` now. `decision` names this
+    /// decision (the coupon's id, if it is issued): the same decision sent again answers
+    /// [`Decision::Issued`] again and changes nothing, so a client resending a lost answer
+    /// never turns a winner into "already issued".
+    async fn decide(
+        &self,
+        campaign: &Campaign,
+        user: UserId,
+        decision: CouponId,
+    ) -> Result<Decision, GateError>;
 
-    /// The decision for `user` is in MySQL: no longer pending.
-    async fn confirm(&self, campaign: CampaignId, user: UserId) -> Result<(), GateError>;
+    /// `decision` is in MySQL: no longer pending (a later decision of the user is left alone).
+    async fn confirm(&self, campaign: CampaignId, user: UserId, decision: CouponId) -> Result<(), GateError>;
 
-    /// Undoes a pending decision whose coupon MySQL does not have: the stock goes back up
+    /// Undoes pending `decision`, whose coupon MySQL does not have: the stock goes back up
     /// by one and, unless `keep_user` (MySQL says the user has a coupon of this campaign
-    /// after all), the user may ask again. Does nothing (false) when the decision is no
-    /// longer pending, so a decision is never given back twice.
-    async fn give_back(&self, campaign: CampaignId, user: UserId, keep_user: bool)
-    -> Result<bool, GateError>;
+    /// after all), the user may ask again. Does nothing (false) when that decision is no
+    /// longer pending, so a decision is never given back twice, and a later one never in
+    /// its place.
+    async fn give_back(
+        &self,
+        campaign: CampaignId,
+        user: UserId,
+        decision: CouponId,
+        keep_user: bool,
+    ) -> Result<bool, GateError>;
 
-    /// MySQL refused a coupon the gate had decided for `user` because the campaign is sold
-    /// out: the gate's stock goes to zero and the user's decision is undone.
-    async fn sold_out(&self, campaign: CampaignId, user: UserId) -> Result<(), GateError>;
+    /// MySQL refused `decision` because the campaign is sold out: the gate's stock goes to
+    /// zero and the decision is undone (if still pending).
+    async fn sold_out(&self, campaign: CampaignId, user: UserId, decision: CouponId)
+    -> Result<(), GateError>;
 
-    /// The users whose decisions have been pending for at least `older_than`.
-    async fn pending(&self, campaign: CampaignId, older_than: Duration) -> Result<Vec<UserId>, GateError>;
+    /// The decisions pending for at least `older_than`: (user, decision).
+    async fn pending(
+        &self,
+        campaign: CampaignId,
+        older_than: Duration,
+    ) -> Result<Vec<(UserId, CouponId)>, GateError>;
 
     /// Coupons left, when the gate knows the campaign.
     async fn remaining(&self, campaign: CampaignId) -> Result<Option<u32>, GateError>;
@@ -316,12 +335,17 @@ impl Coupons {
 
     async fn issue_now(&self, id: CampaignId, user: UserId) -> Result<Coupon, CouponUseCaseError> {
         let campaign = self.campaign(id).await?;
-        let mut decision = self.gate.decide(&campaign, user).await?;
-        if decision == Decision::NotLoaded {
+        // The coupon this request would get: its id names the gate's decision, so that the
+        // gate's later steps (confirm, give back) act on this decision only, and a decision
+        // sent twice counts once.
+        let coupon = Coupon::issue(&campaign, user, clock::now_utc());
+        let decision = coupon.id;
+        let mut decided = self.decide(&campaign, user, decision).await?;
+        if decided == Decision::NotLoaded {
             self.load(&campaign).await?;
-            decision = self.gate.decide(&campaign, user).await?;
+            decided = self.decide(&campaign, user, decision).await?;
         }
-        match decision {
+        match decided {
             Decision::Issued => {}
             Decision::SoldOut => return Err(CouponUseCaseError::SoldOut),
             Decision::AlreadyIssued => return Err(CouponUseCaseError::AlreadyIssued),
@@ -336,7 +360,6 @@ impl Coupons {
             }
         }
         metrics::counter!("coupon_decisions_total", "outcome" => "issued").increment(1);
-        let coupon = Coupon::issue(&campaign, user, clock::now_utc());
         let inserted = in_tx(self.txm.as_ref(), |tx| {
             let (repo, coupon) = (Arc::clone(&self.repo), coupon.clone());
             Box::pin(async move { repo.insert(tx, &coupon).await.map_err(InsertError::Refused) })
@@ -345,36 +368,34 @@ impl Coupons {
         match inserted {
             Ok(()) => {
                 // Best effort: a confirmation lost here is made by the reconciler.
-                if let Err(error) = self.gate.confirm(id, user).await {
+                if let Err(error) = self.gate.confirm(id, user, decision).await {
                     tracing::warn!(error = %error, "issued coupon not confirmed in the gate; the reconciler will");
                 }
                 Ok(coupon)
             }
             Err(InsertError::Refused(CouponRepositoryError::SoldOut)) => {
                 // The gate had more stock than MySQL allows (it was rebuilt while a decision
-                // was on its way): MySQL is right.
+                // was on its way): MySQL is right, whether or not the gate takes the
+                // correction.
                 tracing::warn!("the gate issued past the campaign's quantity; corrected");
-                // MySQL's answer stands whether or not the gate takes the correction.
-                if let Err(error) = self.gate.sold_out(id, user).await {
+                if let Err(error) = self.gate.sold_out(id, user, decision).await {
                     tracing::warn!(error = %error, "the gate's stock not corrected; the reconciler gives the decision back");
                 }
                 Err(CouponUseCaseError::SoldOut)
             }
             Err(InsertError::Refused(CouponRepositoryError::AlreadyIssued)) => {
-                if let Err(error) = self.gate.give_back(id, user, true).await {
-                    tracing::warn!(error = %error, "a refused decision not given back; the reconciler will");
-                }
+                self.give_back_quietly(id, user, decision, true).await;
                 Err(CouponUseCaseError::AlreadyIssued)
             }
             Err(InsertError::Refused(CouponRepositoryError::Unexpected(error))) => {
-                self.give_back_failed(id, user).await;
+                self.give_back_quietly(id, user, decision, false).await;
                 Err(Failure::Unexpected(error).into())
             }
             Err(InsertError::Refused(
                 other @ (CouponRepositoryError::NotFound | CouponRepositoryError::NotUsable(_)),
             )) => {
                 // An insert answers neither: a broken adapter.
-                self.give_back_failed(id, user).await;
+                self.give_back_quietly(id, user, decision, false).await;
                 Err(Failure::Unexpected(anyhow::anyhow!("a coupon insert answered {other}")).into())
             }
             Err(InsertError::Failure(failure)) => {
@@ -383,18 +404,36 @@ impl Coupons {
                     // The coupon may be in MySQL: the reconciler decides once it can tell.
                     tracing::warn!("coupon commit unconfirmed; left pending for the reconciler");
                 } else {
-                    self.give_back_failed(id, user).await;
+                    self.give_back_quietly(id, user, decision, false).await;
                 }
                 Err(failure.into())
             }
         }
     }
 
-    /// Gives back the decision of an issue that failed before its commit; what cannot be
-    /// given back now is settled by the reconciler.
-    async fn give_back_failed(&self, id: CampaignId, user: UserId) {
-        if let Err(error) = self.gate.give_back(id, user, false).await {
-            tracing::warn!(error = %error, "a failed issue not given back; the reconciler will");
+    /// One decision. A gate that failed may still have decided (the script ran, its
+    /// answer was lost): that decision is given back at once (it is this one's only, by its
+    /// id), so the user is not told "already issued" for a coupon they never got.
+    async fn decide(
+        &self,
+        campaign: &Campaign,
+        user: UserId,
+        decision: CouponId,
+    ) -> Result<Decision, CouponUseCaseError> {
+        match self.gate.decide(campaign, user, decision).await {
+            Ok(decided) => Ok(decided),
+            Err(error) => {
+                self.give_back_quietly(campaign.id, user, decision, false).await;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Gives back `decision`, best effort: what cannot be given back now is settled by the
+    /// reconciler.
+    async fn give_back_quietly(&self, id: CampaignId, user: UserId, decision: CouponId, keep_user: bool) {
+        if let Err(error) = self.gate.give_back(id, user, decision, keep_user).await {
+            tracing::warn!(error = %error, "a coupon decision not given back; the reconciler will");
         }
     }
 
@@ -437,12 +476,17 @@ impl std::fmt::Debug for Reconciler {
 impl Reconciler {
     async fn settle(&self, campaign: CampaignId) -> Result<(usize, usize), Failure> {
         let (mut confirmed, mut given_back) = (0, 0);
-        for user in self.gate.pending(campaign, PENDING_GRACE).await? {
-            if self.repo.exists(campaign, user).await.map_err(repository)? {
-                self.gate.confirm(campaign, user).await?;
+        for (user, decision) in self.gate.pending(campaign, PENDING_GRACE).await? {
+            if self.repo.has_coupon(decision).await.map_err(repository)? {
+                self.gate.confirm(campaign, user, decision).await?;
                 confirmed += 1;
-            } else if self.gate.give_back(campaign, user, false).await? {
-                given_back += 1;
+            } else {
+                // Not this decision's coupon. The user may hold an earlier one (a decision
+                // made while the gate had forgotten them): then they stay recorded.
+                let keep_user = self.repo.exists(campaign, user).await.map_err(repository)?;
+                if self.gate.give_back(campaign, user, decision, keep_user).await? {
+                    given_back += 1;
+                }
             }
         }
         Ok((confirmed, given_back))
@@ -487,7 +531,7 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use domain::coupon::{MockCouponRepository, NewCampaign};
-    use mockall::predicate::eq;
+    use mockall::predicate::{always, eq};
     use time::Duration as Span;
 
     use super::*;
@@ -540,8 +584,8 @@ mod tests {
         let mut repo = repo_with(&campaign);
         repo.expect_insert().times(1).returning(|_, _| Ok(()));
         let mut gate = MockCouponGate::new();
-        gate.expect_decide().times(1).returning(|_, _| Ok(Decision::Issued));
-        gate.expect_confirm().with(eq(campaign.id), eq(user)).times(1).returning(|_, _| Ok(()));
+        gate.expect_decide().times(1).returning(|_, _, _| Ok(Decision::Issued));
+        gate.expect_confirm().with(eq(campaign.id), eq(user), always()).times(1).returning(|_, _, _| Ok(()));
         gate.expect_give_back().never();
         let coupon = coupons(repo, gate, MockDistributedLock::new(), one_tx(true))
             .issue(campaign.id, user)
@@ -561,7 +605,7 @@ mod tests {
             let mut repo = repo_with(&campaign);
             repo.expect_insert().never();
             let mut gate = MockCouponGate::new();
-            gate.expect_decide().times(1).returning(move |_, _| Ok(decision));
+            gate.expect_decide().times(1).returning(move |_, _, _| Ok(decision));
             let error = coupons(repo, gate, MockDistributedLock::new(), no_tx())
                 .issue(campaign.id, UserId::generate())
                 .await
@@ -593,7 +637,7 @@ mod tests {
         repo.expect_insert().times(1).returning(|_, _| Ok(()));
         let mut gate = MockCouponGate::new();
         let mut seq = mockall::Sequence::new();
-        gate.expect_decide().times(1).in_sequence(&mut seq).returning(|_, _| Ok(Decision::NotLoaded));
+        gate.expect_decide().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(Decision::NotLoaded));
         // Not loaded by anyone else while this request waited for the lock.
         gate.expect_remaining().times(1).in_sequence(&mut seq).returning(|_| Ok(None));
         gate.expect_load()
@@ -601,8 +645,8 @@ mod tests {
             .times(1)
             .in_sequence(&mut seq)
             .returning(|_, _| Ok(()));
-        gate.expect_decide().times(1).in_sequence(&mut seq).returning(|_, _| Ok(Decision::Issued));
-        gate.expect_confirm().times(1).returning(|_, _| Ok(()));
+        gate.expect_decide().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(Decision::Issued));
+        gate.expect_confirm().times(1).returning(|_, _, _| Ok(()));
         let mut lock = MockDistributedLock::new();
         let key = LockKey::new("coupon", campaign.id);
         lock.expect_acquire()
@@ -619,8 +663,8 @@ mod tests {
         let mut repo = repo_with(&campaign);
         repo.expect_insert().times(1).returning(|_, _| Err(CouponRepositoryError::SoldOut));
         let mut gate = MockCouponGate::new();
-        gate.expect_decide().returning(|_, _| Ok(Decision::Issued));
-        gate.expect_sold_out().with(eq(campaign.id), eq(user)).times(1).returning(|_, _| Ok(()));
+        gate.expect_decide().returning(|_, _, _| Ok(Decision::Issued));
+        gate.expect_sold_out().with(eq(campaign.id), eq(user), always()).times(1).returning(|_, _, _| Ok(()));
         gate.expect_confirm().never();
         let error = coupons(repo, gate, MockDistributedLock::new(), one_tx(false))
             .issue(campaign.id, user)
@@ -636,11 +680,11 @@ mod tests {
         let mut repo = repo_with(&campaign);
         repo.expect_insert().times(1).returning(|_, _| Err(CouponRepositoryError::AlreadyIssued));
         let mut gate = MockCouponGate::new();
-        gate.expect_decide().returning(|_, _| Ok(Decision::Issued));
+        gate.expect_decide().returning(|_, _, _| Ok(Decision::Issued));
         gate.expect_give_back()
-            .with(eq(campaign.id), eq(user), eq(true))
+            .with(eq(campaign.id), eq(user), always(), eq(true))
             .times(1)
-            .returning(|_, _, _| Ok(true));
+            .returning(|_, _, _, _| Ok(true));
         let error = coupons(repo, gate, MockDistributedLock::new(), one_tx(false))
             .issue(campaign.id, user)
             .await
@@ -655,11 +699,11 @@ mod tests {
         let mut repo = repo_with(&campaign);
         repo.expect_insert().times(1).returning(|_, _| Err(anyhow::anyhow!("connection reset").into()));
         let mut gate = MockCouponGate::new();
-        gate.expect_decide().returning(|_, _| Ok(Decision::Issued));
+        gate.expect_decide().returning(|_, _, _| Ok(Decision::Issued));
         gate.expect_give_back()
-            .with(eq(campaign.id), eq(user), eq(false))
+            .with(eq(campaign.id), eq(user), always(), eq(false))
             .times(1)
-            .returning(|_, _, _| Ok(true));
+            .returning(|_, _, _, _| Ok(true));
         gate.expect_confirm().never();
         let error = coupons(repo, gate, MockDistributedLock::new(), one_tx(false))
             .issue(campaign.id, user)
@@ -674,7 +718,11 @@ mod tests {
         let mut repo = repo_with(&campaign);
         repo.expect_insert().never();
         let mut gate = MockCouponGate::new();
-        gate.expect_decide().returning(|_, _| Err(GateError::Unavailable(anyhow::anyhow!("down"))));
+        gate.expect_decide().returning(|_, _, _| Err(GateError::Unavailable(anyhow::anyhow!("down"))));
+        // The script may have run before the answer was lost: its decision is given back.
+        gate.expect_give_back()
+            .times(1)
+            .returning(|_, _, _, _| Err(GateError::Unavailable(anyhow::anyhow!("down"))));
         let error = coupons(repo, gate, MockDistributedLock::new(), no_tx())
             .issue(campaign.id, UserId::generate())
             .await
@@ -688,23 +736,36 @@ mod tests {
     #[tokio::test]
     async fn the_reconciler_confirms_what_mysql_has_and_gives_back_what_it_does_not() {
         let campaign = campaign();
-        let (kept, lost) = (UserId::generate(), UserId::generate());
+        let (kept, lost, holder) = (UserId::generate(), UserId::generate(), UserId::generate());
+        let (kept_decision, lost_decision, holder_decision) =
+            (CouponId::generate(), CouponId::generate(), CouponId::generate());
         let mut repo = MockCouponRepository::new();
         let listed = campaign.clone();
         repo.expect_recent_campaigns().returning(move |_, _| Ok(vec![listed.clone()]));
-        repo.expect_exists().with(eq(campaign.id), eq(kept)).returning(|_, _| Ok(true));
+        repo.expect_has_coupon().with(eq(kept_decision)).returning(|_| Ok(true));
+        repo.expect_has_coupon().with(eq(lost_decision)).returning(|_| Ok(false));
+        repo.expect_has_coupon().with(eq(holder_decision)).returning(|_| Ok(false));
         repo.expect_exists().with(eq(campaign.id), eq(lost)).returning(|_, _| Ok(false));
+        // A second decision of a user who holds an earlier coupon: given back, user kept.
+        repo.expect_exists().with(eq(campaign.id), eq(holder)).returning(|_, _| Ok(true));
         let mut gate = MockCouponGate::new();
-        gate.expect_pending()
-            .withf(|_, age| *age == PENDING_GRACE)
-            .returning(move |_, _| Ok(vec![kept, lost]));
-        gate.expect_confirm().with(eq(campaign.id), eq(kept)).times(1).returning(|_, _| Ok(()));
-        gate.expect_give_back()
-            .with(eq(campaign.id), eq(lost), eq(false))
+        gate.expect_pending().withf(|_, age| *age == PENDING_GRACE).returning(move |_, _| {
+            Ok(vec![(kept, kept_decision), (lost, lost_decision), (holder, holder_decision)])
+        });
+        gate.expect_confirm()
+            .with(eq(campaign.id), eq(kept), eq(kept_decision))
             .times(1)
-            .returning(|_, _, _| Ok(true));
+            .returning(|_, _, _| Ok(()));
+        gate.expect_give_back()
+            .with(eq(campaign.id), eq(lost), eq(lost_decision), eq(false))
+            .times(1)
+            .returning(|_, _, _, _| Ok(true));
+        gate.expect_give_back()
+            .with(eq(campaign.id), eq(holder), eq(holder_decision), eq(true))
+            .times(1)
+            .returning(|_, _, _, _| Ok(true));
         let settled = Reconciler::new(Arc::new(repo), Arc::new(gate)).run_once(clock::now_utc()).await;
-        assert_eq!(settled.expect("ran"), (1, 1));
+        assert_eq!(settled.expect("ran"), (1, 2));
     }
 
     #[tokio::test]

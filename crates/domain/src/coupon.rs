@@ -213,6 +213,9 @@ pub trait CouponRepository: Send + Sync {
         id: CampaignId,
     ) -> Result<Option<Campaign>, CouponRepositoryError>;
 
+    /// Whether coupon `id` exists: whether a decision of that id reached MySQL.
+    async fn has_coupon(&self, id: CouponId) -> Result<bool, CouponRepositoryError>;
+
     /// Whether `user` has a coupon of `campaign` (the reconciler asks after a decision
     /// whose insert it never saw confirmed).
     async fn exists(&self, campaign: CampaignId, user: UserId) -> Result<bool, CouponRepositoryError>;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use adapters_redis::coupons::RedisCouponGate;
 use application::coupons::{CouponGate, Decision};
-use domain::coupon::{Campaign, CampaignId};
+use domain::coupon::{Campaign, CampaignId, CouponId};
 use domain::user::UserId;
 use fred::prelude::KeysInterface as _;
 use time::OffsetDateTime;
@@ -44,7 +44,7 @@ async fn the_last_coupons_go_to_distinct_users_and_the_stock_never_goes_below_ze
     assert_eq!(gates[0].remaining(campaign.id).await.expect("remaining"), Some(48));
     for holder in holders {
         assert_eq!(
-            gates[1].decide(&campaign, holder).await.expect("decide"),
+            ask(&gates[1], &campaign, holder).await.0,
             Decision::AlreadyIssued,
             "a user loaded as holding a coupon"
         );
@@ -55,7 +55,7 @@ async fn the_last_coupons_go_to_distinct_users_and_the_stock_never_goes_below_ze
     let tasks: Vec<_> = (0..500)
         .map(|i| {
             let (gate, campaign, user) = (gates[i % 2].clone(), campaign.clone(), users[i % users.len()]);
-            tokio::spawn(async move { (user, gate.decide(&campaign, user).await.expect("decided")) })
+            tokio::spawn(async move { (user, ask(&gate, &campaign, user).await.0) })
         })
         .collect();
     let mut answers = Vec::with_capacity(tasks.len());
@@ -76,9 +76,40 @@ async fn the_last_coupons_go_to_distinct_users_and_the_stock_never_goes_below_ze
         "{answers:?}"
     );
     assert_eq!(gates[0].remaining(campaign.id).await.expect("remaining"), Some(0));
-    let pending: HashSet<UserId> =
-        gates[1].pending(campaign.id, Duration::ZERO).await.expect("pending").into_iter().collect();
+    let pending: HashSet<UserId> = gates[1]
+        .pending(campaign.id, Duration::ZERO)
+        .await
+        .expect("pending")
+        .into_iter()
+        .map(|(user, _)| user)
+        .collect();
     assert_eq!(pending, distinct, "every winner is pending until confirmed");
+}
+
+/// One request of `user`: a fresh decision id, as every request has.
+async fn ask(gate: &RedisCouponGate, campaign: &Campaign, user: UserId) -> (Decision, CouponId) {
+    let decision = CouponId::generate();
+    (gate.decide(campaign, user, decision).await.expect("decided"), decision)
+}
+
+#[tokio::test]
+async fn a_decision_sent_twice_is_issued_once_and_answered_the_same() {
+    let gate = gate(&test_support::unique_prefix("coupons")).await;
+    let campaign = campaign(5);
+    let user = UserId::generate();
+    gate.load(&campaign, &[]).await.expect("load");
+    let (decided, id) = ask(&gate, &campaign, user).await;
+    assert_eq!(decided, Decision::Issued);
+
+    // The client resent the script after losing its answer: still the winner, once.
+    assert_eq!(gate.decide(&campaign, user, id).await.expect("decided"), Decision::Issued);
+    assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), Some(4));
+    // Another request of the same user is another decision: refused.
+    assert_eq!(ask(&gate, &campaign, user).await.0, Decision::AlreadyIssued);
+    // A confirmation or a sold-out naming another decision leaves this one alone.
+    gate.confirm(campaign.id, user, CouponId::generate()).await.expect("confirm");
+    gate.sold_out(campaign.id, user, CouponId::generate()).await.expect("sold out");
+    assert_eq!(gate.pending(campaign.id, Duration::ZERO).await.expect("pending"), vec![(user, id)]);
 }
 
 #[tokio::test]
@@ -88,12 +119,12 @@ async fn a_second_load_changes_nothing() {
     let campaign = campaign(10);
     let user = UserId::generate();
     gate.load(&campaign, &[]).await.expect("load");
-    assert_eq!(gate.decide(&campaign, user).await.expect("decide"), Decision::Issued);
+    assert_eq!(ask(&gate, &campaign, user).await.0, Decision::Issued);
 
     gate.load(&campaign, &[]).await.expect("load again");
 
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), Some(9), "the decision stands");
-    assert_eq!(gate.decide(&campaign, user).await.expect("decide"), Decision::AlreadyIssued);
+    assert_eq!(ask(&gate, &campaign, user).await.0, Decision::AlreadyIssued);
     // Every key goes a day after issuing closes.
     let day_after =
         (campaign.issue_closes_at + time::Duration::DAY - OffsetDateTime::now_utc()).whole_milliseconds();
@@ -114,7 +145,7 @@ async fn a_load_in_several_batches_counts_every_holder() {
 
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), Some(1_000));
     for holder in [holders[0], holders[5_000], holders[10_999]] {
-        assert_eq!(gate.decide(&campaign, holder).await.expect("decide"), Decision::AlreadyIssued);
+        assert_eq!(ask(&gate, &campaign, holder).await.0, Decision::AlreadyIssued);
     }
 }
 
@@ -124,16 +155,21 @@ async fn a_confirmed_decision_is_no_longer_pending_nor_given_back() {
     let campaign = campaign(5);
     let (a, b) = (UserId::generate(), UserId::generate());
     gate.load(&campaign, &[]).await.expect("load");
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::Issued);
-    assert_eq!(gate.decide(&campaign, b).await.expect("decide"), Decision::Issued);
+    let (decided, a_id) = ask(&gate, &campaign, a).await;
+    assert_eq!(decided, Decision::Issued);
+    let (decided, b_id) = ask(&gate, &campaign, b).await;
+    assert_eq!(decided, Decision::Issued);
     assert_eq!(gate.pending(campaign.id, Duration::ZERO).await.expect("pending").len(), 2);
 
-    gate.confirm(campaign.id, a).await.expect("confirm");
+    gate.confirm(campaign.id, a, a_id).await.expect("confirm");
 
-    assert_eq!(gate.pending(campaign.id, Duration::ZERO).await.expect("pending"), vec![b]);
-    assert!(!gate.give_back(campaign.id, a, false).await.expect("give back"), "confirmed: not given back");
+    assert_eq!(gate.pending(campaign.id, Duration::ZERO).await.expect("pending"), vec![(b, b_id)]);
+    assert!(
+        !gate.give_back(campaign.id, a, a_id, false).await.expect("give back"),
+        "confirmed: not given back"
+    );
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), Some(3));
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::AlreadyIssued);
+    assert_eq!(ask(&gate, &campaign, a).await.0, Decision::AlreadyIssued);
 }
 
 #[tokio::test]
@@ -142,15 +178,20 @@ async fn a_decision_is_given_back_once_and_lets_the_user_ask_again() {
     let campaign = campaign(1);
     let (a, b) = (UserId::generate(), UserId::generate());
     gate.load(&campaign, &[]).await.expect("load");
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::Issued);
-    assert_eq!(gate.decide(&campaign, b).await.expect("decide"), Decision::SoldOut);
+    let (decided, a_id) = ask(&gate, &campaign, a).await;
+    assert_eq!(decided, Decision::Issued);
+    assert_eq!(ask(&gate, &campaign, b).await.0, Decision::SoldOut);
 
-    assert!(gate.give_back(campaign.id, a, false).await.expect("give back"));
-    assert!(!gate.give_back(campaign.id, a, false).await.expect("give back"), "only once");
+    assert!(
+        !gate.give_back(campaign.id, a, CouponId::generate(), false).await.expect("give back"),
+        "another decision's id"
+    );
+    assert!(gate.give_back(campaign.id, a, a_id, false).await.expect("give back"));
+    assert!(!gate.give_back(campaign.id, a, a_id, false).await.expect("give back"), "only once");
 
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), Some(1));
     assert!(gate.pending(campaign.id, Duration::ZERO).await.expect("pending").is_empty());
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::Issued, "may ask again");
+    assert_eq!(ask(&gate, &campaign, a).await.0, Decision::Issued, "may ask again");
 }
 
 #[tokio::test]
@@ -159,12 +200,13 @@ async fn a_decision_given_back_with_its_user_kept_frees_the_coupon_but_not_the_u
     let campaign = campaign(1);
     let a = UserId::generate();
     gate.load(&campaign, &[]).await.expect("load");
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::Issued);
+    let (decided, a_id) = ask(&gate, &campaign, a).await;
+    assert_eq!(decided, Decision::Issued);
 
-    assert!(gate.give_back(campaign.id, a, true).await.expect("give back"));
+    assert!(gate.give_back(campaign.id, a, a_id, true).await.expect("give back"));
 
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), Some(1));
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::AlreadyIssued);
+    assert_eq!(ask(&gate, &campaign, a).await.0, Decision::AlreadyIssued);
     assert!(gate.pending(campaign.id, Duration::ZERO).await.expect("pending").is_empty());
 }
 
@@ -175,13 +217,14 @@ async fn sold_out_empties_the_stock_and_undoes_the_users_decision() {
     let campaign = campaign(5);
     let a = UserId::generate();
     gate.load(&campaign, &[]).await.expect("load");
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::Issued);
+    let (decided, a_id) = ask(&gate, &campaign, a).await;
+    assert_eq!(decided, Decision::Issued);
 
-    gate.sold_out(campaign.id, a).await.expect("sold out");
+    gate.sold_out(campaign.id, a, a_id).await.expect("sold out");
 
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), Some(0));
     assert!(gate.pending(campaign.id, Duration::ZERO).await.expect("pending").is_empty());
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::SoldOut, "asked again");
+    assert_eq!(ask(&gate, &campaign, a).await.0, Decision::SoldOut, "asked again");
     let ttl: i64 = redis.pool.pttl(gate.redis_key(campaign.id, "stock")).await.expect("PTTL");
     assert!(ttl > 0, "the stock keeps its expiry: {ttl}");
 }
@@ -202,10 +245,10 @@ async fn outside_the_issue_window_the_gate_is_closed() {
     gate.load(&over, &[]).await.expect("load");
     let user = UserId::generate();
 
-    assert_eq!(gate.decide(&not_yet, user).await.expect("decide"), Decision::Closed);
-    assert_eq!(gate.decide(&over, user).await.expect("decide"), Decision::Closed);
+    assert_eq!(ask(&gate, &not_yet, user).await.0, Decision::Closed);
+    assert_eq!(ask(&gate, &over, user).await.0, Decision::Closed);
     assert_eq!(
-        gate.decide(&over_and_unloaded, user).await.expect("decide"),
+        ask(&gate, &over_and_unloaded, user).await.0,
         Decision::Closed,
         "a closed campaign is never worth loading"
     );
@@ -219,31 +262,33 @@ async fn a_lost_campaign_is_not_loaded_until_it_is_loaded_again() {
     let gate = RedisCouponGate::with_prefix(redis.pool.clone(), test_support::unique_prefix("coupons"));
     let campaign = campaign(3);
     let (a, b, c) = (UserId::generate(), UserId::generate(), UserId::generate());
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::NotLoaded, "never loaded");
+    assert_eq!(ask(&gate, &campaign, a).await.0, Decision::NotLoaded, "never loaded");
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), None);
     gate.load(&campaign, &[]).await.expect("load");
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::Issued);
-    gate.confirm(campaign.id, a).await.expect("confirm: MySQL has a's coupon");
-    assert_eq!(gate.decide(&campaign, c).await.expect("decide"), Decision::Issued);
+    let (decided, a_id) = ask(&gate, &campaign, a).await;
+    assert_eq!(decided, Decision::Issued);
+    gate.confirm(campaign.id, a, a_id).await.expect("confirm: MySQL has a's coupon");
+    let (decided, c_id) = ask(&gate, &campaign, c).await;
+    assert_eq!(decided, Decision::Issued);
 
     // The stock alone is lost (an eviction) while c's decision is pending: giving it back
     // does not make a stock up.
     let _: i64 = redis.pool.del(gate.redis_key(campaign.id, "stock")).await.expect("DEL");
-    assert!(gate.give_back(campaign.id, c, false).await.expect("give back"));
+    assert!(gate.give_back(campaign.id, c, c_id, false).await.expect("give back"));
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), None);
-    assert_eq!(gate.decide(&campaign, b).await.expect("decide"), Decision::NotLoaded);
+    assert_eq!(ask(&gate, &campaign, b).await.0, Decision::NotLoaded);
 
     // Everything is lost (a flush).
     let _: i64 = redis.pool.del(gate.keys(campaign.id)).await.expect("DEL");
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::NotLoaded);
+    assert_eq!(ask(&gate, &campaign, a).await.0, Decision::NotLoaded);
     assert!(gate.pending(campaign.id, Duration::ZERO).await.expect("pending").is_empty());
 
     gate.load(&campaign, &[a]).await.expect("load from MySQL");
 
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), Some(2));
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::AlreadyIssued);
-    assert_eq!(gate.decide(&campaign, b).await.expect("decide"), Decision::Issued);
-    assert_eq!(gate.decide(&campaign, c).await.expect("decide"), Decision::Issued);
+    assert_eq!(ask(&gate, &campaign, a).await.0, Decision::AlreadyIssued);
+    assert_eq!(ask(&gate, &campaign, b).await.0, Decision::Issued);
+    assert_eq!(ask(&gate, &campaign, c).await.0, Decision::Issued);
     assert_eq!(gate.remaining(campaign.id).await.expect("remaining"), Some(0));
 }
 
@@ -253,12 +298,13 @@ async fn pending_lists_only_decisions_at_least_as_old_as_asked() {
     let campaign = campaign(5);
     let a = UserId::generate();
     gate.load(&campaign, &[]).await.expect("load");
-    assert_eq!(gate.decide(&campaign, a).await.expect("decide"), Decision::Issued);
+    let (decided, a_id) = ask(&gate, &campaign, a).await;
+    assert_eq!(decided, Decision::Issued);
 
     let any_age = gate.pending(campaign.id, Duration::ZERO).await.expect("pending");
     let an_hour_old = gate.pending(campaign.id, Duration::from_secs(3_600)).await.expect("pending");
 
-    assert_eq!(any_age, vec![a]);
+    assert_eq!(any_age, vec![(a, a_id)]);
     assert!(an_hour_old.is_empty(), "{an_hour_old:?}");
 }
 
@@ -271,12 +317,15 @@ async fn every_key_of_a_campaign_is_in_one_hash_slot() {
     let (a, b, c) = (UserId::generate(), UserId::generate(), UserId::generate());
     // Every script, so that every key a script writes exists.
     gate.load(&campaign, &[a]).await.expect("load");
-    assert_eq!(gate.decide(&campaign, b).await.expect("decide"), Decision::Issued);
-    assert_eq!(gate.decide(&campaign, c).await.expect("decide"), Decision::SoldOut);
-    assert!(gate.give_back(campaign.id, b, false).await.expect("give back"));
-    assert_eq!(gate.decide(&campaign, c).await.expect("decide"), Decision::Issued);
+    let (decided, b_id) = ask(&gate, &campaign, b).await;
+    assert_eq!(decided, Decision::Issued);
+    assert_eq!(ask(&gate, &campaign, c).await.0, Decision::SoldOut);
+    assert!(gate.give_back(campaign.id, b, b_id, false).await.expect("give back"));
+    let (decided, c_id) = ask(&gate, &campaign, c).await;
+    assert_eq!(decided, Decision::Issued);
+    gate.confirm(campaign.id, c, c_id).await.expect("confirm");
     gate.pending(campaign.id, Duration::ZERO).await.expect("pending");
-    gate.sold_out(campaign.id, b).await.expect("sold out");
+    gate.sold_out(campaign.id, b, b_id).await.expect("sold out");
 
     // KEYS, not one SCAN page: a page covers only part of a large keyspace.
     let written: Vec<String> = fred::prelude::ClientLike::custom(
