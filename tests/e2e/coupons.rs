@@ -8,7 +8,7 @@ use e2e::{Cluster, ClusterOptions, client};
 use futures::future::join_all;
 use serde_json::{Value, json};
 
-use super::{assert_problem, send};
+use super::{assert_problem, scalar, send};
 
 /// Seconds since the epoch, now.
 fn now() -> i64 {
@@ -49,16 +49,6 @@ async fn users(http: &awc::Client, cluster: &Cluster, n: usize) -> Vec<Fan> {
         .into_iter()
         .map(|fan| fan.expect("a user"))
         .collect()
-}
-
-async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
-    use sea_orm::ConnectionTrait as _;
-    db.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql))
-        .await
-        .expect("query")
-        .expect("a row")
-        .try_get_by_index::<i64>(0)
-        .expect("a number")
 }
 
 /// Deletes everything Redis knows of `campaign`, as a flush or a restart without

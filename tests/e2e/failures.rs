@@ -3,7 +3,7 @@ use std::time::Duration;
 use e2e::booking::{AsFan as _, sign_up};
 use e2e::{Cluster, ClusterOptions, PrivateRedis, TcpProxy, client};
 
-use super::{assert_problem, send};
+use super::{assert_problem, scalar, send};
 
 #[actix_web::test]
 async fn with_redis_gone_charges_fail_closed_reads_go_on_and_readiness_names_redis() {
@@ -320,17 +320,6 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
     }
     db.close().await.ok();
     cluster.shut_down().await;
-}
-
-/// One number from SQL, on the cluster's database.
-async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
-    use sea_orm::ConnectionTrait as _;
-    db.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql))
-        .await
-        .expect("query")
-        .expect("a row")
-        .try_get_by_index::<i64>(0)
-        .expect("a number")
 }
 
 #[actix_web::test]

@@ -19,7 +19,7 @@ use sea_orm::DatabaseConnection;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use super::send;
+use super::{scalar, send};
 
 /// A lease short enough that a pause outlasts several of them in a few seconds. The server
 /// takes a lease only of at least 3 x the Redis command timeout (renewals start a third into
@@ -136,17 +136,6 @@ where
 /// A UUID the way the tables store it (`BINARY(16)`), for SQL.
 fn binary(id: &str) -> String {
     format!("UNHEX(REPLACE('{id}', '-', ''))")
-}
-
-/// One number from SQL, on the cluster's database (as in `failures.rs`).
-async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
-    use sea_orm::ConnectionTrait as _;
-    db.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql))
-        .await
-        .expect("query")
-        .expect("a row")
-        .try_get_by_index::<i64>(0)
-        .expect("a number")
 }
 
 /// Live (HELD or CONFIRMED) reservations of `seat` whose SQL condition `and` also holds.

@@ -18,6 +18,18 @@ mod users;
 use awc::http::StatusCode;
 use serde_json::Value;
 
+/// The one number `sql` selects, read straight from MySQL (the tests' view of the truth,
+/// beside what the API answers).
+async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    use sea_orm::ConnectionTrait as _;
+    db.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql))
+        .await
+        .expect("query")
+        .expect("a row")
+        .try_get_by_index::<i64>(0)
+        .expect("a number")
+}
+
 /// Sends a request and reads its status and JSON body (or `Value::Null`).
 async fn send(request: awc::ClientRequest, body: Option<&str>) -> (StatusCode, Option<String>, Value) {
     let mut response = match body {

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::catalog::{ConcertResponse, ScheduleResponse};
-use super::{AppState, uuid_param};
+use super::{AppState, admin_times, uuid_param};
 use crate::extract::ValidJson;
 use crate::problem::{ApiError, Problem};
 use crate::problem_responses::{AdminKeyInvalid, BodyTooLarge, CatalogWriteUnavailable, MySqlUnavailable};
@@ -204,17 +204,11 @@ pub async fn add_schedule(
     ValidJson(body): ValidJson<ScheduleRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let concert = ConcertId::from_uuid(uuid_param(&path, "concertId")?);
-    for (field, at) in [
+    admin_times(&[
         ("startsAt", body.starts_at),
         ("bookingOpensAt", body.booking_opens_at),
         ("bookingClosesAt", body.booking_closes_at),
-    ] {
-        // checked: a local time late on 9999-12-31 is year 10000 in UTC.
-        let year = at.checked_to_offset(time::UtcOffset::UTC).map(|utc| utc.year());
-        if !year.is_some_and(|year| (2000..=9998).contains(&year)) {
-            return Err(ApiError::validation(field, "must be a time in the years 2000 to 9998 (UTC)"));
-        }
-    }
+    ])?;
     let draft = ScheduleDraft {
         starts_at: body.starts_at,
         booking_opens_at: body.booking_opens_at,

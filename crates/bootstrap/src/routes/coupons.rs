@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
 use super::admin::Admin;
-use super::{AppState, uuid_param};
+use super::{AppState, admin_times, uuid_param};
 use crate::auth::Caller;
 use crate::extract::{LateJson, ValidJson};
 use crate::limits::RateLimits;
@@ -148,16 +148,11 @@ pub async fn create_campaign(
     _admin: Admin,
     ValidJson(body): ValidJson<CampaignRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    for (field, at) in [
+    admin_times(&[
         ("issueOpensAt", body.issue_opens_at),
         ("issueClosesAt", body.issue_closes_at),
         ("validUntil", body.valid_until),
-    ] {
-        let year = at.checked_to_offset(time::UtcOffset::UTC).map(|utc| utc.year());
-        if !year.is_some_and(|year| (2000..=9998).contains(&year)) {
-            return Err(ApiError::validation(field, "must be a time in the years 2000 to 9998 (UTC)"));
-        }
-    }
+    ])?;
     // MySQL keeps microseconds: validated as they will be stored, so that two times
     // apart by less than a microsecond are not "before" here and equal there.
     let micros = |at: OffsetDateTime| {

@@ -196,6 +196,19 @@ pub fn allow(methods: &'static str) -> actix_web::Route {
     web::to(move || async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed { allow: methods }) })
 }
 
+/// Times an admin sets (a date's window, a campaign's): each in the years 2000 to 9998 in
+/// UTC, else a 400 naming its field. Checked, because a local time late on 9999-12-31 is
+/// year 10000 in UTC, which MySQL cannot store.
+fn admin_times(times: &[(&'static str, time::OffsetDateTime)]) -> Result<(), ApiError> {
+    for (field, at) in times {
+        let year = at.checked_to_offset(time::UtcOffset::UTC).map(|utc| utc.year());
+        if !year.is_some_and(|year| (2000..=9998).contains(&year)) {
+            return Err(ApiError::validation(*field, "must be a time in the years 2000 to 9998 (UTC)"));
+        }
+    }
+    Ok(())
+}
+
 /// A path segment that must be a UUID; anything else is a 400 naming `field`.
 fn uuid_param(raw: &str, field: &'static str) -> Result<uuid::Uuid, ApiError> {
     uuid::Uuid::try_parse(raw)
