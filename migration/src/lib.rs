@@ -15,6 +15,7 @@ mod m20261122_000004_payments;
 mod m20261206_000001_identity;
 mod m20261206_000002_fencing;
 mod m20261206_000003_coupons;
+mod m20261206_000004_payments_paid_at;
 
 /// Runs `statements` in order on the migration's connection: every migration here is a
 /// list of plain DDL statements, up and down.
@@ -41,6 +42,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000001_identity::Migration),
             Box::new(m20261206_000002_fencing::Migration),
             Box::new(m20261206_000003_coupons::Migration),
+            Box::new(m20261206_000004_payments_paid_at::Migration),
         ]
     }
 }

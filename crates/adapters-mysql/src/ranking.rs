@@ -3,9 +3,8 @@
 //!
 //! These run when Redis lost the ranking (a rebuild, one instance at a time) or cannot
 //! answer (then at most once per instance per few seconds), and once per new date the
-//! outbox relay meets; never per request. `payments` has no index on `paid_at` alone
-//! (`ix_payments_user` leads with the user), so the window's payments are found by a scan
-//! of `payments`, then primary-key lookups.
+//! outbox relay meets; never per request. The window's payments are found through
+//! `ix_payments_paid_at` (migration `m20261206_000004`), then primary-key lookups.
 
 use application::ranking::{ConcertCount, RankingSource, Sale};
 use async_trait::async_trait;

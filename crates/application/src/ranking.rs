@@ -63,6 +63,16 @@ pub const REBUILD_WAIT: Duration = Duration::from_secs(3);
 /// so they never go stale; the map is emptied when full).
 const CONCERTS_OF_CAP: usize = 10_000;
 
+/// After a rebuild failed (MySQL too slow, Redis failing), this instance does not try
+/// another for this long: it answers from MySQL's count meanwhile. Without it, every
+/// anonymous read would start a rebuild that fails the same way.
+const REBUILD_BACKOFF: Duration = Duration::from_secs(30);
+
+/// After MySQL failed to count, this instance answers 503 for this long without asking it
+/// again, and a read waits at most this long for the count another read is making: the
+/// anonymous route cannot pile requests onto a failing database.
+const FALLBACK_BACKOFF: Duration = Duration::from_secs(5);
+
 /// An hour of UTC time, counted from 1970: the bucket a payment counts in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Hour(i64);
@@ -268,6 +278,15 @@ impl Default for RankingLimit {
 #[error("limit must be a whole number in 1..={max}, got {got}", max = RankingLimit::MAX, got = .0)]
 pub struct LimitOutOfRange(pub i64);
 
+/// Whether `at` holds a time less than `within` ago.
+fn recently(at: &Mutex<Option<Instant>>, within: Duration) -> bool {
+    lock_ignoring_poison(at).is_some_and(|at| at.elapsed() < within)
+}
+
+fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A concert as ranked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankedConcert {
@@ -294,6 +313,9 @@ pub struct Ranking {
     concerts_of: Arc<Mutex<HashMap<ScheduleId, ConcertId>>>,
     /// Held across the MySQL query: one query per instance at a time.
     from_mysql: Arc<tokio::sync::Mutex<Option<Counted>>>,
+    /// When the last rebuild, or the last count in MySQL, failed on this instance.
+    rebuild_failed_at: Arc<Mutex<Option<Instant>>>,
+    count_failed_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl std::fmt::Debug for Ranking {
@@ -317,6 +339,8 @@ impl Ranking {
             lock,
             concerts_of: Arc::default(),
             from_mysql: Arc::new(tokio::sync::Mutex::new(None)),
+            rebuild_failed_at: Arc::default(),
+            count_failed_at: Arc::default(),
         }
     }
 
@@ -355,7 +379,14 @@ impl Ranking {
         if let Some(counts) = self.store.top(now, limit).await? {
             return Ok(Some(counts));
         }
-        if !self.rebuild(now).await? {
+        if recently(&self.rebuild_failed_at, REBUILD_BACKOFF) {
+            return Ok(None);
+        }
+        let rebuilt = self.rebuild(now).await;
+        if !matches!(rebuilt, Ok(true)) {
+            *lock_ignoring_poison(&self.rebuild_failed_at) = Some(Instant::now());
+        }
+        if !rebuilt? {
             return Ok(None);
         }
         self.store.top(now, limit).await
@@ -403,15 +434,28 @@ impl Ranking {
 
     /// The window counted in MySQL, reused on this instance for [`TOP_TTL`].
     async fn counted_in_mysql(&self, now: Hour) -> Result<Vec<ConcertCount>, Failure> {
-        let mut kept = self.from_mysql.lock().await;
+        let busy = || {
+            Failure::Unexpected(anyhow::Error::new(domain::unavailable::Unavailable {
+                reason: "ranking count failing",
+                source: "the ranking could not be counted in MySQL a moment ago".into(),
+            }))
+        };
+        if recently(&self.count_failed_at, FALLBACK_BACKOFF) {
+            return Err(busy());
+        }
+        let Ok(mut kept) = tokio::time::timeout(FALLBACK_BACKOFF, self.from_mysql.lock()).await else {
+            return Err(busy());
+        };
         if let Some(counted) = kept.as_ref().filter(|c| c.hour == now && c.at.elapsed() < TOP_TTL) {
             return Ok(counted.counts.clone());
         }
-        let counts = self
-            .source
-            .counts_since(now.window_start().starts_at())
-            .await
-            .context("failed to count the ranking in MySQL")?;
+        let counts = match self.source.counts_since(now.window_start().starts_at()).await {
+            Ok(counts) => counts,
+            Err(error) => {
+                *lock_ignoring_poison(&self.count_failed_at) = Some(Instant::now());
+                return Err(error.context("failed to count the ranking in MySQL").into());
+            }
+        };
         *kept = Some(Counted { hour: now, at: Instant::now(), counts: counts.clone() });
         Ok(counts)
     }
@@ -681,6 +725,28 @@ mod tests {
             top,
             vec![RankedConcert { concert_id: *concert_id.as_uuid(), title: "Live".into(), reservations: 1 }]
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_rebuild_is_not_tried_again_at_once_and_a_failing_count_is_not_asked_again_at_once() {
+        let mut store = MockRankingStore::new();
+        // Unbuilt on both reads.
+        store.expect_top().times(2).returning(|_, _| Ok(None));
+        store.expect_begin_rebuild().times(1).returning(|_| Ok(Some(RebuildToken("t".into()))));
+        store.expect_finish_rebuild().never();
+        let mut source = MockRankingSource::new();
+        // The rebuild's read fails (MySQL too slow), once: the second read does not rebuild.
+        source.expect_sales_since().times(1).returning(|_| Err(anyhow::anyhow!("statement timeout")));
+        // The count fails too, once: the second read is refused without asking MySQL.
+        source.expect_counts_since().times(1).returning(|_| Err(anyhow::anyhow!("statement timeout")));
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire().times(1).returning(|k, _| Ok(Box::new(released_guard(k.clone()))));
+        let ranking = ranking(store, source, catalog_of(Vec::new()), lock);
+
+        assert!(ranking.top(RankingLimit::DEFAULT).await.is_err(), "MySQL failed");
+        let again = ranking.top(RankingLimit::DEFAULT).await.expect_err("still refused");
+        let Failure::Unexpected(error) = again else { panic!("{again:?}") };
+        assert!(domain::unavailable::is_unavailable(&error), "a 503, not a 500: {error:#}");
     }
 
     #[tokio::test]
