@@ -25,7 +25,9 @@ pub struct PayRequest {
     /// Optional: one of the caller's AVAILABLE, unexpired coupons. Its discount is taken off
     /// the price (never below zero) and it becomes USED with the payment; a payment that
     /// fails leaves it AVAILABLE. Part of what an `Idempotency-Key` stands for.
+    /// (The pattern is what a client must send: an empty string is not "no coupon".)
     #[serde(default)]
+    #[schema(pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
     pub coupon_id: Option<uuid::Uuid>,
 }
 

@@ -33,6 +33,7 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 pub struct IssueTokenRequest {
     /// Optional: the caller's own id (the token is always the caller's; any other id is
     /// 403 `FORBIDDEN`).
+    #[schema(pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
     pub user_id: Option<uuid::Uuid>,
 }
 
