@@ -23,18 +23,6 @@ impl MySqlCatalogRepository {
     pub fn new(db: DatabaseConnection) -> Self {
         Self { db }
     }
-
-    async fn all(
-        &self,
-        sql: &'static str,
-        values: Vec<Value>,
-        what: &'static str,
-    ) -> anyhow::Result<Vec<QueryResult>> {
-        self.db
-            .query_all_raw(Statement::from_sql_and_values(DbBackend::MySql, sql, values))
-            .await
-            .db_context(what)
-    }
 }
 
 fn concert_from(row: &QueryResult) -> anyhow::Result<Concert> {
@@ -66,34 +54,51 @@ const SCHEDULE_COLUMNS: &str = "id, concert_id, starts_at, booking_opens_at, boo
 #[async_trait]
 impl CatalogRepository for MySqlCatalogRepository {
     async fn concerts(&self) -> Result<Vec<Concert>, BookingRepositoryError> {
-        let rows = self.all(sql::CONCERTS, vec![], "failed to list concerts").await?;
+        let rows = crate::query_all(&self.db, sql::CONCERTS, vec![], "failed to list concerts").await?;
         Ok(rows.iter().map(concert_from).collect::<anyhow::Result<_>>()?)
     }
 
     async fn concert(&self, id: ConcertId) -> Result<Option<Concert>, BookingRepositoryError> {
-        let rows = self.all(sql::CONCERT, vec![(*id.as_uuid()).into()], "failed to read a concert").await?;
+        let rows = crate::query_all(
+            &self.db,
+            sql::CONCERT,
+            vec![(*id.as_uuid()).into()],
+            "failed to read a concert",
+        )
+        .await?;
         Ok(rows.first().map(concert_from).transpose()?)
     }
 
     async fn schedules_of(&self, concert: ConcertId) -> Result<Vec<Schedule>, BookingRepositoryError> {
-        let rows = self
-            .all(
-                sql::CONCERT_SCHEDULES,
-                vec![(*concert.as_uuid()).into()],
-                "failed to list a concert's schedules",
-            )
-            .await?;
+        let rows = crate::query_all(
+            &self.db,
+            sql::CONCERT_SCHEDULES,
+            vec![(*concert.as_uuid()).into()],
+            "failed to list a concert's schedules",
+        )
+        .await?;
         Ok(rows.iter().map(schedule_from).collect::<anyhow::Result<_>>()?)
     }
 
     async fn schedule(&self, id: ScheduleId) -> Result<Option<Schedule>, BookingRepositoryError> {
-        let rows = self.all(sql::SCHEDULE, vec![(*id.as_uuid()).into()], "failed to read a schedule").await?;
+        let rows = crate::query_all(
+            &self.db,
+            sql::SCHEDULE,
+            vec![(*id.as_uuid()).into()],
+            "failed to read a schedule",
+        )
+        .await?;
         Ok(rows.first().map(schedule_from).transpose()?)
     }
 
     async fn seats(&self, schedule: ScheduleId) -> Result<Vec<Seat>, BookingRepositoryError> {
-        let rows =
-            self.all(sql::SEAT_MAP, vec![(*schedule.as_uuid()).into()], "failed to read a seat map").await?;
+        let rows = crate::query_all(
+            &self.db,
+            sql::SEAT_MAP,
+            vec![(*schedule.as_uuid()).into()],
+            "failed to read a seat map",
+        )
+        .await?;
         Ok(rows.iter().map(|row| seat_from(row, schedule)).collect::<anyhow::Result<_>>()?)
     }
 
@@ -119,13 +124,13 @@ impl CatalogRepository for MySqlCatalogRepository {
     async fn update_concert(&self, concert: &Concert) -> Result<bool, BookingRepositoryError> {
         let now = to_db_time(time::OffsetDateTime::now_utc());
         // Rows *matched*, not changed: an update to the same values still finds the row.
-        let found = self
-            .all(
-                "SELECT 1 AS found FROM concerts WHERE id = ?",
-                vec![(*concert.id.as_uuid()).into()],
-                "failed to read a concert",
-            )
-            .await?;
+        let found = crate::query_all(
+            &self.db,
+            "SELECT 1 AS found FROM concerts WHERE id = ?",
+            vec![(*concert.id.as_uuid()).into()],
+            "failed to read a concert",
+        )
+        .await?;
         if found.is_empty() {
             return Ok(false);
         }

@@ -105,6 +105,20 @@ fn retryable(error: &DbErr) -> Option<&'static str> {
 
 /// `.context(...)` for database results that also marks a retryable failure
 /// [`Unavailable`], so that it is answered 503 instead of 500.
+/// Every row of a raw read `sql` with `values`, its failure described as `what` (and
+/// marked retryable where it is, as every read here).
+async fn query_all(
+    db: &sea_orm::DatabaseConnection,
+    sql: &'static str,
+    values: Vec<sea_orm::Value>,
+    what: &'static str,
+) -> anyhow::Result<Vec<sea_orm::QueryResult>> {
+    use sea_orm::ConnectionTrait as _;
+    db.query_all_raw(sea_orm::Statement::from_sql_and_values(sea_orm::DbBackend::MySql, sql, values))
+        .await
+        .db_context(what)
+}
+
 trait DbContext<T> {
     fn db_context(self, what: &'static str) -> anyhow::Result<T>;
 }

@@ -10,10 +10,10 @@ use application::ranking::{ConcertCount, RankingSource, Sale};
 use async_trait::async_trait;
 use domain::booking::{ConcertId, ScheduleId};
 use domain::payment::PaymentId;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, Statement, Value};
+use sea_orm::DatabaseConnection;
 use time::OffsetDateTime;
 
-use crate::{DbContext as _, column, from_db_time, to_db_time};
+use crate::{column, from_db_time, to_db_time};
 
 /// Every completed payment paid at or after a time, with its concert.
 const SALES_SINCE: &str = "SELECT p.id AS payment_id, s.concert_id AS concert_id, p.paid_at AS paid_at \
@@ -43,27 +43,19 @@ impl MySqlRankingSource {
     pub fn new(db: DatabaseConnection) -> Self {
         Self { db }
     }
-
-    async fn all(
-        &self,
-        sql: &'static str,
-        values: Vec<Value>,
-        what: &'static str,
-    ) -> anyhow::Result<Vec<QueryResult>> {
-        self.db
-            .query_all_raw(Statement::from_sql_and_values(DbBackend::MySql, sql, values))
-            .await
-            .db_context(what)
-    }
 }
 
 #[async_trait]
 impl RankingSource for MySqlRankingSource {
     #[tracing::instrument(name = "ranking.mysql.sales_since", skip(self))]
     async fn sales_since(&self, since: OffsetDateTime) -> anyhow::Result<Vec<Sale>> {
-        let rows = self
-            .all(SALES_SINCE, vec![to_db_time(since).into()], "failed to read the ranking's payments")
-            .await?;
+        let rows = crate::query_all(
+            &self.db,
+            SALES_SINCE,
+            vec![to_db_time(since).into()],
+            "failed to read the ranking's payments",
+        )
+        .await?;
         rows.iter()
             .map(|row| -> anyhow::Result<Sale> {
                 Ok(Sale {
@@ -77,9 +69,13 @@ impl RankingSource for MySqlRankingSource {
 
     #[tracing::instrument(name = "ranking.mysql.counts_since", skip(self))]
     async fn counts_since(&self, since: OffsetDateTime) -> anyhow::Result<Vec<ConcertCount>> {
-        let rows = self
-            .all(COUNTS_SINCE, vec![to_db_time(since).into()], "failed to count the ranking's payments")
-            .await?;
+        let rows = crate::query_all(
+            &self.db,
+            COUNTS_SINCE,
+            vec![to_db_time(since).into()],
+            "failed to count the ranking's payments",
+        )
+        .await?;
         rows.iter()
             .map(|row| -> anyhow::Result<ConcertCount> {
                 Ok(ConcertCount {
@@ -91,9 +87,13 @@ impl RankingSource for MySqlRankingSource {
     }
 
     async fn concert_of(&self, schedule: ScheduleId) -> anyhow::Result<Option<ConcertId>> {
-        let rows = self
-            .all(CONCERT_OF, vec![(*schedule.as_uuid()).into()], "failed to read a date's concert")
-            .await?;
+        let rows = crate::query_all(
+            &self.db,
+            CONCERT_OF,
+            vec![(*schedule.as_uuid()).into()],
+            "failed to read a date's concert",
+        )
+        .await?;
         let Some(row) = rows.first() else { return Ok(None) };
         Ok(Some(ConcertId::from_uuid(column(row, "concert_id")?)))
     }
