@@ -574,6 +574,33 @@ impl Storm {
 
     /// Waits until `done`; fails the test with what was answered so far once `within`
     /// has passed.
+    /// Waits until the storm is under way (two answers per shopper before the fault).
+    async fn under_way(&self, users: usize) {
+        self.wait(PATIENCE, "answers before the fault", |s| s.arrived_in(BEFORE) >= 2 * users).await;
+    }
+
+    /// The fault is in place: answers count as during it from now. Waits until it has
+    /// lasted [`OUTAGE`] and every one of the `users` shoppers has met it.
+    async fn through_outage(&self, users: usize) {
+        self.phase.set(DURING);
+        let down = Instant::now();
+        self.wait(PATIENCE, "every shopper meeting the outage", |s| {
+            down.elapsed() >= OUTAGE && s.shoppers_in(DURING) == users
+        })
+        .await;
+    }
+
+    /// The fault is repaired: waits until every shopper has paid and charged again, then
+    /// ends the storm.
+    async fn recovered_by_all(&self, users: usize) {
+        self.phase.set(AFTER);
+        self.wait(PATIENCE, "every shopper paid and charging again", |s| {
+            s.paid.get() == users && s.recovered.get() == users
+        })
+        .await;
+        self.stop.set(true);
+    }
+
     async fn wait(&self, within: Duration, what: &str, done: impl Fn(&Self) -> bool) {
         let deadline = Instant::now() + within;
         while !done(self) {
@@ -784,24 +811,12 @@ async fn redis_killed_mid_storm_fails_closed_and_recovers_without_restart() {
 
     let storm = Storm::default();
     let faults = async {
-        storm.wait(PATIENCE, "answers before the fault", |s| s.arrived_in(BEFORE) >= 2 * USERS).await;
+        storm.under_way(USERS).await;
         redis.kill();
-        storm.phase.set(DURING);
-        let down = Instant::now();
-        storm
-            .wait(PATIENCE, "every shopper meeting the outage", |s| {
-                down.elapsed() >= OUTAGE && s.shoppers_in(DURING) == USERS
-            })
-            .await;
+        storm.through_outage(USERS).await;
         // Back, empty, on the same port; the instances are not restarted.
         redis.restart().expect("redis back");
-        storm.phase.set(AFTER);
-        storm
-            .wait(PATIENCE, "every shopper paid and charging again", |s| {
-                s.paid.get() == USERS && s.recovered.get() == USERS
-            })
-            .await;
-        storm.stop.set(true);
+        storm.recovered_by_all(USERS).await;
     };
     let shopping = futures::future::join_all(
         shoppers.iter().enumerate().map(|(i, shopper)| shop(&storm, &http, &cluster, &schedule, i, shopper)),
@@ -854,7 +869,7 @@ async fn mysql_restarted_mid_storm_fails_with_503_and_the_pool_recovers() {
 
     let storm = Storm::default();
     let faults = async {
-        storm.wait(PATIENCE, "answers before the fault", |s| s.arrived_in(BEFORE) >= 2 * USERS).await;
+        storm.under_way(USERS).await;
         proxy.cut();
         // Down once the proxy refuses: its connections were dropped in the same moment.
         let port = proxy.port();
@@ -862,21 +877,9 @@ async fn mysql_restarted_mid_storm_fails_with_503_and_the_pool_recovers() {
             std::future::ready(std::net::TcpStream::connect(("127.0.0.1", port)).is_err())
         })
         .await;
-        storm.phase.set(DURING);
-        let down = Instant::now();
-        storm
-            .wait(PATIENCE, "every shopper meeting the outage", |s| {
-                down.elapsed() >= OUTAGE && s.shoppers_in(DURING) == USERS
-            })
-            .await;
+        storm.through_outage(USERS).await;
         proxy.restore().await.expect("MySQL back");
-        storm.phase.set(AFTER);
-        storm
-            .wait(PATIENCE, "every shopper paid and charging again", |s| {
-                s.paid.get() == USERS && s.recovered.get() == USERS
-            })
-            .await;
-        storm.stop.set(true);
+        storm.recovered_by_all(USERS).await;
     };
     let shopping = futures::future::join_all(
         shoppers.iter().enumerate().map(|(i, shopper)| shop(&storm, &http, &cluster, &schedule, i, shopper)),
