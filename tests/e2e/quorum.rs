@@ -18,6 +18,10 @@ async fn charges_stay_exact_on_a_quorum_lock_with_a_node_lost_mid_storm_and_fail
     let urls: Vec<String> = nodes.iter().map(PrivateRedis::url).collect();
     let mut options = ClusterOptions::with_env(e2e::PATIENT_LOCKS);
     options.env.push(("REDIS_LOCK_NODES".into(), urls.join(",")));
+    // A node slower than its timeout counts as down: with one node killed, the two left
+    // must both answer in time, so the timeout gets room for a loaded machine (the
+    // product's 250 ms is for a healthy network, not a busy debug build).
+    options.env.push(("LOCK_NODE_TIMEOUT_MS".into(), "2000".into()));
     let cluster = Cluster::start_with(3, &options).await.expect("cluster");
     let http = client();
     let fan = sign_up(&http, cluster.url(0), "quorum").await.expect("a user");
