@@ -106,7 +106,7 @@ async fn holds_and_payments_whose_clients_hang_up_right_after_sending_still_end_
     let deadline = Instant::now() + SETTLE / 2;
     loop {
         // The locks themselves; each seat's fencing counter stays (with its expiry).
-        let seat_locks: Vec<String> = keys(&redis, &format!("lock:seat:{schedule}:*"))
+        let seat_locks: Vec<String> = keys(&redis, &format!("lock:{{seat:{schedule}:*"))
             .await
             .into_iter()
             .filter(|key| !key.ends_with(":fence"))
@@ -160,10 +160,10 @@ async fn holds_and_payments_whose_clients_hang_up_right_after_sending_still_end_
     let (sold, still_active) = loop {
         let mut locked = 0;
         for reservation in &reservations {
-            locked += keys(&redis, &format!("lock:reservation:{reservation}")).await.len();
+            locked += keys(&redis, &format!("lock:{{reservation:{reservation}}}")).await.len();
         }
         for (user, _) in &users[..PAYERS] {
-            locked += keys(&redis, &format!("lock:point:{}", user.id)).await.len();
+            locked += keys(&redis, &format!("lock:{{point:{}}}", user.id)).await.len();
         }
         let seats = seat_statuses(&http, bases[0], observer, &schedule).await.expect("seat map");
         let mut sold = 0;
@@ -237,10 +237,10 @@ async fn a_storm_of_new_idempotency_keys_leaves_no_lock_state_behind() {
         .expect("redis");
     // Every request has answered, so every lock is released: the idempotency locks are
     // unfenced and leave nothing; the account's lock leaves one counter, with an expiry.
-    let idem = keys(&redis, &format!("lock:idem:{user}:*")).await;
+    let idem = keys(&redis, &format!("lock:{{idem:{user}:*")).await;
     assert!(idem.is_empty(), "{} idempotency lock keys left, e.g. {:?}", idem.len(), idem.first());
-    let point = keys(&redis, &format!("lock:point:{user}*")).await;
-    assert_eq!(point, vec![format!("lock:point:{user}:fence")], "the account's lock state");
+    let point = keys(&redis, &format!("lock:{{point:{user}}}*")).await;
+    assert_eq!(point, vec![format!("lock:{{point:{user}}}:fence")], "the account's lock state");
     let ttl: i64 = redis.pool.pttl(&point[0]).await.expect("PTTL");
     assert!(ttl > 0, "the fencing counter has no expiry (PTTL {ttl})");
     redis.quit().await;

@@ -281,7 +281,7 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
     .build()
     .expect("client");
     fred::prelude::ClientLike::init(&redis).await.expect("redis");
-    let keys: Vec<String> = users.iter().map(|user| format!("lock:point:{}", user.id)).collect();
+    let keys: Vec<String> = users.iter().map(|user| format!("lock:{{point:{}}}", user.id)).collect();
     let exists = |redis: fred::clients::Client, keys: Vec<String>| async move {
         let mut held = 0;
         for key in keys {

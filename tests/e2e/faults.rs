@@ -227,7 +227,7 @@ async fn a_paused_lock_holder_is_fenced_out_after_its_lease_and_nothing_is_appli
     let ten = || Some(json!({"amount": 10}));
     let db = sea_orm::Database::connect(cluster.direct_database_url()).await.expect("db");
     let redis = redis_client(&test_support::redis_url().await).await;
-    let point_lock = format!("lock:point:{user}");
+    let point_lock = format!("lock:{{point:{user}}}");
     let answered = Cell::new(0_usize);
     let progress = Notify::new();
 
@@ -963,7 +963,7 @@ async fn an_instance_killed_while_holding_seat_locks_frees_them_after_the_lease(
     }));
     let kill = async {
         // Killed while it holds the blocked seats' locks, their transactions open.
-        let keys: Vec<String> = (1..=BLOCKED).map(|seat| format!("lock:seat:{schedule}:{seat}")).collect();
+        let keys: Vec<String> = (1..=BLOCKED).map(|seat| format!("lock:{{seat:{schedule}:{seat}}}")).collect();
         let (redis, keys) = (&redis, &keys);
         wait_until(PATIENCE, "instance 0 holding the blocked seats' locks", move || async move {
             for key in keys {

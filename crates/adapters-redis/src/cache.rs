@@ -113,11 +113,12 @@ impl RedisCache {
         format!("{}cache:{}:{{{}}}:{suffix}", self.prefix, key.name(), key.id())
     }
 
-    fn keys(&self, key: &CacheKey) -> Vec<String> {
+    pub(crate) fn keys(&self, key: &CacheKey) -> Vec<String> {
         vec![self.redis_key(key, "v"), self.redis_key(key, "e"), self.redis_key(key, "w")]
     }
 
     async fn run(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> Result<Value, CacheError> {
+        crate::slots::debug_check(&keys);
         script.evalsha_with_reload(self.pool.next(), keys, args).await.map_err(unavailable)
     }
 }
@@ -188,7 +189,8 @@ impl CachePort for RedisCache {
             .map_err(unavailable)?;
         let Some(acks) = self.acks else { return Ok(()) };
         let timeout_ms = i64::try_from(acks.timeout.as_millis()).unwrap_or(i64::MAX).max(1);
-        let acked: i64 = client.wait(i64::from(acks.replicas), timeout_ms).await.map_err(unavailable)?;
+        let node = crate::slots::routed_to(client, &self.redis_key(key, "w"));
+        let acked: i64 = node.wait(i64::from(acks.replicas), timeout_ms).await.map_err(unavailable)?;
         if acked < i64::from(acks.replicas) {
             metrics::counter!("cache_replica_ack_failures_total").increment(1);
             return Err(CacheError::Unavailable(anyhow::anyhow!(

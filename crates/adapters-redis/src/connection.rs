@@ -11,6 +11,106 @@ use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Which Redis deployment a `REDIS_URL` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// One server (`redis://host:port`).
+    Single,
+    /// A Redis Cluster: the listed nodes are where discovery starts.
+    Cluster,
+    /// A master found through Sentinel: the listed nodes are sentinels.
+    Sentinel,
+}
+
+/// `REDIS_URL` in any of the forms the service accepts, checked and rewritten into the
+/// form fred reads:
+///
+/// - `redis://[user:password@]host[:port][/db]`: one server;
+/// - `redis-cluster://[user:password@]h1:p1?node=h2:p2&node=h3:p3`: a cluster (any few of
+///   its nodes; the rest are discovered);
+/// - `redis-sentinel://[user:password@]s1:p1?node=s2:p2&sentinelServiceName=NAME`: the
+///   master that the sentinels at `s1`, `s2`, ... name `NAME` (the credentials are the
+///   master's);
+/// - the same with the hosts as a comma-separated list (`redis-cluster://h1:p1,h2:p2`,
+///   `redis-sentinel://s1:p1,s2:p2?sentinelServiceName=NAME`), and a bare list
+///   `h1:p1,h2:p2,h3:p3`, which is a cluster.
+///
+/// Refused, with the reason: another scheme, TLS (`rediss`: this build has no TLS and
+/// would connect in plain text), several hosts for one server, a host without a port in a
+/// list, Sentinel without its service name, and query parameters other than `node` and
+/// `sentinelServiceName` (a misspelt one would otherwise be ignored). The reason never
+/// repeats the URL, which may hold a password.
+///
+/// # Errors
+/// The reason the URL is refused.
+pub fn parse_url(raw: &str) -> Result<(String, Topology), String> {
+    const FORMS: &str = "must be redis://host:port, redis-cluster://host:port?node=host:port&node=host:port, redis-sentinel://host:port?node=host:port&sentinelServiceName=NAME, or a comma-separated list of cluster nodes host:port,host:port";
+    let raw = raw.trim();
+    let (scheme, rest) = match raw.split_once("://") {
+        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
+        None if raw.contains(',') => ("redis-cluster".to_owned(), raw),
+        None => return Err(FORMS.to_owned()),
+    };
+    let topology = match scheme.as_str() {
+        "redis" => Topology::Single,
+        "redis-cluster" => Topology::Cluster,
+        "redis-sentinel" => Topology::Sentinel,
+        "rediss" | "rediss-cluster" | "rediss-sentinel" => {
+            return Err("asks for TLS (rediss), which this build does not include: it would connect in plain text. Use redis:// on a private network, or a TLS proxy such as stunnel in front of Redis".to_owned());
+        }
+        _ => return Err(FORMS.to_owned()),
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (credentials, hosts) = match authority.rsplit_once('@') {
+        Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
+        None => (String::new(), authority),
+    };
+    let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+    if hosts.iter().any(|host| host.is_empty()) {
+        return Err("lists an empty host".to_owned());
+    }
+    if topology == Topology::Single && hosts.len() > 1 {
+        return Err("lists several hosts for one server: a cluster is redis-cluster://h1:p1,h2:p2, Sentinel redis-sentinel://s1:p1,s2:p2?sentinelServiceName=NAME".to_owned());
+    }
+    let port_of =
+        |host: &str| host.rsplit_once(':').map(|(_, port)| port.parse::<u16>().is_ok_and(|p| p > 0));
+    if hosts.len() > 1 && hosts.iter().any(|host| port_of(host) != Some(true)) {
+        return Err("lists a host without a valid port: every host of a list is host:port".to_owned());
+    }
+    let mut url = format!("{scheme}://{credentials}{}{tail}", hosts[0]);
+    for (i, host) in hosts[1..].iter().enumerate() {
+        let separator = if i == 0 && !tail.contains('?') { '?' } else { '&' };
+        url.push(separator);
+        url.push_str("node=");
+        url.push_str(host);
+    }
+    let parsed = url::Url::parse(&url).map_err(|error| format!("is not a valid URL ({error})"))?;
+    for (name, value) in parsed.query_pairs() {
+        match (name.as_ref(), topology) {
+            ("node", Topology::Cluster | Topology::Sentinel) => {
+                if port_of(&value) != Some(true) {
+                    return Err(format!("has node={value}, which is not host:port"));
+                }
+            }
+            ("sentinelServiceName", Topology::Sentinel) if !value.trim().is_empty() => {}
+            ("sentinelServiceName", Topology::Sentinel) => {
+                return Err("has an empty sentinelServiceName".to_owned());
+            }
+            (other, _) => {
+                return Err(format!("has the query parameter {other:?}, which this form does not take"));
+            }
+        }
+    }
+    if topology == Topology::Sentinel && !parsed.query_pairs().any(|(name, _)| name == "sentinelServiceName")
+    {
+        return Err("is a Sentinel URL without sentinelServiceName=NAME (the name the sentinels monitor the master under)".to_owned());
+    }
+    Config::from_url(&url)
+        .map_err(|error| format!("is not a Redis URL fred accepts ({})", error.details()))?;
+    Ok((url, topology))
+}
+
 /// The connections one instance keeps to Redis.
 #[derive(Clone, Debug)]
 pub struct RedisConnections {

@@ -119,7 +119,9 @@ impl RedisCouponGate {
         campaign: CampaignId,
         args: Vec<String>,
     ) -> Result<Value, GateError> {
-        script.evalsha_with_reload(self.pool.next(), self.keys(campaign), args).await.map_err(unavailable)
+        let keys = self.keys(campaign);
+        crate::slots::debug_check(&keys);
+        script.evalsha_with_reload(self.pool.next(), keys, args).await.map_err(unavailable)
     }
 }
 

@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use application::outbox::{EventPublisher, PendingEvent};
 use async_trait::async_trait;
-use fred::clients::{Client, Pool};
+use fred::clients::{Client, Pool, WithOptions};
 use fred::prelude::{ClientLike as _, KeysInterface, ServerInterface as _, StreamsInterface};
 use fred::types::scripts::Script;
 use fred::types::streams::XReadResponse;
@@ -252,6 +252,8 @@ impl RedisEventPublisher {
 
     /// Waits until the replicas this publisher requires have what `client` wrote.
     async fn confirm_replicated(&self, client: &Client, event: &PendingEvent) -> anyhow::Result<()> {
+        // On a cluster: the stream's node, whose replicas are the ones that count.
+        let client = &crate::slots::routed_to(client, &self.stream);
         let required = match self.replica_acks {
             ReplicaAcks::AtLeast(n) => u64::from(n),
             ReplicaAcks::AllConnected => self.online_replicas(client).await?,
@@ -279,7 +281,7 @@ impl RedisEventPublisher {
     }
 
     /// Replicas online now, as of at most [`REPLICA_COUNT_TTL`] ago.
-    async fn online_replicas(&self, client: &Client) -> anyhow::Result<u64> {
+    async fn online_replicas(&self, client: &WithOptions<Client>) -> anyhow::Result<u64> {
         let cached = *self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, replicas)) = cached.filter(|(at, _)| at.elapsed() < REPLICA_COUNT_TTL) {
             return Ok(replicas);

@@ -13,6 +13,9 @@
 //! - [`ranking`]: [`ranking::RedisRanking`], the `RankingStore` port: hourly counts of
 //!   completed payments per concert, counted once each, rebuilt from MySQL when lost.
 //!
+//! - [`slots`]: Redis Cluster hash slots: which keys share one, and the check that every
+//!   script's keys do.
+//!
 //! This crate never decides *what* to lock or cache; application use cases do.
 
 pub mod cache;
@@ -23,3 +26,4 @@ pub mod lock;
 pub mod queue;
 pub mod quorum;
 pub mod ranking;
+pub mod slots;

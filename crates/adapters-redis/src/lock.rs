@@ -11,7 +11,8 @@
 //!   token holds it (the client resent an attempt whose answer was lost in a reconnection),
 //!   it answers acquired again, with the same fencing number.
 //! - **Release** is a compare-and-delete script: delete only if the value is still our
-//!   token, then `PUBLISH` the key on [`RELEASE_CHANNEL`] for pub/sub waiters.
+//!   token, then announce it with `SPUBLISH` on the key's own release channel
+//!   (`<key>:released`, see [`release_channel`]) for pub/sub waiters.
 //! - **Lease renewal.** While a guard lives, a watchdog task extends the lease every
 //!   `renew_every` (compare-and-`PEXPIRE`). If the key is no longer ours, or renewal keeps
 //!   failing until the lease would have run out, the guard is marked lost and its
@@ -35,12 +36,20 @@
 //!   stops extending the lease once the guard has been held for
 //!   [`LockOptions::max_hold`], so a holder stuck in a hung call cannot keep a key for ever.
 //!
-//! In pub/sub mode one subscriber per process listens on one channel; a release wakes
-//! *one* local waiter of that key per instance (`Notify::notify_one`), so a release does not
-//! set off a herd of retries. Unfenced keys (a payment's reservation, an idempotency key)
+//! In pub/sub mode a process listens only on the release channels of the keys it has
+//! waiters for: the first local waiter of a key subscribes (`SSUBSCRIBE`) to the key's
+//! channel and the last one to leave unsubscribes, through one task that applies these
+//! changes in order (see [`Subscriptions`]). Announcements are *sharded* pub/sub: the
+//! channel shares the key's hash tag, so on a Redis Cluster a release is delivered by the
+//! node that owns the key, to the instances waiting for that key, instead of being
+//! broadcast over the cluster bus to every node (classic `PUBLISH` is) and on to every
+//! instance. A release wakes *one* local waiter of that key per instance
+//! (`Notify::notify_one`), so it does not set off a herd of retries. A waiter whose key is
+//! not subscribed yet still wakes when the holder's lease would end or after the fallback
+//! poll, and every waiter of a key looks again once its subscription is confirmed. Unfenced keys (a payment's reservation, an idempotency key)
 //! leave nothing behind once released; fenced ones leave one counter for [`FENCE_TTL`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -52,12 +61,19 @@ use fred::clients::{Client, Pool, SubscriberClient};
 use fred::prelude::{EventInterface, PubsubInterface};
 use fred::types::scripts::Script;
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// The pub/sub channel on which every release is announced; the message is the key.
-pub const RELEASE_CHANNEL: &str = "lock:released";
+/// The sharded pub/sub channel on which releases of `key` are announced: `<key>:released`,
+/// in the key's hash slot (the key's `{...}` tag), so that the release script may publish
+/// on it on a Redis Cluster and only the key's node carries the message.
+#[must_use]
+pub fn release_channel(key: &str) -> String {
+    format!("{key}{RELEASE_SUFFIX}")
+}
+
+const RELEASE_SUFFIX: &str = ":released";
 
 /// The acquire script (public so that tests can replay it as a reconnecting client would).
 ///
@@ -100,8 +116,9 @@ pub enum WaitStrategy {
     /// Retry after `initial`, doubling up to `max`, each pause drawn uniformly from
     /// `0..=backoff` (full jitter) so that waiters do not retry in step.
     Spin { initial: Duration, max: Duration },
-    /// Sleep until a release is announced on [`RELEASE_CHANNEL`]. `fallback_poll` bounds
-    /// each sleep, in case an announcement is missed (a reconnecting subscriber).
+    /// Sleep until a release of the key is announced on its [`release_channel`].
+    /// `fallback_poll` bounds each sleep, in case an announcement is missed (a
+    /// reconnecting subscriber, a subscription not yet confirmed).
     PubSub { fallback_poll: Duration },
 }
 
@@ -156,8 +173,9 @@ struct Inner {
     raise: Script,
     /// Local pub/sub waiters, by key.
     waiters: Waiters,
-    /// Keeps the subscriber task alive as long as the lock.
-    listener: Option<JoinHandle<()>>,
+    /// The pub/sub tasks (dispatching releases, applying subscriptions), aborted with
+    /// the lock.
+    listener: Option<[JoinHandle<()>; 2]>,
     /// Acquisitions of this lock now asleep between attempts.
     sleeping: AtomicUsize,
     /// Tokens that may be holding a key: sent to Redis and not yet known to be free.
@@ -180,8 +198,8 @@ struct Outstanding {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            listener.abort();
+        for task in self.listener.take().into_iter().flatten() {
+            task.abort();
         }
     }
 }
@@ -193,11 +211,12 @@ impl fmt::Debug for RedisLock {
 }
 
 impl RedisLock {
-    /// A lock on `pool`. In [`WaitStrategy::PubSub`] mode `subscriber` is subscribed to
-    /// [`RELEASE_CHANNEL`] and a task dispatches releases to local waiters.
+    /// A lock on `pool`. In [`WaitStrategy::PubSub`] mode `subscriber` listens on the
+    /// release channels of the keys this process waits for, and a task dispatches
+    /// releases to local waiters.
     ///
     /// # Errors
-    /// When pub/sub mode is asked without a subscriber, or the subscription fails.
+    /// When pub/sub mode is asked without a subscriber.
     pub async fn new(
         pool: Pool,
         subscriber: Option<&SubscriberClient>,
@@ -206,30 +225,13 @@ impl RedisLock {
         anyhow::ensure!(!options.lease.is_zero(), "a lock lease must be above zero");
         anyhow::ensure!(options.renew_every < options.lease, "renewal must come before the lease runs out");
         anyhow::ensure!(!options.max_hold.is_zero(), "the longest hold must be above zero");
-        let waiters = Waiters::default();
-        let listener = match (options.wait, subscriber) {
+        let (waiters, listener) = match (options.wait, subscriber) {
             (WaitStrategy::PubSub { .. }, Some(subscriber)) => {
-                let mut messages = subscriber.message_rx();
-                subscriber.subscribe(RELEASE_CHANNEL).await?;
-                let waiters = waiters.clone();
-                Some(tokio::spawn(async move {
-                    loop {
-                        match messages.recv().await {
-                            Ok(message) if message.channel == RELEASE_CHANNEL => {
-                                if let Some(key) = message.value.as_str() {
-                                    waiters.wake_one(&key);
-                                }
-                            }
-                            Ok(_) => {}
-                            // Missed messages: wake every waiter to look again.
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => waiters.wake_all(),
-                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                        }
-                    }
-                }))
+                let (waiters, tasks) = Waiters::subscribed(subscriber);
+                (waiters, Some(tasks))
             }
             (WaitStrategy::PubSub { .. }, None) => anyhow::bail!("pub/sub waiting needs a subscriber"),
-            (WaitStrategy::Spin { .. }, _) => None,
+            (WaitStrategy::Spin { .. }, _) => (Waiters::default(), None),
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -371,6 +373,7 @@ impl RedisLock {
         } else {
             vec![key.as_str().to_owned()]
         };
+        crate::slots::debug_check(&keys);
         let reply: Vec<i64> = inner
             .acquire
             .evalsha_with_reload(
@@ -810,22 +813,28 @@ async fn release(inner: &Inner, key: &LockKey, token: &str) -> Result<bool, Lock
 /// Compare-and-delete on a given connection (the one an acquire went out on, so that Redis
 /// runs the two in order).
 async fn release_on(inner: &Inner, client: &Client, key: &LockKey, token: &str) -> Result<bool, LockError> {
+    let channel = release_channel(key.as_str());
+    crate::slots::debug_check(&[key.as_str(), &channel]);
     let deleted: i64 = inner
         .release
-        .evalsha_with_reload(
-            client,
-            vec![key.as_str().to_owned()],
-            vec![token.to_owned(), RELEASE_CHANNEL.to_owned()],
-        )
+        .evalsha_with_reload(client, vec![key.as_str().to_owned()], vec![token.to_owned(), channel])
         .await
         .map_err(unavailable)?;
     Ok(deleted == 1)
 }
 
 /// Local waiters by key. Entries are weak: a key's entry lives as long as one of its
-/// waiters does, and the last one to leave removes it.
+/// waiters does, and the last one to leave removes it. In pub/sub mode the first waiter of
+/// a key asks for its release channel and the last one to leave gives it up (both sent
+/// under the map's mutex, so the changes of one key reach [`Subscriptions`] in order).
 #[derive(Clone, Default)]
-struct Waiters(Arc<Mutex<HashMap<String, Weak<Notify>>>>);
+struct Waiters {
+    map: Arc<Mutex<HashMap<String, Weak<Notify>>>>,
+    changes: Option<mpsc::UnboundedSender<Change>>,
+}
+
+/// A key's first waiter came (`true`) or its last one left (`false`).
+type Change = (String, bool);
 
 struct Registration {
     waiters: Waiters,
@@ -847,33 +856,81 @@ impl Registration {
 }
 
 impl Waiters {
+    /// Waiters whose keys' release channels `subscriber` follows, with the two tasks that
+    /// keep it so: one applies the subscriptions, one dispatches releases.
+    fn subscribed(subscriber: &SubscriberClient) -> (Self, [JoinHandle<()>; 2]) {
+        let (changes, requested) = mpsc::unbounded_channel();
+        let waiters = Self { map: Arc::default(), changes: Some(changes) };
+        let mut messages = subscriber.message_rx();
+        let dispatch = {
+            let waiters = waiters.clone();
+            tokio::spawn(async move {
+                loop {
+                    match messages.recv().await {
+                        Ok(message) => {
+                            if let Some(key) = message.channel.strip_suffix(RELEASE_SUFFIX) {
+                                waiters.wake_one(key);
+                            }
+                        }
+                        // Missed messages: wake every waiter to look again.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => waiters.wake_all(),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            })
+        };
+        let apply = tokio::spawn(
+            Subscriptions {
+                subscriber: subscriber.clone(),
+                waiters: waiters.clone(),
+                current: HashSet::new(),
+            }
+            .run(requested),
+        );
+        (waiters, [dispatch, apply])
+    }
+
     fn register(&self, key: &str) -> Registration {
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = lock_map(&self.map);
         let notify = match map.get(key).and_then(Weak::upgrade) {
             Some(notify) => notify,
             None => {
                 let notify = Arc::new(Notify::new());
                 map.insert(key.to_owned(), Arc::downgrade(&notify));
+                self.change(key, true);
                 notify
             }
         };
         Registration { waiters: self.clone(), key: key.to_owned(), notify: Some(notify) }
     }
 
+    fn change(&self, key: &str, wanted: bool) {
+        if let Some(changes) = &self.changes {
+            // Fails only when the task is gone (the lock is being dropped): nothing to do.
+            let _ = changes.send((key.to_owned(), wanted));
+        }
+    }
+
     fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+        lock_map(&self.map).len()
     }
 
     fn wake_one(&self, key: &str) {
-        let map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(notify) = map.get(key).and_then(Weak::upgrade) {
+        if let Some(notify) = lock_map(&self.map).get(key).and_then(Weak::upgrade) {
             notify.notify_one();
         }
     }
 
+    /// Wakes every waiter of `key` now asleep (its channel was just subscribed: a release
+    /// announced before then was not heard).
+    fn wake_key(&self, key: &str) {
+        if let Some(notify) = lock_map(&self.map).get(key).and_then(Weak::upgrade) {
+            notify.notify_waiters();
+        }
+    }
+
     fn wake_all(&self) {
-        let map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for notify in map.values().filter_map(Weak::upgrade) {
+        for notify in lock_map(&self.map).values().filter_map(Weak::upgrade) {
             notify.notify_waiters();
         }
     }
@@ -881,18 +938,69 @@ impl Waiters {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut map = self.waiters.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = lock_map(&self.waiters.map);
         // Our reference goes first, under the mutex (two waiters of one key leaving at once
         // must not each see the other's reference and both keep the entry). `register`
         // upgrades under the same mutex, so a dead entry here has no waiter left.
         drop(self.notify.take());
         if map.get(&self.key).is_some_and(|entry| entry.strong_count() == 0) {
             map.remove(&self.key);
+            self.waiters.change(&self.key, false);
         }
     }
 }
 
-fn fence_key(key: &LockKey) -> String {
+/// The release channels this process is subscribed to: exactly those of the keys with
+/// local waiters, give or take the changes still queued. One task applies the changes in
+/// the order they were made; what queued up while it waited for Redis is coalesced (a key
+/// whose waiters came and went meanwhile costs nothing). The set is bounded by the keys
+/// with waiters, that is by the requests in flight.
+struct Subscriptions {
+    subscriber: SubscriberClient,
+    waiters: Waiters,
+    current: HashSet<String>,
+}
+
+impl Subscriptions {
+    async fn run(mut self, mut requested: mpsc::UnboundedReceiver<Change>) {
+        let mut wanted: HashMap<String, bool> = HashMap::new();
+        while let Some((key, want)) = requested.recv().await {
+            wanted.insert(key, want);
+            while let Ok((key, want)) = requested.try_recv() {
+                wanted.insert(key, want);
+            }
+            for (key, want) in wanted.drain() {
+                self.apply(key, want).await;
+            }
+            metrics::gauge!("lock_release_channels").set(self.current.len() as f64);
+        }
+    }
+
+    async fn apply(&mut self, key: String, want: bool) {
+        let channel = release_channel(&key);
+        if want && !self.current.contains(&key) {
+            match self.subscriber.ssubscribe(channel).await {
+                Ok(()) => {
+                    self.waiters.wake_key(&key);
+                    self.current.insert(key);
+                }
+                // Its waiters still look again when the holder's lease ends or the fallback
+                // poll passes; the key's next first waiter asks again.
+                Err(error) => {
+                    metrics::counter!("lock_release_subscribe_failures_total").increment(1);
+                    tracing::debug!(%key, %error, "could not subscribe to a lock's release channel");
+                }
+            }
+        } else if !want
+            && self.current.remove(&key)
+            && let Err(error) = self.subscriber.sunsubscribe(channel).await
+        {
+            tracing::debug!(%key, %error, "could not unsubscribe from a lock's release channel");
+        }
+    }
+}
+
+pub(crate) fn fence_key(key: &LockKey) -> String {
     format!("{key}:fence")
 }
 

@@ -104,6 +104,7 @@ impl RedisQueue {
     }
 
     async fn run(&self, script: &Script, args: Vec<String>) -> anyhow::Result<Value> {
+        crate::slots::debug_check(&self.keys);
         script.evalsha_with_reload(self.pool.next(), self.keys.clone(), args).await.map_err(|error| {
             anyhow::Error::new(Unavailable { reason: "redis", source: Box::new(error) })
                 .context("a queue script failed")

@@ -102,17 +102,17 @@ impl RedisRanking {
         format!("{}ranking:{{concerts}}:{suffix}", self.prefix)
     }
 
-    fn bucket(&self, hour: Hour) -> String {
+    pub(crate) fn bucket(&self, hour: Hour) -> String {
         self.redis_key(hour.index())
     }
 
-    fn seen(&self, hour: Hour) -> String {
+    pub(crate) fn seen(&self, hour: Hour) -> String {
         self.redis_key(format_args!("seen:{}", hour.index()))
     }
 
     /// The marker, the rebuild's token and the parked recordings: the first keys of the
     /// record, begin and load scripts.
-    fn control_keys(&self) -> Vec<String> {
+    pub(crate) fn control_keys(&self) -> Vec<String> {
         vec![self.redis_key("built"), self.redis_key("rebuild"), self.redis_key("parked")]
     }
 
@@ -122,11 +122,12 @@ impl RedisRanking {
         now.window().chain(std::iter::once(now.plus(1)))
     }
 
-    fn pairs(&self, now: Hour) -> impl Iterator<Item = String> + '_ {
+    pub(crate) fn pairs(&self, now: Hour) -> impl Iterator<Item = String> + '_ {
         Self::load_window(now).flat_map(move |hour| [self.bucket(hour), self.seen(hour)])
     }
 
     async fn run(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> anyhow::Result<Value> {
+        crate::slots::debug_check(&keys);
         script.evalsha_with_reload(self.pool.next(), keys, args).await.context("Redis ranking command failed")
     }
 }

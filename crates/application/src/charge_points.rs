@@ -1,7 +1,7 @@
 //! Charge points to a user's account.
 //!
 //! Outside the lock: the user must exist (a cheap read that turns away unknown ids before
-//! they queue for a lock). Under `lock:point:{userId}`, waiting: read the account with its
+//! they queue for a lock). Under `lock:{point:<userId>}`, waiting: read the account with its
 //! row locked, apply the domain rule, write the balance only if the account's version is
 //! still the one read, and append the history row, all in one transaction.
 //!
@@ -24,7 +24,7 @@ use crate::idempotency::{Fingerprint, Idempotency, IdempotencyError, Idempotency
 use crate::lock::{DistributedLock, LockKey, LockRequest};
 use crate::tx::{TransactionManager, locked_tx};
 
-/// How long a charge waits for `lock:point:{userId}` by default. A holder keeps it for a
+/// How long a charge waits for `lock:{point:<userId>}` by default. A holder keeps it for a
 /// few milliseconds, so three seconds is hundreds of turns; beyond that the client is
 /// better told to retry than kept hanging.
 pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(3);
@@ -228,7 +228,7 @@ mod tests {
             let mut lock = MockDistributedLock::new();
             lock.expect_acquire()
                 .withf(move |key, wait| {
-                    key.as_str() == format!("lock:point:{user_id}")
+                    key.as_str() == format!("lock:{{point:{user_id}}}")
                         && *wait == WaitPolicy::WaitUpTo(DEFAULT_LOCK_WAIT)
                 })
                 .times(1)

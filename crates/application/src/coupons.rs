@@ -20,7 +20,7 @@
 //! the pending entry stays, and [`Reconciler`] settles it later: the coupon is in MySQL →
 //! confirmed; it is not → given back. If Redis loses a campaign (restart, flush, eviction)
 //! the next request finds it unloaded and rebuilds it from MySQL
-//! ([`CouponGate::load`], under `lock:coupon:{campaignId}` so that one instance loads).
+//! ([`CouponGate::load`], under `lock:{coupon:<campaignId>}` so that one instance loads).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! Outside the lock, from the cached seat map (cheap reads that turn most requests away
 //! before they touch a lock): the schedule must exist, its booking window be open now, and
 //! the seat not be held or sold already. Under
-//! `lock:seat:{scheduleId}:{seatNumber}`, failing fast (another holder means someone else
+//! `lock:{seat:<scheduleId>:<seatNumber>}`, failing fast (another holder means someone else
 //! is taking this seat: 409 at once, no queue): lock the seat row, refuse a seat that is
 //! held (and not run out) or sold, then take it by a conditional update and insert the
 //! reservation, in one transaction. A hold that ran out and was not cleaned up yet is
@@ -229,7 +229,7 @@ mod tests {
         let guard = released_guard(LockKey::new("seat", "x"));
         let mut lock = MockDistributedLock::new();
         lock.expect_acquire()
-            .withf(|key, wait| key.as_str().starts_with("lock:seat:") && *wait == WaitPolicy::FailFast)
+            .withf(|key, wait| key.as_str().starts_with("lock:{seat:") && *wait == WaitPolicy::FailFast)
             .times(1)
             .return_once(move |_, _| Ok(Box::new(guard)));
         (lock, one_tx(commit))

@@ -8,7 +8,7 @@
 //!    answer back ([`Outcome::Replayed`]); another request under that key is refused
 //!    ([`IdempotencyError::KeyReused`]). Keys are scoped to the user.
 //! 2. Otherwise the operation runs, handed a [`Recorder`]. It takes
-//!    `lock:idem:{userId}:{keyHash}` (waiting) **first among its locks, through the same
+//!    `lock:{idem:<userId>:<keyHash>}` (waiting) **first among its locks, through the same
 //!    [`crate::tx::locked_tx`] as the rest**, so its lease is watched up to the commit like
 //!    every other. A duplicate that arrives while the first is still running (another
 //!    tab, another instance) waits for it there; inside its transaction
@@ -216,7 +216,7 @@ pub struct Recorder {
     key: IdempotencyKey,
     fingerprint: Fingerprint,
     retention: Duration,
-    /// `lock:idem:{userId}:{keyHash}`, waited for up to the configured wait.
+    /// `lock:{idem:<userId>:<keyHash>}`, waited for up to the configured wait.
     lock: LockRequest,
     /// Set when the key was found taken: the run then replays instead of failing.
     collided: Arc<AtomicBool>,
@@ -520,7 +520,7 @@ mod tests {
             .run(user_id, Some(key("k-1")), fingerprint(5), |recorder| async move {
                 let recorder = recorder.expect("a keyed run gets a recorder");
                 let lock = recorder.lock();
-                assert!(lock.key.as_str().starts_with(&format!("lock:idem:{user_id}:")), "{lock:?}");
+                assert!(lock.key.as_str().starts_with(&format!("lock:{{idem:{user_id}:")), "{lock:?}");
                 assert!(matches!(lock.wait, WaitPolicy::WaitUpTo(_)) && !lock.key.is_fenced());
                 let mut tx: Box<domain::unit_of_work::Tx> = Box::new(MockUnitOfWork::new());
                 recorder.ensure_unrecorded(tx.as_mut()).await?;

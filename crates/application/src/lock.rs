@@ -1,6 +1,6 @@
 //! The distributed lock port.
 //!
-//! A lock is named by a [`LockKey`] (`lock:{kind}:{id}`, named after the *resource*, never
+//! A lock is named by a [`LockKey`] (`lock:{kind:id}`, named after the *resource*, never
 //! the operation, so that a charge and a payment of one user exclude each other). It is
 //! held under a *lease*: if the holder stops renewing (crash, long pause) the lock frees
 //! itself when the lease runs out, so a crashed instance never blocks a key for ever. The
@@ -15,17 +15,22 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 
-/// The name of a lock: `lock:{kind}:{id}`.
+/// The name of a lock: `lock:{<kind>:<id>}`.
 ///
 /// Every key the service locks is made here, by one constructor per resource, so that
 /// the key shapes (and which of them carry a fencing number) are written once:
 ///
 /// | key | guards | fenced |
 /// |---|---|---|
-/// | `lock:point:{userId}` | every change to one balance (charge, payment) | yes |
-/// | `lock:seat:{scheduleId}:{seatNumber}` | hold, cancel, expiry of one seat | yes |
-/// | `lock:reservation:{reservationId}` | one payment of a hold at a time | no |
-/// | `lock:idem:{userId}:{keyHash}` | one run of an idempotency key at a time | no |
+/// | `lock:{point:<userId>}` | every change to one balance (charge, payment) | yes |
+/// | `lock:{seat:<scheduleId>:<seatNumber>}` | hold, cancel, expiry of one seat | yes |
+/// | `lock:{reservation:<reservationId>}` | one payment of a hold at a time | no |
+/// | `lock:{idem:<userId>:<keyHash>}` | one run of an idempotency key at a time | no |
+///
+/// The braces are a Redis Cluster *hash tag*: only the part inside them picks the key's
+/// slot, so the lock key and what the lock store keeps beside it (the fencing counter
+/// `<key>:fence`, the release channel `<key>:released`) live in one slot, which a script
+/// touching them together needs, while different resources spread over the cluster.
 ///
 /// A *fenced* key hands out a [`FencingToken`] per acquisition because writes made under
 /// it are (or will be) checked against it in SQL; the others carry none, so the lock store
@@ -43,7 +48,7 @@ impl LockKey {
     /// metrics).
     #[must_use]
     pub fn new(kind: &'static str, id: impl fmt::Display) -> Self {
-        Self { kind, key: format!("lock:{kind}:{id}"), fenced: false }
+        Self { kind, key: format!("lock:{{{kind}:{id}}}"), fenced: false }
     }
 
     /// A key whose acquisitions carry a [`FencingToken`].
@@ -52,26 +57,26 @@ impl LockKey {
         Self { fenced: true, ..Self::new(kind, id) }
     }
 
-    /// `lock:point:{userId}`: every change to one user's balance (charge, payment).
+    /// `lock:{point:<userId>}`: every change to one user's balance (charge, payment).
     #[must_use]
     pub fn point(user_id: domain::user::UserId) -> Self {
         Self::fenced("point", user_id)
     }
 
-    /// `lock:seat:{scheduleId}:{seatNumber}`: holds, cancels and expiries of one seat.
+    /// `lock:{seat:<scheduleId>:<seatNumber>}`: holds, cancels and expiries of one seat.
     #[must_use]
     pub fn seat(schedule_id: domain::booking::ScheduleId, seat: domain::booking::SeatNumber) -> Self {
         Self::fenced("seat", format_args!("{schedule_id}:{seat}"))
     }
 
-    /// `lock:reservation:{reservationId}`: one payment of a hold at a time. Unfenced: the
+    /// `lock:{reservation:<reservationId>}`: one payment of a hold at a time. Unfenced: the
     /// payment's writes are made under the point lock, which is.
     #[must_use]
     pub fn reservation(id: domain::booking::ReservationId) -> Self {
         Self::new("reservation", id)
     }
 
-    /// `lock:idem:{userId}:{keyHash}`: one run of an idempotency key at a time. Unfenced:
+    /// `lock:{idem:<userId>:<keyHash>}`: one run of an idempotency key at a time. Unfenced:
     /// the record's primary key is what keeps two runs apart in SQL.
     #[must_use]
     pub fn idempotency(user_id: domain::user::UserId, key_hash: &str) -> Self {

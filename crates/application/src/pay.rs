@@ -2,12 +2,12 @@
 //!
 //! 1. Outside any lock (fail fast): the reservation exists and is the caller's (else 404,
 //!    another user's included), is a hold that still lasts (else EXPIRED / ALREADY_PAID).
-//! 2. `lock:reservation:{id}`, failing fast: another payment of this hold is running, and
+//! 2. `lock:{reservation:<id>}`, failing fast: another payment of this hold is running, and
 //!    this one would only be refused after it (409 `PAYMENT_IN_PROGRESS`).
-//! 3. `lock:point:{userId}`, waiting: shared with charges, so a charge and a payment of one
+//! 3. `lock:{point:<userId>}`, waiting: shared with charges, so a charge and a payment of one
 //!    user never run at once. Always in this order (reservation, then points): a lock
 //!    order that no other use case inverts (charges take only the second). With an
-//!    `Idempotency-Key`, `lock:idem:...` comes before both. All of them are taken by the
+//!    `Idempotency-Key`, `lock:{idem:...}` comes before both. All of them are taken by the
 //!    one [`locked_tx`], which watches every lease up to the commit.
 //! 4. One transaction: the reservation HELD -> CONFIRMED while the hold lasts and its seat
 //!    SOLD (conditional updates, rows affected checked); the balance deducted (row locked,

@@ -19,7 +19,7 @@
 //!
 //! **Rebuilt from MySQL** when Redis lost it: the store keeps a *built* marker, missing
 //! after a restart or a flush, and gone on its own a day after the last rebuild (which
-//! also corrects any drift). Then one instance at a time, under `lock:ranking:concerts`:
+//! also corrects any drift). Then one instance at a time, under `lock:{ranking:concerts}`:
 //! opens a rebuild (from then on, recordings are parked), reads the window's payments from
 //! MySQL with their ids, loads them, replays the parked recordings MySQL did not count,
 //! and marks the ranking built. So a payment committed while a rebuild runs is counted once,

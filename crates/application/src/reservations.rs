@@ -2,7 +2,7 @@
 //! out.
 //!
 //! Cancel and expiry change a seat, so they go through the same path as a hold: the seat's
-//! lock `lock:seat:{scheduleId}:{seatNumber}`, one transaction with a conditional
+//! lock `lock:{seat:<scheduleId>:<seatNumber>}`, one transaction with a conditional
 //! transition (rows affected checked), commit, unlock, then the seat map evicted on every
 //! instance. A cancel waits a little for the seat's lock (a hold attempt holds it for
 //! milliseconds); the job does not wait: a seat someone is working on is left to the next
@@ -237,7 +237,7 @@ mod tests {
         let guard = released_guard(LockKey::new("seat", "x"));
         let mut lock = MockDistributedLock::new();
         lock.expect_acquire()
-            .withf(move |key, w| key.as_str().starts_with("lock:seat:") && *w == wait)
+            .withf(move |key, w| key.as_str().starts_with("lock:{seat:") && *w == wait)
             .times(1)
             .return_once(move |_, _| Ok(Box::new(guard)));
         (lock, one_tx(commit))

@@ -329,7 +329,7 @@ mod tests {
         let mut lock = MockDistributedLock::new();
         let slot = Arc::clone(&guard_slot);
         lock.expect_acquire()
-            .withf(|k, w| k.as_str() == "lock:test:k" && *w == WAIT)
+            .withf(|k, w| k.as_str() == "lock:{test:k}" && *w == WAIT)
             .times(1)
             .in_sequence(&mut seq)
             .returning(move |_, _| Ok(Box::new(slot.lock().unwrap().take().unwrap())));

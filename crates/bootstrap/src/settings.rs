@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use adapters_mysql::database::DEFAULT_STATEMENT_TIMEOUT;
-use adapters_redis::connection::DEFAULT_COMMAND_TIMEOUT;
+use adapters_redis::connection::{DEFAULT_COMMAND_TIMEOUT, Topology as RedisTopology};
 use adapters_redis::lock::{DEFAULT_LEASE, DEFAULT_MAX_HOLD};
 use application::charge_points::DEFAULT_LOCK_WAIT;
 use domain::queue::AdmitPolicy;
@@ -49,6 +49,8 @@ pub struct Settings {
     pub database_url: String,
     /// `REDIS_URL`.
     pub redis_url: String,
+    /// What `REDIS_URL` names: one server, a cluster or a master behind Sentinel.
+    pub redis_topology: RedisTopology,
     /// `REDIS_LOCK_NODES`: independent Redis nodes (comma-separated URLs, at least three)
     /// for the quorum lock; `None`: the lock lives on `REDIS_URL`.
     pub redis_lock_nodes: Option<Vec<String>>,
@@ -64,7 +66,7 @@ pub struct Settings {
     pub database_max_connections: u32,
     /// `REDIS_POOL_SIZE`: command connections per instance.
     pub redis_pool_size: usize,
-    /// `POINT_LOCK_WAIT_MS`: how long a charge waits for `lock:point:{userId}`.
+    /// `POINT_LOCK_WAIT_MS`: how long a charge waits for `lock:{point:<userId>}`.
     pub point_lock_wait: Duration,
     /// `LOCK_LEASE_MS`: how long a lock outlives a crashed holder.
     pub lock_lease: Duration,
@@ -234,7 +236,15 @@ impl Settings {
         };
         // sea-orm recognises only mysql:// (for MariaDB too).
         let database_url = url("DATABASE_URL", "mysql://root@127.0.0.1:3306/concert", &["mysql"])?;
-        let redis_url = url("REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?;
+        // One server, a cluster or Sentinel, normalised to fred's form (see `parse_url`).
+        let (redis_url, redis_topology) = {
+            let value = text("REDIS_URL", "redis://127.0.0.1:6379");
+            adapters_redis::connection::parse_url(&value).map_err(|problem| SettingsError {
+                name: "REDIS_URL",
+                value: redact(&value),
+                problem,
+            })?
+        };
         let lock_lease =
             Duration::from_millis(number("LOCK_LEASE_MS", millis(DEFAULT_LEASE), 300..=600_000)?);
         let lock_wait_mode = if choice("LOCK_WAIT_STRATEGY", "pubsub", &["pubsub", "spin"])? == "spin" {
@@ -286,8 +296,12 @@ impl Settings {
                     Some(
                         "must list at least three Redis URLs: a majority of two is both nodes, so one down would stop every write",
                     )
-                } else if nodes.iter().any(|n| !(n.starts_with("redis://") || n.starts_with("rediss://"))) {
-                    Some("every entry must be a redis:// or rediss:// URL")
+                } else if nodes.iter().any(|n| {
+                    !matches!(adapters_redis::connection::parse_url(n), Ok((_, RedisTopology::Single)))
+                }) {
+                    Some(
+                        "every entry must be the redis://host:port URL of one server (no TLS: this build has none)",
+                    )
                 } else if nodes.iter().enumerate().any(|(i, n)| nodes[..i].iter().any(|m| same_node(m, n))) {
                     Some("lists a node twice: a quorum needs independent nodes")
                 } else {
@@ -485,6 +499,7 @@ impl Settings {
             shutdown_grace_seconds,
             database_url,
             redis_url,
+            redis_topology,
             redis_lock_nodes,
             lock_node_timeout,
             http_addr,
@@ -597,13 +612,62 @@ mod tests {
     }
 
     #[test]
+    fn redis_url_names_one_server_a_cluster_or_sentinel() {
+        let read = |raw: &str| {
+            let s = settings(&[("REDIS_URL", raw)]).unwrap();
+            (s.redis_url, s.redis_topology)
+        };
+        assert_eq!(read("redis://:pw@r:6380/2"), ("redis://:pw@r:6380/2".to_owned(), RedisTopology::Single));
+        let cluster = "redis-cluster://a:7001?node=b:7002&node=c:7003";
+        assert_eq!(read(cluster), (cluster.to_owned(), RedisTopology::Cluster));
+        assert_eq!(
+            read("redis-cluster://a:7001,b:7002, c:7003"),
+            (cluster.to_owned(), RedisTopology::Cluster)
+        );
+        assert_eq!(read("a:7001,b:7002,c:7003"), (cluster.to_owned(), RedisTopology::Cluster), "a bare list");
+        assert_eq!(
+            read("redis-cluster://u:pw@a:7001,b:7002").0,
+            "redis-cluster://u:pw@a:7001?node=b:7002",
+            "credentials stay with the first host"
+        );
+        let sentinel = "redis-sentinel://s1:26379?node=s2:26380&sentinelServiceName=concert";
+        assert_eq!(read(sentinel), (sentinel.to_owned(), RedisTopology::Sentinel));
+        assert_eq!(
+            read("redis-sentinel://s1:26379,s2:26380?sentinelServiceName=concert"),
+            (
+                "redis-sentinel://s1:26379?sentinelServiceName=concert&node=s2:26380".to_owned(),
+                RedisTopology::Sentinel
+            )
+        );
+        for (bad, why) in [
+            ("http://r:6379", "another scheme"),
+            ("r:6379", "one host without a scheme"),
+            ("rediss://:pw@r:6379", "TLS, which this build would not do"),
+            ("rediss-cluster://a:1,b:2", "TLS"),
+            ("redis://a:6379,b:6379", "several hosts for one server"),
+            ("redis-cluster://a:7001,b", "a listed host without a port"),
+            ("redis-cluster://a:7001,,b:7002", "an empty host"),
+            ("redis-cluster://a:7001?node=b", "a node without a port"),
+            ("redis-cluster://a:7001?nodes=b:7002", "a misspelt parameter"),
+            ("redis-sentinel://s1:26379?node=s2:26380", "Sentinel without its service name"),
+            ("redis-sentinel://s1:26379?sentinelServiceName=", "an empty service name"),
+            ("redis://r:6379?sentinelServiceName=x", "a parameter of another form"),
+        ] {
+            let error = settings(&[("REDIS_URL", bad)]).unwrap_err().to_string();
+            assert!(error.starts_with("REDIS_URL:"), "{bad} ({why}): {error}");
+        }
+        let error = settings(&[("REDIS_URL", "rediss://:s3cret@r:6379")]).unwrap_err().to_string();
+        assert!(!error.contains("s3cret"), "{error}");
+    }
+
+    #[test]
     fn quorum_lock_nodes_are_read_and_checked() {
-        let three = "redis://a:6379, redis://b:6379,rediss://c:6380";
+        let three = "redis://a:6379, redis://b:6379,redis://c:6380";
         let s = settings(&[("REDIS_LOCK_NODES", three)]).unwrap();
         assert_eq!(
             s.redis_lock_nodes.as_deref(),
             Some(
-                &["redis://a:6379".to_owned(), "redis://b:6379".to_owned(), "rediss://c:6380".to_owned()][..]
+                &["redis://a:6379".to_owned(), "redis://b:6379".to_owned(), "redis://c:6380".to_owned()][..]
             )
         );
         assert_eq!(settings(&[("REDIS_LOCK_NODES", " ")]).unwrap().redis_lock_nodes, None, "blank is unset");
@@ -614,6 +678,8 @@ mod tests {
             "redis://a,redis://b,redis://A:6379/0",
             "redis://a:6379/,redis://b,rediss://u:pw@a",
             "redis://a/0,redis://b,redis://a/1",
+            "redis://a,redis://b,rediss://c",
+            "redis://a,redis://b,redis-cluster://c:1?node=d:2",
         ] {
             let error = settings(&[("REDIS_LOCK_NODES", bad)]).unwrap_err().to_string();
             assert!(error.starts_with("REDIS_LOCK_NODES:"), "{bad}: {error}");

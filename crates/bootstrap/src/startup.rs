@@ -106,7 +106,7 @@ impl Application {
     /// # Errors
     /// When MySQL or Redis cannot be reached, a migration fails, or the address is taken.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        tracing::info!(database = %redact(&settings.database_url), redis = %redact(&settings.redis_url), "starting");
+        tracing::info!(database = %redact(&settings.database_url), redis = %redact(&settings.redis_url), redis_topology = ?settings.redis_topology, "starting");
         let redis = RedisConnections::connect(
             &settings.redis_url,
             settings.redis_pool_size,

@@ -575,3 +575,63 @@ async fn a_guard_stops_trusting_its_lease_before_it_runs_out_and_after_its_longe
         .await
     );
 }
+
+/// Subscribers of `channel` on the node that owns it (`PUBSUB SHARDNUMSUB`).
+async fn shard_subscribers(pool: &fred::clients::Pool, channel: &str) -> i64 {
+    use fred::prelude::ClientLike as _;
+    let node = pool.next().with_options(&fred::types::config::Options {
+        cluster_hash: Some(fred::types::ClusterHash::Custom(adapters_redis::slots::slot(channel))),
+        ..Default::default()
+    });
+    let reply: Vec<fred::types::Value> = node
+        .custom(fred::cmd!("PUBSUB"), vec!["SHARDNUMSUB".to_owned(), channel.to_owned()])
+        .await
+        .expect("PUBSUB SHARDNUMSUB");
+    reply.get(1).and_then(fred::types::Value::as_i64).unwrap_or(0)
+}
+
+/// A process listens on a key's release channel only while it has waiters for that key:
+/// the first waiter subscribes it, a release wakes the waiter through it, and once the last
+/// waiter has left the subscription is given up (Redis keeps no subscription per key ever
+/// waited for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_channel_is_followed_only_while_its_key_has_waiters() {
+    let redis = connect().await;
+    let options = LockOptions {
+        wait: WaitStrategy::PubSub { fallback_poll: Duration::from_secs(30) },
+        ..LockOptions::default()
+    };
+    let lock = RedisLock::new(redis.pool.clone(), Some(&redis.subscriber), options).await.expect("lock");
+    let key = key();
+    let channel = adapters_redis::lock::release_channel(key.as_str());
+    assert_eq!(adapters_redis::slots::shared_slot(&[key.as_str(), &channel]).map(|_| ()), Some(()));
+    let holder = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free");
+    assert_eq!(shard_subscribers(&redis.pool, &channel).await, 0, "nobody waits yet");
+
+    let waiter = {
+        let (lock, key) = (lock.clone(), key.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let guard =
+                lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(60))).await.expect("woken");
+            let waited = started.elapsed();
+            guard.release().await.expect("released");
+            waited
+        })
+    };
+    let subscribed = eventually(Duration::from_secs(10), || async {
+        lock.waiting() == 1 && shard_subscribers(&redis.pool, &channel).await == 1
+    })
+    .await;
+    assert!(subscribed, "the waiter's key was never subscribed");
+    holder.release().await.expect("released");
+    // The fallback poll and the lease are 30 s and 10 s away: only the announcement wakes
+    // the waiter this soon.
+    let waited = tokio::time::timeout(Duration::from_secs(8), waiter).await.expect("woken by the release");
+    assert!(waited.expect("ran") < Duration::from_secs(9));
+    let given_up = eventually(Duration::from_secs(10), || async {
+        lock.waiter_keys() == 0 && shard_subscribers(&redis.pool, &channel).await == 0
+    })
+    .await;
+    assert!(given_up, "the channel is still subscribed with no waiter left");
+}

@@ -18,3 +18,26 @@ async fn connect() -> RedisConnections {
         .await
         .expect("Redis is reachable")
 }
+
+/// Every key matching `pattern`, with `KEYS` on every node: a cluster spreads keys over
+/// its masters, and a `KEYS` sent to one answers for that one only.
+async fn keys_everywhere(pool: &fred::clients::Pool, pattern: &str) -> Vec<String> {
+    use fred::prelude::ClientLike as _;
+    let client = pool.next();
+    if !client.is_clustered() {
+        return client.custom(fred::cmd!("KEYS"), vec![pattern.to_owned()]).await.expect("KEYS");
+    }
+    let mut nodes = client.active_connections();
+    nodes.sort_by_key(ToString::to_string);
+    nodes.dedup();
+    let mut keys = Vec::new();
+    for node in nodes {
+        let found: Vec<String> = client
+            .with_cluster_node(node)
+            .custom(fred::cmd!("KEYS"), vec![pattern.to_owned()])
+            .await
+            .expect("KEYS");
+        keys.extend(found);
+    }
+    keys
+}

@@ -52,10 +52,7 @@ async fn every_key_of_a_queue_shares_one_hash_tag() {
     queue.issue(domain::user::UserId::generate()).await.expect("issued");
     queue.admit().await.expect("step");
     // KEYS, not one SCAN page: a page covers only part of a large keyspace.
-    let keys: Vec<String> =
-        fred::prelude::ClientLike::custom(redis.pool.next(), fred::cmd!("KEYS"), vec![format!("*{name}*")])
-            .await
-            .expect("KEYS");
+    let keys = super::keys_everywhere(&redis.pool, &format!("*{name}*")).await;
     assert!(!keys.is_empty());
     assert!(keys.iter().all(|k| k.starts_with(&format!("{{{name}}}:"))), "{keys:?}");
 }
