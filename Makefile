@@ -21,6 +21,9 @@ run: services ## Start the server on the default local services (see README for 
 test: services lint ## Lint, then run every test; the end-to-end tests start real server processes
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked --exclude e2e
+	# The Redis adapters again on a three-master Redis Cluster (one slot per script,
+	# sharded pub/sub), started and stopped around them.
+	./tests/on-redis-cluster.sh $(CARGO) test --package adapters-redis --locked --test it
 	# One end-to-end test at a time: each starts up to three servers, and two storms
 	# sharing two cores would measure the machine, not the service.
 	$(CARGO) test --package e2e --locked -- --test-threads=1

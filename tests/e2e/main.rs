@@ -13,6 +13,7 @@ mod points;
 mod queue;
 mod quorum;
 mod ranking;
+mod redis_cluster;
 mod users;
 
 use awc::http::StatusCode;

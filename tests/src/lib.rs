@@ -419,7 +419,7 @@ fn spawn(
     Ok((child, ready_rx, output))
 }
 
-pub use test_support::PrivateRedis;
+pub use test_support::{PrivateRedis, ScriptedRedis};
 
 /// A TCP proxy on a free loopback port in front of `target`, so that a test can make a
 /// dependency unreachable ([`TcpProxy::cut`]) and bring it back ([`TcpProxy::restore`])

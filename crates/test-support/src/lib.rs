@@ -201,3 +201,128 @@ impl Drop for PrivateRedis {
         self.kill();
     }
 }
+
+/// A Redis topology of several processes on loopback, started and stopped by the project's
+/// own scripts (`deploy/redis-cluster.sh`, `deploy/redis-sentinel.sh`), so that the tests
+/// and a developer run the same thing. Stopped (every process, its directory removed) when
+/// dropped.
+#[derive(Debug)]
+pub struct ScriptedRedis {
+    script: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl ScriptedRedis {
+    /// A Redis Cluster of three masters (no replicas) on free loopback ports; its URL is
+    /// `redis-cluster://...`.
+    ///
+    /// # Errors
+    /// When the script fails (`redis-server`/`redis-cli` missing, the cluster not ready in
+    /// time); it stops what it started.
+    pub fn cluster() -> anyhow::Result<Self> {
+        // A cluster node also listens on its port + 10000 (the cluster bus).
+        Self::start("redis-cluster.sh", "cluster", 3, |port| port < 55_000 && port_is_free(port + 10_000))
+    }
+
+    /// A master, a replica and three sentinels (quorum two, the master judged down after
+    /// one second) on free loopback ports; its URL is `redis-sentinel://...` naming the
+    /// three sentinels and the service `concert`.
+    ///
+    /// # Errors
+    /// As [`ScriptedRedis::cluster`].
+    pub fn sentinel() -> anyhow::Result<Self> {
+        Self::start("redis-sentinel.sh", "sentinel", 5, |_| true)
+    }
+
+    fn start(script: &str, label: &str, ports: usize, fits: impl Fn(u16) -> bool) -> anyhow::Result<Self> {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy").join(script);
+        let dir =
+            std::env::temp_dir().join(format!("concert-redis-{label}-{}", uuid::Uuid::new_v4().simple()));
+        // Ports another process could take between our check and the script's start: the
+        // script refuses a taken port, and the next attempt picks others.
+        let mut last_error = None;
+        for _ in 0..3 {
+            let chosen = free_ports(ports, &fits)?;
+            let output = Command::new(&script)
+                .arg("start")
+                .arg(&dir)
+                .args(chosen.iter().map(ToString::to_string))
+                .stderr(Stdio::piped())
+                .output()
+                .with_context(|| format!("run {}", script.display()))?;
+            if output.status.success() {
+                let url = String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                anyhow::ensure!(!url.is_empty(), "{} printed no URL", script.display());
+                return Ok(Self { script, dir, url });
+            }
+            let _ = Command::new(&script).arg("stop").arg(&dir).stderr(Stdio::null()).status();
+            last_error = Some(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        anyhow::bail!("{} start failed: {}", script.display(), last_error.unwrap_or_default())
+    }
+
+    /// The URL to give `REDIS_URL`.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Sentinel only: SIGKILLs the master the sentinels report now; returns its port.
+    ///
+    /// # Errors
+    /// When the script fails.
+    pub fn kill_master(&self) -> anyhow::Result<u16> {
+        self.run(&["kill-master"])?.trim().parse().context("a port")
+    }
+
+    /// Sentinel only: the master's `host:port` as the sentinels report it now.
+    ///
+    /// # Errors
+    /// When no sentinel answers.
+    pub fn master(&self) -> anyhow::Result<String> {
+        Ok(self.run(&["master"])?.trim().to_owned())
+    }
+
+    fn run(&self, command: &[&str]) -> anyhow::Result<String> {
+        let output =
+            Command::new(&self.script).args(command).arg(&self.dir).stderr(Stdio::piped()).output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "{} {command:?} failed: {}",
+            self.script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+impl Drop for ScriptedRedis {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.script).arg("stop").arg(&self.dir).stderr(Stdio::null()).status();
+    }
+}
+
+/// `n` distinct free loopback ports for which `fits` holds.
+fn free_ports(n: usize, fits: &impl Fn(u16) -> bool) -> anyhow::Result<Vec<u16>> {
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..1_000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if fits(port) && !ports.contains(&port) {
+            ports.push(port);
+            if ports.len() == n {
+                return Ok(ports);
+            }
+        }
+    }
+    anyhow::bail!("no {n} free ports found")
+}
+
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
