@@ -10,7 +10,7 @@ export TEST_REDIS_URL ?= redis://127.0.0.1:6379
 # How long make soak runs its workload, in seconds (make test runs 120).
 SOAK_SECONDS ?= 600
 
-.PHONY: help run test soak contract lint fmt build bench services clean-test-dbs
+.PHONY: help run test soak contract lint fmt build bench services clean-test-dbs up down deploy-check
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -55,10 +55,27 @@ bench: services ## Measure lock contention, the waiting queue, booking and coupo
 	./target/release/bench-queue
 	./target/release/bench-booking
 	./target/release/bench-coupons
+	./target/release/bench-cluster
 	./docs/explain.sh
 
 services: ## Make sure MariaDB and Redis answer on 127.0.0.1 (start them if not)
 	./deploy/local-services.sh
+
+# The container stack of deploy/compose.yaml (needs Docker with its compose plugin).
+COMPOSE = docker compose -f deploy/compose.yaml
+NEED_COMPOSE = @docker compose version >/dev/null 2>&1 || { \
+	echo "make $@: 'docker compose' is not available: install Docker with the compose plugin (docs/deployment.md)" >&2; exit 1; }
+
+up: ## Build and start MySQL, Redis, three instances, nginx (:8080), Prometheus (:9091) and Grafana (:3000) in containers
+	$(NEED_COMPOSE)
+	$(COMPOSE) up -d --build
+
+down: ## Stop the container stack and delete its volumes
+	$(NEED_COMPOSE)
+	$(COMPOSE) down -v
+
+deploy-check: ## Validate the deployment files: compose, Kubernetes, Dockerfile, nginx, Prometheus, Grafana (no container engine needed)
+	./deploy/check.sh
 
 clean-test-dbs: ## Drop databases left behind by interrupted test runs
 	mariadb -h127.0.0.1 -uroot -N -e "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 't\_%' OR schema_name LIKE 'e2e\_%'" \
