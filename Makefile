@@ -18,7 +18,7 @@ help: ## List the targets
 run: services ## Start the server on the default local services (see README for settings)
 	$(CARGO) run --locked --bin concert-server
 
-test: services lint ## Lint, then run every test; the end-to-end tests start real server processes
+test: services lint deploy-check ## Lint and check the deployment files, then run every test; the end-to-end tests start real server processes
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked --exclude e2e
 	# The Redis adapters again on a three-master Redis Cluster (one slot per script,

@@ -94,7 +94,17 @@ ensure_chromium() {
   apt_install chromium chromium-driver || log "chromium missing: the browser test cannot run"
 }
 
+# The load balancer's configuration (deploy/nginx) is checked with `nginx -t` and run in
+# front of three instances by tests/e2e/nginx.rs. The package's own server on port 80 is
+# not wanted: stopped if the installation started it.
+ensure_nginx() {
+  if [[ -x /usr/sbin/nginx ]]; then return; fi
+  apt_install nginx || { log "nginx missing: the load-balancer test cannot run"; return; }
+  as_root /usr/sbin/nginx -s quit >/dev/null 2>&1 || true
+}
+
 ensure_redis
 ensure_mariadb
 ensure_python_venv
 ensure_chromium
+ensure_nginx

@@ -7,6 +7,7 @@ mod failures;
 mod faults;
 mod idempotency;
 mod identity;
+mod nginx;
 mod page;
 mod payments;
 mod points;
