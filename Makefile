@@ -10,7 +10,7 @@ export TEST_REDIS_URL ?= redis://127.0.0.1:6379
 # How long make soak runs its workload, in seconds (make test runs 120).
 SOAK_SECONDS ?= 600
 
-.PHONY: help run test soak contract lint fmt build bench services clean-test-dbs up down deploy-check
+.PHONY: help run test soak contract lint fmt build bench services clean-test-dbs up down deploy-check docs-check
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ help: ## List the targets
 run: services ## Start the server on the default local services (see README for settings)
 	$(CARGO) run --locked --bin concert-server
 
-test: services lint deploy-check ## Lint and check the deployment files, then run every test; the end-to-end tests start real server processes
+test: services lint deploy-check docs-check ## Lint, check the deployment files and the docs' diagrams, then run every test; the end-to-end tests start real server processes
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked --exclude e2e
 	# The Redis adapters again on a three-master Redis Cluster (one slot per script,
@@ -76,6 +76,9 @@ down: ## Stop the container stack and delete its volumes
 
 deploy-check: ## Validate the deployment files: compose, Kubernetes, Dockerfile, nginx, Prometheus, Grafana (no container engine needed)
 	./deploy/check.sh
+
+docs-check: ## Parse every Mermaid diagram in docs/ with mermaid itself (installs it from npm into target/)
+	./docs/design/check-mermaid.sh
 
 clean-test-dbs: ## Drop databases left behind by interrupted test runs
 	mariadb -h127.0.0.1 -uroot -N -e "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 't\_%' OR schema_name LIKE 'e2e\_%'" \

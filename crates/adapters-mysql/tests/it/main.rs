@@ -3,6 +3,7 @@
 
 mod booking;
 mod coupons;
+mod erd;
 mod outbox;
 mod points;
 mod queue;
