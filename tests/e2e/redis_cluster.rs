@@ -1,7 +1,8 @@
 //! The whole service on a Redis Cluster (three masters on loopback, started by
-//! `deploy/redis-cluster.sh`): every script of the lock, the cache, the queue, the coupon
-//! gate and the ranking runs there, so a key of another slot in any of them would fail
-//! these storms with CROSSSLOT.
+//! `deploy/redis-cluster.sh`): the lock's, the cache's and the queue's scripts run there
+//! under a storm, so a key of another slot in any of them would fail it with CROSSSLOT.
+//! (The coupon gate's and the ranking's scripts run on a cluster in the adapter suite,
+//! `tests/on-redis-cluster.sh`.)
 
 use std::collections::BTreeSet;
 

@@ -179,6 +179,7 @@ impl CachePort for RedisCache {
     async fn begin_write(&self, key: &CacheKey, token: u64, ttl: Duration) -> Result<(), CacheError> {
         // WAIT counts the writes of its own connection: the mark and the wait go on one.
         let client = self.pool.next();
+        crate::slots::debug_check(&self.keys(key));
         self.begin_write
             .evalsha_with_reload::<Value, _, _>(
                 client,

@@ -78,6 +78,10 @@ pub fn parse_url(raw: &str) -> Result<(String, Topology), String> {
     if hosts.len() > 1 && hosts.iter().any(|host| port_of(host) != Some(true)) {
         return Err("lists a host without a valid port: every host of a list is host:port".to_owned());
     }
+    let path = tail.split('?').next().unwrap_or_default();
+    if topology == Topology::Cluster && !matches!(path, "" | "/" | "/0") {
+        return Err("names a database number, which a Redis Cluster does not have (only database 0)".to_owned());
+    }
     let mut url = format!("{scheme}://{credentials}{}{tail}", hosts[0]);
     for (i, host) in hosts[1..].iter().enumerate() {
         let separator = if i == 0 && !tail.contains('?') { '?' } else { '&' };
@@ -109,6 +113,19 @@ pub fn parse_url(raw: &str) -> Result<(String, Topology), String> {
     Config::from_url(&url)
         .map_err(|error| format!("is not a Redis URL fred accepts ({})", error.details()))?;
     Ok((url, topology))
+}
+
+/// Refuses a Redis older than 7.0: lock releases are announced with sharded pub/sub
+/// (`SPUBLISH`), which older servers answer with an error after the release script has
+/// already deleted the key. On a cluster one node answers for all (a cluster runs one
+/// version).
+async fn require_redis_7(pool: &Pool) -> anyhow::Result<()> {
+    let info: String = pool.next().info(Some(fred::types::InfoKind::Server)).await.context("INFO server")?;
+    for version in info.lines().filter_map(|line| line.trim().strip_prefix("redis_version:")) {
+        let major: u32 = version.split('.').next().and_then(|major| major.parse().ok()).unwrap_or(0);
+        anyhow::ensure!(major >= 7, "Redis {version} is too old: 7.0 or later is needed (sharded pub/sub)");
+    }
+    Ok(())
 }
 
 /// The connections one instance keeps to Redis.
@@ -149,8 +166,9 @@ impl RedisConnections {
         })
         .await
         .context("Redis did not answer in time")??;
-        // Re-subscribe to every channel after a reconnection.
-        let _resubscriber = subscriber.manage_subscriptions();
+        require_redis_7(&pool).await?;
+        // No `manage_subscriptions`: the one user of the subscriber, the lock, subscribes
+        // its channels again itself after a reconnection (see `lock::Subscriptions`).
         Ok(Self { pool, subscriber })
     }
 

@@ -37,16 +37,17 @@
 //!   [`LockOptions::max_hold`], so a holder stuck in a hung call cannot keep a key for ever.
 //!
 //! In pub/sub mode a process listens only on the release channels of the keys it has
-//! waiters for: the first local waiter of a key subscribes (`SSUBSCRIBE`) to the key's
-//! channel and the last one to leave unsubscribes, through one task that applies these
-//! changes in order (see [`Subscriptions`]). Announcements are *sharded* pub/sub: the
+//! waiters for: the first local waiter of a key that finds it held subscribes
+//! (`SSUBSCRIBE`) to the key's channel and the last one to leave unsubscribes, through one
+//! task that applies these changes in order and subscribes them again after a
+//! reconnection (see [`Subscriptions`]); a waiter that wins at once costs no subscription. Announcements are *sharded* pub/sub: the
 //! channel shares the key's hash tag, so on a Redis Cluster a release is delivered by the
 //! node that owns the key, to the instances waiting for that key, instead of being
 //! broadcast over the cluster bus to every node (classic `PUBLISH` is) and on to every
 //! instance. A release wakes *one* local waiter of that key per instance
 //! (`Notify::notify_one`), so it does not set off a herd of retries. A waiter whose key is
 //! not subscribed yet still wakes when the holder's lease would end or after the fallback
-//! poll, and every waiter of a key looks again once its subscription is confirmed. Unfenced keys (a payment's reservation, an idempotency key)
+//! poll, and the waiters of a key look again once its subscription is confirmed. Unfenced keys (a payment's reservation, an idempotency key)
 //! leave nothing behind once released; fenced ones leave one counter for [`FENCE_TTL`].
 
 use std::collections::{HashMap, HashSet};
@@ -431,6 +432,7 @@ impl RedisLock {
                     *backoff = (*backoff * 2).min(*max);
                 }
                 Pause::PubSub { registration, fallback_poll } => {
+                    registration.follow();
                     // Wake at the latest when the holder's lease would run out: a crashed
                     // holder announces nothing.
                     let pause = remaining.min(*fallback_poll).min(lease_left + Duration::from_millis(1));
@@ -825,15 +827,24 @@ async fn release_on(inner: &Inner, client: &Client, key: &LockKey, token: &str) 
 
 /// Local waiters by key. Entries are weak: a key's entry lives as long as one of its
 /// waiters does, and the last one to leave removes it. In pub/sub mode the first waiter of
-/// a key asks for its release channel and the last one to leave gives it up (both sent
-/// under the map's mutex, so the changes of one key reach [`Subscriptions`] in order).
+/// a key that finds it held asks for its release channel ([`Registration::follow`]) and the
+/// last one to leave gives it up; both are sent under the map's mutex, so the changes of
+/// one key reach [`Subscriptions`] in order. A waiter whose first attempt wins costs no
+/// subscription.
 #[derive(Clone, Default)]
 struct Waiters {
-    map: Arc<Mutex<HashMap<String, Weak<Notify>>>>,
+    map: Arc<Mutex<HashMap<String, Entry>>>,
     changes: Option<mpsc::UnboundedSender<Change>>,
 }
 
-/// A key's first waiter came (`true`) or its last one left (`false`).
+/// The waiters of one key: what wakes them, and whether the key's channel was asked for.
+struct Entry {
+    notify: Weak<Notify>,
+    followed: bool,
+}
+
+/// A key's channel is wanted (`true`: a waiter found the key held) or no longer (`false`:
+/// its last waiter left).
 type Change = (String, bool);
 
 struct Registration {
@@ -842,6 +853,8 @@ struct Registration {
     /// `Some` until dropped: taken out in `Drop` so that our strong reference is gone
     /// before we look at the entry, under the map's mutex.
     notify: Option<Arc<Notify>>,
+    /// This registration has already made sure the key's channel is asked for.
+    following: bool,
 }
 
 impl Registration {
@@ -851,6 +864,20 @@ impl Registration {
             if let Some(notify) = notify {
                 notify.notified().await;
             }
+        }
+    }
+
+    /// Asks for the key's release channel unless a waiter of the key already has: called
+    /// once the key was found held, before the first sleep.
+    fn follow(&mut self) {
+        if self.following {
+            return;
+        }
+        self.following = true;
+        let mut map = lock_map(&self.waiters.map);
+        if let Some(entry) = map.get_mut(&self.key).filter(|entry| !entry.followed) {
+            entry.followed = true;
+            self.waiters.change(&self.key, true);
         }
     }
 }
@@ -883,6 +910,7 @@ impl Waiters {
             Subscriptions {
                 subscriber: subscriber.clone(),
                 waiters: waiters.clone(),
+                wanted: HashSet::new(),
                 current: HashSet::new(),
             }
             .run(requested),
@@ -892,16 +920,15 @@ impl Waiters {
 
     fn register(&self, key: &str) -> Registration {
         let mut map = lock_map(&self.map);
-        let notify = match map.get(key).and_then(Weak::upgrade) {
+        let notify = match map.get(key).and_then(|entry| entry.notify.upgrade()) {
             Some(notify) => notify,
             None => {
                 let notify = Arc::new(Notify::new());
-                map.insert(key.to_owned(), Arc::downgrade(&notify));
-                self.change(key, true);
+                map.insert(key.to_owned(), Entry { notify: Arc::downgrade(&notify), followed: false });
                 notify
             }
         };
-        Registration { waiters: self.clone(), key: key.to_owned(), notify: Some(notify) }
+        Registration { waiters: self.clone(), key: key.to_owned(), notify: Some(notify), following: false }
     }
 
     fn change(&self, key: &str, wanted: bool) {
@@ -915,22 +942,28 @@ impl Waiters {
         lock_map(&self.map).len()
     }
 
+    fn notify(&self, key: &str) -> Option<Arc<Notify>> {
+        lock_map(&self.map).get(key).and_then(|entry| entry.notify.upgrade())
+    }
+
     fn wake_one(&self, key: &str) {
-        if let Some(notify) = lock_map(&self.map).get(key).and_then(Weak::upgrade) {
+        if let Some(notify) = self.notify(key) {
             notify.notify_one();
         }
     }
 
-    /// Wakes every waiter of `key` now asleep (its channel was just subscribed: a release
-    /// announced before then was not heard).
+    /// The key's channel was just subscribed: a release announced before then was not
+    /// heard. Every waiter asleep now looks again, and so does the next one to go to sleep
+    /// (one that was between its attempt and its sleep).
     fn wake_key(&self, key: &str) {
-        if let Some(notify) = lock_map(&self.map).get(key).and_then(Weak::upgrade) {
+        if let Some(notify) = self.notify(key) {
             notify.notify_waiters();
+            notify.notify_one();
         }
     }
 
     fn wake_all(&self) {
-        for notify in lock_map(&self.map).values().filter_map(Weak::upgrade) {
+        for notify in lock_map(&self.map).values().filter_map(|entry| entry.notify.upgrade()) {
             notify.notify_waiters();
         }
     }
@@ -943,59 +976,104 @@ impl Drop for Registration {
         // must not each see the other's reference and both keep the entry). `register`
         // upgrades under the same mutex, so a dead entry here has no waiter left.
         drop(self.notify.take());
-        if map.get(&self.key).is_some_and(|entry| entry.strong_count() == 0) {
-            map.remove(&self.key);
+        if map.get(&self.key).is_some_and(|entry| entry.notify.strong_count() == 0)
+            && let Some(entry) = map.remove(&self.key)
+            && entry.followed
+        {
             self.waiters.change(&self.key, false);
         }
     }
 }
 
-/// The release channels this process is subscribed to: exactly those of the keys with
-/// local waiters, give or take the changes still queued. One task applies the changes in
-/// the order they were made; what queued up while it waited for Redis is coalesced (a key
-/// whose waiters came and went meanwhile costs nothing). The set is bounded by the keys
+/// How often channels wanted but not subscribed (a failed `SSUBSCRIBE`) are asked again.
+const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The release channels this process follows: those of the keys with local waiters that
+/// found them held. One task applies the changes in the order they were made; what queued
+/// up while it waited for Redis is coalesced (a key whose waiters came and went meanwhile
+/// costs nothing). A subscription that failed is asked again every
+/// [`RESUBSCRIBE_EVERY`] while it is wanted, and after a reconnection every wanted channel
+/// is subscribed again (the server forgot them with the old connection) and every waiter
+/// looks again (releases during the gap were not heard). The sets are bounded by the keys
 /// with waiters, that is by the requests in flight.
+///
+/// The task does this itself rather than through fred's `manage_subscriptions`, whose
+/// resubscription sends an empty `SUBSCRIBE` when only sharded channels are followed and
+/// then takes Redis's error for the answer to its first `SSUBSCRIBE`, stopping there.
 struct Subscriptions {
     subscriber: SubscriberClient,
     waiters: Waiters,
+    /// Channels (by key) that should be subscribed now.
+    wanted: HashSet<String>,
+    /// Channels (by key) Redis confirmed on the current connection.
     current: HashSet<String>,
 }
 
 impl Subscriptions {
     async fn run(mut self, mut requested: mpsc::UnboundedReceiver<Change>) {
-        let mut wanted: HashMap<String, bool> = HashMap::new();
-        while let Some((key, want)) = requested.recv().await {
-            wanted.insert(key, want);
-            while let Ok((key, want)) = requested.try_recv() {
-                wanted.insert(key, want);
+        let mut reconnections = self.subscriber.reconnect_rx();
+        let mut retry = tokio::time::interval(RESUBSCRIBE_EVERY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut dirty: HashSet<String> = HashSet::new();
+            tokio::select! {
+                change = requested.recv() => {
+                    let Some(change) = change else { break };
+                    self.note(change, &mut dirty);
+                    while let Ok(change) = requested.try_recv() {
+                        self.note(change, &mut dirty);
+                    }
+                }
+                reconnected = reconnections.recv() => {
+                    if matches!(reconnected, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                        break;
+                    }
+                    self.current.clear();
+                    dirty.extend(self.wanted.iter().cloned());
+                    self.waiters.wake_all();
+                }
+                _ = retry.tick() => dirty.extend(self.wanted.difference(&self.current).cloned()),
             }
-            for (key, want) in wanted.drain() {
-                self.apply(key, want).await;
+            for key in dirty {
+                self.apply(key).await;
             }
             metrics::gauge!("lock_release_channels").set(self.current.len() as f64);
         }
     }
 
-    async fn apply(&mut self, key: String, want: bool) {
+    fn note(&mut self, (key, want): Change, dirty: &mut HashSet<String>) {
+        if want {
+            self.wanted.insert(key.clone());
+        } else {
+            self.wanted.remove(&key);
+        }
+        dirty.insert(key);
+    }
+
+    async fn apply(&mut self, key: String) {
         let channel = release_channel(&key);
-        if want && !self.current.contains(&key) {
-            match self.subscriber.ssubscribe(channel).await {
+        match (self.wanted.contains(&key), self.current.contains(&key)) {
+            (true, false) => match self.subscriber.ssubscribe(channel).await {
                 Ok(()) => {
                     self.waiters.wake_key(&key);
                     self.current.insert(key);
                 }
                 // Its waiters still look again when the holder's lease ends or the fallback
-                // poll passes; the key's next first waiter asks again.
+                // poll passes; the channel is asked for again shortly.
                 Err(error) => {
                     metrics::counter!("lock_release_subscribe_failures_total").increment(1);
                     tracing::debug!(%key, %error, "could not subscribe to a lock's release channel");
                 }
+            },
+            (false, true) => {
+                self.current.remove(&key);
+                // A failure leaves at worst a subscription whose messages wake nobody; the
+                // connection's next reconnection drops it.
+                if let Err(error) = self.subscriber.sunsubscribe(channel).await {
+                    tracing::debug!(%key, %error, "could not unsubscribe from a lock's release channel");
+                }
             }
-        } else if !want
-            && self.current.remove(&key)
-            && let Err(error) = self.subscriber.sunsubscribe(channel).await
-        {
-            tracing::debug!(%key, %error, "could not unsubscribe from a lock's release channel");
+            _ => {}
         }
     }
 }

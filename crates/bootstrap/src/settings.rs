@@ -553,7 +553,8 @@ fn millis(duration: Duration) -> u64 {
 #[must_use]
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    match rest.split_once('@') {
+    // The last `@`: a password may contain one.
+    match rest.rsplit_once('@') {
         Some((credentials, host)) => {
             let user = credentials.split_once(':').map_or(credentials, |(user, _)| user);
             format!("{scheme}://{user}:***@{host}")
@@ -652,12 +653,14 @@ mod tests {
             ("redis-sentinel://s1:26379?node=s2:26380", "Sentinel without its service name"),
             ("redis-sentinel://s1:26379?sentinelServiceName=", "an empty service name"),
             ("redis://r:6379?sentinelServiceName=x", "a parameter of another form"),
+            ("redis-cluster://a:7001,b:7002/3", "a database number, which a cluster does not have"),
         ] {
             let error = settings(&[("REDIS_URL", bad)]).unwrap_err().to_string();
             assert!(error.starts_with("REDIS_URL:"), "{bad} ({why}): {error}");
         }
         let error = settings(&[("REDIS_URL", "rediss://:s3cret@r:6379")]).unwrap_err().to_string();
         assert!(!error.contains("s3cret"), "{error}");
+        assert_eq!(redact("redis://:p@ss@r:6379/0"), "redis://:***@r:6379/0", "a password with an @");
     }
 
     #[test]

@@ -635,3 +635,72 @@ async fn a_release_channel_is_followed_only_while_its_key_has_waiters() {
     .await;
     assert!(given_up, "the channel is still subscribed with no waiter left");
 }
+
+/// The subscriber's connection is cut (`CLIENT KILL TYPE pubsub`): once it is back, the
+/// channels of every key that still has waiters are subscribed again, and a release then
+/// wakes its waiter through its channel (the fallback poll is far away). A private Redis,
+/// so that the cut reaches no other test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_channels_are_subscribed_again_after_the_subscriber_reconnects() {
+    let redis = test_support::PrivateRedis::start().expect("a private redis-server");
+    let connections = adapters_redis::connection::RedisConnections::connect(
+        &redis.url(),
+        2,
+        adapters_redis::connection::DEFAULT_COMMAND_TIMEOUT,
+    )
+    .await
+    .expect("connected");
+    let options = LockOptions {
+        wait: WaitStrategy::PubSub { fallback_poll: Duration::from_secs(60) },
+        lease: Duration::from_secs(60),
+        renew_every: Duration::from_secs(20),
+        max_hold: Duration::from_secs(120),
+    };
+    let lock =
+        RedisLock::new(connections.pool.clone(), Some(&connections.subscriber), options).await.expect("lock");
+    let keys = [key(), key()];
+    let channels: Vec<String> =
+        keys.iter().map(|k| adapters_redis::lock::release_channel(k.as_str())).collect();
+    let holders = [
+        lock.acquire(&keys[0], WaitPolicy::FailFast).await.expect("free"),
+        lock.acquire(&keys[1], WaitPolicy::FailFast).await.expect("free"),
+    ];
+    let waiters: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (lock, key) = (lock.clone(), key.clone());
+            tokio::spawn(async move {
+                let guard =
+                    lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(120))).await.expect("woken");
+                guard.release().await.expect("released");
+            })
+        })
+        .collect();
+    let both = || async {
+        lock.waiting() == 2
+            && shard_subscribers(&connections.pool, &channels[0]).await == 1
+            && shard_subscribers(&connections.pool, &channels[1]).await == 1
+    };
+    assert!(eventually(Duration::from_secs(10), both).await, "the waiters' channels were never subscribed");
+
+    use fred::prelude::ClientLike as _;
+    let killed: i64 = connections
+        .pool
+        .next()
+        .custom(fred::cmd!("CLIENT"), vec!["KILL", "TYPE", "pubsub"])
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 1, "the subscriber's connection was cut");
+    assert!(
+        eventually(Duration::from_secs(20), both).await,
+        "the channels were not subscribed again after the reconnection"
+    );
+    for (holder, waiter) in holders.into_iter().zip(waiters) {
+        holder.release().await.expect("released");
+        tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("the release woke its waiter long before the poll")
+            .expect("ran");
+    }
+    connections.quit().await;
+}
