@@ -7,6 +7,9 @@ CARGO ?= cargo
 # Where the tests find their services (unset them to use testcontainers where Docker runs).
 export TEST_DATABASE_URL ?= mysql://root@127.0.0.1:3306
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379
+# make bench QUICK=1: smaller loads, three runs per figure, the benchkit scenarios only.
+QUICK ?=
+export BENCH_QUICK = $(if $(QUICK),1,)
 # How long make soak runs its workload, in seconds (make test runs 120).
 SOAK_SECONDS ?= 600
 
@@ -49,14 +52,17 @@ fmt: ## Format the code
 build: ## Build everything
 	$(CARGO) build --workspace --all-targets --locked
 
-bench: services ## Measure lock contention, the waiting queue, booking and coupons (release build); writes docs/report/
+bench: services ## Every benchmark on a release build; figures, JSON and SVG plots into docs/bench/ and docs/report/ (QUICK=1: the reduced run, a few minutes)
 	$(CARGO) build --release --workspace --bins --locked
-	./target/release/bench-points
+	./target/release/bench-locks
+	./target/release/bench-limits
+	./target/release/bench-cluster
+ifeq ($(QUICK),)
 	./target/release/bench-queue
 	./target/release/bench-booking
 	./target/release/bench-coupons
-	./target/release/bench-cluster
 	./docs/explain.sh
+endif
 
 services: ## Make sure MariaDB and Redis answer on 127.0.0.1 (start them if not)
 	./deploy/local-services.sh

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+pub mod benchkit;
 pub mod booking;
 pub mod stats;
 pub mod webdriver;

@@ -1,5 +1,5 @@
 //! `make bench`: lock release announcements on a Redis Cluster. Prints its figures and
-//! writes `docs/report/redis-cluster.md` and `docs/report/bench-cluster.json`.
+//! writes `docs/bench/redis-cluster.{md,json}` and its plots.
 //!
 //! 1. **What one release costs the cluster.** Three subscriber connections stand for three
 //!    instances. The design before: every instance subscribed to one channel
@@ -15,13 +15,12 @@
 //!    turn: hand-offs per second with pub/sub waiting and with spinning, on the cluster and
 //!    on the single Redis of `TEST_REDIS_URL`.
 //!
-//! Each figure is measured `RUNS` times; the report gives min, median and max. The cluster
+//! Each figure is measured `benchkit::runs()` times; the report gives min, median and max. The cluster
 //! is started by `deploy/redis-cluster.sh` on free loopback ports and stopped at the end.
 
 #![allow(clippy::print_stdout, reason = "a benchmark prints its figures")]
 #![allow(clippy::cast_precision_loss, reason = "figures")]
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,12 +29,10 @@ use adapters_redis::lock::{LockOptions, RedisLock, WaitStrategy, release_channel
 use anyhow::Context as _;
 use application::lock::{DistributedLock, LockKey, WaitPolicy};
 use e2e::ScriptedRedis;
+use e2e::benchkit::{self, Figure, Series};
 use fred::prelude::{ClientLike as _, EventInterface as _, PubsubInterface as _};
-use serde_json::{Value, json};
+use serde_json::json;
 
-const REPORT: &str = "docs/report/redis-cluster.md";
-const JSON_REPORT: &str = "docs/report/bench-cluster.json";
-const RUNS: usize = 3;
 const INSTANCES: usize = 3;
 const RELEASES: usize = 20_000;
 const KEYS: usize = 200;
@@ -52,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
     let mut announcements = Vec::new();
     for design in [Design::Broadcast, Design::Sharded] {
         let mut runs = Vec::new();
-        for run in 1..=RUNS {
+        for run in 1..=benchkit::runs() {
             let figures = announce(cluster.url(), design).await?;
             println!(
                 "{:>9} run {run}: {:>7.0} releases/s, {:>6} bus messages, received per instance {:?}",
@@ -76,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
             ),
         ] {
             let mut runs = Vec::new();
-            for run in 1..=RUNS {
+            for run in 1..=benchkit::runs() {
                 let rate = hand_offs(&url, wait).await?;
                 println!("{where_:>10} {name:>7} run {run}: {rate:>7.0} hand-offs/s");
                 runs.push(rate);
@@ -247,92 +244,47 @@ async fn hand_offs(url: &str, wait: WaitStrategy) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-fn spread(values: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    (sorted[0], sorted[sorted.len() / 2], sorted[sorted.len() - 1])
-}
-
-fn write_report(
-    announcements: &[(Design, Vec<Announced>)],
-    handoffs: &[(&str, &str, Vec<f64>)],
-) -> anyhow::Result<()> {
-    let machine = e2e::stats::machine();
-    let mut md = String::new();
-    writeln!(md, "# Lock release announcements on a Redis Cluster")?;
-    writeln!(md)?;
-    writeln!(
-        md,
-        "Made by `make bench` (`target/release/bench-cluster`) on {machine}: a Redis Cluster of three masters \
-         on loopback (`deploy/redis-cluster.sh`), {RUNS} runs per figure (min / median / max). \
-         See `docs/redis-cluster.md` for the design."
-    )?;
-    writeln!(md)?;
-    writeln!(
-        md,
-        "## What {RELEASES} releases cost the cluster ({KEYS} keys, {INSTANCES} instances, each key waited for on one)"
-    )?;
-    writeln!(md)?;
-    writeln!(
-        md,
-        "| design | releases/s (min / median / max) | cluster-bus messages | announcements received per instance |"
-    )?;
-    writeln!(md, "|---|---|---|---|")?;
-    let mut json_announce = Vec::new();
+fn write_report(announcements: &[(Design, Vec<Announced>)], handoffs: &[(&str, &str, Vec<f64>)]) -> anyhow::Result<()> {
+    let label = |design: &Design| match design {
+        Design::Broadcast => "before: PUBLISH, all subscribed",
+        Design::Sharded => "now: SPUBLISH per key",
+    };
+    let mut bus = Figure::new("bus", format!("Cluster-bus messages for {RELEASES} releases"), "messages");
+    let mut delivered = Figure::new("delivered", format!("Announcements delivered for {RELEASES} releases"), "messages");
+    let mut rate = Figure::new("publish-rate", "Releases announced per second", "releases/s");
     for (design, runs) in announcements {
-        let rates: Vec<f64> = runs.iter().map(|r| r.per_second).collect();
-        let (lo, mid, hi) = spread(&rates);
-        let bus: Vec<u64> = runs.iter().map(|r| r.bus_messages).collect();
-        let label = match design {
-            Design::Broadcast => "before: `PUBLISH lock:released`, every instance subscribed",
-            Design::Sharded => "now: `SPUBLISH <key>:released`, waiters' instances subscribed",
-        };
-        writeln!(
-            md,
-            "| {label} | {lo:.0} / {mid:.0} / {hi:.0} | {} | {:?} |",
-            bus.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-            runs[runs.len() / 2].received
-        )?;
-        json_announce.push(json!({
-            "design": design.name(),
-            "releases": RELEASES,
-            "releasesPerSecond": rates,
-            "busMessages": bus,
-            "receivedPerInstance": runs.iter().map(|r| r.received.clone()).collect::<Vec<_>>(),
-        }));
+        bus = bus.with(Series::new(label(design), runs.iter().map(|r| r.bus_messages as f64).collect()));
+        delivered = delivered
+            .with(Series::new(label(design), runs.iter().map(|r| r.received.iter().sum::<usize>() as f64).collect()));
+        rate = rate.with(Series::new(label(design), runs.iter().map(|r| r.per_second).collect()));
     }
-    writeln!(md)?;
-    writeln!(
-        md,
-        "A `PUBLISH` on a cluster is forwarded over the cluster bus to every other node (two here, one message \
-         each), and every subscribed instance receives every release, whichever key it waits for. A \
-         `SPUBLISH` stays on the shard that owns the channel's slot (its replicas only; none here), and reaches \
-         only the instances waiting for that key. The bus traffic of the broadcast grows with nodes x releases, \
-         and each instance's share of announcements with the number of instances; the sharded one does neither."
-    )?;
-    writeln!(md)?;
-    writeln!(md, "## Hand-offs of one hot key ({WAITERS} tasks over {INSTANCES} locks, {TURNS} turns each)")?;
-    writeln!(md)?;
-    writeln!(md, "| Redis | waiting | hand-offs/s (min / median / max) |")?;
-    writeln!(md, "|---|---|---|")?;
-    let mut json_handoffs = Vec::new();
+    let mut hand = Figure::new("hand-offs", format!("One hot key, {WAITERS} tasks over {INSTANCES} locks"), "hand-offs/s");
     for (where_, name, runs) in handoffs {
-        let (lo, mid, hi) = spread(runs);
-        writeln!(md, "| {where_} | {name} | {lo:.0} / {mid:.0} / {hi:.0} |")?;
-        json_handoffs.push(json!({"redis": where_, "waiting": name, "handOffsPerSecond": runs}));
+        hand = hand.with(Series::new(format!("{where_}, {name}"), runs.clone()));
     }
-    writeln!(md)?;
-    writeln!(
-        md,
-        "One hot key lives on one master whatever the cluster's size: its hand-offs cost what they cost on one \
-         server (plus the client's routing). A cluster spreads *different* keys over masters; it does not make \
-         one key faster."
+    let about = format!(
+        "Lock release announcements on a Redis Cluster of three masters on loopback (`deploy/redis-cluster.sh`; \
+         `tests/src/bin/bench-cluster.rs`). {RELEASES} releases over {KEYS} keys, {INSTANCES} instances, each key \
+         waited for on one: announced the way before this design (`PUBLISH lock:released`, every instance \
+         subscribed) and the way now (`SPUBLISH <key>:released`, only the waiting instance subscribed); the \
+         cluster's own counters (`CLUSTER INFO`, publish and publishshard messages sent, summed over the \
+         masters) count the bus traffic. A `PUBLISH` is forwarded to every other node and reaches every \
+         subscribed instance; a `SPUBLISH` stays on the shard that owns the key (its replicas only; none here) \
+         and reaches only the instance waiting for that key. Then one hot key's hand-offs through the lock \
+         adapter on the cluster and on one server: one key lives on one master whatever the cluster's size, so a \
+         cluster spreads different keys, it does not make one key faster. See docs/redis-cluster.md."
+    );
+    let markdown = benchkit::write(
+        "redis-cluster",
+        &about,
+        &[bus, delivered, rate, hand],
+        json!({
+            "received_per_instance": announcements.iter().map(|(design, runs)| json!({
+                "design": design.name(),
+                "runs": runs.iter().map(|r| r.received.clone()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }),
     )?;
-    std::fs::write(REPORT, md).with_context(|| format!("write {REPORT}"))?;
-    let json: Value =
-        json!({"machine": machine, "runs": RUNS, "announcements": json_announce, "handOffs": json_handoffs});
-    std::fs::write(JSON_REPORT, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("write {JSON_REPORT}"))?;
-    println!("wrote {REPORT} and {JSON_REPORT}");
+    println!("{markdown}");
     Ok(())
 }
