@@ -80,7 +80,9 @@ pub fn parse_url(raw: &str) -> Result<(String, Topology), String> {
     }
     let path = tail.split('?').next().unwrap_or_default();
     if topology == Topology::Cluster && !matches!(path, "" | "/" | "/0") {
-        return Err("names a database number, which a Redis Cluster does not have (only database 0)".to_owned());
+        return Err(
+            "names a database number, which a Redis Cluster does not have (only database 0)".to_owned()
+        );
     }
     let mut url = format!("{scheme}://{credentials}{}{tail}", hosts[0]);
     for (i, host) in hosts[1..].iter().enumerate() {

@@ -22,6 +22,7 @@
 //! - **One loader per key** across all instances when many miss at once: the first claims
 //!   the load in the store, the others (and, within an instance, every other request for
 //!   the key) wait for its value, up to a bound, then load themselves. TTLs get jitter.
+//!   ([`CacheSettings::single_loader`] turns this off for the benchmark's baseline.)
 //! - **The cache is never a reason to fail.** A store that cannot be reached, or an entry
 //!   that does not decode, sends the read to MySQL and is counted; locks, by contrast,
 //!   fail closed.
@@ -160,6 +161,13 @@ pub struct CacheSettings {
     /// The longest a write mark lasts if it is never lifted: longer than any write may
     /// take between its mark and its commit (the lock's longest hold).
     pub write_mark: Duration,
+    /// One loader per key (`true`, the default): a miss queues on its instance's fill
+    /// mutex and claims the load across instances, or waits for the claim's holder.
+    /// `false` lets every miss load by itself at once (no queue, no claim, no wait); what
+    /// it loaded is still stored under the version read right before loading, exactly as a
+    /// leader's. The benchmark's baseline (`CACHE_SINGLE_LOADER=false`); never turn it off
+    /// in production.
+    pub single_loader: bool,
 }
 
 impl Default for CacheSettings {
@@ -170,6 +178,7 @@ impl Default for CacheSettings {
             load_claim: Duration::from_secs(5),
             local_capacity: 10_000,
             write_mark: Duration::from_secs(30),
+            single_loader: true,
         }
     }
 }
@@ -336,7 +345,9 @@ impl Cache {
         }
     }
 
-    /// The miss path: one request per instance, one loader across instances.
+    /// The miss path: one request per instance, one loader across instances (unless
+    /// [`CacheSettings::single_loader`] is off: then this request loads at once, and
+    /// stores as a leader does).
     async fn fill<T, E, F, Fut>(
         &self,
         port: &dyn CachePort,
@@ -351,41 +362,47 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
-        // Bounded: a request that queued this long behind its instance's loader (MySQL slow
-        // or down) loads by itself rather than wait for every one ahead of it.
-        let Ok(_filling) = tokio::time::timeout(self.settings.loader_wait, slot.fill.lock()).await else {
-            count_with("cache_load_waits_total", spec.name, "outcome", "timeout");
-            count("cache_loads_total", spec.name);
-            return Ok(load().await?.map(Arc::new));
-        };
-        // Another request of this instance may have filled it while this one queued (a
-        // later version is as fresh: versions only grow past any this request saw). Not
-        // when Redis has no version at all (0): then no copy can be shown current.
-        if let Some(value) = slot
-            .copy()
-            .filter(|c| version != 0 && c.version >= version)
-            .and_then(|c| c.value.downcast::<T>().ok())
-        {
-            count_with("cache_load_waits_total", spec.name, "outcome", "filled");
-            return Ok(Some(value));
-        }
-        let token = fastrand::u64(..);
-        let mut leader = match port.claim_load(key, token, self.settings.load_claim).await {
-            Ok(leader) => leader,
-            Err(error) => {
-                count_with("cache_errors_total", spec.name, "op", "claim");
-                tracing::debug!(%key, error = format!("{error:#}"), "cannot claim the load; loading anyway");
-                true
+        // Without the single loader (the benchmark's baseline) there is no queue, no claim
+        // and no wait: straight to the leader's path below, with no claim to give back.
+        let (_filling, claim) = if self.settings.single_loader {
+            // Bounded: a request that queued this long behind its instance's loader (MySQL
+            // slow or down) loads by itself rather than wait for every one ahead of it.
+            let Ok(filling) = tokio::time::timeout(self.settings.loader_wait, slot.fill.lock()).await else {
+                count_with("cache_load_waits_total", spec.name, "outcome", "timeout");
+                count("cache_loads_total", spec.name);
+                return Ok(load().await?.map(Arc::new));
+            };
+            // Another request of this instance may have filled it while this one queued (a
+            // later version is as fresh: versions only grow past any this request saw). Not
+            // when Redis has no version at all (0): then no copy can be shown current.
+            if let Some(value) = slot
+                .copy()
+                .filter(|c| version != 0 && c.version >= version)
+                .and_then(|c| c.value.downcast::<T>().ok())
+            {
+                count_with("cache_load_waits_total", spec.name, "outcome", "filled");
+                return Ok(Some(value));
             }
-        };
-        if !leader {
-            match self.wait_for_loader::<T>(port, spec, key, slot, token).await {
-                Waited::Value(value) => return Ok(Some(value)),
-                Waited::Claimed => leader = true,
-                Waited::GaveUp => {}
+            let token = fastrand::u64(..);
+            let mut leader = match port.claim_load(key, token, self.settings.load_claim).await {
+                Ok(leader) => leader,
+                Err(error) => {
+                    count_with("cache_errors_total", spec.name, "op", "claim");
+                    tracing::debug!(%key, error = format!("{error:#}"), "cannot claim the load; loading anyway");
+                    true
+                }
+            };
+            if !leader {
+                match self.wait_for_loader::<T>(port, spec, key, slot, token).await {
+                    Waited::Value(value) => return Ok(Some(value)),
+                    Waited::Claimed => leader = true,
+                    Waited::GaveUp => {}
+                }
             }
-        }
-        let claim = leader.then(|| Claim::new(self.port.clone(), key.clone(), token));
+            (Some(filling), leader.then(|| Claim::new(self.port.clone(), key.clone(), token)))
+        } else {
+            (None, None)
+        };
         // The version to store under is read again right before loading: writes may have
         // moved it while this request queued, and a value loaded now is fresh for the
         // version as it is now.
@@ -652,6 +669,93 @@ mod tests {
             .await
             .expect("never fails");
         found.map(|v| *v)
+    }
+
+    /// A port whose every read finds no entry for version 5.
+    fn port_missing_at_5() -> MockCachePort {
+        let mut port = MockCachePort::new();
+        port.expect_read().returning(|_, _| Ok(CacheRead::Missing { version: 5 }));
+        port
+    }
+
+    /// `n` misses of one key at once on one instance; each load takes 20 ms, so that they
+    /// are all in flight together. What each got, and how many loads ran.
+    async fn stampede(port: MockCachePort, single_loader: bool, n: usize) -> (Vec<Option<u32>>, usize) {
+        let settings =
+            CacheSettings { single_loader, loader_wait: Duration::from_secs(10), ..CacheSettings::default() };
+        let cache = Cache::new(Arc::new(port), settings);
+        let loads = AtomicUsize::new(0);
+        let (cache, loads) = (&cache, &loads);
+        let found = futures::future::join_all((0..n).map(|_| async move {
+            let found = cache
+                .get_or_load(&SPEC, "s", || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok::<_, String>(Some(7_u32))
+                })
+                .await
+                .expect("never fails");
+            found.map(|v| *v)
+        }))
+        .await;
+        (found, loads.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_of_one_key_on_one_instance_load_once_with_the_single_loader() {
+        let mut port = port_missing_at_5();
+        port.expect_claim_load().times(1).returning(|_, _, _| Ok(true));
+        port.expect_release_load().times(1).returning(|_, _| Ok(()));
+        port.expect_store()
+            .withf(|_, v, json, _| *v == 5 && json == "7")
+            .times(1)
+            .returning(|_, _, _, _| Ok(Some(5)));
+
+        let (found, loads) = stampede(port, true, 20).await;
+
+        assert_eq!(found, vec![Some(7); 20]);
+        assert_eq!(loads, 1, "one load; the others got its value");
+    }
+
+    #[tokio::test]
+    async fn without_the_single_loader_every_concurrent_miss_loads_and_stores_by_itself() {
+        let mut port = port_missing_at_5();
+        port.expect_claim_load().never();
+        port.expect_release_load().never();
+        port.expect_store()
+            .withf(|_, v, json, _| *v == 5 && json == "7")
+            .times(20)
+            .returning(|_, _, _, _| Ok(Some(5)));
+
+        let (found, loads) = stampede(port, false, 20).await;
+
+        assert_eq!(found, vec![Some(7); 20]);
+        assert_eq!(loads, 20, "no queue, no claim, no wait: every miss loads");
+    }
+
+    #[tokio::test]
+    async fn without_the_single_loader_a_load_is_stored_under_the_version_read_right_before_it() {
+        let known = Arc::new(Mutex::new(Vec::new()));
+        let mut port = port_reading(
+            vec![CacheRead::Missing { version: 5 }, CacheRead::Missing { version: 6 }],
+            Arc::clone(&known),
+        );
+        port.expect_claim_load().never();
+        port.expect_store().withf(|_, v, _, _| *v == 6).times(1).returning(|_, _, _, _| Ok(None));
+        let settings = CacheSettings { single_loader: false, ..CacheSettings::default() };
+        let cache = Cache::new(Arc::new(port), settings);
+        let loads = AtomicUsize::new(0);
+
+        assert_eq!(get(&cache, &loads, 1).await, Some(1), "a refused store still answers");
+        assert_eq!(known.lock().unwrap().len(), 2, "the version was read again before loading");
+
+        // A write marked between the first read and the load: loaded, nothing stored.
+        let mut port =
+            port_reading(vec![CacheRead::Missing { version: 6 }, CacheRead::Writing], Arc::default());
+        port.expect_store().never();
+        let cache = Cache::new(Arc::new(port), settings);
+        assert_eq!(get(&cache, &loads, 2).await, Some(2));
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -102,6 +102,9 @@ pub struct Settings {
     /// `CACHE_ENABLED`: `false` sends every catalog read to MySQL (the benchmark's
     /// baseline).
     pub cache_enabled: bool,
+    /// `CACHE_SINGLE_LOADER`: `false` lets every cache miss load by itself (no single
+    /// loader per key): the stampede benchmark's baseline; never in production.
+    pub cache_single_loader: bool,
     /// `COUPON_ISSUE_STRATEGY`: `redis` (one Redis script decides) or `mysql-lock` (every
     /// request locks the campaign's row: the benchmark's baseline).
     pub coupon_issue_strategy: application::coupons::IssueStrategy,
@@ -446,6 +449,7 @@ impl Settings {
             admin_api_key,
             seed_demo_data: flag("SEED_DEMO_DATA", true)?,
             cache_enabled: flag("CACHE_ENABLED", true)?,
+            cache_single_loader: flag("CACHE_SINGLE_LOADER", true)?,
             coupon_issue_strategy: if choice("COUPON_ISSUE_STRATEGY", "redis", &["redis", "mysql-lock"])?
                 == "mysql-lock"
             {
@@ -589,6 +593,7 @@ mod tests {
         assert_eq!(s.queue.admit_interval, Duration::from_secs(1));
         assert_eq!(s.reservation_hold, Duration::from_secs(300));
         assert_eq!((s.admin_api_key, s.seed_demo_data, s.cache_enabled), (None, true, true));
+        assert!(s.cache_single_loader, "one loader per key unless the benchmark says otherwise");
         assert_eq!(s.cache_prefix, "concert:", "the database's name");
         assert_eq!(s.payment_events_stream, "events:payments");
         assert_eq!(s.ops_addr, "127.0.0.1:9090");
@@ -745,17 +750,19 @@ mod tests {
             ("ADMIN_API_KEY", "a-long-enough-admin-key"),
             ("SEED_DEMO_DATA", "false"),
             ("CACHE_ENABLED", "0"),
+            ("CACHE_SINGLE_LOADER", "false"),
         ])
         .unwrap();
         assert_eq!(s.reservation_hold, Duration::from_secs(3));
         assert_eq!(s.admin_api_key.as_deref(), Some("a-long-enough-admin-key"));
-        assert!(!s.seed_demo_data && !s.cache_enabled);
+        assert!(!s.seed_demo_data && !s.cache_enabled && !s.cache_single_loader);
         for (name, value) in [
             ("RESERVATION_HOLD_SECONDS", "0"),
             ("ADMIN_API_KEY", ""),
             ("ADMIN_API_KEY", "short"),
             ("ADMIN_API_KEY", "sixteen chars but a space"),
             ("SEED_DEMO_DATA", "maybe"),
+            ("CACHE_SINGLE_LOADER", "maybe"),
             ("HOLD_EXPIRY_BATCH", "0"),
         ] {
             let error = settings(&[(name, value)]).unwrap_err().to_string();

@@ -118,8 +118,12 @@ impl Application {
             // A write's mark must outlast the longest a write may hold its lock.
             let cache_settings = CacheSettings {
                 write_mark: settings.lock_max_hold + settings.lock_lease,
+                single_loader: settings.cache_single_loader,
                 ..CacheSettings::default()
             };
+            if !settings.cache_single_loader {
+                tracing::warn!("CACHE_SINGLE_LOADER=false: every cache miss loads by itself");
+            }
             // Behind a circuit breaker: while Redis is down, reads go to MySQL at once
             // instead of after the command timeout each.
             let port = BreakerCache::new(
