@@ -57,6 +57,8 @@ bench: services ## Every benchmark on a release build; figures, JSON and SVG plo
 	./target/release/bench-locks
 	./target/release/bench-limits
 	./target/release/bench-cluster
+	./target/release/bench-payments
+	./target/release/bench-stampede
 ifeq ($(QUICK),)
 	./target/release/bench-queue
 	./target/release/bench-booking

@@ -244,21 +244,31 @@ async fn hand_offs(url: &str, wait: WaitStrategy) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-fn write_report(announcements: &[(Design, Vec<Announced>)], handoffs: &[(&str, &str, Vec<f64>)]) -> anyhow::Result<()> {
+fn write_report(
+    announcements: &[(Design, Vec<Announced>)],
+    handoffs: &[(&str, &str, Vec<f64>)],
+) -> anyhow::Result<()> {
     let label = |design: &Design| match design {
         Design::Broadcast => "before: PUBLISH, all subscribed",
         Design::Sharded => "now: SPUBLISH per key",
     };
     let mut bus = Figure::new("bus", format!("Cluster-bus messages for {RELEASES} releases"), "messages");
-    let mut delivered = Figure::new("delivered", format!("Announcements delivered for {RELEASES} releases"), "messages");
+    let mut delivered =
+        Figure::new("delivered", format!("Announcements delivered for {RELEASES} releases"), "messages");
     let mut rate = Figure::new("publish-rate", "Releases announced per second", "releases/s");
     for (design, runs) in announcements {
         bus = bus.with(Series::new(label(design), runs.iter().map(|r| r.bus_messages as f64).collect()));
-        delivered = delivered
-            .with(Series::new(label(design), runs.iter().map(|r| r.received.iter().sum::<usize>() as f64).collect()));
+        delivered = delivered.with(Series::new(
+            label(design),
+            runs.iter().map(|r| r.received.iter().sum::<usize>() as f64).collect(),
+        ));
         rate = rate.with(Series::new(label(design), runs.iter().map(|r| r.per_second).collect()));
     }
-    let mut hand = Figure::new("hand-offs", format!("One hot key, {WAITERS} tasks over {INSTANCES} locks"), "hand-offs/s");
+    let mut hand = Figure::new(
+        "hand-offs",
+        format!("One hot key, {WAITERS} tasks over {INSTANCES} locks"),
+        "hand-offs/s",
+    );
     for (where_, name, runs) in handoffs {
         hand = hand.with(Series::new(format!("{where_}, {name}"), runs.clone()));
     }
