@@ -57,6 +57,39 @@ pub fn machine() -> String {
     )
 }
 
+/// The MySQL server's `Com_select` counter (every SELECT it ran, all sessions), read with
+/// the `mariadb` (or `mysql`) client from `TEST_DATABASE_URL`.
+///
+/// # Errors
+/// When neither client can read it.
+pub fn com_select() -> anyhow::Result<u64> {
+    let url = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let rest = url.trim_start_matches("mysql://");
+    let (user, host) = rest.split_once('@').unwrap_or(("root", rest));
+    let (user, password) = user.split_once(':').map_or((user, None), |(u, p)| (u, Some(p)));
+    let host = host.split('/').next().unwrap_or(host);
+    let (host, port) = host.split_once(':').unwrap_or((host, "3306"));
+    for client in ["mariadb", "mysql"] {
+        let mut command = std::process::Command::new(client);
+        command.args(["-N", "-B", "-h", host, "-P", port, "-u", user]);
+        if let Some(password) = password {
+            command.arg(format!("-p{password}"));
+        }
+        let Ok(output) = command.args(["-e", "SHOW GLOBAL STATUS LIKE 'Com_select'"]).output() else {
+            continue;
+        };
+        if output.status.success() {
+            let text = String::from_utf8_lossy(&output.stdout);
+            return text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no Com_select figure"));
+        }
+    }
+    anyhow::bail!("neither mariadb nor mysql client could read Com_select")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

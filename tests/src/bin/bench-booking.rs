@@ -64,31 +64,6 @@ const TARGET_CACHED_OVER_UNCACHED: f64 = 10.0;
 /// ... and cached seat map over `/health/live`, in median requests/s.
 const TARGET_CACHED_OVER_LIVE: f64 = 0.25;
 
-/// The MySQL server's `Com_select` counter (every SELECT it ran, all sessions).
-fn com_select() -> anyhow::Result<u64> {
-    let url = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
-    let rest = url.trim_start_matches("mysql://");
-    let (user, host) = rest.split_once('@').unwrap_or(("root", rest));
-    let (user, password) = user.split_once(':').map_or((user, None), |(u, p)| (u, Some(p)));
-    let host = host.split('/').next().unwrap_or(host);
-    let (host, port) = host.split_once(':').unwrap_or((host, "3306"));
-    for client in ["mariadb", "mysql"] {
-        let mut command = std::process::Command::new(client);
-        command.args(["-N", "-B", "-h", host, "-P", port, "-u", user]);
-        if let Some(password) = password {
-            command.arg(format!("-p{password}"));
-        }
-        let Ok(output) = command.args(["-e", "SHOW GLOBAL STATUS LIKE 'Com_select'"]).output() else {
-            continue;
-        };
-        if output.status.success() {
-            let text = String::from_utf8_lossy(&output.stdout);
-            return text.split_whitespace().nth(1).and_then(|n| n.parse().ok()).context("Com_select");
-        }
-    }
-    anyhow::bail!("neither mariadb nor mysql client could read Com_select")
-}
-
 /// One run of [`hammer`].
 #[derive(Debug)]
 struct Rate {
@@ -129,7 +104,7 @@ async fn hammer(
         anyhow::ensure!(response.status().is_success(), "warm-up: {}", response.status());
         let _ = response.body().await;
     }
-    let selects = com_select()?;
+    let selects = e2e::stats::com_select()?;
     let started = Instant::now();
     let per_client = n / CLIENTS;
     let clients = futures::future::join_all((0..CLIENTS).map(|_| async move {
@@ -154,7 +129,7 @@ async fn hammer(
     }))
     .await;
     let elapsed = started.elapsed();
-    let selects = com_select()?.saturating_sub(selects);
+    let selects = e2e::stats::com_select()?.saturating_sub(selects);
     let total = per_client * CLIENTS;
     let failures = clients.iter().map(|(_, f)| f).sum();
     let latencies: Vec<Duration> = clients.into_iter().flat_map(|(l, _)| l).collect();

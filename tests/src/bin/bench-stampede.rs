@@ -196,14 +196,14 @@ async fn run(http: &awc::Client, cluster: &Cluster, users: &[(Fan, String)]) -> 
     burst(http, cluster, users, &warm, INSTANCES).await?;
 
     let before_warm = seat_loads(http, cluster).await?;
-    let selects_before_warm = com_select()?;
+    let selects_before_warm = e2e::stats::com_select()?;
     burst(http, cluster, users, &warm, BURST).await?;
-    let selects_before = com_select()?;
+    let selects_before = e2e::stats::com_select()?;
     let loads_before = seat_loads(http, cluster).await?;
 
     let latencies = burst(http, cluster, users, &cold, BURST).await?;
 
-    let selects_after = com_select()?;
+    let selects_after = e2e::stats::com_select()?;
     let loads_after = seat_loads(http, cluster).await?;
     Ok(Run {
         loads: loads_after - loads_before,
@@ -274,29 +274,4 @@ fn loads_in(text: &str) -> f64 {
         .filter(|line| line.starts_with("cache_loads_total{") && line.contains("cache=\"seats\""))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// The MySQL server's `Com_select` counter (every SELECT it ran, all sessions).
-fn com_select() -> anyhow::Result<u64> {
-    let url = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
-    let rest = url.trim_start_matches("mysql://");
-    let (user, host) = rest.split_once('@').unwrap_or(("root", rest));
-    let (user, password) = user.split_once(':').map_or((user, None), |(u, p)| (u, Some(p)));
-    let host = host.split('/').next().unwrap_or(host);
-    let (host, port) = host.split_once(':').unwrap_or((host, "3306"));
-    for client in ["mariadb", "mysql"] {
-        let mut command = std::process::Command::new(client);
-        command.args(["-N", "-B", "-h", host, "-P", port, "-u", user]);
-        if let Some(password) = password {
-            command.arg(format!("-p{password}"));
-        }
-        let Ok(output) = command.args(["-e", "SHOW GLOBAL STATUS LIKE 'Com_select'"]).output() else {
-            continue;
-        };
-        if output.status.success() {
-            let text = String::from_utf8_lossy(&output.stdout);
-            return text.split_whitespace().nth(1).and_then(|n| n.parse().ok()).context("Com_select");
-        }
-    }
-    anyhow::bail!("neither mariadb nor mysql client could read Com_select")
 }
