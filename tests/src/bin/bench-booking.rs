@@ -15,9 +15,9 @@
 //!
 //! Every figure is measured `benchkit::runs()` times and reported as min / median / max. A
 //! storm counts only if it was exact, otherwise the program stops: no seat answered 201 to
-//! two users, every answer was 201, 409 or 5xx, every seat that answered 201 shows as taken
-//! on the seat map read back, no seat nobody asked for does, and without a 5xx every seat
-//! asked for was won (one seat: 1 winner, the rest 409; fifty seats: 50 winners) and exactly
+//! two users, every answer was 201 or 409 (a 5xx stops it too), every seat that answered
+//! 201 shows as taken on the seat map read back, no seat nobody asked for does, and every
+//! seat asked for was won (one seat: 1 winner, the rest 409; fifty seats: 50 winners) and exactly
 //! those show as taken. Per-run outcome and 5xx counts go to the JSON's `extra`. The targets
 //! of the issue are printed, not asserted: cached seat map / uncached at least 10x, cached
 //! seat map / `/health/live` at least 0.25 (median requests/s).
@@ -132,6 +132,8 @@ async fn hammer(
     let selects = e2e::stats::com_select()?.saturating_sub(selects);
     let total = per_client * CLIENTS;
     let failures = clients.iter().map(|(_, f)| f).sum();
+    // A refused or failed request is not a seat map served: the rate would count it.
+    anyhow::ensure!(failures == 0, "{failures} of {total} requests were not answered 2xx");
     let latencies: Vec<Duration> = clients.into_iter().flat_map(|(l, _)| l).collect();
     Ok(Rate {
         requests: total,
@@ -405,10 +407,12 @@ async fn check(
         "the seat map shows {taken:?} taken, but only {wanted:?} were asked for"
     );
     let server_errors = storm.server_errors();
-    if server_errors == 0 {
-        anyhow::ensure!(won == *wanted, "no 5xx, yet seats won {won:?}, not every seat asked for {wanted:?}");
-        anyhow::ensure!(taken == won, "seats won {won:?}, but the seat map shows {taken:?} taken");
-    }
+    anyhow::ensure!(
+        server_errors == 0,
+        "{server_errors} answers were 5xx: a storm's figures count only without them"
+    );
+    anyhow::ensure!(won == *wanted, "seats won {won:?}, not every seat asked for {wanted:?}");
+    anyhow::ensure!(taken == won, "seats won {won:?}, but the seat map shows {taken:?} taken");
     Ok(())
 }
 
@@ -524,8 +528,8 @@ fn about(map_requests: usize, racers: usize, crowd: usize) -> String {
          open), wall time from the first request sent to the last answer: {racers} racers for one seat (new \
          users and a new date each run, the same instances), then {crowd} users over {SEATS} seats (fresh \
          instances each run; peak RSS is the largest `VmHWM` of the instances after the storm). Every storm was \
-         checked exact (no seat won twice, only 201, 409 or 5xx answers, the seat map read back agrees, and \
-         without a 5xx every seat asked for was won); targets: one seat 1 winner and 0 5xx, fifty seats 50 \
+         checked exact (no seat won twice, only 201 and 409 answers, no 5xx, every seat asked for won, and the \
+         seat map read back agrees; the seat-map runs, every answer 2xx); targets: one seat 1 winner and 0 5xx, fifty seats 50 \
          winners and 0 5xx. Outcome and 5xx counts per run are in `booking.json`. The load generator shares \
          the machine with the servers, MariaDB and Redis."
     )
