@@ -26,10 +26,10 @@ pub fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1_000.0
 }
 
-/// Where and when a figure was made, in one line: the date (UTC), the commit (and whether
-/// the work tree had changes), the cores and the CPU.
+/// The commit checked out (short hash, `unknown` outside git) and whether tracked files
+/// have changes: what a figure was measured on.
 #[must_use]
-pub fn machine() -> String {
+pub fn commit() -> (String, bool) {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .args(args)
@@ -40,20 +40,34 @@ pub fn machine() -> String {
     };
     let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
     let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|c| !c.is_empty());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+    (commit, dirty)
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), `unknown` where there is none.
+#[must_use]
+pub fn cpu() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
             info.lines()
                 .find(|l| l.starts_with("model name"))
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
         })
-        .unwrap_or_else(|| "unknown CPU".into());
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Where and when a figure was made, in one line: the date (UTC), the commit (and whether
+/// the work tree had changes), the cores and the CPU.
+#[must_use]
+pub fn machine() -> String {
+    let (commit, dirty) = commit();
     let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(0);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let date = crate::booking::rfc3339(i64::try_from(now).unwrap_or(0));
     format!(
-        "{date}, commit {commit}{}, {cores} cores ({cpu})",
-        if dirty { " with uncommitted changes" } else { "" }
+        "{date}, commit {commit}{}, {cores} cores ({})",
+        if dirty { " with uncommitted changes" } else { "" },
+        cpu()
     )
 }
 
