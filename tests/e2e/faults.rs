@@ -701,6 +701,21 @@ fn allowed(record: &Record, commit_cut: bool) -> bool {
         || (commit_cut && record.op.writes() && answer.is_outcome_unknown())
 }
 
+/// The ground of a storm of shoppers: two instances started with `options`, a date open
+/// for booking, and `users` admitted shoppers with points to pay with.
+async fn shop_opened(
+    options: &ClusterOptions,
+    users: usize,
+) -> (Cluster, awc::Client, String, Vec<(Fan, String)>) {
+    let cluster = Cluster::start_with(2, options).await.expect("cluster");
+    let http = client();
+    let bases = [cluster.url(0), cluster.url(1)];
+    let schedule = open_schedule(&http, bases[1], PRICE).await.expect("schedule");
+    let shoppers = admitted_users(&http, &bases, users).await.expect("admitted");
+    fund(&http, bases[0], &shoppers).await;
+    (cluster, http, schedule, shoppers)
+}
+
 /// Each shopper's user with points to pay with.
 async fn fund(http: &awc::Client, base: &str, shoppers: &[(Fan, String)]) {
     for (fan, _) in shoppers {
@@ -802,12 +817,7 @@ async fn redis_killed_mid_storm_fails_closed_and_recovers_without_restart() {
     let mut env = env(USERS + 10);
     env.push(("QUEUE_BACKEND".into(), "mysql".into()));
     let options = ClusterOptions { redis_url: Some(redis.url()), env, ..ClusterOptions::default() };
-    let cluster = Cluster::start_with(2, &options).await.expect("cluster");
-    let http = client();
-    let bases = [cluster.url(0), cluster.url(1)];
-    let schedule = open_schedule(&http, bases[1], PRICE).await.expect("schedule");
-    let shoppers = admitted_users(&http, &bases, USERS).await.expect("admitted");
-    fund(&http, bases[0], &shoppers).await;
+    let (cluster, http, schedule, shoppers) = shop_opened(&options, USERS).await;
 
     let storm = Storm::default();
     let faults = async {
@@ -866,12 +876,7 @@ async fn a_sentinel_failover_mid_storm_is_followed_and_keeps_the_books_exact() {
         env: env(USERS + 10),
         ..ClusterOptions::default()
     };
-    let cluster = Cluster::start_with(2, &options).await.expect("cluster");
-    let http = client();
-    let bases = [cluster.url(0), cluster.url(1)];
-    let schedule = open_schedule(&http, bases[1], PRICE).await.expect("schedule");
-    let shoppers = admitted_users(&http, &bases, USERS).await.expect("admitted");
-    fund(&http, bases[0], &shoppers).await;
+    let (cluster, http, schedule, shoppers) = shop_opened(&options, USERS).await;
 
     let storm = Storm::default();
     let faults = async {
@@ -917,12 +922,7 @@ async fn mysql_restarted_mid_storm_fails_with_503_and_the_pool_recovers() {
         env: env(USERS + 10),
         ..ClusterOptions::default()
     };
-    let cluster = Cluster::start_with(2, &options).await.expect("cluster");
-    let http = client();
-    let bases = [cluster.url(0), cluster.url(1)];
-    let schedule = open_schedule(&http, bases[1], PRICE).await.expect("schedule");
-    let shoppers = admitted_users(&http, &bases, USERS).await.expect("admitted");
-    fund(&http, bases[0], &shoppers).await;
+    let (cluster, http, schedule, shoppers) = shop_opened(&options, USERS).await;
 
     let storm = Storm::default();
     let faults = async {
