@@ -214,12 +214,15 @@ async fn balance_and_history_reads_validate_their_input() {
 }
 
 #[actix_web::test]
-async fn three_hundred_charges_are_exact_with_spinning_waiters_too() {
+async fn three_hundred_charges_are_exact_with_spinning_waiters_and_no_batches_too() {
     // Spinning waiters are not served in order: an unlucky one can lose every retry for
     // as long as the storm lasts (pub/sub waiters are woken first-come, first-served). This
     // test is about exactness, so no charge is allowed to give up, however slow the machine.
+    // And each charge on its own lock hold (no batches), so that the hand-off between
+    // holders, not a batch, is what the storm goes through.
     let mut options = ClusterOptions::with_env(e2e::PATIENT_LOCKS);
     options.env.push(("LOCK_WAIT_STRATEGY".into(), "spin".into()));
+    options.env.push(("POINT_CHARGE_BATCH_MAX".into(), "1".into()));
     let cluster = Cluster::start_with(3, &options).await.expect("cluster");
     let http = client();
     let user = sign_up(&http, cluster.url(0), "spin").await.expect("a user");

@@ -187,6 +187,46 @@ impl PointRepository for MySqlPointRepository {
         Ok(())
     }
 
+    #[tracing::instrument(name = "points.append_histories", skip_all, fields(rows = entries.len()))]
+    async fn append_histories(
+        &self,
+        tx: &mut Tx,
+        entries: &[PointHistoryEntry],
+    ) -> Result<(), PointRepositoryError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut values = Vec::with_capacity(entries.len() * 7);
+        for entry in entries {
+            values.extend([
+                entry.id().into(),
+                (*entry.user_id().as_uuid()).into(),
+                entry.kind().as_str().into(),
+                entry.amount().points().into(),
+                entry.balance_after().points().into(),
+                db_version(entry.seq())?.into(),
+                to_db_time(entry.created_at()).into(),
+            ]);
+        }
+        let inserted = connection(tx)?
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::append_history_rows(entries.len()),
+                values,
+            ))
+            .await
+            .db_context("failed to insert the point history entries")?;
+        match usize::try_from(inserted.rows_affected()) {
+            Ok(n) if n == entries.len() => Ok(()),
+            _ => Err(anyhow::anyhow!(
+                "inserting {} history entries inserted {}",
+                entries.len(),
+                inserted.rows_affected()
+            )
+            .into()),
+        }
+    }
+
     #[tracing::instrument(name = "points.balance", skip(self))]
     async fn balance(&self, user_id: UserId) -> Result<Option<Balance>, PointRepositoryError> {
         let row = point_account::Entity::find_by_id(*user_id.as_uuid())

@@ -153,6 +153,17 @@ pub const SEAT_FENCE: &str =
 pub const APPEND_HISTORY: &str = "INSERT INTO point_history (id, user_id, kind, amount, balance_after, seq, created_at) \
      VALUES (?, ?, ?, ?, ?, ?, ?)";
 
+/// [`APPEND_HISTORY`] for `rows` entries in one statement (a batch of charges): the same
+/// seven values per row, row after row.
+#[must_use]
+pub fn append_history_rows(rows: usize) -> String {
+    let mut sql = String::from(APPEND_HISTORY);
+    for _ in 1..rows {
+        sql.push_str(", (?, ?, ?, ?, ?, ?, ?)");
+    }
+    sql
+}
+
 // --- Idempotency keys (idempotency.rs) ---------------------------------------------------
 
 /// A stored answer, before the operation (a plain read): the user's id, the key.

@@ -1,27 +1,49 @@
 //! Charge points to a user's account.
 //!
-//! Outside the lock: the user must exist (a cheap read that turns away unknown ids before
-//! they queue for a lock). Under `lock:{point:<userId>}`, waiting: read the account with its
-//! row locked, apply the domain rule, write the balance only if the account's version is
-//! still the one read, and append the history row, all in one transaction.
+//! Under `lock:{point:<userId>}`, waiting: read the account with its row locked, apply the
+//! domain rule, write the balance only if the account's version is still the one read, and
+//! append the history row, all in one transaction. (No read of the user before the lock:
+//! the route only charges its authenticated caller, whose account exists; an account
+//! missing inside the lock is still answered `UserNotFound`.)
 //!
-//! With an idempotency key the charge runs through [`Idempotency`]: at most once per
-//! (user, key), its answer recorded in the same transaction, so a client that lost the
-//! answer and retries is charged once.
+//! **Batches.** A hot account (thousands of charges at once) would otherwise pay one lock
+//! hand-off per charge, and the hand-off, not the database, is what costs. So the
+//! charges without an idempotency key that one instance has for one account queue up
+//! ([`ChargePoints::with_batches`]): the first becomes the batch's *leader*, a task that
+//! takes the lock once, applies up to `max` queued charges in one transaction, each
+//! judged on the balance the ones before it left (a refused one changes nothing and gets
+//! its own 409), writes one history row per charge and the balance once, commits,
+//! releases, and answers each charge with its own balance; then it takes the next batch
+//! if more queued meanwhile. Exact as before: one history row and one answer per charge,
+//! the same version compare-and-set and fencing. A failure of the batch (the lock, the
+//! database) is every member's answer, as it would have been each one's alone. Each
+//! queued charge counts as a write in flight ([`crate::detach::Ticket`]), so the
+//! per-process bound and the shutdown drain see it; a client that hangs up leaves its
+//! charge queued, applied and logged, as an unbatched one would be.
+//!
+//! With an idempotency key the charge runs through [`Idempotency`] on its own: at most
+//! once per (user, key), its answer recorded in the same transaction, so a client that
+//! lost the answer and retries is charged once.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use domain::point::{Balance, ChargeAmount, PointError, PointRepository, PointRepositoryError};
-use domain::user::{UserId, UserRepository};
+use domain::user::UserId;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock;
-use crate::detach::run_to_end;
+use crate::detach::{Ticket, run_to_end};
 use crate::failure::Failure;
 use crate::idempotency::{Fingerprint, Idempotency, IdempotencyError, IdempotencyKey, Outcome, Recorder};
-use crate::lock::{DistributedLock, LockKey, LockRequest};
+use crate::lock::{DistributedLock, LockKey, LockRequest, WaitPolicy};
 use crate::tx::{TransactionManager, locked_tx};
 
 /// How long a charge waits for `lock:{point:<userId>}` by default. A holder keeps it for a
@@ -29,14 +51,18 @@ use crate::tx::{TransactionManager, locked_tx};
 /// better told to retry than kept hanging.
 pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(3);
 
+/// The default largest batch: a hundred charges are one transaction of a few milliseconds.
+pub const DEFAULT_BATCH_MAX: NonZeroUsize = NonZeroUsize::MIN.saturating_add(99);
+
 #[derive(Clone)]
 pub struct ChargePoints {
-    users: Arc<dyn UserRepository>,
     points: Arc<dyn PointRepository>,
     lock: Arc<dyn DistributedLock>,
     txm: Arc<dyn TransactionManager>,
     lock_wait: Duration,
     idempotency: Idempotency,
+    /// Unkeyed charges queued per account on this instance; `None`: each charge alone.
+    batches: Option<Arc<Batches>>,
 }
 
 /// What a charge answers, as its idempotency record keeps it.
@@ -71,14 +97,23 @@ impl std::fmt::Debug for ChargePoints {
 impl ChargePoints {
     #[must_use]
     pub fn new(
-        users: Arc<dyn UserRepository>,
         points: Arc<dyn PointRepository>,
         lock: Arc<dyn DistributedLock>,
         txm: Arc<dyn TransactionManager>,
         lock_wait: Duration,
         idempotency: Idempotency,
     ) -> Self {
-        Self { users, points, lock, txm, lock_wait, idempotency }
+        Self { points, lock, txm, lock_wait, idempotency, batches: None }
+    }
+
+    /// Applies the unkeyed charges this instance has queued for one account in batches of
+    /// up to `max` per lock hold and transaction (see the module documentation); a `max` of
+    /// one keeps every charge alone.
+    #[must_use]
+    pub fn with_batches(mut self, max: NonZeroUsize) -> Self {
+        self.batches =
+            (max.get() > 1).then(|| Arc::new(Batches { queued: Mutex::default(), max: max.get() }));
+        self
     }
 
     /// Adds `amount` to the balance of `user_id`, exactly once, and returns the new balance.
@@ -100,6 +135,9 @@ impl ChargePoints {
         amount: ChargeAmount,
         key: Option<IdempotencyKey>,
     ) -> Result<Outcome<Balance>, ChargePointsError> {
+        if let (None, Some(batches)) = (&key, &self.batches) {
+            return self.batched(Arc::clone(batches), user_id, amount).await;
+        }
         let this = self.clone();
         run_to_end(async move { this.charge(user_id, amount, key).await }).await
     }
@@ -110,15 +148,6 @@ impl ChargePoints {
         amount: ChargeAmount,
         key: Option<IdempotencyKey>,
     ) -> Result<Outcome<Balance>, ChargePointsError> {
-        let user = self
-            .users
-            .find(user_id)
-            .await
-            .map_err(|e| anyhow::Error::new(e).context("failed to read the user"))?;
-        if user.is_none() {
-            return Err(ChargePointsError::UserNotFound(user_id));
-        }
-
         let fingerprint = Fingerprint::of("charge_points", &serde_json::json!({ "amount": amount.points() }));
         let outcome = self
             .idempotency
@@ -137,7 +166,6 @@ impl ChargePoints {
                             if let Some(recorder) = &recorder {
                                 recorder.ensure_unrecorded(tx).await?;
                             }
-                            // Re-checked inside: the account may have gone since the read above.
                             let mut account = points
                                 .lock_account(tx, user_id)
                                 .await?
@@ -163,6 +191,189 @@ impl ChargePoints {
         tracing::info!(balance = balance.points(), replayed, "points charged");
         let balance = if replayed { Outcome::Replayed(balance) } else { Outcome::Fresh(balance) };
         Ok(balance)
+    }
+    /// Queues an unkeyed charge for its account's next batch, leading the batch when none
+    /// is running on this instance, and waits for its answer.
+    async fn batched(
+        &self,
+        batches: Arc<Batches>,
+        user_id: UserId,
+        amount: ChargeAmount,
+    ) -> Result<Outcome<Balance>, ChargePointsError> {
+        let ticket = Ticket::take()?;
+        let (answer, answered) = oneshot::channel();
+        let queued = Queued { amount, since: Instant::now(), answer, _ticket: ticket };
+        if batches.join(user_id, queued) {
+            let this = self.clone();
+            let leader = Leader { batches, user_id, done: false };
+            tokio::spawn(this.lead(leader).instrument(tracing::info_span!("charge_batches", %user_id)));
+        }
+        match answered.await {
+            Ok(result) => result.map(Outcome::Fresh),
+            // Only when the batch's task panicked (logged by the runtime).
+            Err(_) => Err(anyhow::anyhow!("the charge's batch ended without answering it").into()),
+        }
+    }
+
+    /// The leader's loop: batch after batch until the account's queue is empty.
+    async fn lead(self, mut leader: Leader) {
+        loop {
+            let batch = leader.batches.take(leader.user_id);
+            if batch.is_empty() {
+                leader.done = true;
+                return;
+            }
+            self.apply(leader.user_id, batch).await;
+        }
+    }
+
+    /// One lock hold, one transaction: applies `batch` in order and answers each charge.
+    async fn apply(&self, user_id: UserId, batch: Vec<Queued>) {
+        // Nobody waits for the lock much longer than the wait they were promised: the
+        // batch waits what is left of its oldest charge's wait.
+        let waited = batch.first().map_or(Duration::ZERO, |oldest| oldest.since.elapsed());
+        let wait = match self.lock_wait.checked_sub(waited) {
+            Some(left) if !left.is_zero() => WaitPolicy::WaitUpTo(left),
+            _ => WaitPolicy::FailFast,
+        };
+        let amounts: Vec<ChargeAmount> = batch.iter().map(|queued| queued.amount).collect();
+        let points = Arc::clone(&self.points);
+        let locks = [LockRequest { key: LockKey::point(user_id), wait }];
+        let applied = locked_tx(self.lock.as_ref(), self.txm.as_ref(), &locks, move |tx| {
+            Box::pin(async move {
+                let mut account = points
+                    .lock_account(tx, user_id)
+                    .await?
+                    .ok_or(ChargePointsError::UserNotFound(user_id))?;
+                let read_at = account.version();
+                let now = clock::now_utc();
+                let mut entries = Vec::with_capacity(amounts.len());
+                let mut answers = Vec::with_capacity(amounts.len());
+                for amount in amounts {
+                    match account.charge(amount, now) {
+                        Ok(entry) => {
+                            answers.push(Ok(entry.balance_after()));
+                            entries.push(entry);
+                        }
+                        // Refused alone: the account is unchanged, the next may still fit.
+                        Err(refused @ PointError::BalanceLimitExceeded { .. }) => answers.push(Err(refused)),
+                        Err(other) => return Err(other.into()),
+                    }
+                }
+                if !entries.is_empty() {
+                    points.save_balance(tx, &account, read_at).await?;
+                    points.append_histories(tx, &entries).await?;
+                }
+                Ok::<_, ChargePointsError>(answers)
+            })
+        })
+        .await;
+        let size = batch.len();
+        match applied {
+            Ok(answers) => {
+                let balance = answers.iter().rev().find_map(|a| a.as_ref().ok()).map(|b| b.points());
+                tracing::info!(charges = size, ?balance, "points charged in one batch");
+                for (queued, answer) in batch.into_iter().zip(answers) {
+                    queued.answer(answer.map_err(ChargePointsError::from));
+                }
+            }
+            Err(error) => {
+                tracing::info!(charges = size, error = %error, "a batch of charges changed nothing");
+                for queued in batch {
+                    queued.answer(Err(error.for_another_caller()));
+                }
+            }
+        }
+    }
+}
+
+/// The unkeyed charges of this instance queued per account, each account's with a leader
+/// task running while its queue is not empty.
+struct Batches {
+    queued: Mutex<HashMap<UserId, Vec<Queued>>>,
+    max: usize,
+}
+
+impl Batches {
+    /// Queues `charge`; true when no batch of this account was running, so the caller
+    /// must start its leader.
+    fn join(&self, user_id: UserId, charge: Queued) -> bool {
+        let mut queued = self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match queued.entry(user_id) {
+            Entry::Occupied(mut waiting) => {
+                waiting.get_mut().push(charge);
+                false
+            }
+            Entry::Vacant(none) => {
+                none.insert(vec![charge]);
+                true
+            }
+        }
+    }
+
+    /// The next batch of `user_id`, oldest first, at most `max`; empty (and the account's
+    /// queue forgotten, so the next charge starts a new leader) when none is queued.
+    fn take(&self, user_id: UserId) -> Vec<Queued> {
+        let mut queued = self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(waiting) = queued.get_mut(&user_id) else { return Vec::new() };
+        if waiting.is_empty() {
+            queued.remove(&user_id);
+            return Vec::new();
+        }
+        let n = waiting.len().min(self.max);
+        waiting.drain(..n).collect()
+    }
+}
+
+/// One charge waiting for its batch.
+struct Queued {
+    amount: ChargeAmount,
+    since: Instant,
+    answer: oneshot::Sender<Result<Balance, ChargePointsError>>,
+    /// Counted as a write in flight until answered.
+    _ticket: Ticket,
+}
+
+impl Queued {
+    fn answer(self, result: Result<Balance, ChargePointsError>) {
+        if let Err(unheard) = self.answer.send(result) {
+            match unheard {
+                Ok(_) => tracing::info!("a charge ended after its client had gone"),
+                Err(error) => tracing::warn!(error = %error, "a charge failed after its client had gone"),
+            }
+        }
+    }
+}
+
+/// The leadership of one account's batches. Should its task end any other way than by
+/// finding the queue empty (a panic), the queue is dropped, so that its charges are
+/// answered (with an error) instead of waiting for ever, and the next charge leads anew.
+struct Leader {
+    batches: Arc<Batches>,
+    user_id: UserId,
+    done: bool,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut queued = self.batches.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            queued.remove(&self.user_id);
+        }
+    }
+}
+
+impl ChargePointsError {
+    /// This error once more, for another charge of the same batch.
+    fn for_another_caller(&self) -> Self {
+        match self {
+            Self::UserNotFound(id) => Self::UserNotFound(*id),
+            Self::BalanceLimitExceeded { balance, amount } => {
+                Self::BalanceLimitExceeded { balance: *balance, amount: *amount }
+            }
+            Self::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            Self::Failure(failure) => Self::Failure(failure.for_another_caller()),
+        }
     }
 }
 
@@ -198,14 +409,14 @@ impl From<PointRepositoryError> for ChargePointsError {
 mod tests {
     use domain::point::{MAX_BALANCE, MockPointRepository, PointAccount, PointHistoryKind};
     use domain::unit_of_work::MockUnitOfWork;
-    use domain::user::{MockUserRepository, User, UserName};
+
+    use std::sync::Mutex;
 
     use super::*;
-    use crate::lock::{FencingToken, LockError, MockDistributedLock, MockLockGuard, WaitPolicy};
+    use crate::lock::{FencingToken, LockError, MockDistributedLock, MockLockGuard};
     use crate::tx::MockTransactionManager;
 
     struct Harness {
-        users: MockUserRepository,
         points: MockPointRepository,
         lock: MockDistributedLock,
         txm: MockTransactionManager,
@@ -215,10 +426,6 @@ mod tests {
         /// A known user whose lock and transaction succeed; `commit` says whether the
         /// transaction is expected to commit or to roll back.
         fn new(user_id: UserId, commit: bool) -> Self {
-            let mut users = MockUserRepository::new();
-            users.expect_find().returning(move |_| {
-                Ok(Some(User::restore(user_id, UserName::new("kim").unwrap(), clock::now_utc())))
-            });
             let mut guard = MockLockGuard::new();
             guard.expect_is_lost().return_const(false);
             guard.expect_key().return_const(LockKey::point(user_id));
@@ -242,12 +449,11 @@ mod tests {
             }
             let mut txm = MockTransactionManager::new();
             txm.expect_begin().times(1).return_once(move || Ok(Box::new(uow)));
-            Self { users, points: MockPointRepository::new(), lock, txm }
+            Self { points: MockPointRepository::new(), lock, txm }
         }
 
         fn build(self) -> ChargePoints {
             ChargePoints::new(
-                Arc::new(self.users),
                 Arc::new(self.points),
                 Arc::new(self.lock),
                 Arc::new(self.txm),
@@ -301,28 +507,6 @@ mod tests {
         let balance = harness.build().execute(user_id, amount(1_000), None).await.unwrap().into_inner();
 
         assert_eq!(balance.points(), 1_500);
-    }
-
-    #[tokio::test]
-    async fn unknown_user_is_turned_away_before_any_lock() {
-        let mut users = MockUserRepository::new();
-        users.expect_find().times(1).returning(|_| Ok(None));
-        let mut lock = MockDistributedLock::new();
-        lock.expect_acquire().never();
-        let mut txm = MockTransactionManager::new();
-        txm.expect_begin().never();
-        let charge = ChargePoints::new(
-            Arc::new(users),
-            Arc::new(MockPointRepository::new()),
-            Arc::new(lock),
-            Arc::new(txm),
-            DEFAULT_LOCK_WAIT,
-            unkeyed(),
-        );
-
-        let result = charge.execute(UserId::generate(), amount(10), None).await;
-
-        assert!(matches!(result, Err(ChargePointsError::UserNotFound(_))));
     }
 
     #[tokio::test]
@@ -413,10 +597,6 @@ mod tests {
     #[tokio::test]
     async fn a_lock_wait_that_runs_out_is_contention_not_failure() {
         let user_id = UserId::generate();
-        let mut users = MockUserRepository::new();
-        users.expect_find().returning(move |_| {
-            Ok(Some(User::restore(user_id, UserName::new("kim").unwrap(), clock::now_utc())))
-        });
         let mut lock = MockDistributedLock::new();
         lock.expect_acquire()
             .times(1)
@@ -424,7 +604,6 @@ mod tests {
         let mut txm = MockTransactionManager::new();
         txm.expect_begin().never();
         let charge = ChargePoints::new(
-            Arc::new(users),
             Arc::new(MockPointRepository::new()),
             Arc::new(lock),
             Arc::new(txm),
@@ -442,10 +621,6 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_lock_store_fails_closed() {
         let user_id = UserId::generate();
-        let mut users = MockUserRepository::new();
-        users.expect_find().returning(move |_| {
-            Ok(Some(User::restore(user_id, UserName::new("kim").unwrap(), clock::now_utc())))
-        });
         let mut lock = MockDistributedLock::new();
         lock.expect_acquire()
             .times(1)
@@ -453,7 +628,6 @@ mod tests {
         let mut txm = MockTransactionManager::new();
         txm.expect_begin().never();
         let charge = ChargePoints::new(
-            Arc::new(users),
             Arc::new(MockPointRepository::new()),
             Arc::new(lock),
             Arc::new(txm),
@@ -464,5 +638,224 @@ mod tests {
         let result = charge.execute(user_id, amount(6), None).await;
 
         assert!(matches!(result, Err(ChargePointsError::Failure(Failure::Unavailable { .. }))));
+    }
+
+    // --- Batches -------------------------------------------------------------------------
+
+    /// An account kept in memory: the balance and version the mocked repository stores,
+    /// and the size of each history insert.
+    #[derive(Default)]
+    struct Stored {
+        balance: i64,
+        version: u64,
+        inserts: Vec<usize>,
+        balances_after: Vec<i64>,
+    }
+
+    fn stored_points(stored: &Arc<Mutex<Stored>>) -> MockPointRepository {
+        let mut points = MockPointRepository::new();
+        let read = Arc::clone(stored);
+        points.expect_lock_account().returning(move |_, u| {
+            let s = read.lock().unwrap();
+            Ok(Some(PointAccount::restore(u, Balance::new(s.balance).unwrap(), s.version)))
+        });
+        let write = Arc::clone(stored);
+        points.expect_save_balance().returning(move |_, account, read_at| {
+            let mut s = write.lock().unwrap();
+            assert_eq!(s.version, read_at, "compare-and-set on the version read");
+            s.balance = account.balance().points();
+            s.version = account.version();
+            Ok(())
+        });
+        let history = Arc::clone(stored);
+        points.expect_append_histories().returning(move |_, entries| {
+            let mut s = history.lock().unwrap();
+            s.inserts.push(entries.len());
+            s.balances_after.extend(entries.iter().map(|e| e.balance_after().points()));
+            Ok(())
+        });
+        points.expect_append_history().never();
+        points
+    }
+
+    fn committing_txm() -> MockTransactionManager {
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().returning(|| {
+            let mut uow = MockUnitOfWork::new();
+            uow.expect_commit().returning(|| Ok(()));
+            uow.expect_rollback().returning(|| Ok(()));
+            Ok(Box::new(uow))
+        });
+        txm
+    }
+
+    /// A lock whose first acquisition waits until the test opens it.
+    struct GatedLock {
+        opened: tokio::sync::watch::Receiver<bool>,
+        acquisitions: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl DistributedLock for GatedLock {
+        async fn acquire(
+            &self,
+            key: &LockKey,
+            wait: WaitPolicy,
+        ) -> Result<Box<dyn crate::lock::LockGuard>, LockError> {
+            if self.acquisitions.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let mut opened = self.opened.clone();
+                opened.wait_for(|open| *open).await.expect("the test keeps the gate");
+            }
+            crate::lock::NoLock.acquire(key, wait).await
+        }
+    }
+
+    fn queued(amount_points: i64) -> (Queued, oneshot::Receiver<Result<Balance, ChargePointsError>>) {
+        let (answer, answered) = oneshot::channel();
+        let queued = Queued {
+            amount: amount(amount_points),
+            since: Instant::now(),
+            answer,
+            _ticket: Ticket::take().expect("not shutting down"),
+        };
+        (queued, answered)
+    }
+
+    #[tokio::test]
+    async fn charges_queued_behind_a_held_lock_are_applied_in_one_batch_each_with_its_own_answer() {
+        let user_id = UserId::generate();
+        let stored = Arc::new(Mutex::new(Stored::default()));
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let lock = Arc::new(GatedLock { opened, acquisitions: 0.into() });
+        let charge = ChargePoints::new(
+            Arc::new(stored_points(&stored)),
+            Arc::clone(&lock) as Arc<dyn DistributedLock>,
+            Arc::new(committing_txm()),
+            DEFAULT_LOCK_WAIT,
+            unkeyed(),
+        )
+        .with_batches(NonZeroUsize::new(100).unwrap());
+
+        // The first charge leads, and its batch (itself) waits at the lock...
+        let first = tokio::spawn({
+            let charge = charge.clone();
+            async move { charge.execute(user_id, amount(1), None).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lock.acquisitions.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the leader never asked for the lock");
+            tokio::task::yield_now().await;
+        }
+        // ... while five more queue behind it.
+        let rest: Vec<_> = (0..5)
+            .map(|_| {
+                let charge = charge.clone();
+                tokio::spawn(async move { charge.execute(user_id, amount(10), None).await })
+            })
+            .collect();
+        let queue_len =
+            || charge.batches.as_ref().unwrap().queued.lock().unwrap().get(&user_id).map_or(0, Vec::len);
+        while queue_len() < 5 {
+            assert!(Instant::now() < deadline, "the charges never queued");
+            tokio::task::yield_now().await;
+        }
+        open.send(true).unwrap();
+
+        assert_eq!(first.await.unwrap().unwrap().into_inner().points(), 1);
+        let mut answers = Vec::new();
+        for charge in rest {
+            answers.push(charge.await.unwrap().unwrap().into_inner().points());
+        }
+        answers.sort_unstable();
+        assert_eq!(answers, vec![11, 21, 31, 41, 51], "each answer is its own balance after");
+        let s = stored.lock().unwrap();
+        assert_eq!((s.balance, s.version), (51, 6));
+        assert_eq!(s.inserts, vec![1, 5], "the five queued charges went in one insert");
+        assert_eq!(s.balances_after, vec![1, 11, 21, 31, 41, 51]);
+        assert_eq!(lock.acquisitions.load(std::sync::atomic::Ordering::SeqCst), 2, "two lock holds");
+        assert!(charge.batches.as_ref().unwrap().queued.lock().unwrap().is_empty(), "the queue is forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_charge_refused_in_a_batch_changes_nothing_and_the_next_one_still_applies() {
+        let user_id = UserId::generate();
+        let stored =
+            Arc::new(Mutex::new(Stored { balance: MAX_BALANCE - 15, version: 3, ..Stored::default() }));
+        let charge = ChargePoints::new(
+            Arc::new(stored_points(&stored)),
+            Arc::new(crate::lock::NoLock),
+            Arc::new(committing_txm()),
+            DEFAULT_LOCK_WAIT,
+            unkeyed(),
+        )
+        .with_batches(NonZeroUsize::new(10).unwrap());
+        let (a, a_answer) = queued(10);
+        let (b, b_answer) = queued(10);
+        let (c, c_answer) = queued(5);
+
+        charge.apply(user_id, vec![a, b, c]).await;
+
+        assert_eq!(a_answer.await.unwrap().unwrap().points(), MAX_BALANCE - 5);
+        assert!(matches!(
+            b_answer.await.unwrap(),
+            Err(ChargePointsError::BalanceLimitExceeded { balance, amount: 10 }) if balance == MAX_BALANCE - 5
+        ));
+        assert_eq!(c_answer.await.unwrap().unwrap().points(), MAX_BALANCE);
+        let s = stored.lock().unwrap();
+        assert_eq!((s.balance, s.version, s.inserts.clone()), (MAX_BALANCE, 5, vec![2]));
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_cannot_have_its_lock_answers_every_charge_with_the_failure() {
+        let user_id = UserId::generate();
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire()
+            .times(1)
+            .returning(|_, _| Err(LockError::Unavailable(anyhow::anyhow!("connection refused"))));
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().never();
+        let charge = ChargePoints::new(
+            Arc::new(MockPointRepository::new()),
+            Arc::new(lock),
+            Arc::new(txm),
+            DEFAULT_LOCK_WAIT,
+            unkeyed(),
+        )
+        .with_batches(NonZeroUsize::new(10).unwrap());
+        let (a, a_answer) = queued(10);
+        let (b, b_answer) = queued(20);
+
+        charge.apply(user_id, vec![a, b]).await;
+
+        for answer in [a_answer, b_answer] {
+            assert!(matches!(
+                answer.await.unwrap(),
+                Err(ChargePointsError::Failure(Failure::Unavailable { .. }))
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_oldest_charge_waited_its_whole_wait_tries_the_lock_once() {
+        let user_id = UserId::generate();
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire()
+            .withf(|_, wait| *wait == WaitPolicy::FailFast)
+            .times(1)
+            .returning(|key, _| Err(LockError::Busy { key: key.clone() }));
+        let charge = ChargePoints::new(
+            Arc::new(MockPointRepository::new()),
+            Arc::new(lock),
+            Arc::new(MockTransactionManager::new()),
+            Duration::from_millis(1),
+            unkeyed(),
+        )
+        .with_batches(NonZeroUsize::new(10).unwrap());
+        let (mut old, old_answer) = queued(10);
+        old.since = Instant::now().checked_sub(Duration::from_millis(5)).unwrap();
+
+        charge.apply(user_id, vec![old]).await;
+
+        assert!(matches!(old_answer.await.unwrap(), Err(ChargePointsError::Failure(Failure::Contended(_)))));
     }
 }

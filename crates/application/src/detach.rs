@@ -77,6 +77,32 @@ impl Drop for InFlight {
     }
 }
 
+/// One write counted among the process's writes while it lives (the [`MAX_IN_FLIGHT`]
+/// bound, and the [`drain`] at shutdown waits for it), for a write handed from task to task
+/// instead of running on one of its own: a charge queued for its account's next batch
+/// (see `charge_points`), which the batch's task answers.
+pub struct Ticket(#[allow(dead_code, reason = "held for its Drop")] InFlight);
+
+impl Ticket {
+    /// Counts one more write, or refuses it as [`run_to_end`] would.
+    ///
+    /// # Errors
+    /// [`Failure::Unavailable`] when [`MAX_IN_FLIGHT`] writes are running already or the
+    /// process is shutting down ([`drain`]).
+    pub fn take() -> Result<Self, Failure> {
+        InFlight::enter(&WRITES).map(Self).map_err(|what| {
+            tracing::warn!(refused = %what, "a write was refused before it began");
+            Failure::Unavailable { what, source: anyhow::anyhow!("write refused: {what}") }
+        })
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ticket")
+    }
+}
+
 /// Runs `work` on a task of its own, in the caller's tracing span, and waits for its
 /// result. Dropping the returned future does not stop `work`.
 ///

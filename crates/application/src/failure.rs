@@ -81,6 +81,41 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// The same failure once more, for another caller of one piece of work that several
+    /// callers share (a batch of charges, see `charge_points`): the same variant, so the same
+    /// HTTP meaning. An underlying error cannot be cloned, so its cause chain is kept as
+    /// text, with what the answer depends on: whether a commit's outcome is unknown, or a
+    /// store was unavailable.
+    #[must_use]
+    pub fn for_another_caller(&self) -> Self {
+        match self {
+            Self::Contended(key) => Self::Contended(key.clone()),
+            Self::LeaseLost(key) => Self::LeaseLost(key.clone()),
+            Self::Unavailable { what, source } => {
+                Self::Unavailable { what: *what, source: anyhow::anyhow!("{source:#}") }
+            }
+            Self::Unexpected(error) => Self::Unexpected(retold(error)),
+        }
+    }
+}
+
+/// `error`'s text, as an error of the same kind to [`domain::unavailable`].
+fn retold(error: &anyhow::Error) -> anyhow::Error {
+    let text: Box<dyn std::error::Error + Send + Sync> = format!("{error:#}").into();
+    if domain::unavailable::is_outcome_unknown(error) {
+        anyhow::Error::new(domain::unavailable::OutcomeUnknown { source: text })
+    } else if let Some(reason) = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<domain::unavailable::Unavailable>())
+        .map(|u| u.reason)
+    {
+        anyhow::Error::new(domain::unavailable::Unavailable { reason, source: text })
+    } else {
+        anyhow::Error::msg(text)
+    }
+}
+
 impl From<LockError> for Failure {
     fn from(error: LockError) -> Self {
         match error {
@@ -162,6 +197,39 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_failure_told_to_another_caller_keeps_its_meaning() {
+        let key = LockKey::new("point", "u");
+        assert!(
+            matches!(Failure::Contended(key.clone()).for_another_caller(), Failure::Contended(k) if k == key)
+        );
+        assert!(
+            matches!(Failure::LeaseLost(key.clone()).for_another_caller(), Failure::LeaseLost(k) if k == key)
+        );
+        let unavailable =
+            Failure::Unavailable { what: Dependency::LockStore, source: anyhow::anyhow!("down") };
+        assert!(matches!(
+            unavailable.for_another_caller(),
+            Failure::Unavailable { what: Dependency::LockStore, source } if source.to_string() == "down"
+        ));
+        let io = || Box::new(std::io::Error::other("reset"));
+        let unknown =
+            anyhow::Error::new(domain::unavailable::OutcomeUnknown { source: io() }).context("commit");
+        let Failure::Unexpected(told) = Failure::Unexpected(unknown).for_another_caller() else { panic!() };
+        assert!(domain::unavailable::is_outcome_unknown(&told), "{told:#}");
+        let down =
+            anyhow::Error::new(domain::unavailable::Unavailable { reason: "unreachable", source: io() });
+        let Failure::Unexpected(told) = Failure::Unexpected(down).for_another_caller() else { panic!() };
+        assert!(
+            domain::unavailable::is_unavailable(&told) && !domain::unavailable::is_outcome_unknown(&told)
+        );
+        let Failure::Unexpected(told) = Failure::Unexpected(anyhow::anyhow!("a bug")).for_another_caller()
+        else {
+            panic!()
+        };
+        assert!(!domain::unavailable::is_unavailable(&told) && told.to_string() == "a bug");
+    }
 
     #[test]
     fn a_lost_lease_is_not_contention_whatever_the_lock() {

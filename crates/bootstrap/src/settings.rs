@@ -68,6 +68,9 @@ pub struct Settings {
     pub redis_pool_size: usize,
     /// `POINT_LOCK_WAIT_MS`: how long a charge waits for `lock:{point:<userId>}`.
     pub point_lock_wait: Duration,
+    /// `POINT_CHARGE_BATCH_MAX`: the most queued charges of one account applied under one
+    /// lock hold and transaction (1: each charge alone).
+    pub point_charge_batch_max: std::num::NonZeroUsize,
     /// `LOCK_LEASE_MS`: how long a lock outlives a crashed holder.
     pub lock_lease: Duration,
     /// `LOCK_WAIT_STRATEGY`: `pubsub` or `spin`.
@@ -517,6 +520,14 @@ impl Settings {
                 millis(DEFAULT_LOCK_WAIT),
                 0..=60_000,
             )?),
+            point_charge_batch_max: usize::try_from(number(
+                "POINT_CHARGE_BATCH_MAX",
+                application::charge_points::DEFAULT_BATCH_MAX.get() as u64,
+                1..=1_000,
+            )?)
+            .ok()
+            .and_then(std::num::NonZeroUsize::new)
+            .unwrap_or(application::charge_points::DEFAULT_BATCH_MAX),
             lock_lease,
             lock_wait_mode,
         })
@@ -587,6 +598,7 @@ mod tests {
         assert_eq!(s.http_addr, "127.0.0.1:8080");
         assert_eq!(s.log_filter, "info");
         assert_eq!(s.point_lock_wait, Duration::from_secs(3));
+        assert_eq!(s.point_charge_batch_max.get(), 100);
         assert_eq!(s.queue_backend, QueueBackend::Redis);
         assert_eq!(s.queue.policy, AdmitPolicy::MaxActive { max_active: 1_000 });
         assert_eq!(s.queue.active_lifetime, Duration::from_secs(600));
@@ -764,6 +776,8 @@ mod tests {
             ("SEED_DEMO_DATA", "maybe"),
             ("CACHE_SINGLE_LOADER", "maybe"),
             ("HOLD_EXPIRY_BATCH", "0"),
+            ("POINT_CHARGE_BATCH_MAX", "0"),
+            ("POINT_CHARGE_BATCH_MAX", "1001"),
         ] {
             let error = settings(&[(name, value)]).unwrap_err().to_string();
             assert!(error.starts_with(name), "{error}");

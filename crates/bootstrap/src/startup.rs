@@ -289,13 +289,13 @@ impl Application {
         let state = web::Data::new(AppState {
             create_user: CreateUser::new(users.clone(), points.clone(), txm.clone()),
             charge_points: ChargePoints::new(
-                users.clone(),
                 points.clone(),
                 lock_port,
                 txm,
                 settings.point_lock_wait,
                 idempotency.clone(),
-            ),
+            )
+            .with_batches(settings.point_charge_batch_max),
             get_balance: GetBalance::new(points.clone()),
             point_history: PointHistory::new(users.clone(), points),
             issue_token: IssueToken::new(users.clone(), Arc::clone(&queue)),

@@ -392,6 +392,23 @@ pub trait PointRepository: Send + Sync {
         entry: &PointHistoryEntry,
     ) -> Result<(), PointRepositoryError>;
 
+    /// Appends several history entries inside `tx`, in their order (a batch of charges
+    /// applied in one transaction). The default inserts them one by one; an adapter may
+    /// send them in one statement.
+    ///
+    /// # Errors
+    /// [`PointRepositoryError::Unexpected`] for any storage failure.
+    async fn append_histories(
+        &self,
+        tx: &mut Tx,
+        entries: &[PointHistoryEntry],
+    ) -> Result<(), PointRepositoryError> {
+        for entry in entries {
+            self.append_history(tx, entry).await?;
+        }
+        Ok(())
+    }
+
     /// The committed balance of a user, read without locking.
     ///
     /// # Errors

@@ -26,13 +26,43 @@ async fn registered_user(db: &Db) -> User {
 /// The real use case on the real adapters, with the distributed lock taken out.
 fn charge_without_lock(db: &Db) -> ChargePoints {
     ChargePoints::new(
-        db.users.clone(),
         db.points.clone(),
         Arc::new(NoLock),
         db.txm.clone(),
         Duration::from_secs(3),
         Idempotency::new(db.idempotency.clone(), Duration::from_secs(3), DEFAULT_RETENTION),
     )
+}
+
+/// Batches on the real adapters: many charges per transaction, one multi-row history
+/// insert each, and still one history row and one distinct answer per charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_charges_stay_exact_with_one_history_row_and_one_answer_each() {
+    let db = Db::fresh("points_batched").await;
+    let user = registered_user(&db).await;
+    let charge = charge_without_lock(&db).with_batches(std::num::NonZeroUsize::new(16).expect("non-zero"));
+
+    let results = futures::future::join_all(
+        (0..200).map(|_| charge.execute(user.id(), ChargeAmount::new(100).expect("valid"), None)),
+    )
+    .await;
+
+    let mut answers: Vec<i64> = results
+        .into_iter()
+        .map(|result| result.expect("every charge applies").into_inner().points())
+        .collect();
+    answers.sort_unstable();
+    let expected: Vec<i64> = (1..=200).map(|n| n * 100).collect();
+    assert_eq!(answers, expected, "each charge answered its own balance after");
+    assert_eq!(db.points.balance(user.id()).await.expect("balance"), Some(Balance::new(20_000).unwrap()));
+    let history = db.points.history(user.id(), HistoryLimit::new(1000).unwrap()).await.expect("history");
+    let mut afters: Vec<i64> = history.iter().map(|e| e.balance_after().points()).collect();
+    afters.sort_unstable();
+    assert_eq!(afters, expected, "one history row per charge");
+    let mut seqs: Vec<u64> = history.iter().map(|e| e.seq()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>(), "the versions have no gap");
+    db.drop_now().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
