@@ -112,6 +112,23 @@ impl PointRepository for MySqlPointRepository {
         Ok(row.map(|row| account_row(&row).and_then(account_from)).transpose()?)
     }
 
+    #[tracing::instrument(name = "points.read_account", skip(self, tx))]
+    async fn read_account(
+        &self,
+        tx: &mut Tx,
+        user_id: UserId,
+    ) -> Result<Option<PointAccount>, PointRepositoryError> {
+        let row = connection(tx)?
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::READ_ACCOUNT,
+                [(*user_id.as_uuid()).into()],
+            ))
+            .await
+            .db_context("failed to read the point account")?;
+        Ok(row.map(|row| account_row(&row).and_then(account_from)).transpose()?)
+    }
+
     #[tracing::instrument(name = "points.save_balance", skip_all, fields(user_id = %account.user_id()))]
     async fn save_balance(
         &self,

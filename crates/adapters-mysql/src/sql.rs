@@ -131,6 +131,11 @@ pub const RUN_OUT_HOLDS: &str = "SELECT id, user_id, schedule_id, seat_number, p
 pub const LOCK_ACCOUNT: &str =
     "SELECT user_id, balance, version, updated_at FROM point_accounts WHERE user_id = ? FOR UPDATE";
 
+/// The account read without locking, by the optimistic charge (`POINT_CHARGE_STRATEGY=optimistic`,
+/// a benchmark's baseline): the user's id.
+pub const READ_ACCOUNT: &str =
+    "SELECT user_id, balance, version, updated_at FROM point_accounts WHERE user_id = ?";
+
 /// A balance's compare-and-set (rows affected checked): the new balance, the new version,
 /// the time, the point lock's fencing number (or NULL, unfenced), the user's id, the
 /// version read, the fencing number twice more. A number lower than the account's `fence`

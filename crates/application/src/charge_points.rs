@@ -44,12 +44,30 @@ use crate::detach::{Ticket, run_to_end};
 use crate::failure::Failure;
 use crate::idempotency::{Fingerprint, Idempotency, IdempotencyError, IdempotencyKey, Outcome, Recorder};
 use crate::lock::{DistributedLock, LockKey, LockRequest, WaitPolicy};
-use crate::tx::{TransactionManager, locked_tx};
+use crate::tx::{TransactionManager, in_tx, locked_tx};
 
 /// How long a charge waits for `lock:{point:<userId>}` by default. A holder keeps it for a
 /// few milliseconds, so three seconds is hundreds of turns; beyond that the client is
 /// better told to retry than kept hanging.
 pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// How charges without an idempotency key keep the changes of one account apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChargeStrategy {
+    /// The product: `lock:{point:<userId>}`, waiting, then the row lock, in batches when
+    /// [`ChargePoints::with_batches`] says so.
+    Locked,
+    /// A benchmark's baseline (`POINT_CHARGE_STRATEGY=optimistic`): no distributed lock and
+    /// no row lock; read the account, write it with a compare-and-set on the version read,
+    /// and on a conflict (another charge committed in between) start again after a random
+    /// pause (full jitter, from 1 ms doubling up to 50 ms), `attempts` times in all; then
+    /// refuse as contended (429, nothing changed). Exact (the compare-and-set is the
+    /// guard), but under contention most attempts lose.
+    Optimistic { attempts: u32 },
+}
+
+/// The first and the largest pause of an optimistic charge after a conflict.
+const OPTIMISTIC_BACKOFF: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(50));
 
 /// The default largest batch: a hundred charges are one transaction of a few milliseconds.
 pub const DEFAULT_BATCH_MAX: NonZeroUsize = NonZeroUsize::MIN.saturating_add(99);
@@ -63,6 +81,7 @@ pub struct ChargePoints {
     idempotency: Idempotency,
     /// Unkeyed charges queued per account on this instance; `None`: each charge alone.
     batches: Option<Arc<Batches>>,
+    strategy: ChargeStrategy,
 }
 
 /// What a charge answers, as its idempotency record keeps it.
@@ -103,7 +122,14 @@ impl ChargePoints {
         lock_wait: Duration,
         idempotency: Idempotency,
     ) -> Self {
-        Self { points, lock, txm, lock_wait, idempotency, batches: None }
+        Self { points, lock, txm, lock_wait, idempotency, batches: None, strategy: ChargeStrategy::Locked }
+    }
+
+    /// How unkeyed charges are kept apart ([`ChargeStrategy::Locked`] unless told).
+    #[must_use]
+    pub const fn with_strategy(mut self, strategy: ChargeStrategy) -> Self {
+        self.strategy = strategy;
+        self
     }
 
     /// Applies the unkeyed charges this instance has queued for one account in batches of
@@ -135,8 +161,14 @@ impl ChargePoints {
         amount: ChargeAmount,
         key: Option<IdempotencyKey>,
     ) -> Result<Outcome<Balance>, ChargePointsError> {
-        if let (None, Some(batches)) = (&key, &self.batches) {
-            return self.batched(Arc::clone(batches), user_id, amount).await;
+        if key.is_none() {
+            if let ChargeStrategy::Optimistic { attempts } = self.strategy {
+                let this = self.clone();
+                return run_to_end(async move { this.optimistic(user_id, amount, attempts).await }).await;
+            }
+            if let Some(batches) = &self.batches {
+                return self.batched(Arc::clone(batches), user_id, amount).await;
+            }
         }
         let this = self.clone();
         run_to_end(async move { this.charge(user_id, amount, key).await }).await
@@ -192,6 +224,49 @@ impl ChargePoints {
         let balance = if replayed { Outcome::Replayed(balance) } else { Outcome::Fresh(balance) };
         Ok(balance)
     }
+    /// [`ChargeStrategy::Optimistic`]: read, compare-and-set, retry on conflict.
+    async fn optimistic(
+        &self,
+        user_id: UserId,
+        amount: ChargeAmount,
+        attempts: u32,
+    ) -> Result<Outcome<Balance>, ChargePointsError> {
+        let (mut pause, longest) = OPTIMISTIC_BACKOFF;
+        for attempt in 1..=attempts.max(1) {
+            let points = Arc::clone(&self.points);
+            let applied = in_tx(self.txm.as_ref(), move |tx| {
+                Box::pin(async move {
+                    let mut account = points
+                        .read_account(tx, user_id)
+                        .await?
+                        .ok_or(ChargePointsError::UserNotFound(user_id))?;
+                    let read_at = account.version();
+                    let entry = account.charge(amount, clock::now_utc())?;
+                    match points.save_balance(tx, &account, read_at).await {
+                        Ok(()) => {}
+                        // Changed since it was read: nothing was written, try again.
+                        Err(PointRepositoryError::StaleBalance { .. }) => return Ok(None),
+                        Err(other) => return Err(other.into()),
+                    }
+                    points.append_history(tx, &entry).await?;
+                    Ok::<_, ChargePointsError>(Some(account.balance()))
+                })
+            })
+            .await?;
+            if let Some(balance) = applied {
+                return Ok(Outcome::Fresh(balance));
+            }
+            metrics::counter!("point_charge_conflicts_total").increment(1);
+            if attempt < attempts {
+                let micros = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(0..=micros))).await;
+                pause = (pause * 2).min(longest);
+            }
+        }
+        tracing::info!(attempts, "an optimistic charge lost every attempt");
+        Err(Failure::Contended(LockKey::point(user_id)).into())
+    }
+
     /// Queues an unkeyed charge for its account's next batch, leading the batch when none
     /// is running on this instance, and waits for its answer.
     async fn batched(
@@ -857,5 +932,70 @@ mod tests {
         charge.apply(user_id, vec![old]).await;
 
         assert!(matches!(old_answer.await.unwrap(), Err(ChargePointsError::Failure(Failure::Contended(_)))));
+    }
+
+    // --- Optimistic ------------------------------------------------------------------------
+
+    #[tokio::test]
+    async fn an_optimistic_charge_retries_a_conflict_and_takes_no_lock() {
+        let user_id = UserId::generate();
+        let mut points = MockPointRepository::new();
+        let reads = Arc::new(std::sync::atomic::AtomicU64::new(4));
+        let version = Arc::clone(&reads);
+        points.expect_read_account().times(2).returning(move |_, u| {
+            let v = version.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(Some(PointAccount::restore(u, Balance::new(100).unwrap(), v)))
+        });
+        points.expect_lock_account().never();
+        let mut first = true;
+        points.expect_save_balance().times(2).returning(move |_, _, _| {
+            if std::mem::take(&mut first) {
+                Err(PointRepositoryError::StaleBalance { user_id })
+            } else {
+                Ok(())
+            }
+        });
+        points.expect_append_history().times(1).returning(|_, _| Ok(()));
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire().never();
+        let charge = ChargePoints::new(
+            Arc::new(points),
+            Arc::new(lock),
+            Arc::new(committing_txm()),
+            DEFAULT_LOCK_WAIT,
+            unkeyed(),
+        )
+        .with_strategy(ChargeStrategy::Optimistic { attempts: 3 })
+        .with_batches(NonZeroUsize::new(10).unwrap());
+
+        let balance = charge.execute(user_id, amount(5), None).await.unwrap().into_inner();
+
+        assert_eq!(balance.points(), 105);
+    }
+
+    #[tokio::test]
+    async fn an_optimistic_charge_that_loses_every_attempt_is_contended_and_writes_nothing() {
+        let user_id = UserId::generate();
+        let mut points = MockPointRepository::new();
+        points.expect_read_account().times(2).returning(move |_, u| Ok(Some(account(u, 0))));
+        points
+            .expect_save_balance()
+            .times(2)
+            .returning(move |_, _, _| Err(PointRepositoryError::StaleBalance { user_id }));
+        points.expect_append_history().never();
+        let charge = ChargePoints::new(
+            Arc::new(points),
+            Arc::new(MockDistributedLock::new()),
+            Arc::new(committing_txm()),
+            DEFAULT_LOCK_WAIT,
+            unkeyed(),
+        )
+        .with_strategy(ChargeStrategy::Optimistic { attempts: 2 });
+
+        let result = charge.execute(user_id, amount(5), None).await;
+
+        assert!(
+            matches!(result, Err(ChargePointsError::Failure(Failure::Contended(key))) if key == LockKey::point(user_id))
+        );
     }
 }

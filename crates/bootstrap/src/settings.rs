@@ -71,6 +71,9 @@ pub struct Settings {
     /// `POINT_CHARGE_BATCH_MAX`: the most queued charges of one account applied under one
     /// lock hold and transaction (1: each charge alone).
     pub point_charge_batch_max: std::num::NonZeroUsize,
+    /// `POINT_CHARGE_STRATEGY` (`locked` or `optimistic`, a benchmark's baseline) and
+    /// `POINT_OPTIMISTIC_ATTEMPTS`.
+    pub point_charge_strategy: application::charge_points::ChargeStrategy,
     /// `LOCK_LEASE_MS`: how long a lock outlives a crashed holder.
     pub lock_lease: Duration,
     /// `LOCK_WAIT_STRATEGY`: `pubsub` or `spin`.
@@ -265,6 +268,15 @@ impl Settings {
         let redis_command_timeout = ms("REDIS_COMMAND_TIMEOUT_MS", DEFAULT_COMMAND_TIMEOUT, 50..=60_000)?;
         let database_statement_timeout =
             ms("DATABASE_STATEMENT_TIMEOUT_MS", DEFAULT_STATEMENT_TIMEOUT, 100..=600_000)?;
+        let point_charge_attempts = number("POINT_OPTIMISTIC_ATTEMPTS", 10, 1..=1_000)?;
+        let point_charge_strategy =
+            if choice("POINT_CHARGE_STRATEGY", "locked", &["locked", "optimistic"])? == "optimistic" {
+                application::charge_points::ChargeStrategy::Optimistic {
+                    attempts: u32::try_from(point_charge_attempts).unwrap_or(10),
+                }
+            } else {
+                application::charge_points::ChargeStrategy::Locked
+            };
         let shutdown_grace_seconds = number("SHUTDOWN_GRACE_SECONDS", 10, 0..=600)?;
         // The settings that only make sense together.
         let related = |ok: bool, name: &'static str, value: Duration, problem: String| {
@@ -528,6 +540,7 @@ impl Settings {
             .ok()
             .and_then(std::num::NonZeroUsize::new)
             .unwrap_or(application::charge_points::DEFAULT_BATCH_MAX),
+            point_charge_strategy,
             lock_lease,
             lock_wait_mode,
         })
@@ -599,6 +612,7 @@ mod tests {
         assert_eq!(s.log_filter, "info");
         assert_eq!(s.point_lock_wait, Duration::from_secs(3));
         assert_eq!(s.point_charge_batch_max.get(), 100);
+        assert_eq!(s.point_charge_strategy, application::charge_points::ChargeStrategy::Locked);
         assert_eq!(s.queue_backend, QueueBackend::Redis);
         assert_eq!(s.queue.policy, AdmitPolicy::MaxActive { max_active: 1_000 });
         assert_eq!(s.queue.active_lifetime, Duration::from_secs(600));
@@ -778,6 +792,8 @@ mod tests {
             ("HOLD_EXPIRY_BATCH", "0"),
             ("POINT_CHARGE_BATCH_MAX", "0"),
             ("POINT_CHARGE_BATCH_MAX", "1001"),
+            ("POINT_CHARGE_STRATEGY", "hopeful"),
+            ("POINT_OPTIMISTIC_ATTEMPTS", "0"),
         ] {
             let error = settings(&[(name, value)]).unwrap_err().to_string();
             assert!(error.starts_with(name), "{error}");

@@ -295,7 +295,8 @@ impl Application {
                 settings.point_lock_wait,
                 idempotency.clone(),
             )
-            .with_batches(settings.point_charge_batch_max),
+            .with_batches(settings.point_charge_batch_max)
+            .with_strategy(settings.point_charge_strategy),
             get_balance: GetBalance::new(points.clone()),
             point_history: PointHistory::new(users.clone(), points),
             issue_token: IssueToken::new(users.clone(), Arc::clone(&queue)),

@@ -351,6 +351,18 @@ pub trait PointRepository: Send + Sync {
     /// included.
     async fn open_account(&self, tx: &mut Tx, account: &PointAccount) -> Result<(), PointRepositoryError>;
 
+    /// Reads the account inside `tx` without locking its row (a plain consistent read):
+    /// only for the optimistic charge, whose write is a compare-and-set on the version
+    /// read ([`PointRepository::save_balance`]) retried on conflict.
+    ///
+    /// # Errors
+    /// [`PointRepositoryError::Unexpected`] for any storage failure; no account is `Ok(None)`.
+    async fn read_account(
+        &self,
+        tx: &mut Tx,
+        user_id: UserId,
+    ) -> Result<Option<PointAccount>, PointRepositoryError>;
+
     /// Reads the account and locks its row until `tx` ends, so a concurrent writer that
     /// got past the distributed lock (an expired lease) waits here instead of racing.
     ///

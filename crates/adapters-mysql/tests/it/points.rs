@@ -34,6 +34,31 @@ fn charge_without_lock(db: &Db) -> ChargePoints {
     )
 }
 
+/// The optimistic baseline on the real adapters: no lock of any kind, the version's
+/// compare-and-set alone keeps concurrent charges exact (losers retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optimistic_charges_stay_exact_on_the_version_alone() {
+    let db = Db::fresh("points_optimistic").await;
+    let user = registered_user(&db).await;
+    let charge = charge_without_lock(&db)
+        .with_strategy(application::charge_points::ChargeStrategy::Optimistic { attempts: 1_000 });
+
+    let results = futures::future::join_all(
+        (0..40).map(|_| charge.execute(user.id(), ChargeAmount::new(1_000).expect("valid"), None)),
+    )
+    .await;
+
+    for result in &results {
+        assert!(result.is_ok(), "a charge failed: {result:?}");
+    }
+    assert_eq!(db.points.balance(user.id()).await.expect("balance"), Some(Balance::new(40_000).unwrap()));
+    let history = db.points.history(user.id(), HistoryLimit::new(1000).unwrap()).await.expect("history");
+    let mut afters: Vec<i64> = history.iter().map(|e| e.balance_after().points()).collect();
+    afters.sort_unstable();
+    assert_eq!(afters, (1..=40).map(|n| n * 1_000).collect::<Vec<_>>());
+    db.drop_now().await;
+}
+
 /// Batches on the real adapters: many charges per transaction, one multi-row history
 /// insert each, and still one history row and one distinct answer per charge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
