@@ -7,7 +7,8 @@ CARGO ?= cargo
 # Where the tests find their services (unset them to use testcontainers where Docker runs).
 export TEST_DATABASE_URL ?= mysql://root@127.0.0.1:3306
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379
-# make bench QUICK=1: smaller loads, three runs per figure, the benchkit scenarios only.
+# make bench QUICK=1: smaller loads, three runs per figure; bench-booking and the query plans
+# (docs/explain.sh) run in a full run only.
 QUICK ?=
 export BENCH_QUICK = $(if $(QUICK),1,)
 # How long make soak runs its workload, in seconds (make test runs 120).
@@ -59,10 +60,10 @@ bench: services ## Every benchmark on a release build; figures, JSON and SVG plo
 	./target/release/bench-cluster
 	./target/release/bench-payments
 	./target/release/bench-stampede
-ifeq ($(QUICK),)
 	./target/release/bench-queue
-	./target/release/bench-booking
 	./target/release/bench-coupons
+ifeq ($(QUICK),)
+	./target/release/bench-booking
 	./docs/explain.sh
 endif
 

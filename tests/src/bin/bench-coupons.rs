@@ -1,18 +1,27 @@
 //! `make bench`: first-come coupons, the issue step decided two ways. Prints its figures and
-//! writes `docs/report/coupons.md` and `docs/report/bench-coupons.json`.
+//! writes `docs/bench/coupons.{md,json}` and one SVG per figure through [`benchkit::write`]
+//! (run it from the repository root).
 //!
 //! The same burst against each `COUPON_ISSUE_STRATEGY`: `mysql-lock` (before: every request
 //! locks the campaign's row with `SELECT ... FOR UPDATE`, checks and inserts) and `redis`
 //! (after: one Redis script decides, only the winners reach MySQL). For each, three
-//! release-build instances on a fresh database and 2,000 users signed up (not timed), one
-//! warm-up burst (not counted), then `RUNS` times: a new campaign of 100 coupons and 5,000
-//! issue requests sent at once, round-robin over the instances, request i from user
-//! i % 2,000 (every user asks two or three times).
+//! release-build instances on a fresh database and `benchkit::size(2_000, 400)` users signed
+//! up (not timed), one warm-up burst (not counted), then `benchkit::runs()` times (5; 3 in
+//! quick mode, `BENCH_QUICK=1`): a new campaign of 100 coupons and
+//! `benchkit::size(5_000, 1_000)` issue requests sent at once, round-robin over the
+//! instances, request i from user i % users (every user asks two or three times, in both
+//! modes).
 //!
 //! A run counts only if it was exact: 100 answers 201, to 100 different users, each coupon
 //! its caller's; every 409 `COUPON_SOLD_OUT` or `COUPON_ALREADY_ISSUED`; MySQL holding
 //! exactly those 100. Anything else stops the benchmark: a figure of a wrong result is
-//! worth nothing.
+//! worth nothing. (A 5xx is counted and reported, not fatal: a server that gives up under
+//! load is a figure.)
+//!
+//! Figures, min / median / max over the runs: the burst's wall time (first request sent to
+//! last answer read), requests per second (every answer over it), and the p99 and p50 of
+//! the client-side latency. The before / after ratios of the medians, every run's counts
+//! and the database server's version are added to the Markdown and the JSON.
 //!
 //! Release-build servers (`target/release/concert-server`, next to this program); the load
 //! generator runs in this process on the same machine, so the figures are a lower bound of
@@ -22,11 +31,11 @@
 #![allow(clippy::cast_precision_loss, reason = "figures")]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::web::Bytes;
 use anyhow::Context as _;
+use e2e::benchkit::{self, Figure, Progress, Series};
 use e2e::booking::{ADMIN_KEY, AsFan as _, Fan, call, rfc3339, sign_up};
 use e2e::stats::{ms, percentile};
 use e2e::{Cluster, ClusterOptions, client, owned};
@@ -34,14 +43,9 @@ use futures::future::join_all;
 use sea_orm::{ConnectionTrait as _, DatabaseConnection, DbBackend, Statement};
 use serde_json::{Value, json};
 
-const REPORT: &str = "docs/report/coupons.md";
-const JSON_REPORT: &str = "docs/report/bench-coupons.json";
+const SCENARIO: &str = "coupons";
 const INSTANCES: usize = 3;
-const USERS: usize = 2_000;
-const REQUESTS: usize = 5_000;
 const QUANTITY: usize = 100;
-/// Measured bursts per strategy: an odd number, so the median is one of them.
-const RUNS: usize = 5;
 /// A first, uncounted burst on a small campaign: connections opened, scripts loaded.
 const WARMUP_REQUESTS: usize = 200;
 const WARMUP_QUANTITY: usize = 10;
@@ -79,12 +83,13 @@ impl Run {
         Self { wall, latencies: answers.iter().map(|a| a.latency).collect(), statuses }
     }
 
+    /// Every answer, 5xx included, over the wall time.
     fn per_second(&self) -> f64 {
-        REQUESTS as f64 / self.wall.as_secs_f64()
+        self.latencies.len() as f64 / self.wall.as_secs_f64()
     }
 
-    fn percentile(&self, p: f64) -> Duration {
-        percentile(&self.latencies, p)
+    fn latency_ms(&self, p: f64) -> f64 {
+        ms(percentile(&self.latencies, p))
     }
 
     fn count(&self, status: u16) -> usize {
@@ -94,35 +99,32 @@ impl Run {
     fn server_errors(&self) -> usize {
         self.statuses.iter().filter(|(status, _)| **status >= 500).map(|(_, n)| n).sum()
     }
-}
 
-/// The smallest, middle and largest of a figure over the runs.
-#[derive(Debug, Clone, Copy)]
-struct Spread {
-    min: f64,
-    median: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(mut values: Vec<f64>) -> Self {
-        values.sort_by(f64::total_cmp);
-        let n = values.len();
-        if n == 0 {
-            return Self { min: 0.0, median: 0.0, max: 0.0 };
-        }
-        let median =
-            if n.is_multiple_of(2) { f64::midpoint(values[n / 2 - 1], values[n / 2]) } else { values[n / 2] };
-        Self { min: values[0], median, max: values[n - 1] }
-    }
-
-    /// `min / median / max`, with `decimals` after the point.
-    fn show(&self, decimals: usize) -> String {
-        format!("{:.decimals$} / {:.decimals$} / {:.decimals$}", self.min, self.median, self.max)
+    /// One row of the table of every run.
+    fn row(&self, strategy: &str, number: usize) -> String {
+        format!(
+            "| `{strategy}` | {number} | {:.0} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
+            ms(self.wall),
+            self.per_second(),
+            self.count(201),
+            self.count(409),
+            self.server_errors(),
+            self.latency_ms(50.0),
+            self.latency_ms(99.0),
+            self.latency_ms(100.0),
+        )
     }
 
     fn json(&self) -> Value {
-        json!({"min": round(self.min), "median": round(self.median), "max": round(self.max)})
+        json!({
+            "wallMs": ms(self.wall),
+            "requestsPerSecond": self.per_second(),
+            "p50Ms": self.latency_ms(50.0),
+            "p99Ms": self.latency_ms(99.0),
+            "maxMs": self.latency_ms(100.0),
+            "statuses": self.statuses,
+            "serverErrors": self.server_errors(),
+        })
     }
 }
 
@@ -135,33 +137,23 @@ struct Measured {
 }
 
 impl Measured {
-    fn wall_ms(&self) -> Spread {
-        Spread::of(self.runs.iter().map(|r| ms(r.wall)).collect())
-    }
-
-    fn per_second(&self) -> Spread {
-        Spread::of(self.runs.iter().map(Run::per_second).collect())
-    }
-
-    fn p99_ms(&self) -> Spread {
-        Spread::of(self.runs.iter().map(|r| ms(r.percentile(99.0))).collect())
+    /// The plots' name of the strategy.
+    fn label(&self) -> String {
+        format!("{} ({})", self.strategy, self.role)
     }
 
     fn server_errors(&self) -> usize {
         self.runs.iter().map(Run::server_errors).sum()
     }
-}
 
-/// Where the figures were taken.
-#[derive(Debug)]
-struct Machine {
-    commit: String,
-    /// Whether the working tree differed from the commit (tracked files only).
-    uncommitted: bool,
-    cores: usize,
-    cpu: String,
-    database: String,
-    date: String,
+    fn json(&self) -> Value {
+        json!({
+            "strategy": self.strategy,
+            "role": self.role,
+            "serverErrors": self.server_errors(),
+            "runs": self.runs.iter().map(Run::json).collect::<Vec<_>>(),
+        })
+    }
 }
 
 /// Before over after, of the medians: how many times shorter, faster, lower.
@@ -175,55 +167,149 @@ struct Ratio {
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
     let http = client();
+    let runs = benchkit::runs();
+    let users = benchkit::size(2_000, 400);
+    let requests = benchkit::size(5_000, 1_000);
     let mut measured = Vec::with_capacity(STRATEGIES.len());
     let mut database = String::new();
     for &(strategy, role) in STRATEGIES {
-        let (runs, version) =
-            measure(&http, strategy).await.with_context(|| format!("COUPON_ISSUE_STRATEGY={strategy}"))?;
+        println!(
+            "{strategy}: {INSTANCES} instances, {users} users, {runs} runs of {requests} requests for \
+             {QUANTITY} coupons"
+        );
+        let (done, version) = measure(&http, strategy, users, requests, runs)
+            .await
+            .with_context(|| format!("COUPON_ISSUE_STRATEGY={strategy}"))?;
+        println!("  run  wall (ms)  requests/s    201    409    5xx  p50 (ms)  p99 (ms)  max (ms)");
+        for (i, run) in done.iter().enumerate() {
+            println!(
+                "  {:>3}  {:>9.0}  {:>10.0}  {:>5}  {:>5}  {:>5}  {:>8.1}  {:>8.1}  {:>8.1}",
+                i + 1,
+                ms(run.wall),
+                run.per_second(),
+                run.count(201),
+                run.count(409),
+                run.server_errors(),
+                run.latency_ms(50.0),
+                run.latency_ms(99.0),
+                run.latency_ms(100.0),
+            );
+        }
         database = version;
-        measured.push(Measured { strategy, role, runs });
+        measured.push(Measured { strategy, role, runs: done });
     }
 
-    println!("\nmin / median / max over {RUNS} runs of {REQUESTS} requests:");
-    for m in &measured {
-        println!(
-            "  {:>10} ({}): wall {} ms, {} requests/s, p99 {} ms, 5xx x{}",
-            m.strategy,
-            m.role,
-            m.wall_ms().show(0),
-            m.per_second().show(0),
-            m.p99_ms().show(1),
-            m.server_errors(),
-        );
-    }
-    let (before, after) = (&measured[0], &measured[1]);
+    let figure = |id: &str, title: &str, unit: &str, value: &dyn Fn(&Run) -> f64| {
+        measured.iter().fold(Figure::new(id, title, unit), |drawn, m| {
+            drawn.with(Series::new(m.label(), m.runs.iter().map(value).collect()))
+        })
+    };
+    let figures = [
+        figure(
+            "wall",
+            &format!("Wall time of a burst of {requests} requests for {QUANTITY} coupons"),
+            "ms",
+            &|r| ms(r.wall),
+        ),
+        figure("throughput", &format!("Requests per second, a burst of {requests}"), "requests/s", &|r| {
+            r.per_second()
+        }),
+        figure("p99", "p99 latency of the burst", "ms", &|r| r.latency_ms(99.0)),
+        figure("p50", "p50 latency of the burst", "ms", &|r| r.latency_ms(50.0)),
+    ];
+    // Series 0 is before (`mysql-lock`), 1 after (`redis`).
+    let median = |figure: &Figure, i: usize| figure.series[i].spread().median;
     let ratio = Ratio {
-        wall: before.wall_ms().median / after.wall_ms().median,
-        throughput: after.per_second().median / before.per_second().median,
-        p99: before.p99_ms().median / after.p99_ms().median,
+        wall: median(&figures[0], 0) / median(&figures[0], 1),
+        throughput: median(&figures[1], 1) / median(&figures[1], 0),
+        p99: median(&figures[2], 0) / median(&figures[2], 1),
     };
     println!(
-        "  before / after (medians): wall {:.1}x shorter, throughput {:.1}x, p99 {:.1}x lower",
+        "before / after (medians over {runs} runs): wall {:.1}x shorter, throughput {:.1}x, p99 {:.1}x lower",
         ratio.wall, ratio.throughput, ratio.p99
     );
 
-    let machine = machine(database)?;
-    let markdown = render(&measured, &ratio, &machine)?;
-    std::fs::write(REPORT, markdown)
-        .with_context(|| format!("write {REPORT} (run from the repository root)"))?;
-    let json = serde_json::to_string_pretty(&to_json(&measured, &ratio, &machine))?;
-    std::fs::write(JSON_REPORT, json + "\n")
-        .with_context(|| format!("write {JSON_REPORT} (run from the repository root)"))?;
-    println!("\nwritten to {REPORT} and {JSON_REPORT}");
+    let about = format!(
+        "First-come coupons, the issue step decided two ways (`tests/src/bin/bench-coupons.rs`). Per run, \
+         {requests} requests `POST /api/v1/coupon-campaigns/{{id}}/coupons` from {users} users (request i \
+         from user i mod {users}: every user asks two or three times) for a new campaign of {QUANTITY} \
+         coupons, all sent at once, round-robin over {INSTANCES} release-build instances (the client keeps \
+         at most 1,000 connections open, so the later requests wait in the client first, in both versions); \
+         the users stay. The two versions differ only in `COUPON_ISSUE_STRATEGY`: `mysql-lock` (before, the \
+         naive version: every request opens a transaction, locks the campaign's row with `SELECT ... FOR \
+         UPDATE`, checks the window, counts the coupon against the quantity and inserts it, so all the \
+         requests of the campaign queue on that one row) and `redis` (after, the default: one Redis script \
+         decides the window, one per user and the stock; only the {QUANTITY} winners open a MySQL \
+         transaction). Each version on a fresh database ({database}), one after the other, before first, \
+         with a first uncounted burst of {WARMUP_REQUESTS} requests for {WARMUP_QUANTITY} coupons. Wall \
+         time is from the first request sent to the last answer read; requests/s is every answer (5xx \
+         included) over it; latency is client-side, from sending a request to having read its whole \
+         answer. Every run counted was exact, or the program stopped: {QUANTITY} answers 201 to \
+         {QUANTITY} different users, each coupon its caller's, every 409 `COUPON_SOLD_OUT` or \
+         `COUPON_ALREADY_ISSUED`, MySQL holding exactly {QUANTITY} coupons of the campaign for \
+         {QUANTITY} users."
+    );
+    let extra = json!({
+        "instances": INSTANCES,
+        "users": users,
+        "requests": requests,
+        "coupons": QUANTITY,
+        "warmUpRequests": WARMUP_REQUESTS,
+        "warmUpCoupons": WARMUP_QUANTITY,
+        "databaseConnectionsPerInstance": DATABASE_CONNECTIONS,
+        "database": database,
+        "strategies": measured.iter().map(Measured::json).collect::<Vec<_>>(),
+        "beforeOverAfter": {
+            "wall": ratio.wall,
+            "throughput": ratio.throughput,
+            "p99": ratio.p99,
+        },
+    });
+    let mut markdown = benchkit::write(SCENARIO, &about, &figures, extra)?;
+    markdown.push_str(&format!(
+        "Before / after, of the medians: wall **{:.1}x** shorter, throughput **{:.1}x**, p99 **{:.1}x** \
+         lower.\n\nEvery run (5xx are counted, not fatal; all runs: {}):\n\n\
+         | version | run | wall (ms) | requests/s | 201 | 409 | 5xx | p50 (ms) | p99 (ms) | max (ms) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        ratio.wall,
+        ratio.throughput,
+        ratio.p99,
+        measured
+            .iter()
+            .map(|m| format!("{} 5xx for `{}`", m.server_errors(), m.strategy))
+            .collect::<Vec<_>>()
+            .join(", "),
+    ));
+    for m in &measured {
+        for (i, run) in m.runs.iter().enumerate() {
+            markdown.push_str(&run.row(m.strategy, i + 1));
+        }
+    }
+    markdown.push_str(&format!(
+        "\nBoth versions run on the same machine, against the same MariaDB and Redis, with the same \
+         settings but `COUPON_ISSUE_STRATEGY`: {DATABASE_CONNECTIONS} MySQL connections per instance (as in \
+         the booking storms), access tokens living an hour, the rate limits off (as in every harness run: \
+         all the clients share one address), the other settings the product's defaults. The servers, \
+         MariaDB, Redis and this load generator share the machine's cores, so the absolute figures are a \
+         lower bound and move between runs: read the ratio, and the spread. A 5xx is a request that waited \
+         more than 5 s for one of its instance's MySQL connections, or longer than \
+         `DATABASE_STATEMENT_TIMEOUT_MS` (5 s by default) for the row lock: that is how the naive version \
+         gives way under a crowd. It still counts in requests/s, which flatters the version that refuses.\n"
+    ));
+    std::fs::write(format!("{}/{SCENARIO}.md", benchkit::DIR), &markdown)
+        .with_context(|| format!("write {}/{SCENARIO}.md (run from the repository root)", benchkit::DIR))?;
+    println!("\n{markdown}");
     Ok(())
 }
 
 /// Every run of one strategy on a cluster of its own, and the database server's version.
-async fn measure(http: &awc::Client, strategy: &'static str) -> anyhow::Result<(Vec<Run>, String)> {
-    println!(
-        "{strategy}: {INSTANCES} instances, {USERS} users, {RUNS} runs of {REQUESTS} requests for \
-         {QUANTITY} coupons"
-    );
+async fn measure(
+    http: &awc::Client,
+    strategy: &'static str,
+    users: usize,
+    requests: usize,
+    runs: usize,
+) -> anyhow::Result<(Vec<Run>, String)> {
     let connections = DATABASE_CONNECTIONS.to_string();
     let env = owned(&[
         ("ADMIN_API_KEY", ADMIN_KEY),
@@ -236,9 +322,12 @@ async fn measure(http: &awc::Client, strategy: &'static str) -> anyhow::Result<(
     ]);
     let cluster =
         Cluster::start_with(INSTANCES, &ClusterOptions { env, ..ClusterOptions::default() }).await?;
-    let started = Instant::now();
-    let fans = sign_up_all(http, &cluster).await?;
-    println!("  {USERS} users signed up in {:.1} s (not timed)", started.elapsed().as_secs_f64());
+    // Sign-ups, the warm-up's answers and every counted answer.
+    let progress = Progress::new(
+        format!("coupons {strategy}"),
+        u64::try_from(users + WARMUP_REQUESTS + runs * requests)?,
+    );
+    let fans = sign_up_all(http, &cluster, users, &progress).await?;
     let db = sea_orm::Database::connect(cluster.direct_database_url())
         .await
         .context("connect to the benchmark's database")?;
@@ -249,47 +338,37 @@ async fn measure(http: &awc::Client, strategy: &'static str) -> anyhow::Result<(
         .unwrap_or_default();
 
     let warm_up = open_campaign(http, cluster.url(0), WARMUP_QUANTITY).await?;
-    let (_, answers) = burst(http, &cluster, &fans, &warm_up, WARMUP_REQUESTS).await;
+    let (_, answers) = burst(http, &cluster, &fans, &warm_up, WARMUP_REQUESTS, &progress).await;
     let unexpected: Vec<u16> = answers.iter().map(|a| a.status).filter(|s| *s != 201 && *s != 409).collect();
     anyhow::ensure!(unexpected.is_empty(), "warm-up answers other than 201 and 409: {unexpected:?}");
-    println!(
-        "  warm-up burst of {WARMUP_REQUESTS} requests for {WARMUP_QUANTITY} coupons done (not counted)"
-    );
 
-    println!("  run  wall (ms)  requests/s    201    409    5xx  p50 (ms)  p99 (ms)  max (ms)");
-    let mut runs = Vec::with_capacity(RUNS);
-    for number in 1..=RUNS {
+    let mut done = Vec::with_capacity(runs);
+    for number in 1..=runs {
         let campaign = open_campaign(http, cluster.url(number), QUANTITY).await?;
-        let (wall, answers) = burst(http, &cluster, &fans, &campaign, REQUESTS).await;
+        let (wall, answers) = burst(http, &cluster, &fans, &campaign, requests, &progress).await;
         check(&answers, &fans, &campaign, &db)
             .await
             .with_context(|| format!("run {number} was not exact"))?;
-        let run = Run::new(wall, &answers);
-        println!(
-            "  {number:>3}  {:>9.0}  {:>10.0}  {:>5}  {:>5}  {:>5}  {:>8.1}  {:>8.1}  {:>8.1}",
-            ms(run.wall),
-            run.per_second(),
-            run.count(201),
-            run.count(409),
-            run.server_errors(),
-            ms(run.percentile(50.0)),
-            ms(run.percentile(99.0)),
-            ms(run.percentile(100.0)),
-        );
-        runs.push(run);
+        done.push(Run::new(wall, &answers));
     }
     let _ = db.close().await;
     cluster.shut_down().await;
-    Ok((runs, version))
+    Ok((done, version))
 }
 
-/// `USERS` users with access tokens, signed up round-robin over the instances.
-async fn sign_up_all(http: &awc::Client, cluster: &Cluster) -> anyhow::Result<Vec<Fan>> {
-    let mut fans = Vec::with_capacity(USERS);
+/// `users` users with access tokens, signed up round-robin over the instances.
+async fn sign_up_all(
+    http: &awc::Client,
+    cluster: &Cluster,
+    users: usize,
+    progress: &Progress,
+) -> anyhow::Result<Vec<Fan>> {
+    let mut fans = Vec::with_capacity(users);
     // In slices, so that sign-up does not open thousands of connections at once.
-    for start in (0..USERS).step_by(100) {
+    for start in (0..users).step_by(100) {
         let made =
-            join_all((start..USERS.min(start + 100)).map(|i| sign_up(http, cluster.url(i), "fan"))).await;
+            join_all((start..users.min(start + 100)).map(|i| sign_up(http, cluster.url(i), "fan"))).await;
+        progress.step(u64::try_from(made.len())?);
         fans.extend(made.into_iter().collect::<anyhow::Result<Vec<_>>>()?);
     }
     Ok(fans)
@@ -316,13 +395,14 @@ async fn open_campaign(http: &awc::Client, base: &str, quantity: usize) -> anyho
 
 /// `requests` issue requests for `campaign`, all sent at once, round-robin over the
 /// instances, request i from user i % users: the wall time, from the first request sent to
-/// the last answer read, and every answer.
+/// the last answer read, and every answer (each one steps `progress`).
 async fn burst(
     http: &awc::Client,
     cluster: &Cluster,
     fans: &[Fan],
     campaign: &str,
     requests: usize,
+    progress: &Progress,
 ) -> (Duration, Vec<Answer>) {
     let started = Instant::now();
     let answers = join_all((0..requests).map(|i| {
@@ -339,7 +419,9 @@ async fn burst(
                 Ok(mut response) => (response.status().as_u16(), response.body().await.unwrap_or_default()),
                 Err(_) => (0, Bytes::new()),
             };
-            Answer { user, status, body, latency: sent.elapsed() }
+            let latency = sent.elapsed();
+            progress.step(1);
+            Answer { user, status, body, latency }
         }
     }))
     .await;
@@ -398,205 +480,4 @@ async fn check(
         "MySQL holds {stored} coupons of the campaign for {users} users, expected {QUANTITY} for {QUANTITY}"
     );
     Ok(())
-}
-
-fn machine(database: String) -> anyhow::Result<Machine> {
-    let (commit, uncommitted) = e2e::stats::commit();
-    let cpu = e2e::stats::cpu();
-    let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs())?;
-    Ok(Machine {
-        commit,
-        uncommitted,
-        cores: std::thread::available_parallelism().map(usize::from).unwrap_or(0),
-        cpu,
-        database,
-        date: rfc3339(now),
-    })
-}
-
-/// One decimal is all a figure of this machine carries.
-fn round(value: f64) -> f64 {
-    (value * 10.0).round() / 10.0
-}
-
-fn render(measured: &[Measured], ratio: &Ratio, machine: &Machine) -> anyhow::Result<String> {
-    let mut out = String::new();
-    writeln!(out, "# Coupons: the issue step, a MySQL row lock versus one Redis script\n")?;
-    writeln!(out, "Generated by `make bench` (`tests/src/bin/bench-coupons.rs`); do not edit by hand.\n")?;
-    writeln!(
-        out,
-        "- commit `{}`{}, {} cores ({}), {}; the load generator shares the cores with the servers, \
-         MariaDB and Redis",
-        machine.commit,
-        if machine.uncommitted { " with uncommitted changes" } else { "" },
-        machine.cores,
-        machine.cpu,
-        machine.database
-    )?;
-    writeln!(out, "- run {}, with `make bench`\n", machine.date)?;
-
-    writeln!(out, "## The burst\n")?;
-    writeln!(
-        out,
-        "{REQUESTS} requests `POST /api/v1/coupon-campaigns/{{id}}/coupons` from {USERS} users (request i \
-         from user i mod {USERS}: every user asks two or three times) for a campaign of {QUANTITY} coupons, \
-         all sent at once, round-robin over {INSTANCES} release-build instances (the client keeps at most \
-         1,000 connections open, so the later requests wait in the client first, in both versions). Each run \
-         has a new campaign; the users stay. The two versions differ only in `COUPON_ISSUE_STRATEGY`:\n"
-    )?;
-    writeln!(
-        out,
-        "- `mysql-lock` (before, the naive version): every request opens a transaction, locks the campaign's \
-         row (`SELECT ... FOR UPDATE`), checks the window, counts the coupon against the quantity and \
-         inserts it; all the requests of the campaign queue on that one row."
-    )?;
-    writeln!(
-        out,
-        "- `redis` (after, the default): one Redis script decides (window, one per user, stock); only the \
-         {QUANTITY} winners open a MySQL transaction to record their coupon.\n"
-    )?;
-
-    writeln!(out, "## Results: min / median / max over {RUNS} runs\n")?;
-    writeln!(
-        out,
-        "| version | wall (ms) | requests/s | p99 (ms) | 5xx, all runs |\n|---|---:|---:|---:|---:|"
-    )?;
-    for m in measured {
-        writeln!(
-            out,
-            "| `{}` ({}) | {} | {} | {} | {} |",
-            m.strategy,
-            m.role,
-            m.wall_ms().show(0),
-            m.per_second().show(0),
-            m.p99_ms().show(1),
-            m.server_errors(),
-        )?;
-    }
-    writeln!(
-        out,
-        "\nBefore / after, of the medians: wall **{:.1}x** shorter, throughput **{:.1}x**, p99 **{:.1}x** \
-         lower.\n",
-        ratio.wall, ratio.throughput, ratio.p99
-    )?;
-
-    writeln!(out, "## Every run\n")?;
-    writeln!(
-        out,
-        "| version | run | wall (ms) | requests/s | 201 | 409 | 5xx | p50 (ms) | p99 (ms) | max (ms) |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    )?;
-    for m in measured {
-        for (i, run) in m.runs.iter().enumerate() {
-            writeln!(
-                out,
-                "| `{}` | {} | {:.0} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
-                m.strategy,
-                i + 1,
-                ms(run.wall),
-                run.per_second(),
-                run.count(201),
-                run.count(409),
-                run.server_errors(),
-                ms(run.percentile(50.0)),
-                ms(run.percentile(99.0)),
-                ms(run.percentile(100.0)),
-            )?;
-        }
-    }
-
-    writeln!(out, "\n## What is and is not measured\n")?;
-    writeln!(
-        out,
-        "- Both versions run on the same machine, against the same MariaDB and Redis, with the same settings \
-         but `COUPON_ISSUE_STRATEGY`: {DATABASE_CONNECTIONS} MySQL connections per instance (as in the \
-         booking storms), access tokens living an hour, the rate limits off (as in every harness run: all \
-         the clients share one address), the other settings the product's defaults. They run one after the \
-         other, before first, each on a fresh database. The servers, MariaDB, Redis and this load generator \
-         share the {} cores, so the absolute figures are a lower bound and move between runs: read the \
-         ratio, and the spread.",
-        machine.cores
-    )?;
-    writeln!(
-        out,
-        "- Measured: the burst only. Wall time is from the first request sent to the last answer read; \
-         requests/s is {REQUESTS} over it (every answer counts, 5xx included); latency is client-side, from \
-         sending a request to having read its whole answer. Not measured: starting the servers, signing up \
-         the users, creating the campaigns, and a first burst of {WARMUP_REQUESTS} requests for \
-         {WARMUP_QUANTITY} coupons run before the counted ones."
-    )?;
-    writeln!(
-        out,
-        "- Every run counted was exact: {QUANTITY} answers 201, to {QUANTITY} different users, each coupon \
-         its caller's; every 409 `COUPON_SOLD_OUT` or `COUPON_ALREADY_ISSUED`; MySQL holding exactly \
-         {QUANTITY} coupons of the campaign, for {QUANTITY} users. A run that is not stops the benchmark."
-    )?;
-    writeln!(
-        out,
-        "- A 5xx is counted, not fatal (a figure, not a wrong result): a request that waits more than 5 s \
-         for one of its instance's MySQL connections, or longer than `DATABASE_STATEMENT_TIMEOUT_MS` (5 s by \
-         default) for the row lock, is refused, and that is how the naive version gives way under a crowd. \
-         It still counts in requests/s, which flatters the version that refuses."
-    )?;
-    Ok(out)
-}
-
-fn to_json(measured: &[Measured], ratio: &Ratio, machine: &Machine) -> Value {
-    let strategies: Vec<Value> = measured
-        .iter()
-        .map(|m| {
-            let runs: Vec<Value> = m
-                .runs
-                .iter()
-                .map(|run| {
-                    json!({
-                        "wallMs": round(ms(run.wall)),
-                        "requestsPerSecond": round(run.per_second()),
-                        "p50Ms": round(ms(run.percentile(50.0))),
-                        "p99Ms": round(ms(run.percentile(99.0))),
-                        "maxMs": round(ms(run.percentile(100.0))),
-                        "statuses": run.statuses,
-                        "serverErrors": run.server_errors(),
-                    })
-                })
-                .collect();
-            json!({
-                "strategy": m.strategy,
-                "role": m.role,
-                "wallMs": m.wall_ms().json(),
-                "requestsPerSecond": m.per_second().json(),
-                "p99Ms": m.p99_ms().json(),
-                "serverErrors": m.server_errors(),
-                "runs": runs,
-            })
-        })
-        .collect();
-    json!({
-        "benchmark": "coupons",
-        "program": "tests/src/bin/bench-coupons.rs",
-        "command": "make bench",
-        "date": machine.date,
-        "machine": {
-            "commit": machine.commit,
-            "uncommittedChanges": machine.uncommitted,
-            "cores": machine.cores,
-            "cpu": machine.cpu,
-            "database": machine.database,
-        },
-        "burst": {
-            "instances": INSTANCES,
-            "users": USERS,
-            "requests": REQUESTS,
-            "coupons": QUANTITY,
-            "runs": RUNS,
-            "warmUpRequests": WARMUP_REQUESTS,
-            "databaseConnectionsPerInstance": DATABASE_CONNECTIONS,
-        },
-        "strategies": strategies,
-        "beforeOverAfter": {
-            "wall": round(ratio.wall),
-            "throughput": round(ratio.throughput),
-            "p99": round(ratio.p99),
-        },
-    })
 }

@@ -1,18 +1,30 @@
 //! `make bench`: lock strategies for one hot account (issue 18). Charges all aimed at one
-//! user's points, serialised four ways, compared on throughput, latency and Redis work.
+//! user's points, kept apart six ways, compared on throughput, latency, retries and Redis
+//! work.
 //!
 //! The strategies, in this order, each on three release-build instances of its own (a fresh
 //! database, started by [`Cluster::start_with`]):
 //!
 //! 1. `db-pessimistic`: no distributed lock (`DISABLE_LOCKS_FOR_TESTING`, [`e2e::NO_LOCKS`]);
 //!    the charges queue on MySQL's row lock (`SELECT ... FOR UPDATE` on the account);
-//! 2. `redis-spin`: the Redis lock, waiters retrying the acquire script with backoff
+//! 2. `db-optimistic`: no lock at all (`POINT_CHARGE_STRATEGY=optimistic`): a plain read, the
+//!    version's compare-and-set, a conflict retried after a jittered pause, 10 attempts in
+//!    all (`POINT_OPTIMISTIC_ATTEMPTS`), then 429. The only strategy allowed refusals: a
+//!    run counts if every refusal is a 429 and the books are exact for the charges applied;
+//!    its conflicts per charge are read from the instances' `point_charge_conflicts_total`;
+//! 3. `redis-spin`: the Redis lock, waiters retrying the acquire script with backoff
 //!    (`LOCK_WAIT_STRATEGY=spin`);
-//! 3. `redis-pubsub`: the Redis lock, waiters woken by the release's announcement
+//! 4. `redis-pubsub`: the Redis lock, waiters woken by the release's announcement
 //!    (`LOCK_WAIT_STRATEGY=pubsub`, the default);
-//! 4. `quorum`: the quorum lock on three `redis-server` nodes this program starts and kills
+//! 5. `quorum`: the quorum lock on three `redis-server` nodes this program starts and kills
 //!    (`REDIS_LOCK_NODES`, `LOCK_NODE_TIMEOUT_MS=2000`; its waiters retry, pub/sub plays no
-//!    part).
+//!    part);
+//! 6. `redis-pubsub-batched`: the product as it runs by default, the pub/sub lock with the
+//!    charges an instance has queued for the account applied in batches
+//!    (`POINT_CHARGE_BATCH_MAX=100`).
+//!
+//! Strategies 1 to 5 run with `POINT_CHARGE_BATCH_MAX=1` (each charge its own lock hold
+//! and transaction), so that they compare the ways of waiting, not the batches.
 //!
 //! Every cluster runs with [`e2e::PATIENT_LOCKS`] (no charge gives up waiting, however slow
 //! the machine). Per cluster: one warm-up storm of 30 charges on a user of its own (checked,
@@ -22,6 +34,7 @@
 //! latency) round-robin over the three instances.
 //!
 //! A run counts only if it was exact, otherwise the program stops: every charge answered 200
+//! (but for `db-optimistic`, see above)
 //! with a balance no other answer reported; the balance read back is 100 x charges; the
 //! history API's newest entries (it shows at most 1,000) step down by 100 from there; and
 //! MySQL holds exactly that many CHARGE entries of 100, with balances after 100, 200, ...,
@@ -77,22 +90,32 @@ const TARGET_RATIO: f64 = 2.0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Strategy {
     DbPessimistic,
+    DbOptimistic,
     RedisSpin,
     RedisPubSub,
     Quorum,
+    RedisPubSubBatched,
 }
 
 /// In the order they run.
-const STRATEGIES: [Strategy; 4] =
-    [Strategy::DbPessimistic, Strategy::RedisSpin, Strategy::RedisPubSub, Strategy::Quorum];
+const STRATEGIES: [Strategy; 6] = [
+    Strategy::DbPessimistic,
+    Strategy::DbOptimistic,
+    Strategy::RedisSpin,
+    Strategy::RedisPubSub,
+    Strategy::Quorum,
+    Strategy::RedisPubSubBatched,
+];
 
 impl Strategy {
     const fn name(self) -> &'static str {
         match self {
             Self::DbPessimistic => "db-pessimistic",
+            Self::DbOptimistic => "db-optimistic",
             Self::RedisSpin => "redis-spin",
             Self::RedisPubSub => "redis-pubsub",
             Self::Quorum => "quorum",
+            Self::RedisPubSubBatched => "redis-pubsub-batched",
         }
     }
 
@@ -100,17 +123,28 @@ impl Strategy {
     const fn settings(self) -> &'static str {
         match self {
             Self::DbPessimistic => {
-                "DISABLE_LOCKS_FOR_TESTING=true, DATABASE_STATEMENT_TIMEOUT_MS=30000, LOCK_MAX_HOLD_MS=60000"
+                "DISABLE_LOCKS_FOR_TESTING=true, DATABASE_STATEMENT_TIMEOUT_MS=30000, LOCK_MAX_HOLD_MS=60000, \
+                 POINT_CHARGE_BATCH_MAX=1"
             }
-            Self::RedisSpin => "LOCK_WAIT_STRATEGY=spin",
-            Self::RedisPubSub => "LOCK_WAIT_STRATEGY=pubsub",
-            Self::Quorum => "REDIS_LOCK_NODES=<three private redis-server nodes>, LOCK_NODE_TIMEOUT_MS=2000",
+            Self::DbOptimistic => "POINT_CHARGE_STRATEGY=optimistic, POINT_OPTIMISTIC_ATTEMPTS=10",
+            Self::RedisSpin => "LOCK_WAIT_STRATEGY=spin, POINT_CHARGE_BATCH_MAX=1",
+            Self::RedisPubSub => "LOCK_WAIT_STRATEGY=pubsub, POINT_CHARGE_BATCH_MAX=1",
+            Self::Quorum => {
+                "REDIS_LOCK_NODES=<three private redis-server nodes>, LOCK_NODE_TIMEOUT_MS=2000, \
+                 POINT_CHARGE_BATCH_MAX=1"
+            }
+            Self::RedisPubSubBatched => "LOCK_WAIT_STRATEGY=pubsub, POINT_CHARGE_BATCH_MAX=100 (the defaults)",
         }
     }
 
     /// Whether it runs lock scripts at all.
     fn locks_in_redis(self) -> bool {
-        self != Self::DbPessimistic
+        !matches!(self, Self::DbPessimistic | Self::DbOptimistic)
+    }
+
+    /// Whether a charge may be refused (429) and the run still count.
+    fn may_refuse(self) -> bool {
+        self == Self::DbOptimistic
     }
 
     /// Every instance's environment; `nodes` are the quorum's.
@@ -124,11 +158,20 @@ impl Strategy {
             // interval on every instance) would only add to the scripts counted.
             ("QUEUE_ADMIT_INTERVAL_MS", "60000"),
         ]));
+        if self != Self::RedisPubSubBatched {
+            env.push(("POINT_CHARGE_BATCH_MAX".into(), "1".into()));
+        }
         match self {
             // After PATIENT_LOCKS: its LOCK_MAX_HOLD_MS gives way to NO_LOCKS' (the later wins).
             Self::DbPessimistic => env.extend(owned(e2e::NO_LOCKS)),
+            Self::DbOptimistic => env.extend(owned(&[
+                ("POINT_CHARGE_STRATEGY", "optimistic"),
+                ("POINT_OPTIMISTIC_ATTEMPTS", "10"),
+            ])),
             Self::RedisSpin => env.extend(owned(&[("LOCK_WAIT_STRATEGY", "spin")])),
-            Self::RedisPubSub => env.extend(owned(&[("LOCK_WAIT_STRATEGY", "pubsub")])),
+            Self::RedisPubSub | Self::RedisPubSubBatched => {
+                env.extend(owned(&[("LOCK_WAIT_STRATEGY", "pubsub")]));
+            }
             Self::Quorum => {
                 let urls: Vec<String> = nodes.iter().map(PrivateRedis::url).collect();
                 env.push(("REDIS_LOCK_NODES".into(), urls.join(",")));
@@ -155,11 +198,15 @@ struct Answer {
 /// The figures of one exact storm.
 #[derive(Debug)]
 struct Run {
+    /// Charges sent.
     charges: usize,
     wall: Duration,
     latencies: Vec<Duration>,
-    /// Answers other than 200 (a run with any is not recorded: the program stops).
+    /// Answers other than 200: 429s of `db-optimistic` (any other strategy's run with one
+    /// is not recorded: the program stops).
     failures: usize,
+    /// Version conflicts the instances counted (`db-optimistic`'s retries and last losses).
+    conflicts: u64,
     /// The balance read back after the storm.
     balance: i64,
     /// `EVALSHA` + `EVAL` calls on the counted Redis (or nodes) during the storm.
@@ -170,8 +217,17 @@ struct Run {
 }
 
 impl Run {
+    /// Charges applied per second.
     fn per_second(&self) -> f64 {
-        self.charges as f64 / self.wall.as_secs_f64()
+        (self.charges - self.failures) as f64 / self.wall.as_secs_f64()
+    }
+
+    fn failures(&self) -> f64 {
+        self.failures as f64
+    }
+
+    fn conflicts_per_charge(&self) -> f64 {
+        self.conflicts as f64 / self.charges as f64
     }
 
     fn p50_ms(&self) -> f64 {
@@ -222,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
             .map_or(0.0, |m| Spread::of(&m.runs.iter().map(Run::per_second).collect::<Vec<_>>()).median)
     };
     let ratio = median_throughput(Strategy::RedisPubSub) / median_throughput(Strategy::RedisSpin);
+    let batched = median_throughput(Strategy::RedisPubSubBatched) / median_throughput(Strategy::RedisPubSub);
 
     let figures = [
         figure(&measured, "throughput", "Charges per second on one account", "charges/s", Run::per_second),
@@ -233,6 +290,14 @@ async fn main() -> anyhow::Result<()> {
             "Lock scripts per charge",
             "scripts/charge",
             Run::scripts_per_charge,
+        ),
+        figure(&measured, "refused", "Charges refused per run (429)", "charges", Run::failures),
+        figure(
+            &measured,
+            "conflicts-per-charge",
+            "Version conflicts per charge sent",
+            "conflicts/charge",
+            Run::conflicts_per_charge,
         ),
     ];
     let redis_version = redis_command(&shared_redis, "INFO server")?
@@ -249,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
         "database_version": measured.first().map(|m| m.database.clone()).unwrap_or_default(),
         "pubsub_over_spin_median_throughput": ratio,
         "target_pubsub_over_spin": TARGET_RATIO,
+        "batched_over_pubsub_median_throughput": batched,
         "strategies": measured.iter().map(|m| json!({
             "strategy": m.strategy.name(),
             "settings": m.strategy.settings(),
@@ -258,6 +324,7 @@ async fn main() -> anyhow::Result<()> {
                 "p50_ms": run.p50_ms(),
                 "p99_ms": run.p99_ms(),
                 "failures": run.failures,
+                "conflicts": run.conflicts,
                 "final_balance": run.balance,
                 "scripts_per_charge": run.scripts_per_charge(),
                 // For db-pessimistic: what the shared Redis ran besides (no lock scripts).
@@ -271,6 +338,7 @@ async fn main() -> anyhow::Result<()> {
         "pub/sub over spin, median throughput: {ratio:.2}x (target: at least {TARGET_RATIO:.0}x, {})",
         if ratio >= TARGET_RATIO { "met" } else { "NOT met" }
     );
+    println!("pub/sub with batches over pub/sub one charge per hold, median throughput: {batched:.2}x");
     Ok(())
 }
 
@@ -309,7 +377,7 @@ async fn measure(
 
     let fan = sign_up(http, cluster.url(0), "warm-up").await.context("sign up the warm-up user")?;
     let answers = storm(http, &cluster, &fan, WARMUP, None).await;
-    check(http, &cluster, &db, &fan, &answers).await.context("the warm-up storm")?;
+    check(http, &cluster, &db, &fan, &answers, strategy.may_refuse()).await.context("the warm-up storm")?;
 
     let progress = Progress::new(format!("locks {}", strategy.name()), u64::try_from(runs * charges)?);
     let mut measured = Vec::with_capacity(runs);
@@ -318,11 +386,13 @@ async fn measure(
             .await
             .with_context(|| format!("sign up the user of run {run}"))?;
         let before = scripts_run(&counted)?;
+        let conflicts_before = conflicts(http, &cluster).await?;
         let started = Instant::now();
         let answers = storm(http, &cluster, &fan, charges, Some(&progress)).await;
         let wall = started.elapsed();
         let scripts_seen = scripts_run(&counted)?.saturating_sub(before);
-        let balance = check(http, &cluster, &db, &fan, &answers)
+        let conflicts = conflicts(http, &cluster).await?.saturating_sub(conflicts_before);
+        let balance = check(http, &cluster, &db, &fan, &answers, strategy.may_refuse())
             .await
             .with_context(|| format!("run {run} of {runs} was not exact"))?;
         measured.push(Run {
@@ -330,6 +400,7 @@ async fn measure(
             wall,
             latencies: answers.iter().map(|a| a.latency).collect(),
             failures: answers.iter().filter(|a| a.status != 200).count(),
+            conflicts,
             balance,
             scripts_seen,
             lock_scripts: strategy.locks_in_redis(),
@@ -345,7 +416,7 @@ async fn measure(
     for (i, run) in measured.iter().enumerate() {
         println!(
             "  run {}: {:>7.0} charges/s, wall {:>7.0} ms, p50 {:>7.1} ms, p99 {:>7.1} ms, {} failures, \
-             {:.2} lock scripts/charge",
+             {:.2} lock scripts/charge, {:.2} conflicts/charge",
             i + 1,
             run.per_second(),
             ms(run.wall),
@@ -353,6 +424,7 @@ async fn measure(
             run.p99_ms(),
             run.failures,
             run.scripts_per_charge(),
+            run.conflicts_per_charge(),
         );
     }
     Ok(Measured { strategy, runs: measured, database })
@@ -392,10 +464,13 @@ async fn check(
     db: &DatabaseConnection,
     fan: &Fan,
     answers: &[Answer],
+    may_refuse: bool,
 ) -> anyhow::Result<i64> {
-    let n = answers.len();
     let failures = answers.iter().filter(|a| a.status != 200).count();
-    if failures > 0 {
+    let refusals_only = answers.iter().all(|a| a.status == 200 || a.status == 429);
+    // The charges applied: all of them, or (where refusals are allowed) the 200s.
+    let n = answers.len() - if may_refuse && refusals_only { failures } else { 0 };
+    if failures > 0 && !(may_refuse && refusals_only) {
         let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
         for answer in answers {
             *statuses.entry(answer.status).or_default() += 1;
@@ -405,7 +480,7 @@ async fn check(
     let steps = i64::try_from(n)?;
     let expected: BTreeSet<i64> = (1..=steps).map(|k| k * AMOUNT).collect();
     // Each charge saw the balance the one before left: n answers, n different balances.
-    let answered: BTreeSet<i64> = answers.iter().filter_map(|a| a.balance).collect();
+    let answered: BTreeSet<i64> = answers.iter().filter(|a| a.status == 200).filter_map(|a| a.balance).collect();
     anyhow::ensure!(
         answered == expected,
         "the answers reported {} different balances, expected {n}: 100, 200, ..., {}",
@@ -488,20 +563,46 @@ fn about(charges: usize) -> String {
          the Redis lock by retrying its acquire script (exponential backoff, full jitter); `redis-pubsub` \
          (the default) sleeps until the holder's release is announced on the key's channel; `quorum` takes \
          the lock on a majority of three independent Redis nodes (`REDIS_LOCK_NODES`), its waiters retrying \
-         with backoff. All with `POINT_LOCK_WAIT_MS=60000` (no charge gives up) and \
-         `DATABASE_MAX_CONNECTIONS={DATABASE_CONNECTIONS}`. An optimistic strategy (read without locking, \
-         compare-and-set on the version, retry on conflict) is not built in the server, so it is not \
-         measured: the version check of its `UPDATE` is a guard under the row lock, not a retry loop.\n\n\
+         with backoff; `db-optimistic` takes no lock at all (`POINT_CHARGE_STRATEGY=optimistic`): a plain \
+         read, the version's compare-and-set, a conflict retried after a jittered pause (1 ms doubling to 50 \
+         ms), 10 attempts, then 429 (its throughput counts the charges applied; its refusals and conflicts \
+         have figures of their own). These five run each charge on its own lock hold and transaction \
+         (`POINT_CHARGE_BATCH_MAX=1`); `redis-pubsub-batched` is the product's default, the pub/sub lock \
+         with the charges each instance has queued for the account applied up to 100 per hold and \
+         transaction (docs/locking.md). All with `POINT_LOCK_WAIT_MS=60000` (no charge gives up) and \
+         `DATABASE_MAX_CONNECTIONS={DATABASE_CONNECTIONS}`.\n\n\
          Each cluster gets an uncounted warm-up storm of {WARMUP} charges; each run is a new user. A run \
-         counts only if exact (all answers 200 with distinct balances, final balance {AMOUNT} x charges, the \
+         counts only if exact (all answers 200, or 200 and 429 for `db-optimistic`, with distinct balances, final balance {AMOUNT} x charges applied, the \
          history exactly those charges with balances after {AMOUNT}, {}, ..., {AMOUNT} x charges); anything \
          else stops the benchmark. Latency is client-side, from sending to having the answer (the client keeps \
          at most 1,000 requests in flight; a request waiting for a connection is waiting). Lock scripts are \
          the `EVALSHA` and `EVAL` calls in Redis's `INFO commandstats` during the storm (acquire attempts, \
          releases, renewals, fence write-backs), on the shared Redis or summed over the quorum's three nodes, \
-         per charge; `db-pessimistic` runs none.",
+         per charge; the two `db-` strategies run none.",
         2 * AMOUNT,
     )
+}
+
+/// `point_charge_conflicts_total` summed over the instances' metrics (0 where none was
+/// counted yet: the counter appears with its first conflict).
+async fn conflicts(http: &awc::Client, cluster: &Cluster) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for i in 0..INSTANCES {
+        let mut response = http
+            .get(format!("{}/metrics", cluster.ops_url(i)))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics of instance {i}: {e}"))?;
+        let body = response.body().limit(16 << 20).await.map_err(|e| anyhow::anyhow!("metrics body: {e}"))?;
+        let text = String::from_utf8_lossy(&body);
+        total += text
+            .lines()
+            .filter(|line| line.starts_with("point_charge_conflicts_total"))
+            .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+            .map(|value| value as u64)
+            .sum::<u64>();
+    }
+    Ok(total)
 }
 
 /// `EVALSHA` + `EVAL` calls the Redis servers at `urls` have run so far, together.
