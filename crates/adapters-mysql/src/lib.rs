@@ -84,6 +84,23 @@ fn connection_lost(error: &DbErr) -> bool {
     }
 }
 
+/// The server's error number, when `error` is the server answering with an error.
+fn server_error_number(error: &DbErr) -> Option<u16> {
+    match error {
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => match e.as_ref() {
+            sea_orm::sqlx::Error::Database(db) => {
+                Some(db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>()?.number())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// MariaDB 11.6+ (`innodb_snapshot_isolation`): a write to a row changed since the
+/// transaction's snapshot fails with this instead of reading the latest version.
+const SNAPSHOT_CONFLICT: u16 = 1020;
+
 /// Why `error` is worth a retry, or `None` when it is not (a bug, a constraint).
 fn retryable(error: &DbErr) -> Option<&'static str> {
     use sea_orm::sqlx::Error as Sqlx;

@@ -40,6 +40,43 @@ impl MySqlPointRepository {
     pub fn new(db: DatabaseConnection) -> Self {
         Self { db }
     }
+
+    /// [`sql::append_history_rows`] for `entries`, in one statement.
+    async fn insert_history_rows(
+        &self,
+        tx: &mut Tx,
+        entries: &[PointHistoryEntry],
+    ) -> Result<(), PointRepositoryError> {
+        let mut values = Vec::with_capacity(entries.len() * 7);
+        for entry in entries {
+            values.extend([
+                entry.id().into(),
+                (*entry.user_id().as_uuid()).into(),
+                entry.kind().as_str().into(),
+                entry.amount().points().into(),
+                entry.balance_after().points().into(),
+                db_version(entry.seq())?.into(),
+                to_db_time(entry.created_at()).into(),
+            ]);
+        }
+        let inserted = connection(tx)?
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::MySql,
+                sql::append_history_rows(entries.len()),
+                values,
+            ))
+            .await
+            .db_context("failed to insert the point history entries")?;
+        match usize::try_from(inserted.rows_affected()) {
+            Ok(n) if n == entries.len() => Ok(()),
+            _ => Err(anyhow::anyhow!(
+                "inserting {} history entries inserted {}",
+                entries.len(),
+                inserted.rows_affected()
+            )
+            .into()),
+        }
+    }
 }
 
 fn account_from(row: point_account::Model) -> anyhow::Result<PointAccount> {
@@ -140,7 +177,7 @@ impl PointRepository for MySqlPointRepository {
         // `locked_tx`); unfenced writes (the lock turned off for tests) carry none.
         let fence = application::tx::fence(&LockKey::point(account.user_id())).map(|token| token.0);
         let conn = connection(tx)?;
-        let updated = conn
+        let updated = match conn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
                 sql::SAVE_BALANCE,
@@ -156,7 +193,14 @@ impl PointRepository for MySqlPointRepository {
                 ],
             ))
             .await
-            .db_context("failed to update the balance")?;
+        {
+            // Changed since this transaction's snapshot (a plain read, the optimistic
+            // charge's, on MariaDB 11.6+): the same as a version that moved on.
+            Err(error) if crate::server_error_number(&error) == Some(crate::SNAPSHOT_CONFLICT) => {
+                return Err(PointRepositoryError::StaleBalance { user_id: account.user_id() });
+            }
+            other => other.db_context("failed to update the balance")?,
+        };
         match updated.rows_affected() {
             1 => Ok(()),
             0 => {
@@ -210,38 +254,16 @@ impl PointRepository for MySqlPointRepository {
         tx: &mut Tx,
         entries: &[PointHistoryEntry],
     ) -> Result<(), PointRepositoryError> {
-        if entries.is_empty() {
-            return Ok(());
+        // In chunks whose sizes are powers of two (100 rows: 64 + 32 + 4), so that a
+        // connection prepares at most a handful of statement shapes, not one per size.
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let size = 1 << rest.len().ilog2();
+            let (chunk, after) = rest.split_at(size);
+            self.insert_history_rows(tx, chunk).await?;
+            rest = after;
         }
-        let mut values = Vec::with_capacity(entries.len() * 7);
-        for entry in entries {
-            values.extend([
-                entry.id().into(),
-                (*entry.user_id().as_uuid()).into(),
-                entry.kind().as_str().into(),
-                entry.amount().points().into(),
-                entry.balance_after().points().into(),
-                db_version(entry.seq())?.into(),
-                to_db_time(entry.created_at()).into(),
-            ]);
-        }
-        let inserted = connection(tx)?
-            .execute_raw(Statement::from_sql_and_values(
-                DbBackend::MySql,
-                sql::append_history_rows(entries.len()),
-                values,
-            ))
-            .await
-            .db_context("failed to insert the point history entries")?;
-        match usize::try_from(inserted.rows_affected()) {
-            Ok(n) if n == entries.len() => Ok(()),
-            _ => Err(anyhow::anyhow!(
-                "inserting {} history entries inserted {}",
-                entries.len(),
-                inserted.rows_affected()
-            )
-            .into()),
-        }
+        Ok(())
     }
 
     #[tracing::instrument(name = "points.balance", skip(self))]

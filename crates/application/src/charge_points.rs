@@ -134,11 +134,17 @@ impl ChargePoints {
 
     /// Applies the unkeyed charges this instance has queued for one account in batches of
     /// up to `max` per lock hold and transaction (see the module documentation); a `max` of
-    /// one keeps every charge alone.
+    /// one keeps every charge alone. Call it on the runtime that lives longest (the
+    /// server's main one): the batches' leaders run there.
     #[must_use]
     pub fn with_batches(mut self, max: NonZeroUsize) -> Self {
-        self.batches =
-            (max.get() > 1).then(|| Arc::new(Batches { queued: Mutex::default(), max: max.get() }));
+        self.batches = (max.get() > 1).then(|| {
+            Arc::new(Batches {
+                queued: Mutex::default(),
+                max: max.get(),
+                runtime: tokio::runtime::Handle::try_current().ok(),
+            })
+        });
         self
     }
 
@@ -279,14 +285,29 @@ impl ChargePoints {
         let (answer, answered) = oneshot::channel();
         let queued = Queued { amount, since: Instant::now(), answer, _ticket: ticket };
         if batches.join(user_id, queued) {
-            let this = self.clone();
-            let leader = Leader { batches, user_id, done: false };
-            tokio::spawn(this.lead(leader).instrument(tracing::info_span!("charge_batches", %user_id)));
+            let leader = Leader { batches: Arc::clone(&batches), user_id, done: false };
+            // Its own span (not the first request's: it answers many), on the runtime the
+            // batches were set up on (the server's main one), not on the worker runtime
+            // of the request that happened to start it: that one stops when its own
+            // connections are closed, at shutdown, while the leader still answers
+            // requests of other workers.
+            let work = self
+                .clone()
+                .lead(leader)
+                .instrument(tracing::info_span!(parent: None, "charge_batches", %user_id));
+            match &batches.runtime {
+                Some(runtime) => drop(runtime.spawn(work)),
+                None => drop(tokio::spawn(work)),
+            }
         }
         match answered.await {
             Ok(result) => result.map(Outcome::Fresh),
-            // Only when the batch's task panicked (logged by the runtime).
-            Err(_) => Err(anyhow::anyhow!("the charge's batch ended without answering it").into()),
+            // The leader's task died with this charge in hand (a panic, or its runtime
+            // stopped): it may or may not have been committed.
+            Err(_) => Err(anyhow::Error::new(domain::unavailable::OutcomeUnknown {
+                source: "the charge's batch ended without answering it".into(),
+            })
+            .into()),
         }
     }
 
@@ -304,9 +325,10 @@ impl ChargePoints {
 
     /// One lock hold, one transaction: applies `batch` in order and answers each charge.
     async fn apply(&self, user_id: UserId, batch: Vec<Queued>) {
-        // Nobody waits for the lock much longer than the wait they were promised: the
-        // batch waits what is left of its oldest charge's wait.
-        let waited = batch.first().map_or(Duration::ZERO, |oldest| oldest.since.elapsed());
+        // No charge is refused as contended before it has waited its whole wait: the batch
+        // waits what is left of its youngest charge's wait (so an older one may wait up to
+        // about twice its wait before its answer, never less than its wait before a 429).
+        let waited = batch.last().map_or(Duration::ZERO, |youngest| youngest.since.elapsed());
         let wait = match self.lock_wait.checked_sub(waited) {
             Some(left) if !left.is_zero() => WaitPolicy::WaitUpTo(left),
             _ => WaitPolicy::FailFast,
@@ -367,6 +389,8 @@ impl ChargePoints {
 struct Batches {
     queued: Mutex<HashMap<UserId, Vec<Queued>>>,
     max: usize,
+    /// Where leaders run: the runtime [`ChargePoints::with_batches`] was called on, if any.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Batches {
@@ -432,8 +456,27 @@ struct Leader {
 impl Drop for Leader {
     fn drop(&mut self) {
         if !self.done {
-            let mut queued = self.batches.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            queued.remove(&self.user_id);
+            let stranded = {
+                let mut queued =
+                    self.batches.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                queued.remove(&self.user_id).unwrap_or_default()
+            };
+            // Never tried: nothing of them was applied. A panic is a bug (500); otherwise
+            // the runtime is stopping (503, retry elsewhere).
+            let panicking = std::thread::panicking();
+            for queued in stranded {
+                let failure = if panicking {
+                    Failure::Unexpected(anyhow::anyhow!(
+                        "the charge's batch leader panicked before trying it"
+                    ))
+                } else {
+                    Failure::Unavailable {
+                        what: crate::failure::Dependency::ShuttingDown,
+                        source: anyhow::anyhow!("the charge's batch leader stopped before trying it"),
+                    }
+                };
+                queued.answer(Err(failure.into()));
+            }
         }
     }
 }
@@ -809,7 +852,7 @@ mod tests {
             DEFAULT_LOCK_WAIT,
             unkeyed(),
         )
-        .with_batches(NonZeroUsize::new(100).unwrap());
+        .with_batches(NonZeroUsize::new(3).unwrap());
 
         // The first charge leads, and its batch (itself) waits at the lock...
         let first = tokio::spawn({
@@ -845,9 +888,9 @@ mod tests {
         assert_eq!(answers, vec![11, 21, 31, 41, 51], "each answer is its own balance after");
         let s = stored.lock().unwrap();
         assert_eq!((s.balance, s.version), (51, 6));
-        assert_eq!(s.inserts, vec![1, 5], "the five queued charges went in one insert");
+        assert_eq!(s.inserts, vec![1, 3, 2], "the five queued charges went in batches of at most three");
         assert_eq!(s.balances_after, vec![1, 11, 21, 31, 41, 51]);
-        assert_eq!(lock.acquisitions.load(std::sync::atomic::Ordering::SeqCst), 2, "two lock holds");
+        assert_eq!(lock.acquisitions.load(std::sync::atomic::Ordering::SeqCst), 3, "three lock holds");
         assert!(charge.batches.as_ref().unwrap().queued.lock().unwrap().is_empty(), "the queue is forgotten");
     }
 
@@ -911,7 +954,60 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_batch_whose_oldest_charge_waited_its_whole_wait_tries_the_lock_once() {
+    async fn a_batch_waits_what_is_left_of_its_youngest_charges_wait() {
+        let user_id = UserId::generate();
+        let mut lock = MockDistributedLock::new();
+        lock.expect_acquire()
+            .withf(|_, wait| matches!(wait, WaitPolicy::WaitUpTo(left) if *left > Duration::from_secs(50)))
+            .times(1)
+            .returning(|key, _| {
+                Err(LockError::Timeout { key: key.clone(), waited: Duration::from_secs(60) })
+            });
+        let charge = ChargePoints::new(
+            Arc::new(MockPointRepository::new()),
+            Arc::new(lock),
+            Arc::new(MockTransactionManager::new()),
+            Duration::from_secs(60),
+            unkeyed(),
+        )
+        .with_batches(NonZeroUsize::new(10).unwrap());
+        // The oldest has used up its wait; the youngest has not: no 429 without waiting.
+        let (mut old, old_answer) = queued(10);
+        old.since = Instant::now().checked_sub(Duration::from_secs(61)).unwrap();
+        let (young, young_answer) = queued(10);
+
+        charge.apply(user_id, vec![old, young]).await;
+
+        for answer in [old_answer, young_answer] {
+            assert!(matches!(answer.await.unwrap(), Err(ChargePointsError::Failure(Failure::Contended(_)))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_stops_before_trying_answers_its_queue_as_unavailable() {
+        let user_id = UserId::generate();
+        let batches = Arc::new(Batches { queued: Mutex::default(), max: 10, runtime: None });
+        let (a, a_answer) = queued(10);
+        let (b, b_answer) = queued(20);
+        assert!(batches.join(user_id, a), "the first leads");
+        assert!(!batches.join(user_id, b), "the second only queues");
+
+        drop(Leader { batches: Arc::clone(&batches), user_id, done: false });
+
+        for answer in [a_answer, b_answer] {
+            assert!(matches!(
+                answer.await.unwrap(),
+                Err(ChargePointsError::Failure(Failure::Unavailable {
+                    what: crate::failure::Dependency::ShuttingDown,
+                    ..
+                }))
+            ));
+        }
+        assert!(batches.queued.lock().unwrap().is_empty(), "the next charge leads anew");
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_youngest_charge_waited_its_whole_wait_tries_the_lock_once() {
         let user_id = UserId::generate();
         let mut lock = MockDistributedLock::new();
         lock.expect_acquire()

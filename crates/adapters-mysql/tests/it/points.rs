@@ -342,3 +342,36 @@ async fn one_change_cannot_be_recorded_twice() {
     tx.rollback().await.expect("rollback");
     db.drop_now().await;
 }
+
+#[tokio::test]
+async fn several_history_entries_go_in_whole_in_chunks_and_a_repeated_one_refuses_them_all() {
+    let db = Db::fresh("points_rows").await;
+    let user = registered_user(&db).await;
+    let mut tx = db.txm.begin().await.expect("begin");
+    let mut account = db.points.lock_account(tx.as_mut(), user.id()).await.expect("lock").expect("account");
+    let read_at = account.version();
+    // Seven rows: chunks of 4, 2 and 1.
+    let entries: Vec<_> = (0..7)
+        .map(|_| account.charge(ChargeAmount::new(5).unwrap(), clock::now_utc()).expect("charge"))
+        .collect();
+    db.points.save_balance(tx.as_mut(), &account, read_at).await.expect("balance");
+    db.points.append_histories(tx.as_mut(), &entries).await.expect("rows");
+    tx.commit().await.expect("commit");
+
+    let history = db.points.history(user.id(), HistoryLimit::new(100).unwrap()).await.expect("history");
+    let seqs: Vec<u64> = history.iter().rev().map(|e| e.seq()).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<u64>>());
+    let afters: Vec<i64> = history.iter().rev().map(|e| e.balance_after().points()).collect();
+    assert_eq!(afters, (1..=7).map(|n| n * 5).collect::<Vec<i64>>());
+
+    // A batch holding an entry already recorded goes in not at all.
+    let mut tx = db.txm.begin().await.expect("begin");
+    let mut account = db.points.lock_account(tx.as_mut(), user.id()).await.expect("lock").expect("account");
+    let fresh = account.charge(ChargeAmount::new(5).unwrap(), clock::now_utc()).expect("charge");
+    let refused = db.points.append_histories(tx.as_mut(), &[fresh, entries[0].clone()]).await;
+    assert!(refused.is_err(), "a repeated seq was accepted");
+    tx.rollback().await.expect("rollback");
+    let history = db.points.history(user.id(), HistoryLimit::new(100).unwrap()).await.expect("history");
+    assert_eq!(history.len(), 7);
+    db.drop_now().await;
+}
