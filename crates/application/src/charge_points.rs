@@ -134,17 +134,11 @@ impl ChargePoints {
 
     /// Applies the unkeyed charges this instance has queued for one account in batches of
     /// up to `max` per lock hold and transaction (see the module documentation); a `max` of
-    /// one keeps every charge alone. Call it on the runtime that lives longest (the
-    /// server's main one): the batches' leaders run there.
+    /// one keeps every charge alone.
     #[must_use]
     pub fn with_batches(mut self, max: NonZeroUsize) -> Self {
-        self.batches = (max.get() > 1).then(|| {
-            Arc::new(Batches {
-                queued: Mutex::default(),
-                max: max.get(),
-                runtime: tokio::runtime::Handle::try_current().ok(),
-            })
-        });
+        self.batches =
+            (max.get() > 1).then(|| Arc::new(Batches { queued: Mutex::default(), max: max.get() }));
         self
     }
 
@@ -286,19 +280,19 @@ impl ChargePoints {
         let queued = Queued { amount, since: Instant::now(), answer, _ticket: ticket };
         if batches.join(user_id, queued) {
             let leader = Leader { batches: Arc::clone(&batches), user_id, done: false };
-            // Its own span (not the first request's: it answers many), on the runtime the
-            // batches were set up on (the server's main one), not on the worker runtime
-            // of the request that happened to start it: that one stops when its own
-            // connections are closed, at shutdown, while the leader still answers
-            // requests of other workers.
-            let work = self
-                .clone()
-                .lead(leader)
-                .instrument(tracing::info_span!(parent: None, "charge_batches", %user_id));
-            match &batches.runtime {
-                Some(runtime) => drop(runtime.spawn(work)),
-                None => drop(tokio::spawn(work)),
-            }
+            // In a span of its own (not the first request's: it answers many), on the
+            // runtime of the request that started it: an actix worker's. Every worker runs
+            // its leaders itself (one runtime for all of them would be one thread for
+            // every charge of the instance). At shutdown the drain waits for every queued
+            // charge (each holds a ticket) while all workers still run; only past the
+            // drain's grace can a stopping worker take a leader with it, and then the
+            // charges it had in hand are answered OUTCOME_UNKNOWN (below), the queued
+            // ones 503 (`Leader`'s drop).
+            tokio::spawn(
+                self.clone()
+                    .lead(leader)
+                    .instrument(tracing::info_span!(parent: None, "charge_batches", %user_id)),
+            );
         }
         match answered.await {
             Ok(result) => result.map(Outcome::Fresh),
@@ -389,8 +383,6 @@ impl ChargePoints {
 struct Batches {
     queued: Mutex<HashMap<UserId, Vec<Queued>>>,
     max: usize,
-    /// Where leaders run: the runtime [`ChargePoints::with_batches`] was called on, if any.
-    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Batches {
@@ -986,7 +978,7 @@ mod tests {
     #[tokio::test]
     async fn a_leader_that_stops_before_trying_answers_its_queue_as_unavailable() {
         let user_id = UserId::generate();
-        let batches = Arc::new(Batches { queued: Mutex::default(), max: 10, runtime: None });
+        let batches = Arc::new(Batches { queued: Mutex::default(), max: 10 });
         let (a, a_answer) = queued(10);
         let (b, b_answer) = queued(20);
         assert!(batches.join(user_id, a), "the first leads");
