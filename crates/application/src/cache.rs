@@ -19,6 +19,13 @@
 //!   put it back after that write's eviction.
 //! - **Cheap hits.** Each instance keeps a decoded copy of what it read, tagged with its
 //!   version; while the store's version matches, the store sends back no value at all.
+//! - **One version check per round trip, not per request.** The requests of one instance
+//!   for one key share their checks: a request joins the *next* check to go out, never one
+//!   already on its way, so every answer comes from a check sent after its request
+//!   arrived (a write that returned before a request was sent is always seen). While one
+//!   check is out, the requests arriving meanwhile wait and go together in the next:
+//!   under a crowd, one check per round trip per key and instance instead of one per
+//!   request ([`Cache::checked`]).
 //! - **One loader per key** across all instances when many miss at once: the first claims
 //!   the load in the store, the others (and, within an instance, every other request for
 //!   the key) wait for its value, up to a bound, then load themselves. TTLs get jitter.
@@ -200,11 +207,42 @@ impl std::fmt::Debug for Cache {
     }
 }
 
-/// A key's local copy, and the mutex that lets one request of this instance fill it.
+/// A key's local copy, the mutex that lets one request of this instance fill it, and the
+/// version checks waiting to go out.
 #[derive(Default)]
 struct Slot {
     copy: Mutex<Option<LocalCopy>>,
     fill: tokio::sync::Mutex<()>,
+    checks: Mutex<Checks>,
+}
+
+/// The version checks of one key ([`Cache::checked`]).
+#[derive(Default)]
+struct Checks {
+    /// A task is sending this key's checks.
+    running: bool,
+    /// The requests that arrived since the last check went out; the next one answers
+    /// them. `None`: the store could not be read.
+    waiting: Vec<tokio::sync::oneshot::Sender<Option<CacheRead>>>,
+}
+
+/// The task sending one key's checks. Should it end any other way than by finding no
+/// request waiting (a panic, its runtime stopping), the key's checks are reset: the
+/// requests waiting get no answer (they read the database, as with the store down) and
+/// the next request starts a new task.
+struct Checker {
+    slot: Arc<Slot>,
+    done: bool,
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut checks = self.slot.checks.lock().unwrap_or_else(PoisonError::into_inner);
+            checks.running = false;
+            checks.waiting.clear();
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -226,6 +264,11 @@ impl Slot {
         if copy.as_ref().is_none_or(|c| c.version <= version) {
             *copy = Some(LocalCopy { version, value, until: Instant::now() + ttl });
         }
+    }
+
+    /// The local copy, if it is of `version` and of type `T`.
+    fn copy_at<T: Send + Sync + 'static>(&self, version: u64) -> Option<Arc<T>> {
+        self.copy().filter(|c| c.version == version).and_then(|c| c.value.downcast().ok())
     }
 
     fn is_live(&self) -> bool {
@@ -280,28 +323,28 @@ impl Cache {
         };
         let key = CacheKey::new(spec.name, id);
         let slot = self.slot(&key);
-        let local = slot.copy();
-        let version = match port.read(&key, local.as_ref().map(|c| c.version)).await {
-            Err(error) => {
+        let version = match Self::checked(port, &key, &slot).await {
+            None => {
                 count_with("cache_requests_total", spec.name, "result", "bypass");
-                count_with("cache_errors_total", spec.name, "op", "read");
-                tracing::debug!(%key, error = format!("{error:#}"), "cache unreachable; reading the database");
                 return Ok(load().await?.map(Arc::new));
             }
-            Ok(CacheRead::Writing) => {
+            Some(CacheRead::Writing) => {
                 count_with("cache_requests_total", spec.name, "result", "writing");
                 return Ok(load().await?.map(Arc::new));
             }
-            Ok(CacheRead::Unchanged { version }) => {
-                if let Some(value) =
-                    local.filter(|c| c.version == version).and_then(|c| c.value.downcast().ok())
-                {
+            Some(CacheRead::Unchanged { version }) => {
+                if let Some(value) = slot.copy_at::<T>(version) {
                     count_with("cache_requests_total", spec.name, "result", "local");
                     return Ok(Some(value));
                 }
                 version
             }
-            Ok(CacheRead::Entry { version, json, ttl_left }) => {
+            Some(CacheRead::Entry { version, json, ttl_left }) => {
+                // Another request of the same check may have decoded it already.
+                if let Some(value) = slot.copy_at::<T>(version) {
+                    count_with("cache_requests_total", spec.name, "result", "hit");
+                    return Ok(Some(value));
+                }
                 match self.decode::<T>(spec, &key, &slot, version, &json, ttl_left) {
                     Some(value) => {
                         count_with("cache_requests_total", spec.name, "result", "hit");
@@ -310,10 +353,58 @@ impl Cache {
                     None => version,
                 }
             }
-            Ok(CacheRead::Missing { version }) => version,
+            Some(CacheRead::Missing { version }) => version,
         };
         count_with("cache_requests_total", spec.name, "result", "miss");
         self.fill(port.as_ref(), spec, &key, &slot, version, load).await
+    }
+
+    /// What the store says of `key` now: the answer of a version check sent after this call
+    /// began (the next one to go out, shared with the other requests for `key` that arrive
+    /// before it goes); `None` when the store could not be read (counted and logged once
+    /// per check).
+    async fn checked(port: &Arc<dyn CachePort>, key: &CacheKey, slot: &Arc<Slot>) -> Option<CacheRead> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut checks = slot.checks.lock().unwrap_or_else(PoisonError::into_inner);
+            checks.waiting.push(answer);
+            !std::mem::replace(&mut checks.running, true)
+        };
+        if start {
+            let checker = Checker { slot: Arc::clone(slot), done: false };
+            tokio::spawn(Self::send_checks(Arc::clone(port), key.clone(), checker));
+        }
+        answered.await.ok().flatten()
+    }
+
+    /// One key's checks, one after another, while requests wait for them. A task of its
+    /// own, so that a request that goes away does not take the others' check with it.
+    async fn send_checks(port: Arc<dyn CachePort>, key: CacheKey, mut checker: Checker) {
+        loop {
+            let waiting = {
+                let mut checks = checker.slot.checks.lock().unwrap_or_else(PoisonError::into_inner);
+                if checks.waiting.is_empty() {
+                    checks.running = false;
+                    checker.done = true;
+                    return;
+                }
+                std::mem::take(&mut checks.waiting)
+            };
+            // Each of `waiting` arrived before this check is sent.
+            let known = checker.slot.copy().map(|c| c.version);
+            let read = match port.read(&key, known).await {
+                Ok(read) => Some(read),
+                Err(error) => {
+                    count_with("cache_errors_total", key.name(), "op", "read");
+                    tracing::debug!(%key, error = format!("{error:#}"), "cache unreachable; reading the database");
+                    None
+                }
+            };
+            for request in waiting {
+                // A request that went away no longer listens.
+                let _ = request.send(read.clone());
+            }
+        }
     }
 
     /// Decodes an entry and keeps it as this instance's copy; `None` (counted, logged)
@@ -900,5 +991,96 @@ mod tests {
         let cache = Cache::new(Arc::new(port), CacheSettings::default());
         let mark = cache.begin_write(&SPEC, "s").await.expect("marked");
         cache.end_write(mark.into_iter().collect()).await;
+    }
+
+    /// A store whose version a test moves on, whose reads answer the version current when
+    /// Redis would have run them (when called), and whose first read's answer is held
+    /// back until the test lets it go.
+    struct GatedStore {
+        version: std::sync::atomic::AtomicU64,
+        reads: AtomicUsize,
+        first_answer: tokio::sync::watch::Receiver<bool>,
+    }
+
+    #[async_trait]
+    impl CachePort for GatedStore {
+        async fn read(&self, _key: &CacheKey, _known: Option<u64>) -> Result<CacheRead, CacheError> {
+            let version = self.version.load(Ordering::SeqCst);
+            if self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                let mut open = self.first_answer.clone();
+                open.wait_for(|open| *open).await.expect("the test keeps the gate");
+            }
+            // An entry holding its own version, so that each answer tells which check it
+            // came from.
+            Ok(CacheRead::Entry { version, json: version.to_string(), ttl_left: Duration::from_secs(10) })
+        }
+
+        async fn store(
+            &self,
+            _: &CacheKey,
+            _: u64,
+            _: String,
+            _: Duration,
+        ) -> Result<Option<u64>, CacheError> {
+            Ok(None)
+        }
+
+        async fn begin_write(&self, _: &CacheKey, _: u64, _: Duration) -> Result<(), CacheError> {
+            unreachable!("no writes here")
+        }
+
+        async fn end_write(&self, _: &CacheKey, _: u64) -> Result<(), CacheError> {
+            unreachable!("no writes here")
+        }
+
+        async fn claim_load(&self, _: &CacheKey, _: u64, _: Duration) -> Result<bool, CacheError> {
+            Ok(true)
+        }
+
+        async fn release_load(&self, _: &CacheKey, _: u64) -> Result<(), CacheError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_arriving_while_a_check_is_out_share_the_next_check_never_that_one() {
+        let (open, first_answer) = tokio::sync::watch::channel(false);
+        let store = Arc::new(GatedStore { version: 1.into(), reads: AtomicUsize::new(0), first_answer });
+        let cache = Arc::new(Cache::new(Arc::clone(&store) as Arc<dyn CachePort>, CacheSettings::default()));
+        // What each request gets: the entry of the check that answered it.
+        let get = |cache: Arc<Cache>, _store: Arc<GatedStore>| async move {
+            let found = cache
+                .get_or_load(&SPEC, "s", || async move { Ok::<Option<u64>, String>(None) })
+                .await
+                .expect("never fails");
+            found.map(|v| *v)
+        };
+
+        // The first request's check goes out and is read by the store at version 1...
+        let first = tokio::spawn(get(Arc::clone(&cache), Arc::clone(&store)));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store.reads.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the first check never went out");
+            tokio::task::yield_now().await;
+        }
+        // ... then a write moves the version on, and forty requests arrive.
+        store.version.store(2, Ordering::SeqCst);
+        let later: Vec<_> =
+            (0..40).map(|_| tokio::spawn(get(Arc::clone(&cache), Arc::clone(&store)))).collect();
+        let waiting = || cache.slot(&CacheKey::new(SPEC.name, "s")).checks.lock().unwrap().waiting.len();
+        while waiting() < 40 {
+            assert!(Instant::now() < deadline, "the requests never queued");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(store.reads.load(Ordering::SeqCst), 1, "no check for them went out yet");
+        open.send(true).unwrap();
+
+        assert_eq!(first.await.unwrap(), Some(1), "the first request's check was read at version 1");
+        for request in later {
+            // Every one of them got the answer of a check sent after it arrived: version 2.
+            assert_eq!(request.await.unwrap(), Some(2));
+        }
+        assert_eq!(store.reads.load(Ordering::SeqCst), 2, "forty requests, one check");
+        assert!(!cache.slot(&CacheKey::new(SPEC.name, "s")).checks.lock().unwrap().running, "the task ended");
     }
 }
