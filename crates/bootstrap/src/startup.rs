@@ -302,6 +302,7 @@ impl Application {
             issue_token: IssueToken::new(users.clone(), Arc::clone(&queue)),
             sign_in: SignIn::new(users, tokens),
             signing_keys: signing_keys.clone(),
+            seat_maps: crate::routes::catalog::RenderedSeatMaps::default(),
             queue_reader,
             queue_events: queue_events.clone(),
             catalog,

@@ -1,9 +1,12 @@
 //! `/api/v1/concerts`, `/api/v1/concerts/{concertId}/schedules`,
 //! `/api/v1/schedules/{scheduleId}/seats`: the catalog, read through the cache.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
 use actix_web::{HttpResponse, web};
 use application::catalog::{ConcertView, OpenSchedule, SeatMap};
-use domain::booking::{ConcertId, ScheduleId};
+use domain::booking::{ConcertId, ScheduleId, SeatStatus};
 use serde::Serialize;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -102,6 +105,60 @@ impl SeatMapResponse {
     }
 }
 
+/// Seat maps rendered as JSON bytes, by date. A rendering is reused while the cache hands
+/// back the same map (the same allocation: the same version of the same date) and no hold
+/// shown in it has run out since, which are the only two things an answer depends on; so a
+/// hot seat map is serialised once per change on each instance, not once per request.
+#[derive(Default)]
+pub struct RenderedSeatMaps(Mutex<HashMap<uuid::Uuid, Rendered>>);
+
+struct Rendered {
+    map: Weak<SeatMap>,
+    body: web::Bytes,
+    /// When the first hold shown runs out (the answer changes then); `None`: never.
+    until: Option<OffsetDateTime>,
+}
+
+/// Renderings kept per instance before the ones of maps no longer cached are dropped.
+const RENDERED_CAPACITY: usize = 10_000;
+
+impl RenderedSeatMaps {
+    fn body(&self, map: &Arc<SeatMap>, now: OffsetDateTime) -> Result<web::Bytes, ApiError> {
+        let id = map.schedule.id;
+        {
+            let rendered = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(r) = rendered.get(&id)
+                && std::ptr::eq(r.map.as_ptr(), Arc::as_ptr(map))
+                && r.until.is_none_or(|until| now < until)
+            {
+                return Ok(r.body.clone());
+            }
+        }
+        let body = web::Bytes::from(
+            serde_json::to_vec(&SeatMapResponse::at(map, now))
+                .map_err(|e| anyhow::Error::new(e).context("failed to render a seat map"))?,
+        );
+        let until = map
+            .seats
+            .iter()
+            .filter(|seat| seat.status_at(now) == SeatStatus::Held)
+            .filter_map(|seat| seat.held_until)
+            .min();
+        let mut rendered = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if rendered.len() >= RENDERED_CAPACITY {
+            rendered.retain(|_, r| r.map.strong_count() > 0);
+        }
+        rendered.insert(id, Rendered { map: Arc::downgrade(map), body: body.clone(), until });
+        Ok(body)
+    }
+}
+
+impl std::fmt::Debug for RenderedSeatMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenderedSeatMaps").finish_non_exhaustive()
+    }
+}
+
 /// Every concert. No queue token needed.
 ///
 /// # Errors
@@ -183,5 +240,72 @@ pub async fn seat_map(
 ) -> Result<HttpResponse, ApiError> {
     let schedule = ScheduleId::from_uuid(uuid_param(&path, "scheduleId")?);
     let map = state.catalog.seat_map(schedule).await?;
-    Ok(HttpResponse::Ok().json(SeatMapResponse::at(&map, application::clock::now_utc())))
+    let body = state.seat_maps.body(&map, application::clock::now_utc())?;
+    Ok(HttpResponse::Ok().content_type("application/json").body(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use application::catalog::{ScheduleView, SeatView, StoredSeat};
+    use time::Duration;
+
+    use super::*;
+
+    fn map(held_until: Option<OffsetDateTime>) -> Arc<SeatMap> {
+        let now = OffsetDateTime::now_utc();
+        let seat = |number: u8, stored, held_until| SeatView { number, price: 100, stored, held_until };
+        Arc::new(SeatMap {
+            schedule: ScheduleView {
+                id: uuid::Uuid::now_v7(),
+                concert_id: uuid::Uuid::now_v7(),
+                starts_at: now,
+                booking_opens_at: now,
+                booking_closes_at: now,
+            },
+            seats: vec![seat(1, StoredSeat::Held, held_until), seat(2, StoredSeat::Available, None)],
+        })
+    }
+
+    fn statuses(body: &web::Bytes) -> Vec<String> {
+        let json: serde_json::Value = serde_json::from_slice(body).expect("json");
+        json["seats"]
+            .as_array()
+            .expect("seats")
+            .iter()
+            .map(|s| s["status"].as_str().expect("status").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_rendering_is_reused_for_the_same_map_until_a_hold_in_it_runs_out() {
+        let rendered = RenderedSeatMaps::default();
+        let now = OffsetDateTime::now_utc();
+        let map = map(Some(now + Duration::minutes(5)));
+
+        let first = rendered.body(&map, now).unwrap();
+        let again = rendered.body(&map, now + Duration::minutes(4)).unwrap();
+        assert_eq!(first.as_ptr(), again.as_ptr(), "the same bytes, not rendered again");
+        assert_eq!(statuses(&again), ["HELD", "AVAILABLE"]);
+
+        let after = rendered.body(&map, now + Duration::minutes(5)).unwrap();
+        assert_eq!(statuses(&after), ["AVAILABLE", "AVAILABLE"], "the hold ran out: rendered again");
+    }
+
+    #[test]
+    fn another_version_of_the_map_is_rendered_again() {
+        let rendered = RenderedSeatMaps::default();
+        let now = OffsetDateTime::now_utc();
+        let held = map(Some(now + Duration::minutes(5)));
+        let first = rendered.body(&held, now).unwrap();
+        // The same date, a new version from the cache (the hold was cancelled).
+        let mut cancelled = (*held).clone();
+        cancelled.seats[0] =
+            SeatView { stored: StoredSeat::Available, held_until: None, ..cancelled.seats[0].clone() };
+        let cancelled = Arc::new(cancelled);
+
+        let second = rendered.body(&cancelled, now).unwrap();
+
+        assert_ne!(first.as_ptr(), second.as_ptr());
+        assert_eq!(statuses(&second), ["AVAILABLE", "AVAILABLE"]);
+    }
 }

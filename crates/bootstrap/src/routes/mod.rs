@@ -45,6 +45,8 @@ pub struct AppState {
     pub sign_in: application::identity::SignIn,
     /// The shared signing keys (`None` when the operator sets them: `AUTH_SIGNING_KEY`).
     pub signing_keys: Option<application::identity::SigningKeys>,
+    /// Seat maps rendered once per change ([`catalog::RenderedSeatMaps`]).
+    pub seat_maps: catalog::RenderedSeatMaps,
 }
 
 impl std::fmt::Debug for AppState {
