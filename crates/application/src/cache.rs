@@ -26,7 +26,8 @@
 //!   check is out, the requests arriving meanwhile wait and go together in the next:
 //!   under a crowd, one check per round trip per key and instance instead of one per
 //!   request ([`Cache::checked`]). A slow check does not hold the next ones back for long
-//!   (a new one goes out after 10 ms, up to 8 at once per key). `cache_errors_total{op=read}`
+//!   (a new one goes out after 50 ms, up to 8 at once per key; beyond that the requests
+//!   read the database). `cache_errors_total{op=read}`
 //!   counts failed checks, `cache_requests_total{result=bypass}` the requests they sent to
 //!   the database.
 //! - **One loader per key** across all instances when many miss at once: the first claims
@@ -221,7 +222,7 @@ struct Slot {
 
 /// How long the requests that arrived after a check went out wait for it to come back
 /// before they go out in a check of their own ([`Cache::send_checks`]).
-const CHECK_OVERLAP: Duration = Duration::from_millis(10);
+const CHECK_OVERLAP: Duration = Duration::from_millis(50);
 
 /// The most version checks of one key in flight at once on one instance.
 const MAX_CHECKS_IN_FLIGHT: usize = 8;
@@ -237,7 +238,7 @@ struct Checks {
 }
 
 /// The task sending one key's checks. Should it end any other way than by finding no
-/// request waiting (a panic, its runtime stopping), the key's checks are reset: the
+/// request waiting and no check in flight (a panic, its runtime stopping), the key's checks are reset: the
 /// requests waiting get no answer (they read the database, as with the store down) and
 /// the next request starts a new task.
 struct Checker {
@@ -393,9 +394,10 @@ impl Cache {
     /// Normally one check at a time: the requests that arrive while it is out go in the
     /// next. A slow check (Redis stalling until the command timeout) does not hold back
     /// those that arrive after it, though: once [`CHECK_OVERLAP`] has passed, the waiting
-    /// go out in a check of their own, up to [`MAX_CHECKS_IN_FLIGHT`] at once per key, so a
-    /// request waits about one check, as it did alone, and a Redis gone bad still shows the
-    /// circuit breaker a failure every few milliseconds, not one per command timeout.
+    /// go out in a check of their own, up to [`MAX_CHECKS_IN_FLIGHT`] at once per key; with
+    /// that many out, those waiting read the database (as after a failed check). So a
+    /// request waits about one check, as it did alone, and a Redis gone bad still shows
+    /// the circuit breaker failures at a steady pace, not one per command timeout.
     async fn send_checks(port: Arc<dyn CachePort>, key: CacheKey, mut checker: Checker) {
         let mut in_flight = futures::stream::FuturesUnordered::new();
         loop {
@@ -411,6 +413,12 @@ impl Cache {
                 } else if in_flight.len() < MAX_CHECKS_IN_FLIGHT {
                     Some(std::mem::take(&mut checks.waiting))
                 } else {
+                    // Every check of this key has been out for a while: Redis is stalling.
+                    // The requests waiting read the database now, as after a failed check,
+                    // instead of queueing behind the command timeouts.
+                    for request in std::mem::take(&mut checks.waiting) {
+                        let _ = request.send(None);
+                    }
                     None
                 }
             };

@@ -115,6 +115,8 @@ pub struct RenderedSeatMaps(Mutex<HashMap<uuid::Uuid, Rendered>>);
 struct Rendered {
     map: Weak<SeatMap>,
     body: web::Bytes,
+    /// The moment it shows: it serves no earlier one (a clock stepped back).
+    at: OffsetDateTime,
     /// When the first hold shown runs out (the answer changes then); `None`: never.
     until: Option<OffsetDateTime>,
 }
@@ -129,6 +131,7 @@ impl RenderedSeatMaps {
             let rendered = self.0.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(r) = rendered.get(&id)
                 && std::ptr::eq(r.map.as_ptr(), Arc::as_ptr(map))
+                && r.at <= now
                 && r.until.is_none_or(|until| now < until)
             {
                 return Ok(r.body.clone());
@@ -148,7 +151,7 @@ impl RenderedSeatMaps {
         if rendered.len() >= RENDERED_CAPACITY {
             rendered.retain(|_, r| r.map.strong_count() > 0);
         }
-        rendered.insert(id, Rendered { map: Arc::downgrade(map), body: body.clone(), until });
+        rendered.insert(id, Rendered { map: Arc::downgrade(map), body: body.clone(), at: now, until });
         Ok(body)
     }
 }
