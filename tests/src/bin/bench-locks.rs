@@ -133,7 +133,9 @@ impl Strategy {
                 "REDIS_LOCK_NODES=<three private redis-server nodes>, LOCK_NODE_TIMEOUT_MS=2000, \
                  POINT_CHARGE_BATCH_MAX=1"
             }
-            Self::RedisPubSubBatched => "LOCK_WAIT_STRATEGY=pubsub, POINT_CHARGE_BATCH_MAX=100 (the defaults)",
+            Self::RedisPubSubBatched => {
+                "LOCK_WAIT_STRATEGY=pubsub, POINT_CHARGE_BATCH_MAX=100 (the defaults)"
+            }
         }
     }
 
@@ -480,7 +482,8 @@ async fn check(
     let steps = i64::try_from(n)?;
     let expected: BTreeSet<i64> = (1..=steps).map(|k| k * AMOUNT).collect();
     // Each charge saw the balance the one before left: n answers, n different balances.
-    let answered: BTreeSet<i64> = answers.iter().filter(|a| a.status == 200).filter_map(|a| a.balance).collect();
+    let answered: BTreeSet<i64> =
+        answers.iter().filter(|a| a.status == 200).filter_map(|a| a.balance).collect();
     anyhow::ensure!(
         answered == expected,
         "the answers reported {} different balances, expected {n}: 100, 200, ..., {}",
