@@ -49,15 +49,7 @@ impl MySqlPointRepository {
     ) -> Result<(), PointRepositoryError> {
         let mut values = Vec::with_capacity(entries.len() * 7);
         for entry in entries {
-            values.extend([
-                entry.id().into(),
-                (*entry.user_id().as_uuid()).into(),
-                entry.kind().as_str().into(),
-                entry.amount().points().into(),
-                entry.balance_after().points().into(),
-                db_version(entry.seq())?.into(),
-                to_db_time(entry.created_at()).into(),
-            ]);
+            values.extend(history_values(entry)?);
         }
         let inserted = connection(tx)?
             .execute_raw(Statement::from_sql_and_values(
@@ -93,6 +85,34 @@ fn account_row(row: &QueryResult) -> anyhow::Result<point_account::Model> {
         version: column(row, "version")?,
         updated_at: column(row, "updated_at")?,
     })
+}
+
+/// The seven values of one history row, in [`sql::APPEND_HISTORY`]'s order.
+fn history_values(entry: &PointHistoryEntry) -> anyhow::Result<[sea_orm::Value; 7]> {
+    Ok([
+        entry.id().into(),
+        (*entry.user_id().as_uuid()).into(),
+        entry.kind().as_str().into(),
+        entry.amount().points().into(),
+        entry.balance_after().points().into(),
+        db_version(entry.seq())?.into(),
+        to_db_time(entry.created_at()).into(),
+    ])
+}
+
+/// One account read inside `tx` by `sql` ([`sql::LOCK_ACCOUNT`] or [`sql::READ_ACCOUNT`]),
+/// its failure described as `what`.
+async fn read_account_with(
+    tx: &mut Tx,
+    sql: &'static str,
+    user_id: UserId,
+    what: &'static str,
+) -> Result<Option<PointAccount>, PointRepositoryError> {
+    let row = connection(tx)?
+        .query_one_raw(Statement::from_sql_and_values(DbBackend::MySql, sql, [(*user_id.as_uuid()).into()]))
+        .await
+        .db_context(what)?;
+    Ok(row.map(|row| account_row(&row).and_then(account_from)).transpose()?)
 }
 
 fn entry_from(row: point_history::Model) -> anyhow::Result<PointHistoryEntry> {
@@ -138,15 +158,7 @@ impl PointRepository for MySqlPointRepository {
         tx: &mut Tx,
         user_id: UserId,
     ) -> Result<Option<PointAccount>, PointRepositoryError> {
-        let row = connection(tx)?
-            .query_one_raw(Statement::from_sql_and_values(
-                DbBackend::MySql,
-                sql::LOCK_ACCOUNT,
-                [(*user_id.as_uuid()).into()],
-            ))
-            .await
-            .db_context("failed to lock the point account")?;
-        Ok(row.map(|row| account_row(&row).and_then(account_from)).transpose()?)
+        read_account_with(tx, sql::LOCK_ACCOUNT, user_id, "failed to lock the point account").await
     }
 
     #[tracing::instrument(name = "points.read_account", skip(self, tx))]
@@ -155,15 +167,7 @@ impl PointRepository for MySqlPointRepository {
         tx: &mut Tx,
         user_id: UserId,
     ) -> Result<Option<PointAccount>, PointRepositoryError> {
-        let row = connection(tx)?
-            .query_one_raw(Statement::from_sql_and_values(
-                DbBackend::MySql,
-                sql::READ_ACCOUNT,
-                [(*user_id.as_uuid()).into()],
-            ))
-            .await
-            .db_context("failed to read the point account")?;
-        Ok(row.map(|row| account_row(&row).and_then(account_from)).transpose()?)
+        read_account_with(tx, sql::READ_ACCOUNT, user_id, "failed to read the point account").await
     }
 
     #[tracing::instrument(name = "points.save_balance", skip_all, fields(user_id = %account.user_id()))]
@@ -233,15 +237,7 @@ impl PointRepository for MySqlPointRepository {
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::MySql,
                 sql::APPEND_HISTORY,
-                [
-                    entry.id().into(),
-                    (*entry.user_id().as_uuid()).into(),
-                    entry.kind().as_str().into(),
-                    entry.amount().points().into(),
-                    entry.balance_after().points().into(),
-                    db_version(entry.seq())?.into(),
-                    to_db_time(entry.created_at()).into(),
-                ],
+                history_values(entry)?,
             ))
             .await
             .db_context("failed to insert the point history entry")?;
