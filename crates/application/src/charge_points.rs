@@ -573,6 +573,20 @@ mod tests {
         }
     }
 
+    /// Charges over `lock` that must fail before any transaction begins (the account is
+    /// never read either).
+    fn before_any_transaction(lock: MockDistributedLock) -> ChargePoints {
+        let mut txm = MockTransactionManager::new();
+        txm.expect_begin().never();
+        ChargePoints::new(
+            Arc::new(MockPointRepository::new()),
+            Arc::new(lock),
+            Arc::new(txm),
+            DEFAULT_LOCK_WAIT,
+            unkeyed(),
+        )
+    }
+
     /// Idempotency for charges made without a key: its store is never asked.
     fn unkeyed() -> Idempotency {
         let mut store = crate::idempotency::MockIdempotencyStore::new();
@@ -711,15 +725,7 @@ mod tests {
         lock.expect_acquire()
             .times(1)
             .returning(|key, _| Err(LockError::Timeout { key: key.clone(), waited: DEFAULT_LOCK_WAIT }));
-        let mut txm = MockTransactionManager::new();
-        txm.expect_begin().never();
-        let charge = ChargePoints::new(
-            Arc::new(MockPointRepository::new()),
-            Arc::new(lock),
-            Arc::new(txm),
-            DEFAULT_LOCK_WAIT,
-            unkeyed(),
-        );
+        let charge = before_any_transaction(lock);
 
         let result = charge.execute(user_id, amount(6), None).await;
 
@@ -735,15 +741,7 @@ mod tests {
         lock.expect_acquire()
             .times(1)
             .returning(|_, _| Err(LockError::Unavailable(anyhow::anyhow!("connection refused"))));
-        let mut txm = MockTransactionManager::new();
-        txm.expect_begin().never();
-        let charge = ChargePoints::new(
-            Arc::new(MockPointRepository::new()),
-            Arc::new(lock),
-            Arc::new(txm),
-            DEFAULT_LOCK_WAIT,
-            unkeyed(),
-        );
+        let charge = before_any_transaction(lock);
 
         let result = charge.execute(user_id, amount(6), None).await;
 
@@ -922,16 +920,7 @@ mod tests {
         lock.expect_acquire()
             .times(1)
             .returning(|_, _| Err(LockError::Unavailable(anyhow::anyhow!("connection refused"))));
-        let mut txm = MockTransactionManager::new();
-        txm.expect_begin().never();
-        let charge = ChargePoints::new(
-            Arc::new(MockPointRepository::new()),
-            Arc::new(lock),
-            Arc::new(txm),
-            DEFAULT_LOCK_WAIT,
-            unkeyed(),
-        )
-        .with_batches(NonZeroUsize::new(10).unwrap());
+        let charge = before_any_transaction(lock).with_batches(NonZeroUsize::new(10).unwrap());
         let (a, a_answer) = queued(10);
         let (b, b_answer) = queued(20);
 
