@@ -57,7 +57,7 @@ fn from_db_time(at: PrimitiveDateTime) -> OffsetDateTime {
 /// MySQL / MariaDB server error numbers that mean "try again": the statement failed and
 /// its transaction is rolled back, but the same request may succeed shortly.
 const RETRYABLE_ERRORS: [(u16, &str); 12] = [
-    (1020, "record changed since the snapshot"), // MariaDB 11.6+ snapshot isolation
+    (SNAPSHOT_CONFLICT, "record changed since the snapshot"),
     (1205, "lock wait timeout"),
     (1213, "deadlock"),
     (1969, "statement timeout"), // MariaDB max_statement_time
@@ -110,8 +110,8 @@ fn retryable(error: &DbErr) -> Option<&'static str> {
         DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => match e.as_ref() {
             // Not TLS: a refused certificate is a misconfiguration, not worth retrying.
             Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed => Some("unreachable"),
-            Sqlx::Database(db) => {
-                let number = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>()?.number();
+            Sqlx::Database(_) => {
+                let number = server_error_number(error)?;
                 RETRYABLE_ERRORS.iter().find(|(n, _)| *n == number).map(|(_, reason)| *reason)
             }
             _ => None,
