@@ -1096,7 +1096,7 @@ mod tests {
         let store = Arc::new(GatedStore { version: 1.into(), reads: AtomicUsize::new(0), first_answer });
         let cache = Arc::new(Cache::new(Arc::clone(&store) as Arc<dyn CachePort>, CacheSettings::default()));
         // What each request gets: the entry of the check that answered it.
-        let get = |cache: Arc<Cache>, _store: Arc<GatedStore>| async move {
+        let get = |cache: Arc<Cache>| async move {
             let found = cache
                 .get_or_load(&SPEC, "s", || async move { Ok::<Option<u64>, String>(None) })
                 .await
@@ -1105,7 +1105,7 @@ mod tests {
         };
 
         // The first request's check goes out and is read by the store at version 1...
-        let first = tokio::spawn(get(Arc::clone(&cache), Arc::clone(&store)));
+        let first = tokio::spawn(get(Arc::clone(&cache)));
         let deadline = Instant::now() + Duration::from_secs(30);
         while store.reads.load(Ordering::SeqCst) == 0 {
             assert!(Instant::now() < deadline, "the first check never went out");
@@ -1113,8 +1113,7 @@ mod tests {
         }
         // ... then a write moves the version on, and forty requests arrive.
         store.version.store(2, Ordering::SeqCst);
-        let later: Vec<_> =
-            (0..40).map(|_| tokio::spawn(get(Arc::clone(&cache), Arc::clone(&store)))).collect();
+        let later: Vec<_> = (0..40).map(|_| tokio::spawn(get(Arc::clone(&cache)))).collect();
         let waiting = || cache.slot(&CacheKey::new(SPEC.name, "s")).checks.lock().unwrap().waiting.len();
         while waiting() < 40 {
             assert!(Instant::now() < deadline, "the requests never queued");

@@ -427,12 +427,7 @@ struct Queued {
 
 impl Queued {
     fn answer(self, result: Result<Balance, ChargePointsError>) {
-        if let Err(unheard) = self.answer.send(result) {
-            match unheard {
-                Ok(_) => tracing::info!("a charge ended after its client had gone"),
-                Err(error) => tracing::warn!(error = %error, "a charge failed after its client had gone"),
-            }
-        }
+        crate::detach::deliver(self.answer, result);
     }
 }
 

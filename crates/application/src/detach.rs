@@ -142,14 +142,7 @@ where
         async move {
             let _in_flight = in_flight;
             let outcome = work.await;
-            if let Err(unheard) = answer.send(outcome) {
-                match unheard {
-                    Ok(_) => tracing::info!("a write ended after its client had gone"),
-                    Err(error) => {
-                        tracing::warn!(error = %error, "a write failed after its client had gone");
-                    }
-                }
-            }
+            deliver(answer, outcome);
         }
         .in_current_span(),
     );
@@ -157,6 +150,20 @@ where
         Ok(()) => answered.await.unwrap_or_else(|_| unreachable!("the task answers before it ends")),
         Err(error) if error.is_panic() => resume_unwind(error.into_panic()),
         Err(error) => panic!("a write was cancelled by the runtime shutting down: {error}"),
+    }
+}
+
+/// Sends a write's outcome to the request waiting for it; if that request has gone (its
+/// client hung up), logs the outcome instead, since no answer will carry it.
+pub(crate) fn deliver<T, E: std::fmt::Display>(
+    answer: tokio::sync::oneshot::Sender<Result<T, E>>,
+    outcome: Result<T, E>,
+) {
+    if let Err(unheard) = answer.send(outcome) {
+        match unheard {
+            Ok(_) => tracing::info!("a write ended after its client had gone"),
+            Err(error) => tracing::warn!(error = %error, "a write failed after its client had gone"),
+        }
     }
 }
 
