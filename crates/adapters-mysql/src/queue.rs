@@ -171,11 +171,9 @@ impl WaitingQueue for MySqlQueue {
     }
 
     async fn states(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>> {
-        let mut states = Vec::with_capacity(tokens.len());
-        for token in tokens {
-            states.push(self.describe(token).await?);
-        }
-        Ok(states)
+        // One query per token, side by side (as many as the pool lends at once), in order:
+        // the gate's shared lookups (`application::queue::QueueReader`) come here in batches.
+        futures::future::try_join_all(tokens.into_iter().map(|token| self.describe(token))).await
     }
 
     #[tracing::instrument(name = "queue.mysql.admit", skip(self))]

@@ -25,9 +25,9 @@
 //!   arrived (a write that returned before a request was sent is always seen). While one
 //!   check is out, the requests arriving meanwhile wait and go together in the next:
 //!   under a crowd, one check per round trip per key and instance instead of one per
-//!   request ([`Cache::checked`]). A slow check does not hold the next ones back for long
-//!   (a new one goes out after 50 ms, up to 8 at once per key; beyond that the requests
-//!   read the database). `cache_errors_total{op=read}`
+//!   request ([`Cache::checked`], on [`crate::coalesce`]). A slow check does not hold the
+//!   next ones back for long (a new one goes out after 50 ms, up to 8 at once per key;
+//!   beyond that the requests read the database). `cache_errors_total{op=read}`
 //!   counts failed checks, `cache_requests_total{result=bypass}` the requests they sent to
 //!   the database.
 //! - **One loader per key** across all instances when many miss at once: the first claims
@@ -55,6 +55,8 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
+
+use crate::coalesce::Coalesced;
 
 /// Which answer a cache key holds: a fixed name (a metric label) and an id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -211,49 +213,14 @@ impl std::fmt::Debug for Cache {
     }
 }
 
-/// A key's local copy, the mutex that lets one request of this instance fill it, and the
-/// version checks waiting to go out.
+/// A key's local copy, the mutex that lets one request of this instance fill it, and its
+/// shared version checks.
 #[derive(Default)]
 struct Slot {
     copy: Mutex<Option<LocalCopy>>,
     fill: tokio::sync::Mutex<()>,
-    checks: Mutex<Checks>,
-}
-
-/// How long the requests that arrived after a check went out wait for it to come back
-/// before they go out in a check of their own ([`Cache::send_checks`]).
-const CHECK_OVERLAP: Duration = Duration::from_millis(50);
-
-/// The most version checks of one key in flight at once on one instance.
-const MAX_CHECKS_IN_FLIGHT: usize = 8;
-
-/// The version checks of one key ([`Cache::checked`]).
-#[derive(Default)]
-struct Checks {
-    /// A task is sending this key's checks.
-    running: bool,
-    /// The requests that arrived since the last check went out; the next one answers
-    /// them. `None`: the store could not be read.
-    waiting: Vec<tokio::sync::oneshot::Sender<Option<CacheRead>>>,
-}
-
-/// The task sending one key's checks. Should it end any other way than by finding no
-/// request waiting and no check in flight (a panic, its runtime stopping), the key's checks are reset: the
-/// requests waiting get no answer (they read the database, as with the store down) and
-/// the next request starts a new task.
-struct Checker {
-    slot: Arc<Slot>,
-    done: bool,
-}
-
-impl Drop for Checker {
-    fn drop(&mut self) {
-        if !self.done {
-            let mut checks = self.slot.checks.lock().unwrap_or_else(PoisonError::into_inner);
-            checks.running = false;
-            checks.waiting.clear();
-        }
-    }
+    /// The version checks of this key, shared by its requests ([`Cache::checked`]).
+    checks: Arc<Coalesced<(), Option<CacheRead>>>,
 }
 
 #[derive(Clone)]
@@ -372,86 +339,27 @@ impl Cache {
 
     /// What the store says of `key` now: the answer of a version check sent after this call
     /// began (the next one to go out, shared with the other requests for `key` that arrive
-    /// before it goes); `None` when the store could not be read (counted and logged once
-    /// per check).
+    /// before it goes; see [`crate::coalesce`]); `None` when the store could not be read
+    /// (counted and logged once per check) or stalled.
     async fn checked(port: &Arc<dyn CachePort>, key: &CacheKey, slot: &Arc<Slot>) -> Option<CacheRead> {
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        let start = {
-            let mut checks = slot.checks.lock().unwrap_or_else(PoisonError::into_inner);
-            checks.waiting.push(answer);
-            !std::mem::replace(&mut checks.running, true)
+        let (port, key, checked_slot) = (Arc::clone(port), key.clone(), Arc::clone(slot));
+        let send = move |requests: Vec<()>| {
+            let (port, key, slot) = (Arc::clone(&port), key.clone(), Arc::clone(&checked_slot));
+            async move { vec![Self::check(port.as_ref(), &key, &slot).await; requests.len()] }
         };
-        if start {
-            let checker = Checker { slot: Arc::clone(slot), done: false };
-            tokio::spawn(Self::send_checks(Arc::clone(port), key.clone(), checker));
-        }
-        answered.await.ok().flatten()
+        slot.checks.ask((), send).await.flatten()
     }
 
-    /// One key's checks while requests wait for them. A task of its own, so that a request
-    /// that goes away does not take the others' check with it.
-    ///
-    /// Normally one check at a time: the requests that arrive while it is out go in the
-    /// next. A slow check (Redis stalling until the command timeout) does not hold back
-    /// those that arrive after it, though: once [`CHECK_OVERLAP`] has passed, the waiting
-    /// go out in a check of their own, up to [`MAX_CHECKS_IN_FLIGHT`] at once per key; with
-    /// that many out, those waiting read the database (as after a failed check). So a
-    /// request waits about one check, as it did alone, and a Redis gone bad still shows
-    /// the circuit breaker failures at a steady pace, not one per command timeout.
-    async fn send_checks(port: Arc<dyn CachePort>, key: CacheKey, mut checker: Checker) {
-        let mut in_flight = futures::stream::FuturesUnordered::new();
-        loop {
-            let batch = {
-                let mut checks = checker.slot.checks.lock().unwrap_or_else(PoisonError::into_inner);
-                if checks.waiting.is_empty() {
-                    if in_flight.is_empty() {
-                        checks.running = false;
-                        checker.done = true;
-                        return;
-                    }
-                    None
-                } else if in_flight.len() < MAX_CHECKS_IN_FLIGHT {
-                    Some(std::mem::take(&mut checks.waiting))
-                } else {
-                    // Every check of this key has been out for a while: Redis is stalling.
-                    // The requests waiting read the database now, as after a failed check,
-                    // instead of queueing behind the command timeouts.
-                    for request in std::mem::take(&mut checks.waiting) {
-                        let _ = request.send(None);
-                    }
-                    None
-                }
-            };
-            if let Some(batch) = batch {
-                in_flight.push(Self::check(Arc::clone(&port), key.clone(), Arc::clone(&checker.slot), batch));
-            }
-            // Until a check comes back, or the overlap passes with requests waiting.
-            tokio::select! {
-                _ = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {}
-                () = tokio::time::sleep(CHECK_OVERLAP) => {}
-            }
-        }
-    }
-
-    /// One version check, answered to `waiting`, each of which arrived before it is sent.
-    async fn check(
-        port: Arc<dyn CachePort>,
-        key: CacheKey,
-        slot: Arc<Slot>,
-        waiting: Vec<tokio::sync::oneshot::Sender<Option<CacheRead>>>,
-    ) {
+    /// One version check, for every request of its batch.
+    async fn check(port: &dyn CachePort, key: &CacheKey, slot: &Slot) -> Option<CacheRead> {
         let known = slot.copy().map(|c| c.version);
-        let read = match port.read(&key, known).await {
+        match port.read(key, known).await {
             Ok(read) => Some(read),
             Err(error) => {
                 count_with("cache_errors_total", key.name(), "op", "read");
                 tracing::debug!(%key, error = format!("{error:#}"), "cache unreachable; reading the database");
                 None
             }
-        };
-        for request in waiting {
-            // A request that went away no longer listens.
-            let _ = request.send(read.clone());
         }
     }
 
@@ -1114,7 +1022,7 @@ mod tests {
         // ... then a write moves the version on, and forty requests arrive.
         store.version.store(2, Ordering::SeqCst);
         let later: Vec<_> = (0..40).map(|_| tokio::spawn(get(Arc::clone(&cache)))).collect();
-        let waiting = || cache.slot(&CacheKey::new(SPEC.name, "s")).checks.lock().unwrap().waiting.len();
+        let waiting = || cache.slot(&CacheKey::new(SPEC.name, "s")).checks.waiting();
         while waiting() < 40 {
             assert!(Instant::now() < deadline, "the requests never queued");
             tokio::task::yield_now().await;
@@ -1128,7 +1036,7 @@ mod tests {
             assert_eq!(request.await.unwrap(), Some(2));
         }
         assert_eq!(store.reads.load(Ordering::SeqCst), 2, "forty requests, one check");
-        assert!(!cache.slot(&CacheKey::new(SPEC.name, "s")).checks.lock().unwrap().running, "the task ended");
+        assert!(!cache.slot(&CacheKey::new(SPEC.name, "s")).checks.is_sending(), "the task ended");
     }
 
     #[tokio::test]

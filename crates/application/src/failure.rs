@@ -100,8 +100,9 @@ impl Failure {
     }
 }
 
-/// `error`'s text, as an error of the same kind to [`domain::unavailable`].
-fn retold(error: &anyhow::Error) -> anyhow::Error {
+/// `error`'s text, as an error of the same kind to [`domain::unavailable`]: what one
+/// failure tells each of the callers that shared it.
+pub(crate) fn retold(error: &anyhow::Error) -> anyhow::Error {
     let text: Box<dyn std::error::Error + Send + Sync> = format!("{error:#}").into();
     if domain::unavailable::is_outcome_unknown(error) {
         anyhow::Error::new(domain::unavailable::OutcomeUnknown { source: text })

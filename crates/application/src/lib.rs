@@ -9,6 +9,8 @@
 //!   transaction.
 //! - [`failure`]: the one error model for what fails below a use case; [`detach`]: writes
 //!   that run to their end when the client hangs up.
+//! - [`coalesce`]: round trips shared by the requests of one instance (the cache's
+//!   version checks, the queue gate).
 //! - [`breaker`]: circuit breakers in front of the cache and lock ports (degrade fast,
 //!   recover by itself).
 //! - [`cache`]: the [`cache::CachePort`] port and the read path over it ([`cache::Cache`]:
@@ -32,6 +34,7 @@ pub mod cache;
 pub mod catalog;
 pub mod charge_points;
 pub mod clock;
+pub mod coalesce;
 pub mod coupons;
 pub mod create_user;
 pub mod detach;

@@ -10,8 +10,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use domain::queue::{Admission, AdmitPolicy, QueueStatus, QueueTokenId, TokenState};
+use domain::unavailable::Unavailable;
 use domain::user::{UserId, UserRepository};
 use time::OffsetDateTime;
+
+use crate::coalesce::Coalesced;
+use crate::failure::retold;
 
 /// How a queue behaves; both adapters take the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +61,16 @@ pub trait WaitingQueue: Send + Sync {
 
     /// Ends a token now (a completed payment); true when it was live.
     async fn expire(&self, token: QueueTokenId) -> anyhow::Result<bool>;
+}
+
+/// A mock's answer to [`WaitingQueue::states`] made of one answer per token (tests that
+/// think token by token).
+#[cfg(any(test, feature = "mocks"))]
+pub fn per_token<F>(mut state: F) -> impl FnMut(Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>>
+where
+    F: FnMut(QueueTokenId) -> anyhow::Result<Option<TokenState>>,
+{
+    move |tokens| tokens.into_iter().map(&mut state).collect()
 }
 
 /// What a client sees of its token.
@@ -142,10 +156,20 @@ pub enum GateError {
     Unexpected(#[from] anyhow::Error),
 }
 
+/// The most tokens one shared state lookup asks for ([`QueueReader`]).
+const MAX_LOOKUP_BATCH: usize = 256;
+
 /// Reads tokens: the holder's view, and the gate of the booking routes.
+///
+/// The lookups of one instance share their round trips ([`crate::coalesce`]): a request
+/// joins the next lookup to go out (one script call for many tokens, at most
+/// [`MAX_LOOKUP_BATCH`]), never one already sent, so its answer is as fresh as a lookup of
+/// its own (a token ended by a payment that returned is never let in again). Under a
+/// crowd that is one round trip to the queue's store per round trip time, not per request.
 #[derive(Clone)]
 pub struct QueueReader {
     queue: Arc<dyn WaitingQueue>,
+    lookups: Arc<Coalesced<QueueTokenId, anyhow::Result<Option<TokenState>>>>,
 }
 
 impl std::fmt::Debug for QueueReader {
@@ -157,7 +181,29 @@ impl std::fmt::Debug for QueueReader {
 impl QueueReader {
     #[must_use]
     pub fn new(queue: Arc<dyn WaitingQueue>) -> Self {
-        Self { queue }
+        Self { queue, lookups: Arc::new(Coalesced::new(MAX_LOOKUP_BATCH)) }
+    }
+
+    /// The state of `token` now, from the next shared lookup.
+    async fn state(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
+        let queue = Arc::clone(&self.queue);
+        let send = move |tokens: Vec<QueueTokenId>| {
+            let queue = Arc::clone(&queue);
+            async move {
+                let asked = tokens.len();
+                match queue.states(tokens).await {
+                    Ok(states) => states.into_iter().map(Ok).collect(),
+                    // Every request of the lookup gets the failure, with its meaning (503).
+                    Err(error) => (0..asked).map(|_| Err(retold(&error))).collect(),
+                }
+            }
+        };
+        self.lookups.ask(token, send).await.unwrap_or_else(|| {
+            Err(anyhow::Error::new(Unavailable {
+                reason: "stalled",
+                source: "the queue's store answered none of the lookups in flight".into(),
+            }))
+        })
     }
 
     /// `owner`'s view of `token`. A token of another user is as good as none: worth
@@ -167,12 +213,8 @@ impl QueueReader {
     /// [`GateError::Invalid`] when the token is not live or not `owner`'s;
     /// [`GateError::Unexpected`].
     pub async fn view(&self, token: QueueTokenId, owner: UserId) -> Result<TokenView, GateError> {
-        let state = self
-            .queue
-            .state(token)
-            .await?
-            .filter(|state| state.user_id == owner)
-            .ok_or(GateError::Invalid)?;
+        let state =
+            self.state(token).await?.filter(|state| state.user_id == owner).ok_or(GateError::Invalid)?;
         Ok(TokenView::from(&state))
     }
 
@@ -183,7 +225,7 @@ impl QueueReader {
     /// [`GateError::Invalid`] (not live, or another user's), [`GateError::NotActive`]
     /// (waiting), [`GateError::Unexpected`].
     pub async fn admit_holder(&self, token: QueueTokenId, owner: UserId) -> Result<UserId, GateError> {
-        match self.queue.state(token).await? {
+        match self.state(token).await? {
             Some(state) if state.user_id != owner => Err(GateError::Invalid),
             None => Err(GateError::Invalid),
             Some(state) if state.status == QueueStatus::Waiting => Err(GateError::NotActive),
@@ -259,13 +301,17 @@ mod tests {
         let holder = active.user_id;
         let mut queue = MockWaitingQueue::new();
         let mut seq = mockall::Sequence::new();
-        queue.expect_state().times(1).in_sequence(&mut seq).returning(move |_| Ok(Some(active.clone())));
         queue
-            .expect_state()
+            .expect_states()
             .times(1)
             .in_sequence(&mut seq)
-            .returning(|_| Ok(Some(state(QueueStatus::Waiting, Some(3), 1.0))));
-        queue.expect_state().times(1).in_sequence(&mut seq).returning(|_| Ok(None));
+            .returning(per_token(move |_| Ok(Some(active.clone()))));
+        queue
+            .expect_states()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(per_token(|_| Ok(Some(state(QueueStatus::Waiting, Some(3), 1.0)))));
+        queue.expect_states().times(1).in_sequence(&mut seq).returning(per_token(|_| Ok(None)));
         let reader = QueueReader::new(Arc::new(queue));
         let token = QueueTokenId::generate();
 
@@ -285,9 +331,9 @@ mod tests {
         let (owner, waiter) = (active.user_id, waiting.user_id);
         let mut queue = MockWaitingQueue::new();
         let (a, w) = (active.clone(), waiting.clone());
-        queue
-            .expect_state()
-            .returning(move |token| Ok(Some(if token == a.token { a.clone() } else { w.clone() })));
+        queue.expect_states().returning(per_token(move |token| {
+            Ok(Some(if token == a.token { a.clone() } else { w.clone() }))
+        }));
         let reader = QueueReader::new(Arc::new(queue));
         let stranger = UserId::generate();
 
@@ -303,8 +349,12 @@ mod tests {
     async fn a_token_that_is_gone_has_no_view_and_a_store_failure_is_not_invalid() {
         let mut queue = MockWaitingQueue::new();
         let mut seq = mockall::Sequence::new();
-        queue.expect_state().times(1).in_sequence(&mut seq).returning(|_| Ok(None));
-        queue.expect_state().times(1).in_sequence(&mut seq).returning(|_| Err(anyhow::anyhow!("redis down")));
+        queue.expect_states().times(1).in_sequence(&mut seq).returning(per_token(|_| Ok(None)));
+        queue
+            .expect_states()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(per_token(|_| Err(anyhow::anyhow!("redis down"))));
         let reader = QueueReader::new(Arc::new(queue));
 
         assert!(matches!(
@@ -315,5 +365,85 @@ mod tests {
             reader.view(QueueTokenId::generate(), UserId::generate()).await,
             Err(GateError::Unexpected(_))
         ));
+    }
+
+    /// A queue whose lookups wait for `open`, recording how many tokens each asked for.
+    struct SlowQueue {
+        live: std::collections::HashMap<QueueTokenId, TokenState>,
+        open: tokio::sync::Semaphore,
+        sizes: std::sync::Mutex<Vec<usize>>,
+    }
+
+    #[async_trait]
+    impl WaitingQueue for SlowQueue {
+        async fn issue(&self, _: UserId) -> anyhow::Result<Issued> {
+            unreachable!("the gate issues nothing")
+        }
+        async fn state(&self, _: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
+            unreachable!("the gate asks in batches")
+        }
+        async fn states(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>> {
+            self.sizes.lock().unwrap().push(tokens.len());
+            let _open = self.open.acquire().await?;
+            Ok(tokens.iter().map(|token| self.live.get(token).cloned()).collect())
+        }
+        async fn admit(&self) -> anyhow::Result<Admission> {
+            unreachable!("the gate admits nobody")
+        }
+        async fn expire(&self, _: QueueTokenId) -> anyhow::Result<bool> {
+            unreachable!("the gate ends no token")
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_at_the_gate_share_lookups_and_each_gets_its_own_tokens_answer() {
+        // Thirty holders: a third active, a third waiting, a third with a token that ended.
+        let holders: Vec<(QueueTokenId, UserId, Option<QueueStatus>)> = (0..30)
+            .map(|n| {
+                let status = [Some(QueueStatus::Active), Some(QueueStatus::Waiting), None][n % 3];
+                (QueueTokenId::generate(), UserId::generate(), status)
+            })
+            .collect();
+        let live = holders
+            .iter()
+            .filter_map(|(token, user, status)| {
+                status.map(|status| {
+                    (*token, TokenState { token: *token, user_id: *user, ..state(status, None, 1.0) })
+                })
+            })
+            .collect();
+        let queue = Arc::new(SlowQueue {
+            live,
+            open: tokio::sync::Semaphore::new(0),
+            sizes: std::sync::Mutex::default(),
+        });
+        let reader = QueueReader::new(Arc::clone(&queue) as Arc<dyn WaitingQueue>);
+        let ask = |(token, user, _): (QueueTokenId, UserId, Option<QueueStatus>)| {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.admit_holder(token, user).await })
+        };
+        // The first lookup goes out and is held; the other 29 arrive meanwhile.
+        let first = ask(holders[0]);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while queue.sizes.lock().unwrap().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "the first lookup never went out");
+            tokio::task::yield_now().await;
+        }
+        let rest: Vec<_> = holders[1..].iter().map(|holder| ask(*holder)).collect();
+        while reader.lookups.waiting() < 29 {
+            assert!(tokio::time::Instant::now() < deadline, "the others never queued");
+            tokio::task::yield_now().await;
+        }
+        queue.open.add_permits(10);
+
+        for (answer, (_, user, status)) in std::iter::once(first).chain(rest).zip(holders) {
+            match (answer.await.unwrap(), status) {
+                (Ok(admitted), Some(QueueStatus::Active)) => assert_eq!(admitted, user),
+                (Err(GateError::NotActive), Some(QueueStatus::Waiting)) | (Err(GateError::Invalid), None) => {
+                }
+                (answer, status) => panic!("{status:?} answered {answer:?}"),
+            }
+        }
+        assert_eq!(*queue.sizes.lock().unwrap(), vec![1, 29], "thirty requests, two lookups");
     }
 }

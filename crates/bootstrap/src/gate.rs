@@ -70,7 +70,7 @@ mod tests {
     use std::sync::Arc;
 
     use actix_web::{App, HttpResponse, test as actix_test};
-    use application::queue::MockWaitingQueue;
+    use application::queue::{MockWaitingQueue, per_token};
     use domain::queue::{QueueStatus, TokenState};
 
     use super::*;
@@ -112,7 +112,7 @@ mod tests {
         let (active, waiting) = (QueueTokenId::generate(), QueueTokenId::generate());
         let holder = UserId::generate();
         let mut queue = MockWaitingQueue::new();
-        queue.expect_state().returning(move |token| {
+        queue.expect_states().returning(per_token(move |token| {
             Ok(if token == active {
                 Some(state(QueueStatus::Active, holder))
             } else if token == waiting {
@@ -120,7 +120,7 @@ mod tests {
             } else {
                 None
             })
-        });
+        }));
         let app = actix_test::init_service(
             App::new()
                 .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
@@ -182,9 +182,9 @@ mod tests {
     async fn another_users_active_token_is_401_queue_token_invalid() {
         let (token, owner, caller) = (QueueTokenId::generate(), UserId::generate(), UserId::generate());
         let mut queue = MockWaitingQueue::new();
-        queue
-            .expect_state()
-            .returning(move |_| Ok(Some(TokenState { token, ..state(QueueStatus::Active, owner) })));
+        queue.expect_states().returning(per_token(move |_| {
+            Ok(Some(TokenState { token, ..state(QueueStatus::Active, owner) }))
+        }));
         let app = actix_test::init_service(
             App::new()
                 .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
@@ -208,12 +208,12 @@ mod tests {
     #[actix_web::test]
     async fn a_queue_store_failure_at_the_gate_is_a_503_not_a_401() {
         let mut queue = MockWaitingQueue::new();
-        queue.expect_state().returning(|_| {
+        queue.expect_states().returning(per_token(|_| {
             Err(anyhow::Error::new(domain::unavailable::Unavailable {
                 reason: "redis",
                 source: Box::new(std::io::Error::other("connection refused")),
             }))
-        });
+        }));
         let app = actix_test::init_service(
             App::new()
                 .app_data(web::Data::new(QueueReader::new(Arc::new(queue))))
