@@ -301,7 +301,11 @@ impl Cache {
         };
         let key = CacheKey::new(spec.name, id);
         let slot = self.slot(&key);
-        let version = match Self::checked(port, &key, &slot).await {
+        let read = Self::checked(port, &key, &slot).await;
+        if let Some(value) = self.hit(spec, &key, &slot, read.as_ref()) {
+            return Ok(Some(value));
+        }
+        let version = match read {
             None => {
                 count_with("cache_requests_total", spec.name, "result", "bypass");
                 return Ok(load().await?.map(Arc::new));
@@ -310,31 +314,61 @@ impl Cache {
                 count_with("cache_requests_total", spec.name, "result", "writing");
                 return Ok(load().await?.map(Arc::new));
             }
-            Some(CacheRead::Unchanged { version }) => {
-                if let Some(value) = slot.copy_at::<T>(version) {
-                    count_with("cache_requests_total", spec.name, "result", "local");
-                    return Ok(Some(value));
-                }
-                version
-            }
-            Some(CacheRead::Entry { version, json, ttl_left }) => {
-                // Another request of the same check may have decoded it already.
-                if let Some(value) = slot.copy_at::<T>(version) {
-                    count_with("cache_requests_total", spec.name, "result", "hit");
-                    return Ok(Some(value));
-                }
-                match self.decode::<T>(spec, &key, &slot, version, &json, ttl_left) {
-                    Some(value) => {
-                        count_with("cache_requests_total", spec.name, "result", "hit");
-                        return Ok(Some(value));
-                    }
-                    None => version,
-                }
-            }
-            Some(CacheRead::Missing { version }) => version,
+            // Not a hit: no copy of it here, or an entry that did not decode.
+            Some(
+                CacheRead::Unchanged { version }
+                | CacheRead::Entry { version, .. }
+                | CacheRead::Missing { version },
+            ) => version,
         };
         count_with("cache_requests_total", spec.name, "result", "miss");
         self.fill(port.as_ref(), spec, &key, &slot, version, load).await
+    }
+
+    /// The value of `spec`/`id` if the cache can give it now, as fresh as
+    /// [`Cache::get_or_load`]'s (from a version check sent after this call began), without
+    /// ever loading: `None` on a miss, while a write is marked, when the store cannot be
+    /// read, and with no cache. For a caller that starts this read before it knows whether
+    /// it may load (the seat map, while the queue gate is asked): on `None` it goes through
+    /// `get_or_load`, which counts that request's outcome, so only hits are counted here.
+    pub async fn peek<T>(&self, spec: &CacheSpec, id: &str) -> Option<Arc<T>>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        let port = self.port.as_ref()?;
+        let key = CacheKey::new(spec.name, id);
+        let slot = self.slot(&key);
+        let read = Self::checked(port, &key, &slot).await;
+        self.hit(spec, &key, &slot, read.as_ref())
+    }
+
+    /// The value a check's answer `read` gives without loading: this instance's copy when
+    /// the version is unchanged, or the entry sent back (decoded once per instance and
+    /// version). Counts the hit.
+    fn hit<T>(
+        &self,
+        spec: &CacheSpec,
+        key: &CacheKey,
+        slot: &Slot,
+        read: Option<&CacheRead>,
+    ) -> Option<Arc<T>>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        let (value, result) = match read? {
+            CacheRead::Unchanged { version } => (slot.copy_at::<T>(*version)?, "local"),
+            CacheRead::Entry { version, json, ttl_left } => {
+                // Another request of the same check may have decoded it already.
+                let value = match slot.copy_at::<T>(*version) {
+                    Some(value) => value,
+                    None => self.decode::<T>(spec, key, slot, *version, json, *ttl_left)?,
+                };
+                (value, "hit")
+            }
+            CacheRead::Writing | CacheRead::Missing { .. } => return None,
+        };
+        count_with("cache_requests_total", spec.name, "result", result);
+        Some(value)
     }
 
     /// What the store says of `key` now: the answer of a version check sent after this call
@@ -857,6 +891,41 @@ mod tests {
 
         assert_eq!(loads.load(Ordering::SeqCst), 2);
         assert_eq!(*known.lock().unwrap(), vec![None, None, Some(41), Some(41), None]);
+    }
+
+    #[tokio::test]
+    async fn a_peek_answers_only_what_the_cache_holds_now_and_never_loads_or_stores() {
+        let known = Arc::new(Mutex::new(Vec::new()));
+        let entry = |version, value: u32| CacheRead::Entry {
+            version,
+            json: value.to_string(),
+            ttl_left: Duration::from_secs(5),
+        };
+        let mut port = port_reading(
+            vec![
+                CacheRead::Missing { version: 7 },
+                entry(7, 1),
+                CacheRead::Unchanged { version: 7 },
+                CacheRead::Writing,
+                // A write moved the version on: the copy of 7 is not shown.
+                CacheRead::Missing { version: 8 },
+                CacheRead::Unchanged { version: 9 },
+            ],
+            Arc::clone(&known),
+        );
+        port.expect_store().never();
+        port.expect_claim_load().never();
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        let peek = || cache.peek::<u32>(&SPEC, "s");
+
+        assert_eq!(peek().await, None, "a miss: nothing, and nothing loaded");
+        assert_eq!(peek().await.as_deref(), Some(&1), "the entry sent back");
+        assert_eq!(peek().await.as_deref(), Some(&1), "the version held: this instance's copy");
+        assert_eq!(peek().await, None, "a write is marked");
+        assert_eq!(peek().await, None, "the version moved on");
+        assert_eq!(peek().await, None, "a version this instance has no copy of");
+        assert_eq!(*known.lock().unwrap(), vec![None, None, Some(7), Some(7), Some(7), Some(7)]);
+        assert_eq!(Cache::disabled().peek::<u32>(&SPEC, "s").await, None, "no cache, nothing to peek at");
     }
 
     #[tokio::test]

@@ -301,6 +301,12 @@ impl Catalog {
             .ok_or(CatalogError::ScheduleNotFound(schedule))
     }
 
+    /// A date's seats if the cache can give them now ([`Cache::peek`]: as fresh as
+    /// [`Catalog::seat_map`], never loading); `None`: ask [`Catalog::seat_map`].
+    pub async fn cached_seat_map(&self, schedule: ScheduleId) -> Option<Arc<SeatMap>> {
+        self.cache.peek(&SEATS, &schedule.to_string()).await
+    }
+
     /// Marks a change to a date's seats (inside the change's lock, before its commit):
     /// until [`Catalog::changes_done`], every instance reads that seat map from MySQL.
     ///

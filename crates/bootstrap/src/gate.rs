@@ -53,15 +53,55 @@ impl FromRequest for Admitted {
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let caller = Caller::of(req);
-        let token = queue_token(req);
+        let gate = Gate::new(req);
+        Box::pin(async move { Ok(Self(gate?.admit().await?)) })
+    }
+}
+
+/// The gate of [`Admitted`], not yet asked: for a handler that starts its own read while
+/// the queue's store is asked (the seat map reads the cache meanwhile), so that it waits
+/// for one round trip instead of two in a row. Only an authenticated caller gets one (else
+/// `401 UNAUTHENTICATED` at once, nothing asked); the handler must [`Gate::admit`] before
+/// it answers anything, and should start nothing that costs more than its cheapest read
+/// until it has (a refused caller must not be able to load MySQL).
+#[derive(Debug)]
+pub struct Gate {
+    user: UserId,
+    token: Result<QueueTokenId, ApiError>,
+    reader: Option<web::Data<QueueReader>>,
+}
+
+impl Gate {
+    fn new(req: &HttpRequest) -> Result<Self, ApiError> {
+        let Caller(user) = Caller::of(req)?;
         let reader = req.app_data::<web::Data<QueueReader>>().cloned();
-        Box::pin(async move {
-            let Caller(user) = caller?;
-            let reader =
-                reader.ok_or_else(|| ApiError::from(anyhow::anyhow!("no QueueReader is registered")))?;
-            Ok(Self(reader.admit_holder(token?, user).await?))
-        })
+        Ok(Self { user, token: queue_token(req), reader })
+    }
+
+    /// Whether the request carries a well-formed queue token (whether it lets the caller
+    /// in is for [`Gate::admit`] to say).
+    #[must_use]
+    pub fn has_token(&self) -> bool {
+        self.token.is_ok()
+    }
+
+    /// Asks the queue's store: the caller, if their token is ACTIVE and theirs.
+    ///
+    /// # Errors
+    /// As [`Admitted`]: `401 QUEUE_TOKEN_INVALID`, `403 QUEUE_TOKEN_NOT_ACTIVE`, 503.
+    pub async fn admit(self) -> Result<UserId, ApiError> {
+        let reader =
+            self.reader.ok_or_else(|| ApiError::from(anyhow::anyhow!("no QueueReader is registered")))?;
+        Ok(reader.admit_holder(self.token?, self.user).await?)
+    }
+}
+
+impl FromRequest for Gate {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready(Self::new(req))
     }
 }
 
