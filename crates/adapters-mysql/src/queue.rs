@@ -14,6 +14,7 @@ use application::queue::{Issued, QueueConfig, WaitingQueue};
 use async_trait::async_trait;
 use domain::queue::{Admission, AdmitPolicy, QueueStatus, QueueTokenId, TokenState};
 use domain::user::UserId;
+use futures::{StreamExt as _, TryStreamExt as _};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, SqlErr, Statement, TransactionTrait};
 use time::OffsetDateTime;
 
@@ -21,6 +22,10 @@ use crate::{DbContext as _, column, commit_error, db_error};
 
 /// The most expired or abandoned tokens one step deletes (bounds a step's time).
 const CLEANUP_BATCH: u64 = 1_000;
+
+/// The most token lookups of one [`WaitingQueue::states`] call in flight at once: a few
+/// of the pool's connections, never all of them.
+const DESCRIBE_CONCURRENCY: usize = 4;
 /// The most tokens one step admits (the next steps admit the rest).
 const MAX_ADMIT_PER_STEP: u64 = 5_000;
 
@@ -171,9 +176,14 @@ impl WaitingQueue for MySqlQueue {
     }
 
     async fn states(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>> {
-        // One query per token, side by side (as many as the pool lends at once), in order:
-        // the gate's shared lookups (`application::queue::QueueReader`) come here in batches.
-        futures::future::try_join_all(tokens.into_iter().map(|token| self.describe(token))).await
+        // One query per token, a few side by side, answers in order: the gate's shared
+        // lookups (`application::queue::QueueReader`, up to 256 tokens) and the event
+        // streams (1,000) come here in batches, which must not take the whole pool.
+        futures::stream::iter(tokens)
+            .map(|token| self.describe(token))
+            .buffered(DESCRIBE_CONCURRENCY)
+            .try_collect()
+            .await
     }
 
     #[tracing::instrument(name = "queue.mysql.admit", skip(self))]

@@ -142,6 +142,9 @@ where
         Fut: Future<Output = Vec<O>> + Send + 'static,
     {
         let mut in_flight = FuturesUnordered::new();
+        // The last wait ended with the overlap passing and no batch back: every batch
+        // out has been out for at least that long.
+        let mut stalled = false;
         loop {
             let (batch, more) = {
                 let mut state = sender.shared.lock();
@@ -156,14 +159,19 @@ where
                     let take = state.waiting.len().min(sender.shared.max_batch);
                     let batch: Vec<_> = state.waiting.drain(..take).collect();
                     (Some(batch), !state.waiting.is_empty())
-                } else {
+                } else if stalled {
                     // Every batch out has been out for a while: the store is stalling.
                     // Those waiting get no answer now rather than queueing behind timeouts.
                     state.waiting.clear();
                     (None, false)
+                } else {
+                    // Full, but only just sent (a burst went out in several batches):
+                    // they wait for the first to come back, or the overlap to pass.
+                    (None, false)
                 }
             };
             if let Some(batch) = batch {
+                stalled = false;
                 let (questions, answers): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.into_iter().unzip();
                 let round_trip = send(questions);
                 in_flight.push(async move {
@@ -178,10 +186,10 @@ where
                 }
             }
             // Until a batch comes back, or the overlap passes with requests waiting.
-            tokio::select! {
-                _ = in_flight.next(), if !in_flight.is_empty() => {}
-                () = tokio::time::sleep(OVERLAP) => {}
-            }
+            stalled = tokio::select! {
+                _ = in_flight.next(), if !in_flight.is_empty() => false,
+                () = tokio::time::sleep(OVERLAP) => !in_flight.is_empty(),
+            };
         }
     }
 }
@@ -293,6 +301,31 @@ mod tests {
             assert_eq!(task.await.unwrap(), Some(q * 2));
         }
         assert!(store.sizes.lock().unwrap().iter().all(|size| *size <= 2), "{:?}", store.sizes);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_more_batches_than_may_be_out_at_once_is_answered_in_full() {
+        let store = Store::default();
+        let shared = Arc::new(Coalesced::new(2));
+        // A first batch out and held, then enough waiting for twice the batches allowed out.
+        let first = tokio::spawn({
+            let (shared, send) = (Arc::clone(&shared), store.send());
+            async move { shared.ask(0, send).await }
+        });
+        until("the first batch to go out", || store.round_trips.load(Ordering::SeqCst) == 1).await;
+        let burst = u32::try_from(MAX_IN_FLIGHT * 2 * 2).unwrap();
+        let later: Vec<_> = (1..=burst)
+            .map(|q| {
+                let (shared, send) = (Arc::clone(&shared), store.send());
+                tokio::spawn(async move { shared.ask(q, send).await })
+            })
+            .collect();
+        until("the burst to queue", || shared.waiting() == later.len()).await;
+        store.gate.add_permits(1_000);
+        assert_eq!(first.await.unwrap(), Some(0));
+        for (task, q) in later.into_iter().zip(1..) {
+            assert_eq!(task.await.unwrap(), Some(q * 2), "a healthy store answers every request");
+        }
     }
 
     #[tokio::test(start_paused = true)]

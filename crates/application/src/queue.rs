@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use domain::queue::{Admission, AdmitPolicy, QueueStatus, QueueTokenId, TokenState};
-use domain::unavailable::Unavailable;
+use domain::unavailable::{Unavailable, is_unavailable};
 use domain::user::{UserId, UserRepository};
+use futures::StreamExt as _;
 use time::OffsetDateTime;
 
 use crate::coalesce::Coalesced;
@@ -159,6 +160,9 @@ pub enum GateError {
 /// The most tokens one shared state lookup asks for ([`QueueReader`]).
 const MAX_LOOKUP_BATCH: usize = 256;
 
+/// How many tokens of a failed shared lookup are asked again alone at once.
+const ALONE_CONCURRENCY: usize = 8;
+
 /// Reads tokens: the holder's view, and the gate of the booking routes.
 ///
 /// The lookups of one instance share their round trips ([`crate::coalesce`]): a request
@@ -191,10 +195,30 @@ impl QueueReader {
             let queue = Arc::clone(&queue);
             async move {
                 let asked = tokens.len();
-                match queue.states(tokens).await {
+                match queue.states(tokens.clone()).await {
                     Ok(states) => states.into_iter().map(Ok).collect(),
-                    // Every request of the lookup gets the failure, with its meaning (503).
-                    Err(error) => (0..asked).map(|_| Err(retold(&error))).collect(),
+                    // The store is down or stalling: every request of the lookup gets the
+                    // failure, with its meaning (503).
+                    Err(error) if asked == 1 || is_unavailable(&error) => {
+                        (0..asked).map(|_| Err(retold(&error))).collect()
+                    }
+                    // Anything else (a record that does not decode) may be one token's:
+                    // each is asked alone, so it fails only its own request.
+                    Err(error) => {
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            tokens = asked,
+                            "a shared token lookup failed; asking token by token"
+                        );
+                        futures::stream::iter(tokens)
+                            .map(|token| {
+                                let queue = Arc::clone(&queue);
+                                async move { queue.state(token).await }
+                            })
+                            .buffered(ALONE_CONCURRENCY)
+                            .collect()
+                            .await
+                    }
                 }
             }
         };
@@ -445,5 +469,63 @@ mod tests {
             }
         }
         assert_eq!(*queue.sizes.lock().unwrap(), vec![1, 29], "thirty requests, two lookups");
+    }
+
+    /// A queue where one token's record does not decode: a lookup that includes it fails.
+    struct OneBadRecord {
+        bad: QueueTokenId,
+        good: TokenState,
+        open: tokio::sync::Semaphore,
+    }
+
+    #[async_trait]
+    impl WaitingQueue for OneBadRecord {
+        async fn issue(&self, _: UserId) -> anyhow::Result<Issued> {
+            unreachable!("the gate issues nothing")
+        }
+        async fn state(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
+            anyhow::ensure!(token != self.bad, "a record that does not decode");
+            Ok((token == self.good.token).then(|| self.good.clone()))
+        }
+        async fn states(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>> {
+            let _open = self.open.acquire().await?;
+            anyhow::ensure!(!tokens.contains(&self.bad), "a record that does not decode");
+            Ok(tokens.iter().map(|token| (*token == self.good.token).then(|| self.good.clone())).collect())
+        }
+        async fn admit(&self) -> anyhow::Result<Admission> {
+            unreachable!("the gate admits nobody")
+        }
+        async fn expire(&self, _: QueueTokenId) -> anyhow::Result<bool> {
+            unreachable!("the gate ends no token")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_that_fails_a_shared_lookup_fails_only_its_own_request() {
+        let good = state(QueueStatus::Active, None, 1.0);
+        let (bad, stranger) = (QueueTokenId::generate(), UserId::generate());
+        let queue = Arc::new(OneBadRecord { bad, good: good.clone(), open: tokio::sync::Semaphore::new(0) });
+        let reader = QueueReader::new(Arc::clone(&queue) as Arc<dyn WaitingQueue>);
+        let ask = |token, user| {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.admit_holder(token, user).await })
+        };
+        // A first lookup out and held, then the good and the bad token share the next one.
+        let first = ask(QueueTokenId::generate(), stranger);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while reader.lookups.waiting() > 0 || !reader.lookups.is_sending() {
+            assert!(tokio::time::Instant::now() < deadline, "the first lookup never went out");
+            tokio::task::yield_now().await;
+        }
+        let (good_answer, bad_answer) = (ask(good.token, good.user_id), ask(bad, stranger));
+        while reader.lookups.waiting() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "the two never queued");
+            tokio::task::yield_now().await;
+        }
+        queue.open.add_permits(10);
+
+        assert!(matches!(first.await.unwrap(), Err(GateError::Invalid)));
+        assert_eq!(good_answer.await.unwrap().unwrap(), good.user_id, "the good token still gets in");
+        assert!(matches!(bad_answer.await.unwrap(), Err(GateError::Unexpected(_))));
     }
 }
