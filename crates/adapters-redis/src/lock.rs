@@ -45,11 +45,7 @@
 //! node that owns the key, to the instances waiting for that key, instead of being
 //! broadcast over the cluster bus to every node (classic `PUBLISH` is) and on to every
 //! instance. A release wakes *one* local waiter of that key per instance
-//! (`Notify::notify_one`), so it does not set off a herd of retries. The releasing process
-//! wakes its own waiter as soon as the release script has answered, without waiting for
-//! its announcement to come back through Redis (the announcement carries the releasing
-//! process's id, and that process skips its own): a hand-off inside an instance costs the
-//! release and the next acquire, nothing more. A waiter whose key is
+//! (`Notify::notify_one`), so it does not set off a herd of retries. A waiter whose key is
 //! not subscribed yet still wakes when the holder's lease would end or after the fallback
 //! poll, and the waiters of a key look again once its subscription is confirmed. Unfenced keys (a payment's reservation, an idempotency key)
 //! leave nothing behind once released; fenced ones leave one counter for [`FENCE_TTL`].
@@ -178,8 +174,6 @@ struct Inner {
     raise: Script,
     /// Local pub/sub waiters, by key.
     waiters: Waiters,
-    /// This lock's id in its release announcements (random per process and lock).
-    id: Arc<str>,
     /// The pub/sub tasks (dispatching releases, applying subscriptions), aborted with
     /// the lock.
     listener: Option<[JoinHandle<()>; 2]>,
@@ -232,10 +226,9 @@ impl RedisLock {
         anyhow::ensure!(!options.lease.is_zero(), "a lock lease must be above zero");
         anyhow::ensure!(options.renew_every < options.lease, "renewal must come before the lease runs out");
         anyhow::ensure!(!options.max_hold.is_zero(), "the longest hold must be above zero");
-        let id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
         let (waiters, listener) = match (options.wait, subscriber) {
             (WaitStrategy::PubSub { .. }, Some(subscriber)) => {
-                let (waiters, tasks) = Waiters::subscribed(subscriber, Arc::clone(&id));
+                let (waiters, tasks) = Waiters::subscribed(subscriber);
                 (waiters, Some(tasks))
             }
             (WaitStrategy::PubSub { .. }, None) => anyhow::bail!("pub/sub waiting needs a subscriber"),
@@ -250,7 +243,6 @@ impl RedisLock {
                 renew: Script::from_lua(RENEW_LUA),
                 raise: Script::from_lua(RAISE_FENCE_LUA),
                 waiters,
-                id,
                 listener,
                 sleeping: AtomicUsize::new(0),
                 outstanding: Mutex::new(HashMap::new()),
@@ -821,23 +813,15 @@ async fn release(inner: &Inner, key: &LockKey, token: &str) -> Result<bool, Lock
 }
 
 /// Compare-and-delete on a given connection (the one an acquire went out on, so that Redis
-/// runs the two in order). A key released here wakes one of this process's own waiters for
-/// it at once; the announcement wakes the other processes' (see the module doc).
+/// runs the two in order).
 async fn release_on(inner: &Inner, client: &Client, key: &LockKey, token: &str) -> Result<bool, LockError> {
     let channel = release_channel(key.as_str());
     crate::slots::debug_check(&[key.as_str(), &channel]);
     let deleted: i64 = inner
         .release
-        .evalsha_with_reload(
-            client,
-            vec![key.as_str().to_owned()],
-            vec![token.to_owned(), channel, inner.id.to_string()],
-        )
+        .evalsha_with_reload(client, vec![key.as_str().to_owned()], vec![token.to_owned(), channel])
         .await
         .map_err(unavailable)?;
-    if deleted == 1 {
-        inner.waiters.wake_one(key.as_str());
-    }
     Ok(deleted == 1)
 }
 
@@ -901,9 +885,7 @@ impl Registration {
 impl Waiters {
     /// Waiters whose keys' release channels `subscriber` follows, with the two tasks that
     /// keep it so: one applies the subscriptions, one dispatches releases.
-    /// Announcements whose message is `own` (this lock's releases, whose waiter was woken
-    /// already) are skipped.
-    fn subscribed(subscriber: &SubscriberClient, own: Arc<str>) -> (Self, [JoinHandle<()>; 2]) {
+    fn subscribed(subscriber: &SubscriberClient) -> (Self, [JoinHandle<()>; 2]) {
         let (changes, requested) = mpsc::unbounded_channel();
         let waiters = Self { map: Arc::default(), changes: Some(changes) };
         let mut messages = subscriber.message_rx();
@@ -913,10 +895,7 @@ impl Waiters {
                 loop {
                     match messages.recv().await {
                         Ok(message) => {
-                            let ours = message.value.as_str().is_some_and(|from| *from == *own);
-                            if let Some(key) = message.channel.strip_suffix(RELEASE_SUFFIX)
-                                && !ours
-                            {
+                            if let Some(key) = message.channel.strip_suffix(RELEASE_SUFFIX) {
                                 waiters.wake_one(key);
                             }
                         }

@@ -602,13 +602,10 @@ async fn a_release_channel_is_followed_only_while_its_key_has_waiters() {
         ..LockOptions::default()
     };
     let lock = RedisLock::new(redis.pool.clone(), Some(&redis.subscriber), options).await.expect("lock");
-    // The holder is another process's lock: a lock wakes its own waiters without its
-    // announcement, and this test is about the announcement.
-    let other = RedisLock::new(redis.pool.clone(), Some(&redis.subscriber), options).await.expect("lock");
     let key = key();
     let channel = adapters_redis::lock::release_channel(key.as_str());
     assert_eq!(adapters_redis::slots::shared_slot(&[key.as_str(), &channel]).map(|_| ()), Some(()));
-    let holder = other.acquire(&key, WaitPolicy::FailFast).await.expect("free");
+    let holder = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free");
     assert_eq!(shard_subscribers(&redis.pool, &channel).await, 0, "nobody waits yet");
 
     let waiter = {
@@ -639,36 +636,6 @@ async fn a_release_channel_is_followed_only_while_its_key_has_waiters() {
     assert!(given_up, "the channel is still subscribed with no waiter left");
 }
 
-/// A release wakes a waiter of the releasing process itself at once, not through its own
-/// announcement (which that process skips): with the fallback poll and the lease a minute
-/// away, only that local wake can end this wait early.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_wakes_the_releasing_processs_own_waiter_without_its_announcement() {
-    let options = LockOptions {
-        wait: WaitStrategy::PubSub { fallback_poll: Duration::from_secs(60) },
-        lease: Duration::from_secs(60),
-        renew_every: Duration::from_secs(20),
-        max_hold: Duration::from_secs(120),
-    };
-    let lock = lock_with(options).await;
-    let key = key();
-    let holder = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free");
-    let waiter = {
-        let (lock, key) = (lock.clone(), key.clone());
-        tokio::spawn(async move {
-            let guard =
-                lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(120))).await.expect("woken");
-            guard.release().await.expect("released");
-        })
-    };
-    assert!(eventually(Duration::from_secs(10), || async { lock.waiting() == 1 }).await, "never asleep");
-    holder.release().await.expect("released");
-    tokio::time::timeout(Duration::from_secs(30), waiter)
-        .await
-        .expect("woken by its own process's release")
-        .expect("ran");
-}
-
 /// The subscriber's connection is cut (`CLIENT KILL TYPE pubsub`): once it is back, the
 /// channels of every key that still has waiters are subscribed again, and a release then
 /// wakes its waiter through its channel (the fallback poll is far away). A private Redis,
@@ -691,15 +658,12 @@ async fn release_channels_are_subscribed_again_after_the_subscriber_reconnects()
     };
     let lock =
         RedisLock::new(connections.pool.clone(), Some(&connections.subscriber), options).await.expect("lock");
-    // Held by another process's lock, so that only the announcements wake the waiters.
-    let other =
-        RedisLock::new(connections.pool.clone(), Some(&connections.subscriber), options).await.expect("lock");
     let keys = [key(), key()];
     let channels: Vec<String> =
         keys.iter().map(|k| adapters_redis::lock::release_channel(k.as_str())).collect();
     let holders = [
-        other.acquire(&keys[0], WaitPolicy::FailFast).await.expect("free"),
-        other.acquire(&keys[1], WaitPolicy::FailFast).await.expect("free"),
+        lock.acquire(&keys[0], WaitPolicy::FailFast).await.expect("free"),
+        lock.acquire(&keys[1], WaitPolicy::FailFast).await.expect("free"),
     ];
     let waiters: Vec<_> = keys
         .iter()
