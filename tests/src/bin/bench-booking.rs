@@ -519,7 +519,7 @@ fn about(map_requests: usize, racers: usize, crowd: usize) -> String {
          uncached (`CACHE_ENABLED=false`), each on one release-build instance kept for all its runs, against \
          `/health/live` of the cached instance (operations listener): {CLIENTS} concurrent clients, {map_requests} \
          requests per run after {WARMUP} warm-up requests; the seat map is behind the access token and the queue \
-         gate (one Redis script per request) in both modes. MySQL SELECTs are the server's `Com_select` delta, \
+         gate (its token lookups shared per instance: one Redis script for many requests) in both modes. MySQL SELECTs are the server's `Com_select` delta, \
          all sessions: the background jobs' own are included (the hold expiry job runs every 2 s, the admission \
          step is on Redis). Targets: cached / uncached at least {TARGET_CACHED_OVER_UNCACHED:.0}x, cached / \
          `/health/live` at least {TARGET_CACHED_OVER_LIVE:.2}, in median requests/s. Seat storms, \
