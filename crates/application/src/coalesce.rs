@@ -236,6 +236,21 @@ mod tests {
         }
     }
 
+    type Shared = Arc<Coalesced<u32, u32>>;
+
+    /// `q` asked in a task of its own.
+    fn ask(shared: &Shared, store: &Store, q: u32) -> tokio::task::JoinHandle<Option<u32>> {
+        let (shared, send) = (Arc::clone(shared), store.send());
+        tokio::spawn(async move { shared.ask(q, send).await })
+    }
+
+    /// `q` asked, once its batch went out (and is held until the store's gate opens).
+    async fn first_out(shared: &Shared, store: &Store, q: u32) -> tokio::task::JoinHandle<Option<u32>> {
+        let first = ask(shared, store, q);
+        until("the first batch to go out", || store.round_trips.load(Ordering::SeqCst) == 1).await;
+        first
+    }
+
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !done() {
@@ -259,18 +274,9 @@ mod tests {
     async fn requests_arriving_while_a_batch_is_out_share_the_next_one_never_the_one_in_flight() {
         let store = Store::default();
         let shared = Arc::new(Coalesced::new(100));
-        let first = tokio::spawn({
-            let (shared, send) = (Arc::clone(&shared), store.send());
-            async move { shared.ask(1, send).await }
-        });
-        until("the first batch to go out", || store.round_trips.load(Ordering::SeqCst) == 1).await;
+        let first = first_out(&shared, &store, 1).await;
         // Out, and held: these three arrive after it was sent.
-        let later: Vec<_> = (2..5)
-            .map(|q| {
-                let (shared, send) = (Arc::clone(&shared), store.send());
-                tokio::spawn(async move { shared.ask(q, send).await })
-            })
-            .collect();
+        let later: Vec<_> = (2..5).map(|q| ask(&shared, &store, q)).collect();
         until("the three to queue", || shared.waiting() == 3).await;
         store.gate.add_permits(100);
         assert_eq!(first.await.unwrap(), Some(2));
@@ -284,17 +290,8 @@ mod tests {
     async fn more_waiting_than_a_batch_takes_go_out_in_several_at_once() {
         let store = Store::default();
         let shared = Arc::new(Coalesced::new(2));
-        let first = tokio::spawn({
-            let (shared, send) = (Arc::clone(&shared), store.send());
-            async move { shared.ask(0, send).await }
-        });
-        until("the first batch to go out", || store.round_trips.load(Ordering::SeqCst) == 1).await;
-        let later: Vec<_> = (1..6)
-            .map(|q| {
-                let (shared, send) = (Arc::clone(&shared), store.send());
-                tokio::spawn(async move { shared.ask(q, send).await })
-            })
-            .collect();
+        let first = first_out(&shared, &store, 0).await;
+        let later: Vec<_> = (1..6).map(|q| ask(&shared, &store, q)).collect();
         store.gate.add_permits(100);
         assert_eq!(first.await.unwrap(), Some(0));
         for (task, q) in later.into_iter().zip(1..6) {
@@ -308,18 +305,9 @@ mod tests {
         let store = Store::default();
         let shared = Arc::new(Coalesced::new(2));
         // A first batch out and held, then enough waiting for twice the batches allowed out.
-        let first = tokio::spawn({
-            let (shared, send) = (Arc::clone(&shared), store.send());
-            async move { shared.ask(0, send).await }
-        });
-        until("the first batch to go out", || store.round_trips.load(Ordering::SeqCst) == 1).await;
+        let first = first_out(&shared, &store, 0).await;
         let burst = u32::try_from(MAX_IN_FLIGHT * 2 * 2).unwrap();
-        let later: Vec<_> = (1..=burst)
-            .map(|q| {
-                let (shared, send) = (Arc::clone(&shared), store.send());
-                tokio::spawn(async move { shared.ask(q, send).await })
-            })
-            .collect();
+        let later: Vec<_> = (1..=burst).map(|q| ask(&shared, &store, q)).collect();
         until("the burst to queue", || shared.waiting() == later.len()).await;
         store.gate.add_permits(1_000);
         assert_eq!(first.await.unwrap(), Some(0));
@@ -337,8 +325,7 @@ mod tests {
         // before went out, and goes out an overlap later in a batch of its own.
         let mut asks = Vec::new();
         for (sent, q) in (1..=MAX_IN_FLIGHT).zip(0_u32..) {
-            let (shared, send) = (Arc::clone(&shared), store.send());
-            asks.push(tokio::spawn(async move { shared.ask(q, send).await }));
+            asks.push(ask(&shared, &store, q));
             until("the next batch out", || store.round_trips.load(Ordering::SeqCst) == sent).await;
         }
         assert!(asks.iter().all(|task| !task.is_finished()), "nothing came back");

@@ -391,24 +391,42 @@ mod tests {
         ));
     }
 
-    /// A queue whose lookups wait for `open`, recording how many tokens each asked for.
-    struct SlowQueue {
+    /// A queue whose lookups wait for `open`, recording how many tokens each asked for; a
+    /// lookup that includes `bad` (a record that does not decode) fails.
+    struct FakeQueue {
         live: std::collections::HashMap<QueueTokenId, TokenState>,
+        bad: Option<QueueTokenId>,
         open: tokio::sync::Semaphore,
         sizes: std::sync::Mutex<Vec<usize>>,
     }
 
+    impl FakeQueue {
+        fn new(live: impl IntoIterator<Item = TokenState>, bad: Option<QueueTokenId>) -> Arc<Self> {
+            Arc::new(Self {
+                live: live.into_iter().map(|state| (state.token, state)).collect(),
+                bad,
+                open: tokio::sync::Semaphore::new(0),
+                sizes: std::sync::Mutex::default(),
+            })
+        }
+    }
+
     #[async_trait]
-    impl WaitingQueue for SlowQueue {
+    impl WaitingQueue for FakeQueue {
         async fn issue(&self, _: UserId) -> anyhow::Result<Issued> {
             unreachable!("the gate issues nothing")
         }
-        async fn state(&self, _: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
-            unreachable!("the gate asks in batches")
+        async fn state(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
+            anyhow::ensure!(Some(token) != self.bad, "a record that does not decode");
+            Ok(self.live.get(&token).cloned())
         }
         async fn states(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>> {
             self.sizes.lock().unwrap().push(tokens.len());
             let _open = self.open.acquire().await?;
+            anyhow::ensure!(
+                self.bad.is_none_or(|bad| !tokens.contains(&bad)),
+                "a record that does not decode"
+            );
             Ok(tokens.iter().map(|token| self.live.get(token).cloned()).collect())
         }
         async fn admit(&self) -> anyhow::Result<Admission> {
@@ -428,19 +446,10 @@ mod tests {
                 (QueueTokenId::generate(), UserId::generate(), status)
             })
             .collect();
-        let live = holders
-            .iter()
-            .filter_map(|(token, user, status)| {
-                status.map(|status| {
-                    (*token, TokenState { token: *token, user_id: *user, ..state(status, None, 1.0) })
-                })
-            })
-            .collect();
-        let queue = Arc::new(SlowQueue {
-            live,
-            open: tokio::sync::Semaphore::new(0),
-            sizes: std::sync::Mutex::default(),
+        let live = holders.iter().filter_map(|(token, user, status)| {
+            status.map(|status| TokenState { token: *token, user_id: *user, ..state(status, None, 1.0) })
         });
+        let queue = FakeQueue::new(live, None);
         let reader = QueueReader::new(Arc::clone(&queue) as Arc<dyn WaitingQueue>);
         let ask = |(token, user, _): (QueueTokenId, UserId, Option<QueueStatus>)| {
             let reader = reader.clone();
@@ -471,40 +480,11 @@ mod tests {
         assert_eq!(*queue.sizes.lock().unwrap(), vec![1, 29], "thirty requests, two lookups");
     }
 
-    /// A queue where one token's record does not decode: a lookup that includes it fails.
-    struct OneBadRecord {
-        bad: QueueTokenId,
-        good: TokenState,
-        open: tokio::sync::Semaphore,
-    }
-
-    #[async_trait]
-    impl WaitingQueue for OneBadRecord {
-        async fn issue(&self, _: UserId) -> anyhow::Result<Issued> {
-            unreachable!("the gate issues nothing")
-        }
-        async fn state(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
-            anyhow::ensure!(token != self.bad, "a record that does not decode");
-            Ok((token == self.good.token).then(|| self.good.clone()))
-        }
-        async fn states(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>> {
-            let _open = self.open.acquire().await?;
-            anyhow::ensure!(!tokens.contains(&self.bad), "a record that does not decode");
-            Ok(tokens.iter().map(|token| (*token == self.good.token).then(|| self.good.clone())).collect())
-        }
-        async fn admit(&self) -> anyhow::Result<Admission> {
-            unreachable!("the gate admits nobody")
-        }
-        async fn expire(&self, _: QueueTokenId) -> anyhow::Result<bool> {
-            unreachable!("the gate ends no token")
-        }
-    }
-
     #[tokio::test]
     async fn a_record_that_fails_a_shared_lookup_fails_only_its_own_request() {
         let good = state(QueueStatus::Active, None, 1.0);
         let (bad, stranger) = (QueueTokenId::generate(), UserId::generate());
-        let queue = Arc::new(OneBadRecord { bad, good: good.clone(), open: tokio::sync::Semaphore::new(0) });
+        let queue = FakeQueue::new([good.clone()], Some(bad));
         let reader = QueueReader::new(Arc::clone(&queue) as Arc<dyn WaitingQueue>);
         let ask = |token, user| {
             let reader = reader.clone();
