@@ -202,6 +202,9 @@ pub struct Cache {
     port: Option<Arc<dyn CachePort>>,
     settings: CacheSettings,
     slots: Mutex<HashMap<CacheKey, Arc<Slot>>>,
+    /// The runtime the cache was made on (the server's main one): the keys' shared checks
+    /// run there ([`Coalesced::on`]).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -215,7 +218,6 @@ impl std::fmt::Debug for Cache {
 
 /// A key's local copy, the mutex that lets one request of this instance fill it, and its
 /// shared version checks.
-#[derive(Default)]
 struct Slot {
     copy: Mutex<Option<LocalCopy>>,
     fill: tokio::sync::Mutex<()>,
@@ -231,6 +233,14 @@ struct LocalCopy {
 }
 
 impl Slot {
+    fn on(runtime: Option<tokio::runtime::Handle>) -> Self {
+        Self {
+            copy: Mutex::default(),
+            fill: tokio::sync::Mutex::default(),
+            checks: Arc::new(Coalesced::on(runtime, usize::MAX)),
+        }
+    }
+
     fn copy(&self) -> Option<LocalCopy> {
         let copy = self.copy.lock().unwrap_or_else(PoisonError::into_inner);
         copy.as_ref().filter(|c| c.until > Instant::now()).cloned()
@@ -269,13 +279,14 @@ fn count_with(name: &'static str, cache: &'static str, label: &'static str, valu
 impl Cache {
     #[must_use]
     pub fn new(port: Arc<dyn CachePort>, settings: CacheSettings) -> Self {
-        Self { port: Some(port), settings, slots: Mutex::default() }
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        Self { port: Some(port), settings, slots: Mutex::default(), runtime }
     }
 
     /// No cache: every read loads.
     #[must_use]
     pub fn disabled() -> Self {
-        Self { port: None, settings: CacheSettings::default(), slots: Mutex::default() }
+        Self { port: None, settings: CacheSettings::default(), slots: Mutex::default(), runtime: None }
     }
 
     /// The value of `spec`/`id`: from this instance's copy while the store's version
@@ -631,7 +642,7 @@ impl Cache {
                 slots.retain(|_, slot| Arc::strong_count(slot) > 1);
             }
         }
-        Arc::clone(slots.entry(key.clone()).or_default())
+        Arc::clone(slots.entry(key.clone()).or_insert_with(|| Arc::new(Slot::on(self.runtime.clone()))))
     }
 
     /// How many keys have a slot on this instance (bounded by `local_capacity` plus those

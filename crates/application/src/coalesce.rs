@@ -17,8 +17,9 @@
 //! user decides what that means (the cache reads the database, the queue gate answers
 //! 503).
 //!
-//! The batches are sent by a task of their own, so a request that goes away (its client
-//! hung up) takes nobody's answer with it. Should that task end any other way than by
+//! The batches are sent by a task of their own, on the runtime the [`Coalesced`] was made
+//! on (the server's main one), so a request that goes away (its client hung up) takes
+//! nobody's answer with it, and a worker that stops does not either. Should that task end any other way than by
 //! finding nothing to do (a panic, its runtime stopping), the waiting get no answer and
 //! the next request starts a new task.
 
@@ -42,6 +43,8 @@ pub const MAX_IN_FLIGHT: usize = 8;
 pub struct Coalesced<I, O> {
     state: Mutex<State<I, O>>,
     max_batch: usize,
+    /// Where the sending task runs (see [`Coalesced::on`]); `None`: the asking request's.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 struct State<I, O> {
@@ -84,7 +87,21 @@ impl<I, O> Coalesced<I, O> {
     /// further batches at once.
     #[must_use]
     pub fn new(max_batch: usize) -> Self {
-        Self { state: Mutex::new(State { running: false, waiting: Vec::new() }), max_batch: max_batch.max(1) }
+        Self::on(tokio::runtime::Handle::try_current().ok(), max_batch)
+    }
+
+    /// As [`Coalesced::new`], with the batches sent from a task on `runtime`. The server
+    /// makes its own at start-up, so theirs run on its main runtime: that one outlives the
+    /// workers' runtimes (which a graceful stop ends one by one, and with them any task
+    /// spawned there, leaving the other workers' requests without their answer), and no
+    /// worker's own load holds back the requests of the others.
+    #[must_use]
+    pub fn on(runtime: Option<tokio::runtime::Handle>, max_batch: usize) -> Self {
+        Self {
+            state: Mutex::new(State { running: false, waiting: Vec::new() }),
+            max_batch: max_batch.max(1),
+            runtime,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State<I, O>> {
@@ -130,7 +147,12 @@ where
         };
         if start {
             let sender = Sender { shared: Arc::clone(self), done: false };
-            tokio::spawn(Self::send_batches(sender, send));
+            let batches = Self::send_batches(sender, send);
+            // A runtime already shut down drops the task at once: the guard answers `None`.
+            match &self.runtime {
+                Some(runtime) => drop(runtime.spawn(batches)),
+                None => drop(tokio::spawn(batches)),
+            }
         }
         answered.await.ok()
     }
@@ -333,6 +355,39 @@ mod tests {
         let late = tokio::time::timeout(OVERLAP * 4, shared.ask(99, store.send())).await;
         assert_eq!(late.expect("answered within the overlap"), None);
         assert_eq!(store.round_trips.load(Ordering::SeqCst), MAX_IN_FLIGHT, "no ninth batch");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_batches_outlive_the_runtime_of_the_request_that_started_them() {
+        // Made on this runtime (the server's main one); a "worker" with a runtime of its own
+        // asks first, so its request starts the sending task, then stops while its batch is
+        // out and another worker's request waits for the next.
+        let store = Store::default();
+        let shared: Shared = Arc::new(Coalesced::new(100));
+        let (out, first_out) = tokio::sync::oneshot::channel();
+        let (queued, later_queued) = tokio::sync::oneshot::channel::<()>();
+        let worker = {
+            let (shared, store) = (Arc::clone(&shared), store.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async {
+                    drop(ask(&shared, &store, 1));
+                    until("the first batch to go out", || store.round_trips.load(Ordering::SeqCst) == 1)
+                        .await;
+                    out.send(()).unwrap();
+                    later_queued.await.unwrap();
+                });
+                // The worker's runtime ends, with every task spawned on it.
+                drop(runtime);
+            })
+        };
+        first_out.await.unwrap();
+        let later = ask(&shared, &store, 2);
+        until("the other request to queue", || shared.waiting() == 1).await;
+        queued.send(()).unwrap();
+        tokio::task::spawn_blocking(move || worker.join().unwrap()).await.unwrap();
+        store.gate.add_permits(10);
+        assert_eq!(later.await.unwrap(), Some(4), "answered by batches that outlived the worker");
     }
 
     #[tokio::test]
