@@ -58,6 +58,17 @@ use tokio::time::Instant;
 
 use crate::coalesce::Coalesced;
 
+/// What a [`Cache::peek`] found when it found no value: the answer of its version check
+/// (`None` inside: the store could not be read), for [`Cache::get_or_load_after`] to go on
+/// from; or nothing, when no check was made.
+#[derive(Debug)]
+pub struct Peeked(Option<Option<CacheRead>>);
+
+impl Peeked {
+    /// No check was made (no cache, or the caller did not peek): the next read checks.
+    pub const NOTHING: Self = Self(None);
+}
+
 /// Which answer a cache key holds: a fixed name (a metric label) and an id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
@@ -316,6 +327,51 @@ impl Cache {
         if let Some(value) = self.hit(spec, &key, &slot, read.as_ref()) {
             return Ok(Some(value));
         }
+        self.load_after(port, spec, &key, &slot, read, load).await
+    }
+
+    /// [`Cache::get_or_load`] going on from the version check of a [`Cache::peek`] that
+    /// found no value, instead of sending one more: the same answer and counts, one check.
+    ///
+    /// # Errors
+    /// Only `load`'s own errors.
+    pub async fn get_or_load_after<T, E, F, Fut>(
+        &self,
+        spec: &CacheSpec,
+        id: &str,
+        peeked: Peeked,
+        load: F,
+    ) -> Result<Option<Arc<T>>, E>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        let (Some(port), Peeked(Some(read))) = (&self.port, peeked) else {
+            // No cache, or nothing was peeked at: the whole read path.
+            return self.get_or_load(spec, id, load).await;
+        };
+        let key = CacheKey::new(spec.name, id);
+        let slot = self.slot(&key);
+        self.load_after(port, spec, &key, &slot, read, load).await
+    }
+
+    /// The read path after a check that gave no value: straight from `load` when the store
+    /// could not be read or a write is marked, else a miss at the version read.
+    async fn load_after<T, E, F, Fut>(
+        &self,
+        port: &Arc<dyn CachePort>,
+        spec: &CacheSpec,
+        key: &CacheKey,
+        slot: &Slot,
+        read: Option<CacheRead>,
+        load: F,
+    ) -> Result<Option<Arc<T>>, E>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
         let version = match read {
             None => {
                 count_with("cache_requests_total", spec.name, "result", "bypass");
@@ -333,24 +389,31 @@ impl Cache {
             ) => version,
         };
         count_with("cache_requests_total", spec.name, "result", "miss");
-        self.fill(port.as_ref(), spec, &key, &slot, version, load).await
+        self.fill(port.as_ref(), spec, key, slot, version, load).await
     }
 
     /// The value of `spec`/`id` if the cache can give it now, as fresh as
     /// [`Cache::get_or_load`]'s (from a version check sent after this call began), without
-    /// ever loading: `None` on a miss, while a write is marked, when the store cannot be
+    /// ever loading: no value on a miss, while a write is marked, when the store cannot be
     /// read, and with no cache. For a caller that starts this read before it knows whether
-    /// it may load (the seat map, while the queue gate is asked): on `None` it goes through
-    /// `get_or_load`, which counts that request's outcome, so only hits are counted here.
-    pub async fn peek<T>(&self, spec: &CacheSpec, id: &str) -> Option<Arc<T>>
+    /// it may load (the seat map, while the queue gate is asked): without a value it goes through
+    /// [`Cache::get_or_load_after`] with what it hands back, which goes on from its check
+    /// (so a miss costs one check, not two) and counts that request's outcome; only hits
+    /// are counted here.
+    ///
+    /// # Errors
+    /// No value: [`Peeked`], what the check found instead.
+    pub async fn peek<T>(&self, spec: &CacheSpec, id: &str) -> Result<Arc<T>, Peeked>
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
-        let port = self.port.as_ref()?;
+        let Some(port) = self.port.as_ref() else {
+            return Err(Peeked::NOTHING);
+        };
         let key = CacheKey::new(spec.name, id);
         let slot = self.slot(&key);
         let read = Self::checked(port, &key, &slot).await;
-        self.hit(spec, &key, &slot, read.as_ref())
+        self.hit(spec, &key, &slot, read.as_ref()).ok_or(Peeked(Some(read)))
     }
 
     /// The value a check's answer `read` gives without loading: this instance's copy when
@@ -927,7 +990,7 @@ mod tests {
         port.expect_store().never();
         port.expect_claim_load().never();
         let cache = Cache::new(Arc::new(port), CacheSettings::default());
-        let peek = || cache.peek::<u32>(&SPEC, "s");
+        let peek = || async { cache.peek::<u32>(&SPEC, "s").await.ok() };
 
         assert_eq!(peek().await, None, "a miss: nothing, and nothing loaded");
         assert_eq!(peek().await.as_deref(), Some(&1), "the entry sent back");
@@ -936,7 +999,38 @@ mod tests {
         assert_eq!(peek().await, None, "the version moved on");
         assert_eq!(peek().await, None, "a version this instance has no copy of");
         assert_eq!(*known.lock().unwrap(), vec![None, None, Some(7), Some(7), Some(7), Some(7)]);
-        assert_eq!(Cache::disabled().peek::<u32>(&SPEC, "s").await, None, "no cache, nothing to peek at");
+        assert!(Cache::disabled().peek::<u32>(&SPEC, "s").await.is_err(), "no cache, nothing to peek at");
+    }
+
+    #[tokio::test]
+    async fn a_read_after_a_peek_goes_on_from_its_check_without_sending_another() {
+        let known = Arc::new(Mutex::new(Vec::new()));
+        // One check per peek and none for the reads after them; the load's own look before
+        // it loads (another request of this instance may have filled it meanwhile) stays.
+        let mut port = leading_port_reading(
+            vec![CacheRead::Missing { version: 7 }, CacheRead::Missing { version: 7 }, CacheRead::Writing],
+            Arc::clone(&known),
+        );
+        port.expect_store().times(1).returning(|_, version, _, _| Ok(Some(version + 1)));
+        let cache = Cache::new(Arc::new(port), CacheSettings::default());
+        let loads = AtomicUsize::new(0);
+        let after = |peeked| {
+            cache.get_or_load_after(&SPEC, "s", peeked, || async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(Some(5_u32))
+            })
+        };
+
+        let missed = cache.peek::<u32>(&SPEC, "s").await.expect_err("a miss");
+        assert_eq!(after(missed).await.unwrap().as_deref(), Some(&5), "loaded and stored at version 7");
+        let writing = cache.peek::<u32>(&SPEC, "s").await.expect_err("a write is marked");
+        assert_eq!(after(writing).await.unwrap().as_deref(), Some(&5), "loaded, not stored");
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            known.lock().unwrap().len(),
+            3,
+            "the two peeks and the load's own look; no check after a peek"
+        );
     }
 
     #[tokio::test]

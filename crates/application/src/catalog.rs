@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::cache::{Cache, CacheError, CacheSpec, WriteMark};
+use crate::cache::{Cache, CacheError, CacheSpec, Peeked, WriteMark};
 use crate::clock;
 
 pub const CONCERTS: CacheSpec = CacheSpec { name: "concerts", ttl: Duration::from_secs(60 * 60) };
@@ -285,9 +285,32 @@ impl Catalog {
     /// # Errors
     /// [`CatalogError::ScheduleNotFound`], or [`CatalogError::Failure`].
     pub async fn seat_map(&self, schedule: ScheduleId) -> Result<Arc<SeatMap>, CatalogError> {
+        self.seat_map_after(schedule, Peeked::NOTHING).await
+    }
+
+    /// A date's seats if the cache can give them now ([`Cache::peek`]: as fresh as
+    /// [`Catalog::seat_map`], never loading); without them, what to hand
+    /// [`Catalog::seat_map_after`].
+    ///
+    /// # Errors
+    /// [`Peeked`]: not in the cache now.
+    pub async fn cached_seat_map(&self, schedule: ScheduleId) -> Result<Arc<SeatMap>, Peeked> {
+        self.cache.peek(&SEATS, &schedule.to_string()).await
+    }
+
+    /// [`Catalog::seat_map`] going on from what [`Catalog::cached_seat_map`] found (its
+    /// version check, not sent again).
+    ///
+    /// # Errors
+    /// [`CatalogError::ScheduleNotFound`], or [`CatalogError::Failure`].
+    pub async fn seat_map_after(
+        &self,
+        schedule: ScheduleId,
+        peeked: Peeked,
+    ) -> Result<Arc<SeatMap>, CatalogError> {
         let repository = Arc::clone(&self.repository);
         self.cache
-            .get_or_load(&SEATS, &schedule.to_string(), || async move {
+            .get_or_load_after(&SEATS, &schedule.to_string(), peeked, || async move {
                 let Some(found) = repository.schedule(schedule).await? else {
                     return Ok::<_, CatalogError>(None);
                 };
@@ -299,12 +322,6 @@ impl Catalog {
             })
             .await?
             .ok_or(CatalogError::ScheduleNotFound(schedule))
-    }
-
-    /// A date's seats if the cache can give them now ([`Cache::peek`]: as fresh as
-    /// [`Catalog::seat_map`], never loading); `None`: ask [`Catalog::seat_map`].
-    pub async fn cached_seat_map(&self, schedule: ScheduleId) -> Option<Arc<SeatMap>> {
-        self.cache.peek(&SEATS, &schedule.to_string()).await
     }
 
     /// Marks a change to a date's seats (inside the change's lock, before its commit):

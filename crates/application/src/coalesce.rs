@@ -60,12 +60,6 @@ impl<I, O> std::fmt::Debug for Coalesced<I, O> {
     }
 }
 
-impl<I, O> Default for Coalesced<I, O> {
-    fn default() -> Self {
-        Self::new(usize::MAX)
-    }
-}
-
 /// The sending task's guard: see the [module](self).
 struct Sender<I, O> {
     shared: Arc<Coalesced<I, O>>,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use actix_web::{HttpResponse, web};
+use application::cache::Peeked;
 use application::catalog::{ConcertView, OpenSchedule, SeatMap};
 use domain::booking::{ConcertId, ScheduleId, SeatStatus};
 use futures::future::Either;
@@ -247,14 +248,15 @@ pub async fn seat_map(
     // wait, not two. The cache only: a caller the gate refuses reads no MySQL.
     let peek = match (&schedule, gate.has_token()) {
         (Ok(schedule), true) => Either::Left(state.catalog.cached_seat_map(*schedule)),
-        _ => Either::Right(std::future::ready(None)),
+        _ => Either::Right(std::future::ready(Err(Peeked::NOTHING))),
     };
     let (admitted, cached) = futures::future::join(gate.admit(), peek).await;
     admitted?;
     let schedule = schedule?;
     let map = match cached {
-        Some(map) => map,
-        None => state.catalog.seat_map(schedule).await?,
+        Ok(map) => map,
+        // A miss goes on from the peek's check instead of sending another.
+        Err(peeked) => state.catalog.seat_map_after(schedule, peeked).await?,
     };
     let body = state.seat_maps.body(&map, application::clock::now_utc())?;
     Ok(HttpResponse::Ok().content_type("application/json").body(body))
