@@ -31,28 +31,31 @@ pub async fn connect(
     let lock_wait_seconds = statement_timeout.as_millis().div_ceil(1_000).max(1);
     let statement_seconds = statement_timeout.as_secs_f64();
     let statement_ms = statement_timeout.as_millis();
-    options
-        .after_connect(move |conn| {
+    // On every connection the pool opens, old or new: sqlx's own hook. (sea-orm's
+    // `ConnectOptions::after_connect` runs once, on the pool, so it reached one connection
+    // and left the others with the server's time zone, a 50 s row-lock wait and no
+    // statement limit.)
+    options.map_sqlx_mysql_pool_opts(move |pool| {
+        pool.after_connect(move |conn, _| {
             Box::pin(async move {
+                use sea_orm::sqlx::{Executor as _, Row as _};
                 // MariaDB and MySQL name the statement limit differently (and MySQL's
                 // applies to SELECT only).
-                let version = conn
-                    .query_one_raw(Statement::from_string(DbBackend::MySql, "SELECT VERSION() AS v"))
-                    .await?
-                    .and_then(|row| row.try_get::<String>("", "v").ok())
-                    .unwrap_or_default();
+                let version: String = conn.fetch_one("SELECT VERSION()").await?.try_get(0)?;
                 let statement_limit = if version.contains("MariaDB") {
                     format!("max_statement_time = {statement_seconds}")
                 } else {
                     format!("max_execution_time = {statement_ms}")
                 };
-                conn.execute_unprepared(&format!(
+                let session = format!(
                     "SET SESSION time_zone = '+00:00', innodb_lock_wait_timeout = {lock_wait_seconds}, {statement_limit}"
-                ))
-                .await
-                .map(|_| ())
+                );
+                // Numbers formatted here, nothing from outside.
+                conn.execute(sea_orm::sqlx::raw_sql(sea_orm::sqlx::AssertSqlSafe(session))).await.map(|_| ())
             })
         })
+    });
+    options
         .max_connections(max_connections)
         .min_connections(1)
         .connect_timeout(Duration::from_secs(5))

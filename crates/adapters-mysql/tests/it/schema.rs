@@ -28,6 +28,45 @@ async fn migrations_run_once_when_many_instances_start_together() {
     test_support::drop_database(&url).await.expect("drop");
 }
 
+/// Every connection the pool opens works in UTC with the configured row-lock wait and
+/// statement limit, not only the first: transactions held at once each pin a connection
+/// of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pooled_connection_gets_the_session_settings() {
+    use sea_orm::TransactionTrait as _;
+
+    const HELD: usize = 4;
+    let url = test_support::fresh_database("session").await.expect("test database");
+    let conn = database::connect(&url, 8, std::time::Duration::from_millis(7_500)).await.expect("pool");
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        held.push(conn.begin().await.expect("a transaction on a connection of its own"));
+    }
+    let mut sessions = std::collections::HashSet::new();
+    for tx in &held {
+        let row = tx
+            .query_one_raw(Statement::from_string(
+                DbBackend::MySql,
+                "SELECT CAST(CONNECTION_ID() AS SIGNED) AS id, @@session.time_zone AS tz, \
+                 CAST(@@session.innodb_lock_wait_timeout AS SIGNED) AS lock_wait, \
+                 CAST(@@session.max_statement_time AS DOUBLE) AS limit_s",
+            ))
+            .await
+            .expect("query")
+            .expect("a row");
+        sessions.insert(row.try_get::<i64>("", "id").expect("id"));
+        assert_eq!(row.try_get::<String>("", "tz").expect("tz"), "+00:00");
+        assert_eq!(row.try_get::<i64>("", "lock_wait").expect("lock wait"), 8, "7.5 s rounded up");
+        assert!((row.try_get::<f64>("", "limit_s").expect("limit") - 7.5).abs() < 1e-9);
+    }
+    assert_eq!(sessions.len(), HELD, "each transaction on its own connection");
+    for tx in held {
+        tx.rollback().await.expect("rollback");
+    }
+    conn.close().await.ok();
+    test_support::drop_database(&url).await.expect("drop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_database_is_created_at_start() {
     let server = test_support::mysql_server_url().await;
