@@ -3,6 +3,8 @@ use std::time::Duration;
 use e2e::booking::{AsFan as _, sign_up};
 use e2e::{Cluster, ClusterOptions, PrivateRedis, TcpProxy, client};
 
+use serde_json::Value;
+
 use super::{assert_problem, scalar, send};
 
 #[actix_web::test]
@@ -317,6 +319,113 @@ async fn a_server_stopped_while_requests_hold_locks_leaves_no_lock_behind() {
     blocker.rollback().await.expect("rollback");
     for charge in charges {
         let _ = charge.await;
+    }
+    db.close().await.ok();
+    cluster.shut_down().await;
+}
+
+/// Sends `GET path` on `stream`, kept alive, and reads the answer: its status, its head
+/// (lower case) and its body.
+fn exchange(stream: &mut std::net::TcpStream, path: &str) -> (u16, String, String) {
+    use std::io::{Read as _, Write as _};
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("sent");
+    let mut answer = Vec::new();
+    let mut chunk = [0_u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end + 4].to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |n| n.trim().parse::<usize>().expect("a length"));
+            if answer.len() >= end + 4 + length {
+                let status = head[9..12].parse().expect("a status");
+                return (status, head, text[end + 4..end + 4 + length].to_owned());
+            }
+        }
+        let read = stream.read(&mut chunk).expect("read");
+        assert!(read > 0, "the connection closed before the answer: {text}");
+        answer.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// A graceful stop ends the workers one by one, and a worker's runtime takes the pooled
+/// MySQL connections it opened with it. So no request may still run when the first worker
+/// stops, not only the writes that run on tasks of their own: a sign-up (which does not)
+/// waiting in MySQL across the SIGTERM is let finish and answered 201, a request sent
+/// meanwhile on a kept connection is refused with 503 and `Retry-After` (nothing done,
+/// the connection closed), and the process ends only after.
+#[actix_web::test]
+async fn a_stop_lets_every_request_running_finish_before_the_workers_end_and_refuses_new_ones() {
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+
+    // The row-lock wait and the grace far longer than the test needs (the sign-up is held
+    // only until the refusal is seen); `LOCK_MAX_HOLD_MS` must be above the statement
+    // timeout.
+    let options = ClusterOptions::with_env(&[
+        ("SHUTDOWN_GRACE_SECONDS", "120"),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "120000"),
+        ("LOCK_MAX_HOLD_MS", "180000"),
+    ]);
+    let cluster = Cluster::start_with(1, &options).await.expect("cluster");
+    let http = client();
+    let base = cluster.url(0).to_owned();
+    let ops = cluster.ops_url(0).to_owned();
+
+    // Every insert into `users` waits behind this transaction's next-key locks.
+    let db = sea_orm::Database::connect(cluster.direct_database_url()).await.expect("db");
+    let blocker = db.begin().await.expect("begin");
+    blocker.execute_unprepared("SELECT id FROM users FOR UPDATE").await.expect("users locked");
+    let sign_up = {
+        let request = http.post(format!("{base}/api/v1/users")).timeout(Duration::from_secs(300));
+        actix_web::rt::spawn(async move { send(request, Some(r#"{"name": "late"}"#)).await })
+    };
+    // (MariaDB lists a prepared INSERT waiting for a gap lock in the process list, not
+    // among InnoDB's lock waits.)
+    let waits = "SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE 'INSERT INTO `users`%'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while scalar(&db, waits).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "the sign-up never waited for the lock");
+        assert!(!sign_up.is_finished(), "the sign-up was answered before the lock was released");
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A connection kept open across the stop (the listener takes no new one then).
+    let address = base.trim_start_matches("http://").to_owned();
+    let mut kept = std::net::TcpStream::connect(&address).expect("connected");
+    kept.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    assert_eq!(exchange(&mut kept, "/nowhere").0, 404);
+
+    let instance = &cluster.instances[0];
+    instance.terminate().expect("SIGTERM");
+    // Once the writes have drained (none here), the door closes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !instance.printed("no new request is taken") {
+        assert!(std::time::Instant::now() < deadline, "the stop never closed its door");
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, head, body) = exchange(&mut kept, "/nowhere");
+    assert_eq!(status, 503, "{head}{body}");
+    assert!(head.contains("\r\nretry-after: 1\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    assert_eq!(serde_json::from_str::<Value>(&body).expect("json")["code"], "SERVICE_UNAVAILABLE", "{body}");
+    assert_eq!(send(http.get(format!("{ops}/health/ready")), None).await.0.as_u16(), 503, "not ready");
+    assert!(!instance.exited().expect("status"), "the process waits for the sign-up");
+    assert!(!sign_up.is_finished(), "the sign-up still waits in MySQL");
+
+    blocker.rollback().await.expect("rollback");
+    let (status, _, body) = sign_up.await.expect("the sign-up");
+    assert_eq!(status.as_u16(), 201, "the sign-up running at the stop is answered: {body}");
+    let id = body["id"].as_str().expect("an id").replace('-', "");
+    let stored = format!(
+        "SELECT COUNT(*) FROM users u JOIN point_accounts a ON a.user_id = u.id WHERE u.id = UNHEX('{id}')"
+    );
+    assert_eq!(scalar(&db, &stored).await, 1, "the user and its account were committed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while !instance.exited().expect("status") {
+        assert!(std::time::Instant::now() < deadline, "the stop never ended");
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
     }
     db.close().await.ok();
     cluster.shut_down().await;

@@ -64,6 +64,30 @@ impl Drop for Instance {
 }
 
 impl Instance {
+    /// Sends SIGTERM (a graceful stop, as a deploy does) and returns at once; see
+    /// [`Instance::exited`].
+    ///
+    /// # Errors
+    /// When the process has exited or the signal cannot be sent.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        self.signal("TERM")
+    }
+
+    /// Whether the process has printed a line containing `text` so far.
+    #[must_use]
+    pub fn printed(&self, text: &str) -> bool {
+        self.output.lock().is_ok_and(|lines| lines.iter().any(|line| line.contains(text)))
+    }
+
+    /// Whether the process has exited.
+    ///
+    /// # Errors
+    /// When its status cannot be read.
+    pub fn exited(&self) -> anyhow::Result<bool> {
+        let mut child = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        Ok(child.try_wait()?.is_some())
+    }
+
     /// Sends SIGTERM (a graceful stop, as a deploy does) and waits for the process to exit.
     ///
     /// # Errors

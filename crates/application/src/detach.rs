@@ -34,46 +34,109 @@ use crate::failure::{Dependency, Failure};
 /// The most writes one process runs at once.
 pub const MAX_IN_FLIGHT: usize = 10_000;
 
-/// The writes of one process: how many run, whether new ones are still taken, and a
-/// signal each time one ends.
-struct Registry {
+/// Work in flight, counted: how much runs, whether new work is still taken, and a signal
+/// each time some ends. The process's writes are one ([`run_to_end`], [`Ticket`],
+/// [`drain`]); the server counts its requests in another, to stop only once none runs.
+pub struct Registry {
     count: AtomicUsize,
     closing: AtomicBool,
     ended: Notify,
+    limit: usize,
 }
 
 impl Registry {
-    const fn new() -> Self {
-        Self { count: AtomicUsize::new(0), closing: AtomicBool::new(false), ended: Notify::const_new() }
+    /// A registry that takes at most `limit` pieces of work at once.
+    #[must_use]
+    pub const fn new(limit: usize) -> Self {
+        Self {
+            count: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            ended: Notify::const_new(),
+            limit,
+        }
     }
-}
 
-static WRITES: Registry = Registry::new();
-
-/// One write counted in its registry until dropped.
-struct InFlight(&'static Registry);
-
-impl InFlight {
-    /// Counts a new write, or refuses it. Counted first and checked after, so that a
-    /// [`drain`] that closes the registry and then reads the count either sees this write
-    /// or is seen by it: never a write that slips past both.
-    fn enter(registry: &'static Registry) -> Result<Self, Dependency> {
-        let running = registry.count.fetch_add(1, Ordering::SeqCst);
-        let counted = Self(registry);
-        if running >= MAX_IN_FLIGHT {
+    /// Counts new work until the returned guard is dropped, or refuses it (at the limit:
+    /// [`Dependency::WriteCapacity`]; once closed: [`Dependency::ShuttingDown`]). Counted
+    /// first and checked after, so that a [`Registry::close_and_wait`] that closes the
+    /// registry and then reads the count either sees this work or is seen by it: never
+    /// work that slips past both.
+    ///
+    /// # Errors
+    /// As above: then nothing is counted.
+    pub fn enter(&self) -> Result<InFlight<'_>, Dependency> {
+        let running = self.count.fetch_add(1, Ordering::SeqCst);
+        let counted = InFlight(self);
+        if running >= self.limit {
             return Err(Dependency::WriteCapacity);
         }
-        if registry.closing.load(Ordering::SeqCst) {
+        if self.closing.load(Ordering::SeqCst) {
             return Err(Dependency::ShuttingDown);
         }
         Ok(counted)
     }
+
+    /// Takes no new work from now on.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes no new work from now on ([`Registry::close`]), then waits until the work
+    /// running has ended, or `within` passed; returns how much still runs.
+    pub async fn close_and_wait(&self, within: Duration) -> usize {
+        self.close();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the count is read, so an end between the two is not missed.
+            ended.as_mut().enable();
+            let running = self.count.load(Ordering::SeqCst);
+            if running == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return self.count.load(Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// How much work runs now.
+    #[must_use]
+    pub fn running(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
 }
 
-impl Drop for InFlight {
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("running", &self.running())
+            .field("closing", &self.closing.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+static WRITES: Registry = Registry::new(MAX_IN_FLIGHT);
+
+/// One piece of work counted in its [`Registry`] until dropped.
+pub struct InFlight<'a>(&'a Registry);
+
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.count.fetch_sub(1, Ordering::SeqCst);
-        self.0.ended.notify_waiters();
+        // Only a closed registry has anyone waiting (and Notify takes a lock: not on every
+        // request). Race-free: a drop that reads "open" decremented before the closing
+        // waiter read the count, which then saw it.
+        if self.0.closing.load(Ordering::SeqCst) {
+            self.0.ended.notify_waiters();
+        }
+    }
+}
+
+impl std::fmt::Debug for InFlight<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
     }
 }
 
@@ -81,7 +144,7 @@ impl Drop for InFlight {
 /// bound, and the [`drain`] at shutdown waits for it), for a write handed from task to task
 /// instead of running on one of its own: a charge queued for its account's next batch
 /// (see `charge_points`), which the batch's task answers.
-pub struct Ticket(#[allow(dead_code, reason = "held for its Drop")] InFlight);
+pub struct Ticket(#[allow(dead_code, reason = "held for its Drop")] InFlight<'static>);
 
 impl Ticket {
     /// Counts one more write, or refuses it as [`run_to_end`] would.
@@ -90,7 +153,7 @@ impl Ticket {
     /// [`Failure::Unavailable`] when [`MAX_IN_FLIGHT`] writes are running already or the
     /// process is shutting down ([`drain`]).
     pub fn take() -> Result<Self, Failure> {
-        InFlight::enter(&WRITES).map(Self).map_err(|what| {
+        WRITES.enter().map(Self).map_err(|what| {
             tracing::warn!(refused = %what, "a write was refused before it began");
             Failure::Unavailable { what, source: anyhow::anyhow!("write refused: {what}") }
         })
@@ -128,7 +191,7 @@ where
     T: Send + 'static,
     E: From<Failure> + std::fmt::Display + Send + 'static,
 {
-    let in_flight = match InFlight::enter(registry) {
+    let in_flight = match registry.enter() {
         Ok(in_flight) => in_flight,
         Err(what) => {
             tracing::warn!(refused = %what, "a write was refused before it began");
@@ -171,25 +234,7 @@ pub(crate) fn deliver<T, E: std::fmt::Display>(
 /// then waits until the writes running have ended, or `within` passed; returns how many
 /// still run.
 pub async fn drain(within: Duration) -> usize {
-    drain_in(&WRITES, within).await
-}
-
-async fn drain_in(registry: &Registry, within: Duration) -> usize {
-    registry.closing.store(true, Ordering::SeqCst);
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let ended = registry.ended.notified();
-        tokio::pin!(ended);
-        // Registered before the count is read, so an end between the two is not missed.
-        ended.as_mut().enable();
-        let running = registry.count.load(Ordering::SeqCst);
-        if running == 0 {
-            return 0;
-        }
-        if tokio::time::timeout_at(deadline, ended).await.is_err() {
-            return registry.count.load(Ordering::SeqCst);
-        }
-    }
+    WRITES.close_and_wait(within).await
 }
 
 #[cfg(test)]
@@ -208,7 +253,7 @@ mod tests {
     async fn work_goes_on_to_its_end_when_the_caller_stops_waiting_and_a_drain_waits_for_it_then_refuses_more()
      {
         // A registry of its own: closing the process's would refuse other tests' writes.
-        static REGISTRY: Registry = Registry::new();
+        static REGISTRY: Registry = Registry::new(MAX_IN_FLIGHT);
         let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
         let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
         let finished = Arc::new(AtomicBool::new(false));
@@ -224,7 +269,7 @@ mod tests {
             _ = started_rx => {} // the work has begun: the client hangs up here
         }
         assert_eq!(REGISTRY.count.load(Ordering::SeqCst), 1);
-        let drained = tokio::spawn(drain_in(&REGISTRY, Duration::from_secs(60)));
+        let drained = tokio::spawn(REGISTRY.close_and_wait(Duration::from_secs(60)));
         let _ = go_tx.send(());
         assert_eq!(drained.await.expect("drain"), 0, "drained");
         assert!(finished.load(Ordering::SeqCst), "the write ran to its end");

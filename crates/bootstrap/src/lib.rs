@@ -15,11 +15,13 @@
 //! - [`gate`]: the queue gate of the booking routes (`Queue-Token`, 401 / 403).
 //! - [`idempotency_header`]: the `Idempotency-Key` and `Idempotent-Replayed` headers.
 //! - [`middleware`]: request ids, request logs and HTTP metrics.
+//! - [`draining`]: the requests a graceful stop waits for before the workers end.
 //! - [`queue_events`]: the per-instance fan-out behind the queue's event streams.
 //! - [`openapi`]: the OpenAPI document served with Swagger UI.
 //! - [`telemetry`]: logs and the Prometheus recorder.
 
 pub mod auth;
+pub mod draining;
 pub mod extract;
 pub mod gate;
 pub mod idempotency_header;

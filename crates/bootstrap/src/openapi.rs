@@ -45,7 +45,7 @@ use crate::routes::{
         page::script,
         page::style,
     ),
-    modifiers(&SecuritySchemes),
+    modifiers(&SecuritySchemes, &RefusedWhileStopping),
     components(schemas(Problem, queue::QueueEvent)),
     tags(
         (name = "users", description = "Sign-up and access tokens. Sign-up shows the user's `apiKey` once; \
@@ -112,5 +112,82 @@ impl utoipa::Modify for SecuritySchemes {
                     .build(),
             ),
         );
+    }
+}
+
+/// What every route of the public listener may answer while its instance stops
+/// ([`crate::draining`]).
+const STOPPING: &str = "SERVICE_UNAVAILABLE (with Retry-After and Connection: close) also while this instance is \
+    shutting down: nothing was done; retry, another instance answers";
+
+/// Every route of the public listener (all but `/health/...`, served by the operations
+/// listener) may be refused with 503 while its instance stops: said on each, beside what
+/// its own 503 means, or as its only 503.
+struct RefusedWhileStopping;
+
+impl utoipa::Modify for RefusedWhileStopping {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        for (path, item) in &mut openapi.paths.paths {
+            if path.starts_with("/health") {
+                continue;
+            }
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+                &mut item.trace,
+            ];
+            for operation in operations.into_iter().flatten() {
+                match operation.responses.responses.get_mut("503") {
+                    Some(RefOr::T(response)) if !response.description.contains("shutting down") => {
+                        response.description =
+                            format!("{}. {STOPPING}", response.description.trim_end_matches('.'));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let problem =
+                            ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build();
+                        let refusal = ResponseBuilder::new()
+                            .description(STOPPING)
+                            .content("application/problem+json", problem)
+                            .build();
+                        operation.responses.responses.insert("503".to_owned(), RefOr::T(refusal));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::OpenApi as _;
+
+    use super::*;
+
+    #[test]
+    fn every_public_route_says_it_may_be_refused_while_the_instance_stops() {
+        let document = ApiDoc::openapi();
+        let mut seen = 0;
+        for (path, item) in &document.paths.paths {
+            let operations = [&item.get, &item.put, &item.post, &item.delete, &item.patch];
+            for operation in operations.into_iter().flatten() {
+                let refusal = operation.responses.responses.get("503");
+                if path.starts_with("/health") {
+                    continue;
+                }
+                seen += 1;
+                let Some(utoipa::openapi::RefOr::T(refusal)) = refusal else {
+                    panic!("{path}: no 503 of its own")
+                };
+                assert!(refusal.description.contains("shutting down"), "{path}: {}", refusal.description);
+            }
+        }
+        assert!(seen > 20, "every route looked at: {seen}");
     }
 }

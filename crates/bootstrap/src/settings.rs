@@ -85,7 +85,8 @@ pub struct Settings {
     /// `DATABASE_STATEMENT_TIMEOUT_MS`: the database cuts a statement (and a row-lock
     /// wait) that takes longer.
     pub database_statement_timeout: Duration,
-    /// `SHUTDOWN_GRACE_SECONDS`: how long in-flight requests may run on after SIGTERM.
+    /// `SHUTDOWN_GRACE_SECONDS`: how long in-flight requests and writes may run on after
+    /// SIGTERM (and then connections may take to close).
     pub shutdown_grace_seconds: u64,
     /// `QUEUE_BACKEND`: `redis` or `mysql`.
     pub queue_backend: QueueBackend,

@@ -85,10 +85,12 @@ pub struct Application {
     db: DatabaseConnection,
     redis: RedisConnections,
     lock: ServerLock,
-    jobs: Jobs,
+    jobs: Arc<Jobs>,
     queue_events: QueueEvents,
     /// Set at the first stop signal: readiness then answers 503.
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// The public requests running, which the stop waits for before any worker ends.
+    requests: web::Data<crate::draining::Requests>,
     /// `SHUTDOWN_GRACE_SECONDS`.
     grace: Duration,
 }
@@ -323,12 +325,13 @@ impl Application {
         let ops_listener = TcpListener::bind(&settings.ops_addr)
             .with_context(|| format!("OPS_ADDR: failed to listen on {}", settings.ops_addr))?;
 
+        let requests = web::Data::new(crate::draining::Requests::new(Arc::clone(&stopping)));
         let admin_key = web::Data::new(AdminKey::new(settings.admin_api_key.as_deref()));
         let listener = TcpListener::bind(&settings.http_addr)
             .with_context(|| format!("failed to listen on {}", settings.http_addr))?;
         let address = listener.local_addr()?;
         let openapi = ApiDoc::openapi();
-        let (limits, deadline) = (rate_limits.clone(), body_deadline);
+        let (limits, deadline, counted) = (rate_limits.clone(), body_deadline, requests.clone());
         let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let budget = settings.http_max_connections.unwrap_or_else(|| {
             connection_budget(std::fs::read_to_string("/proc/self/limits").ok().as_deref())
@@ -344,9 +347,13 @@ impl Application {
                 .app_data(limits.clone())
                 .app_data(deadline.clone())
                 .app_data(admin_key.clone())
+                .app_data(counted.clone())
                 .app_data(web::QueryConfig::default().error_handler(|error, _| {
                     ApiError::validation("query", format!("the query string cannot be read: {error}")).into()
                 }))
+                // Inside `observe`, so that a request refused during a stop is logged and
+                // counted like any other.
+                .wrap(actix_web::middleware::from_fn(crate::draining::count))
                 .wrap(actix_web::middleware::from_fn(crate::middleware::observe))
                 .configure(routes::configure)
                 .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", openapi.clone()))
@@ -410,9 +417,10 @@ impl Application {
             db,
             redis,
             lock,
-            jobs,
+            jobs: Arc::new(jobs),
             queue_events,
             stopping,
+            requests,
             grace,
         })
     }
@@ -429,11 +437,17 @@ impl Application {
         self.ops_port
     }
 
-    /// Serves until SIGINT or SIGTERM; then takes no new connection, lets the writes in
-    /// flight end (for up to `SHUTDOWN_GRACE_SECONDS`, those whose clients have gone
-    /// included), then the requests still open finish (for up to the grace again; the rest
-    /// are dropped), releases every lock this process may still hold (those of dropped
-    /// requests included), and closes the connections to MySQL and Redis.
+    /// Serves until SIGINT or SIGTERM; then takes no new connection (and closes each kept
+    /// one after its next answer), lets every request running finish while refusing new
+    /// ones with 503, then the writes whose clients have gone (both within one
+    /// `SHUTDOWN_GRACE_SECONDS`), stops the jobs, then the workers, which close their
+    /// connections (for up to the grace again; the rest are dropped), releases every lock
+    /// this process may still hold (those of dropped requests included), and closes the
+    /// connections to MySQL and Redis.
+    ///
+    /// No request runs while the workers stop one by one: each one's runtime ends with it,
+    /// and with it the pooled connections it opened, which a request on another worker
+    /// could otherwise still be using ([`crate::draining`]).
     ///
     /// # Errors
     /// When the server fails.
@@ -442,21 +456,37 @@ impl Application {
         let queue_events = self.queue_events.clone();
         let grace = self.grace;
         let stopping = Arc::clone(&self.stopping);
+        let requests = self.requests.clone();
+        let jobs = Arc::clone(&self.jobs);
         let stopper = tokio::spawn(async move {
             stop_signal().await;
             stopping.store(true, std::sync::atomic::Ordering::SeqCst);
             tracing::info!("stopping: ending event streams, then letting requests finish");
             queue_events.close_all();
             let graceful = handle.clone();
+            let requests = requests.clone();
+            let jobs = Arc::clone(&jobs);
             tokio::spawn(async move {
-                // No new connection; then the writes in flight end (those whose clients
-                // have gone included: the workers' runtimes they run on must outlive
-                // them), then the requests still open get the grace.
+                // No new connection; every request running is answered (the writes they
+                // start included), new ones refused; then the writes whose clients have
+                // gone end too; both within one grace. Then the jobs, which may hold a
+                // pooled connection a worker opened. Only then may the workers stop (a
+                // worker's runtime takes the tasks and connections it opened with it), and
+                // their connections get the grace again.
                 graceful.pause().await;
-                let left = application::detach::drain(grace).await;
+                let deadline = tokio::time::Instant::now() + grace;
+                let open = requests.close_and_wait(grace).await;
+                if open > 0 {
+                    tracing::warn!(open, "requests still running after the grace; stopping anyway");
+                }
+                let left = application::detach::drain(
+                    deadline.saturating_duration_since(tokio::time::Instant::now()),
+                )
+                .await;
                 if left > 0 {
                     tracing::warn!(left, "writes still running after the grace; stopping anyway");
                 }
+                jobs.stop();
                 graceful.stop(true).await;
             });
             // A second signal does not wait for the grace: stop now.
