@@ -279,6 +279,16 @@ async fn per_client_limits_answer_429_with_retry_after_and_trust_forwarded_for_o
             .expect("answer")
         }
     };
+    // Bad input is refused before it is counted: it does not spend the budget.
+    for amount in [0, -5] {
+        let (status, body) = call(
+            http.post(format!("{base}/api/v1/users/{}/points/charge", fan.id)).bearer(&fan),
+            Some(json!({"amount": amount})),
+        )
+        .await
+        .expect("answer");
+        assert_eq!((status, body["code"].as_str()), (400, Some("VALIDATION_FAILED")), "{body}");
+    }
     assert_eq!(charge().await.0, 200);
     assert_eq!(charge().await.0, 200);
     let (status, body) = charge().await;

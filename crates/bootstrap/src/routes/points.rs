@@ -149,8 +149,10 @@ pub async fn charge_points(
     let user_id = caller.owns(UserId::from_uuid(uuid_param(&path, "userId")?))?;
     let body: ChargeRequest = body.read().await?;
     let key = idempotency_key(&req)?;
-    limits.charge(user_id)?;
     let amount = ChargeAmount::new(body.amount).map_err(|e| ApiError::validation("amount", e.to_string()))?;
+    // Counted once the request is known to be well formed: bad input changes nothing, the
+    // caller's budget of charges included.
+    limits.charge(user_id)?;
     let outcome = state.charge_points.execute(user_id, amount, key).await?;
     let mut response = HttpResponse::Ok();
     mark_replayed(&mut response, outcome.is_replay());
