@@ -383,7 +383,8 @@ async fn a_stop_lets_every_request_running_finish_before_the_workers_end_and_ref
     };
     // (MariaDB lists a prepared INSERT waiting for a gap lock in the process list, not
     // among InnoDB's lock waits.)
-    let waits = "SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE 'INSERT INTO `users`%'";
+    let waits = "SELECT COUNT(*) FROM information_schema.processlist \
+                 WHERE db = DATABASE() AND info LIKE 'INSERT INTO `users`%'";
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while scalar(&db, waits).await == 0 {
         assert!(std::time::Instant::now() < deadline, "the sign-up never waited for the lock");
@@ -399,7 +400,7 @@ async fn a_stop_lets_every_request_running_finish_before_the_workers_end_and_ref
 
     let instance = &cluster.instances[0];
     instance.terminate().expect("SIGTERM");
-    // Once the writes have drained (none here), the door closes.
+    // The door closes at once (the writes drain after the requests).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !instance.printed("no new request is taken") {
         assert!(std::time::Instant::now() < deadline, "the stop never closed its door");
