@@ -20,6 +20,9 @@ use time::OffsetDateTime;
 
 use crate::{DbContext as _, column, commit_error, db_error};
 
+/// MySQL's error number for a transaction chosen as a deadlock's victim (rolled back).
+const DEADLOCK: u16 = 1213;
+
 /// The most expired or abandoned tokens one step deletes (bounds a step's time).
 const CLEANUP_BATCH: u64 = 1_000;
 
@@ -122,7 +125,11 @@ impl WaitingQueue for MySqlQueue {
     #[tracing::instrument(name = "queue.mysql.issue", skip(self))]
     async fn issue(&self, user_id: UserId) -> anyhow::Result<Issued> {
         // Two rounds at most: a token found dead is removed, then the insert may meet one
-        // that another instance issued a moment earlier (and that one is returned).
+        // that another instance issued a moment earlier (and that one is returned). A third
+        // for a deadlock: the insert, a statement of its own, was rolled back whole when
+        // InnoDB chose it as a deadlock's victim (concurrent issues and the admission step
+        // lock the same index gaps), so it is simply tried again.
+        let mut deadlocked = None;
         for _ in 0..3 {
             let existing = self
                 .db
@@ -164,9 +171,19 @@ impl WaitingQueue for MySqlQueue {
                     let state = self.describe(token).await?.context("a token just issued is not live")?;
                     return Ok(Issued { state, created: true });
                 }
-                Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {}
+                Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                    deadlocked = None
+                }
+                Err(e) if crate::server_error_number(&e) == Some(DEADLOCK) => {
+                    tracing::debug!("a queue token's insert was a deadlock's victim; trying again");
+                    deadlocked = Some(e);
+                }
                 Err(e) => return Err(db_error(e, "failed to issue a queue token")),
             }
+        }
+        // Still a deadlock after three tries: unavailable (503, retry), like any other.
+        if let Some(e) = deadlocked {
+            return Err(db_error(e, "failed to issue a queue token"));
         }
         anyhow::bail!("could not issue a queue token for {user_id}: it kept changing")
     }

@@ -51,3 +51,72 @@ contract_tests!(
     unknown_and_ended_tokens_are_gone,
     an_abandoned_waiting_token_leaves_the_line,
 );
+
+/// An issue whose insert InnoDB chose as a deadlock's victim (rolled back whole) is tried
+/// again and issues the token, instead of failing the request with 503. The deadlock is
+/// made from outside: a heavier transaction holds the gap the insert's user index entry
+/// needs, then reads the insert's new row for update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issue_a_deadlock_rolled_back_is_tried_again() {
+    use domain::queue::AdmitPolicy;
+    use domain::user::UserId;
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+
+    let db = Db::fresh("queue_deadlock").await;
+    let queue = Arc::new(MySqlQueue::new(
+        db.conn.clone(),
+        test_support::queue_contract::config(AdmitPolicy::MaxActive { max_active: 0 }),
+    ));
+    let outside = sea_orm::Database::connect(&db.url).await.expect("a connection of its own");
+    let blocker = outside.begin().await.expect("begin");
+    // Heavier than a one-row insert (fifty rows written), so the insert is the victim.
+    for _ in 0..50 {
+        blocker
+            .execute_unprepared(&format!(
+                "INSERT INTO users (id, name, created_at) VALUES (UNHEX('{}'), 'weight', NOW(6))",
+                uuid::Uuid::now_v7().simple()
+            ))
+            .await
+            .expect("a row");
+    }
+    // Every gap of the user index (the table is empty: up to its supremum).
+    blocker
+        .execute_unprepared("SELECT id FROM queue_tokens WHERE user_id >= X'00' FOR UPDATE")
+        .await
+        .expect("gap locked");
+
+    let issued = {
+        let queue = Arc::clone(&queue);
+        tokio::spawn(async move { queue.issue(UserId::from_uuid(uuid::Uuid::now_v7())).await })
+    };
+    let waiting = "SELECT COUNT(*) AS n FROM information_schema.processlist \
+                   WHERE db = DATABASE() AND info LIKE 'INSERT INTO queue_tokens%'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let n = outside
+            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, waiting))
+            .await
+            .expect("query")
+            .expect("a row")
+            .try_get::<i64>("", "n")
+            .expect("a count");
+        if n > 0 {
+            break;
+        }
+        assert!(!issued.is_finished(), "the insert did not wait for the gap lock");
+        assert!(std::time::Instant::now() < deadline, "the insert never waited for the gap lock");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The insert's new row, read for update: each now waits for the other, and InnoDB
+    // rolls back the lighter one, the insert.
+    blocker
+        .execute_unprepared("SELECT id FROM queue_tokens FOR UPDATE")
+        .await
+        .expect("the heavier transaction is not the victim");
+    blocker.rollback().await.expect("rollback");
+
+    let issued = issued.await.expect("the issue's task").expect("issued once the deadlock was over");
+    assert!(issued.created, "a new token");
+    outside.close().await.ok();
+    db.drop_now().await;
+}
