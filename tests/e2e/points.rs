@@ -218,14 +218,29 @@ async fn three_hundred_charges_are_exact_with_spinning_waiters_and_no_batches_to
     // Spinning waiters are not served in order: an unlucky one can lose every retry for
     // as long as the storm lasts (pub/sub waiters are woken first-come, first-served). This
     // test is about exactness, so no charge is allowed to give up, however slow the machine.
-    // And each charge on its own lock hold (no batches), so that the hand-off between
-    // holders, not a batch, is what the storm goes through.
+    let handoffs = unbatched_storm("spin").await;
+    assert_eq!(handoffs, 0, "a spinning lock handed a hold over");
+}
+
+#[actix_web::test]
+async fn three_hundred_charges_are_exact_when_holds_are_handed_over_inside_each_instance() {
+    // Pub/sub waiters with the local hand-off (the default): most holds pass from one
+    // charge to the next on the same instance without going through Redis.
+    let handoffs = unbatched_storm("pubsub").await;
+    assert!(handoffs > 0, "no hold was handed over");
+}
+
+/// 300 charges of 7 points on one account over three instances, each charge on its own
+/// lock hold (no batches), so that the hand-off between holders, not a batch, is what the
+/// storm goes through; checks the exact balance and history and returns the instances'
+/// `lock_handoffs_total` for the point lock.
+async fn unbatched_storm(wait: &str) -> u64 {
     let mut options = ClusterOptions::with_env(e2e::PATIENT_LOCKS);
-    options.env.push(("LOCK_WAIT_STRATEGY".into(), "spin".into()));
+    options.env.push(("LOCK_WAIT_STRATEGY".into(), wait.into()));
     options.env.push(("POINT_CHARGE_BATCH_MAX".into(), "1".into()));
     let cluster = Cluster::start_with(3, &options).await.expect("cluster");
     let http = client();
-    let user = sign_up(&http, cluster.url(0), "spin").await.expect("a user");
+    let user = sign_up(&http, cluster.url(0), wait).await.expect("a user");
     let id = &user.id;
 
     let answers = futures::future::join_all((0..300).map(|i| {
@@ -238,6 +253,8 @@ async fn three_hundred_charges_are_exact_with_spinning_waiters_and_no_batches_to
 
     let not_ok: Vec<_> = answers.iter().filter(|(status, ..)| status.as_u16() != 200).collect();
     assert!(not_ok.is_empty(), "{not_ok:?}");
+    let balances: BTreeSet<i64> = answers.iter().filter_map(|answer| answer.2["balance"].as_i64()).collect();
+    assert_eq!(balances, (1..=300).map(|n| 7 * n).collect(), "each charge saw its own balance");
     let balance =
         send(http.get(format!("{}/api/v1/users/{id}/points", cluster.url(2))).bearer(&user), None).await;
     assert_eq!(balance.2["balance"], 2_100);
@@ -247,5 +264,17 @@ async fn three_hundred_charges_are_exact_with_spinning_waiters_and_no_batches_to
     )
     .await;
     assert_eq!(history.2.as_array().map(Vec::len), Some(300));
+
+    let mut handoffs = 0;
+    for i in 0..3 {
+        let mut scrape = http.get(format!("{}/metrics", cluster.ops_url(i))).send().await.expect("metrics");
+        let text = String::from_utf8_lossy(&scrape.body().limit(10 << 20).await.expect("body")).into_owned();
+        handoffs += text
+            .lines()
+            .filter_map(|line| line.strip_prefix("lock_handoffs_total{kind=\"point\"} "))
+            .filter_map(|value| value.trim().parse::<f64>().ok())
+            .sum::<f64>() as u64;
+    }
     cluster.shut_down().await;
+    handoffs
 }

@@ -50,7 +50,7 @@
 //! poll, and the waiters of a key look again once its subscription is confirmed. Unfenced keys (a payment's reservation, an idempotency key)
 //! leave nothing behind once released; fenced ones leave one counter for [`FENCE_TTL`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -62,7 +62,7 @@ use fred::clients::{Client, Pool, SubscriberClient};
 use fred::prelude::{EventInterface, PubsubInterface};
 use fred::types::scripts::Script;
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -109,7 +109,14 @@ pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(20);
 const CLEANUP_ATTEMPTS: u32 = 3;
 
 /// The default bound on each pub/sub sleep, in case a release announcement is missed.
+/// It is the poll rate of a key's waiters on one instance together: each waiter of a key
+/// sleeps this long times the number of the key's local waiters (jittered), so a thousand
+/// waiters of one key do not send a thousand scripts every 250 ms.
 pub const DEFAULT_FALLBACK_POLL: Duration = Duration::from_millis(250);
+
+/// The default of how many times in a row a held key may be handed straight to a local
+/// waiter (lock cohorting) before it is released in Redis for every instance to compete for.
+pub const DEFAULT_HANDOFF_LIMIT: u32 = 8;
 
 /// How a waiting acquisition waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,10 +124,12 @@ pub enum WaitStrategy {
     /// Retry after `initial`, doubling up to `max`, each pause drawn uniformly from
     /// `0..=backoff` (full jitter) so that waiters do not retry in step.
     Spin { initial: Duration, max: Duration },
-    /// Sleep until a release of the key is announced on its [`release_channel`].
-    /// `fallback_poll` bounds each sleep, in case an announcement is missed (a
-    /// reconnecting subscriber, a subscription not yet confirmed).
-    PubSub { fallback_poll: Duration },
+    /// Sleep until a release of the key is announced on its [`release_channel`], or a
+    /// local holder hands the key over on release. `fallback_poll` bounds the sleeps of a
+    /// key's local waiters together, in case an announcement is missed (a reconnecting
+    /// subscriber, a subscription not yet confirmed); `handoff_limit` is how many times in
+    /// a row a hold may pass to a local waiter before the key is released in Redis (0: never).
+    PubSub { fallback_poll: Duration, handoff_limit: u32 },
 }
 
 /// Settings of a [`RedisLock`].
@@ -154,7 +163,10 @@ impl Default for LockOptions {
             lease: DEFAULT_LEASE,
             renew_every: DEFAULT_LEASE / 3,
             max_hold: DEFAULT_MAX_HOLD,
-            wait: WaitStrategy::PubSub { fallback_poll: DEFAULT_FALLBACK_POLL },
+            wait: WaitStrategy::PubSub {
+                fallback_poll: DEFAULT_FALLBACK_POLL,
+                handoff_limit: DEFAULT_HANDOFF_LIMIT,
+            },
         }
     }
 }
@@ -179,6 +191,8 @@ struct Inner {
     listener: Option<[JoinHandle<()>; 2]>,
     /// Acquisitions of this lock now asleep between attempts.
     sleeping: AtomicUsize,
+    /// Holds passed from a releasing guard straight to a local waiter.
+    handed_off: AtomicU64,
     /// Tokens that may be holding a key: sent to Redis and not yet known to be free.
     outstanding: Mutex<HashMap<u64, Outstanding>>,
     next_ticket: AtomicU64,
@@ -245,6 +259,7 @@ impl RedisLock {
                 waiters,
                 listener,
                 sleeping: AtomicUsize::new(0),
+                handed_off: AtomicU64::new(0),
                 outstanding: Mutex::new(HashMap::new()),
                 next_ticket: AtomicU64::new(0),
                 closing: std::sync::atomic::AtomicBool::new(false),
@@ -258,6 +273,14 @@ impl RedisLock {
     #[must_use]
     pub fn waiting(&self) -> usize {
         self.inner.sleeping.load(Ordering::SeqCst)
+    }
+
+    /// How many holds were handed from a releasing guard straight to a local waiter of the
+    /// same key, without a release and an acquire in Redis (also the `lock_handoffs_total`
+    /// counter).
+    #[must_use]
+    pub fn handoffs(&self) -> u64 {
+        self.inner.handed_off.load(Ordering::Relaxed)
     }
 
     /// How many tokens may still hold a key: acquired and not released, or sent and not
@@ -333,7 +356,13 @@ impl RedisLock {
                 Attempt::Acquired(acquired) => acquired,
                 Attempt::Held { .. } => return Err(LockError::Busy { key: key.clone() }),
             },
-            WaitPolicy::WaitUpTo(limit) => self.acquire_waiting(key, &token, limit).await?,
+            WaitPolicy::WaitUpTo(limit) => match self.acquire_waiting(key, &token, limit).await? {
+                Won::Acquired(acquired) => acquired,
+                Won::HandedOff(mut guard) => {
+                    guard.report = report;
+                    return Ok(*guard);
+                }
+            },
         };
         Ok(self.guard(key, token, acquired, report))
     }
@@ -399,26 +428,31 @@ impl RedisLock {
         }
     }
 
-    async fn acquire_waiting(
-        &self,
-        key: &LockKey,
-        token: &str,
-        wait: Duration,
-    ) -> Result<Acquired, LockError> {
+    /// Waits for `key` until `wait` has passed: won in Redis with `token`, or, in pub/sub
+    /// mode, handed over by a local holder of the key that released it.
+    async fn acquire_waiting(&self, key: &LockKey, token: &str, wait: Duration) -> Result<Won, LockError> {
         let started = Instant::now();
         let deadline = started + wait;
         // Built once, before the first attempt: a pub/sub waiter registers first, so a
         // release between a failed attempt and the sleep is not missed.
         let mut pause_state = match self.inner.options.wait {
             WaitStrategy::Spin { initial, max } => Pause::Spin { backoff: initial, max },
-            WaitStrategy::PubSub { fallback_poll } => {
+            WaitStrategy::PubSub { fallback_poll, .. } => {
                 Pause::PubSub { registration: self.inner.waiters.register(key.as_str()), fallback_poll }
             }
         };
         loop {
-            let lease_left = match self.try_once(key, token).await? {
-                Attempt::Acquired(acquired) => return Ok(acquired),
-                Attempt::Held { lease_left } => lease_left,
+            if let Some(guard) = pause_state.take_baton() {
+                return self.handed_over(guard);
+            }
+            let attempt = self.try_once(key, token).await;
+            // A hold handed over while the attempt was out wins over its failure (a key
+            // held by that very hold, a Redis error, the deadline).
+            let lease_left = match (attempt, pause_state.take_baton()) {
+                (Ok(Attempt::Acquired(acquired)), _) => return Ok(Won::Acquired(acquired)),
+                (_, Some(guard)) => return self.handed_over(guard),
+                (Ok(Attempt::Held { lease_left }), None) => lease_left,
+                (Err(error), None) => return Err(error),
             };
             let now = Instant::now();
             if now >= deadline {
@@ -433,44 +467,72 @@ impl RedisLock {
                 }
                 Pause::PubSub { registration, fallback_poll } => {
                     registration.follow();
+                    // The key's local waiters together poll about once per `fallback_poll`.
+                    let poll =
+                        fallback_poll.mul_f64(registration.waiters_of_key() as f64 * (0.5 + fastrand::f64()));
                     // Wake at the latest when the holder's lease would run out: a crashed
                     // holder announces nothing.
-                    let pause = remaining.min(*fallback_poll).min(lease_left + Duration::from_millis(1));
-                    let _ = tokio::time::timeout(pause, registration.notified()).await;
+                    let pause = remaining.min(poll).min(lease_left + Duration::from_millis(1));
+                    if let Ok(Some(guard)) = tokio::time::timeout(pause, registration.next_turn()).await {
+                        return self.handed_over(guard);
+                    }
                 }
             }
         }
     }
 
     fn guard(&self, key: &LockKey, token: String, acquired: Acquired, report: bool) -> RedisLockGuard {
-        let options = self.inner.options;
-        let (state_tx, state_rx) = watch::channel(LeaseState {
-            lost: false,
-            trusted_until: acquired.lease_from + options.lease - options.margin(),
-        });
-        let hold_until = acquired.lease_from + options.max_hold;
-        let watchdog = tokio::spawn(watchdog(
-            Arc::clone(&self.inner),
-            key.clone(),
-            token.clone(),
-            acquired.lease_from,
-            hold_until,
-            state_tx,
-            report,
-        ));
-        RedisLockGuard {
-            key: key.clone(),
-            token,
-            ticket: acquired.ticket,
-            fence: acquired.fence,
-            inner: Arc::clone(&self.inner),
-            state: state_rx,
-            hold_until: hold_until - options.margin(),
-            watchdog: Some(watchdog),
-            acquired_at: Instant::now(),
-            released: false,
-            report,
+        new_guard(&self.inner, key, token, acquired, report)
+    }
+
+    /// A hold a local holder handed over, unless the process began to stop meanwhile: then
+    /// it is dropped (which releases the key) and the acquisition refused, as a new one is.
+    fn handed_over(&self, guard: Box<RedisLockGuard>) -> Result<Won, LockError> {
+        if self.inner.closing.load(Ordering::SeqCst) {
+            drop(guard);
+            return Err(LockError::Unavailable(anyhow::anyhow!("the process is shutting down")));
         }
+        Ok(Won::HandedOff(guard))
+    }
+}
+
+/// A guard of `acquired`, its lease counted from `acquired.lease_from`, with its watchdog.
+fn new_guard(
+    inner: &Arc<Inner>,
+    key: &LockKey,
+    token: String,
+    acquired: Acquired,
+    report: bool,
+) -> RedisLockGuard {
+    let options = inner.options;
+    let (state_tx, state_rx) = watch::channel(LeaseState {
+        lost: false,
+        trusted_until: acquired.lease_from + options.lease - options.margin(),
+    });
+    let hold_until = acquired.lease_from + options.max_hold;
+    let watchdog = tokio::spawn(watchdog(
+        Arc::clone(inner),
+        key.clone(),
+        token.clone(),
+        acquired.lease_from,
+        hold_until,
+        state_tx,
+        report,
+    ));
+    RedisLockGuard {
+        key: key.clone(),
+        token,
+        ticket: acquired.ticket,
+        fence: acquired.fence,
+        inner: Arc::clone(inner),
+        state: state_rx,
+        hold_until: hold_until - options.margin(),
+        watchdog: Some(watchdog),
+        acquired_at: Instant::now(),
+        released: false,
+        report,
+        handoffs: 0,
+        hold_recorded: false,
     }
 }
 
@@ -581,6 +643,16 @@ enum Pause {
     PubSub { registration: Registration, fallback_poll: Duration },
 }
 
+impl Pause {
+    /// A hold a local holder has handed over already (pub/sub mode only).
+    fn take_baton(&mut self) -> Option<Box<RedisLockGuard>> {
+        match self {
+            Self::PubSub { registration, .. } => registration.take_baton(),
+            Self::Spin { .. } => None,
+        }
+    }
+}
+
 /// A successful attempt.
 #[derive(Debug)]
 struct Acquired {
@@ -595,6 +667,14 @@ struct Acquired {
 enum Attempt {
     Acquired(Acquired),
     Held { lease_left: Duration },
+}
+
+/// How a waiting acquisition got its key.
+enum Won {
+    /// Its own acquire script won in Redis.
+    Acquired(Acquired),
+    /// A local holder handed its hold over on release (boxed: a guard is large).
+    HandedOff(Box<RedisLockGuard>),
 }
 
 #[async_trait]
@@ -711,8 +791,13 @@ pub struct RedisLockGuard {
     /// release that failed on a Redis blip, or one cancelled while fred reloads a flushed
     /// script) tries again from `Drop`, instead of leaving the key locked for its lease.
     released: bool,
-    /// Whether the hold time is recorded (not for a node's guard of a quorum).
+    /// Whether the hold time is recorded (not for a node's guard of a quorum, which is
+    /// never handed off either).
     report: bool,
+    /// How many times this hold was handed from one local holder to the next so far.
+    handoffs: u32,
+    /// The hold time was recorded (by `release`, or by `Drop` after a failed release).
+    hold_recorded: bool,
 }
 
 impl fmt::Debug for RedisLockGuard {
@@ -765,6 +850,89 @@ impl LockGuard for RedisLockGuard {
     }
 
     async fn release(mut self: Box<Self>) -> Result<(), LockError> {
+        self.record_hold();
+        if self.may_hand_off() {
+            return self.hand_off().await;
+        }
+        self.release_in_redis().await
+    }
+}
+
+impl RedisLockGuard {
+    /// Whether a release may hand this hold to a local waiter instead of freeing the key:
+    /// the work under it is over, so the next local waiter may start at once, skipping the
+    /// release script, its announcement and a new acquire. Not when the process is
+    /// stopping, when the lease is no longer trusted, or past the limit of hand-offs in a
+    /// row (the other instances' waiters get their turn), and never for a node's guard of a
+    /// quorum or in spin mode.
+    fn may_hand_off(&self) -> bool {
+        let WaitStrategy::PubSub { handoff_limit, .. } = self.inner.options.wait else { return false };
+        self.report
+            && self.handoffs < handoff_limit
+            && !self.inner.closing.load(Ordering::SeqCst)
+            && !self.is_lost()
+            && self.inner.waiters.has_baton_takers(self.key.as_str())
+    }
+
+    /// Hands this hold to the first local waiter of the key, after one compare-and-extend
+    /// in Redis: the key is still held with our token (the watchdog's last renewal may be
+    /// seconds old, and the key may have gone since: a failover, an eviction), and the next
+    /// holder gets a whole lease and a whole longest hold, counted from that round trip,
+    /// with a watchdog of its own. Only the token, the fencing number and the outstanding
+    /// entry carry over.
+    ///
+    /// Keeping the fencing number is safe: this holder's work is over, and the SQL guards
+    /// accept a number equal to the stored one; a holder that won the key in Redis since
+    /// has a higher one.
+    async fn hand_off(mut self: Box<Self>) -> Result<(), LockError> {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
+        let sent_at = Instant::now();
+        let extended: Result<i64, _> = self
+            .inner
+            .renew
+            .evalsha_with_reload(
+                self.inner.pool.next(),
+                vec![self.key.as_str().to_owned()],
+                vec![self.token.clone(), millis(self.inner.options.lease).to_string()],
+            )
+            .await;
+        match extended {
+            Ok(1) => {}
+            Ok(_) => {
+                // Not ours any more: nothing to hand over or delete. The local waiters may
+                // find the key free; one looks now rather than at its next poll.
+                self.released = true;
+                lock_map(&self.inner.outstanding).remove(&self.ticket);
+                self.inner.waiters.wake_one(self.key.as_str());
+                return Err(LockError::LeaseLost { key: self.key.clone() });
+            }
+            // Redis did not answer: release the usual way (which may fail the same way and
+            // leave the key to its lease).
+            Err(_) => return self.release_in_redis().await,
+        }
+        self.released = true;
+        let acquired = Acquired { fence: self.fence, lease_from: sent_at, ticket: self.ticket };
+        let mut next = Box::new(new_guard(&self.inner, &self.key, self.token.clone(), acquired, self.report));
+        next.handoffs = self.handoffs + 1;
+        match self.inner.waiters.hand_off(self.key.as_str(), next) {
+            Ok(()) => {
+                self.inner.handed_off.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("lock_handoffs_total", "kind" => self.key.kind()).increment(1);
+                tracing::debug!(key = %self.key, "lock handed to a local waiter");
+                Ok(())
+            }
+            // Every local waiter had left meanwhile: release it in Redis after all.
+            Err(mut next) => {
+                next.hold_recorded = true;
+                next.release_in_redis().await
+            }
+        }
+    }
+
+    /// Compare-and-delete in Redis (and the announcement to the key's waiters).
+    async fn release_in_redis(&mut self) -> Result<(), LockError> {
         // Stop renewing first: a renewal racing the delete would report a lost lease.
         if let Some(watchdog) = self.watchdog.take() {
             watchdog.abort();
@@ -772,7 +940,6 @@ impl LockGuard for RedisLockGuard {
         let ours = release(&self.inner, &self.key, &self.token).await?;
         self.released = true;
         lock_map(&self.inner.outstanding).remove(&self.ticket);
-        self.record_hold();
         if ours {
             tracing::debug!(key = %self.key, "lock released");
             Ok(())
@@ -780,13 +947,13 @@ impl LockGuard for RedisLockGuard {
             Err(LockError::LeaseLost { key: self.key.clone() })
         }
     }
-}
 
-impl RedisLockGuard {
-    fn record_hold(&self) {
-        if !self.report {
+    /// Records the hold time, once.
+    fn record_hold(&mut self) {
+        if !self.report || self.hold_recorded {
             return;
         }
+        self.hold_recorded = true;
         metrics::histogram!("lock_hold_seconds", "kind" => self.key.kind())
             .record(self.acquired_at.elapsed().as_secs_f64());
     }
@@ -837,9 +1004,14 @@ struct Waiters {
     changes: Option<mpsc::UnboundedSender<Change>>,
 }
 
-/// The waiters of one key: what wakes them, and whether the key's channel was asked for.
+/// The waiters of one key: what wakes them, where a local holder may hand its hold over,
+/// and whether the key's channel was asked for.
 struct Entry {
     notify: Weak<Notify>,
+    /// One sender per waiting acquisition, in the order they came: a releasing holder
+    /// hands its hold to the first whose receiver is still there. Senders of waiters that
+    /// left are pruned when the queue outgrows twice the waiters.
+    batons: VecDeque<oneshot::Sender<Box<RedisLockGuard>>>,
     followed: bool,
 }
 
@@ -853,18 +1025,58 @@ struct Registration {
     /// `Some` until dropped: taken out in `Drop` so that our strong reference is gone
     /// before we look at the entry, under the map's mutex.
     notify: Option<Arc<Notify>>,
+    /// Where a local holder's hand-off arrives; `None` once it did (or its sender is gone).
+    /// Dropped with a hold inside (the waiter was cancelled meanwhile), the hold's guard
+    /// releases the key from `Drop`.
+    baton: Option<oneshot::Receiver<Box<RedisLockGuard>>>,
     /// This registration has already made sure the key's channel is asked for.
     following: bool,
 }
 
 impl Registration {
-    fn notified(&self) -> impl Future<Output = ()> + '_ {
-        let notify = self.notify.as_deref();
-        async move {
-            if let Some(notify) = notify {
+    /// Sleeps until a release of the key is announced (`None`) or a local holder hands its
+    /// hold over (the hold).
+    async fn next_turn(&mut self) -> Option<Box<RedisLockGuard>> {
+        // Borrowed, not cloned: the number of references counts the key's waiters.
+        let Self { notify, baton, .. } = self;
+        let notified = async {
+            if let Some(notify) = notify.as_deref() {
                 notify.notified().await;
             }
+        };
+        let Some(receiver) = baton.as_mut() else {
+            notified.await;
+            return None;
+        };
+        tokio::select! {
+            biased;
+            handed = receiver => {
+                *baton = None;
+                handed.ok()
+            }
+            () = notified => None,
         }
+    }
+
+    /// A hold handed over already, if any (checked before each attempt in Redis).
+    fn take_baton(&mut self) -> Option<Box<RedisLockGuard>> {
+        let handed = self.baton.as_mut()?.try_recv();
+        match handed {
+            Ok(guard) => {
+                self.baton = None;
+                Some(guard)
+            }
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                self.baton = None;
+                None
+            }
+        }
+    }
+
+    /// How many acquisitions of this process wait for the key, this one included.
+    fn waiters_of_key(&self) -> usize {
+        self.notify.as_ref().map_or(1, Arc::strong_count)
     }
 
     /// Asks for the key's release channel unless a waiter of the key already has: called
@@ -920,15 +1132,52 @@ impl Waiters {
 
     fn register(&self, key: &str) -> Registration {
         let mut map = lock_map(&self.map);
-        let notify = match map.get(key).and_then(|entry| entry.notify.upgrade()) {
+        let entry = map.entry(key.to_owned()).or_insert_with(|| Entry {
+            notify: Weak::new(),
+            batons: VecDeque::new(),
+            followed: false,
+        });
+        let notify = match entry.notify.upgrade() {
             Some(notify) => notify,
             None => {
                 let notify = Arc::new(Notify::new());
-                map.insert(key.to_owned(), Entry { notify: Arc::downgrade(&notify), followed: false });
+                *entry = Entry { notify: Arc::downgrade(&notify), batons: VecDeque::new(), followed: false };
                 notify
             }
         };
-        Registration { waiters: self.clone(), key: key.to_owned(), notify: Some(notify), following: false }
+        let (sender, baton) = oneshot::channel();
+        if entry.batons.len() >= 2 * Arc::strong_count(&notify) + 8 {
+            entry.batons.retain(|sender| !sender.is_closed());
+        }
+        entry.batons.push_back(sender);
+        Registration {
+            waiters: self.clone(),
+            key: key.to_owned(),
+            notify: Some(notify),
+            baton: Some(baton),
+            following: false,
+        }
+    }
+
+    /// Whether a local acquisition may be waiting for `key` to be handed over.
+    fn has_baton_takers(&self, key: &str) -> bool {
+        lock_map(&self.map)
+            .get(key)
+            .is_some_and(|entry| entry.batons.iter().any(|sender| !sender.is_closed()))
+    }
+
+    /// Hands `guard`'s hold to the first local waiter of its key still waiting for one, or
+    /// gives it back when there is none.
+    fn hand_off(&self, key: &str, mut guard: Box<RedisLockGuard>) -> Result<(), Box<RedisLockGuard>> {
+        let mut map = lock_map(&self.map);
+        let Some(entry) = map.get_mut(key) else { return Err(guard) };
+        while let Some(sender) = entry.batons.pop_front() {
+            match sender.send(guard) {
+                Ok(()) => return Ok(()),
+                Err(returned) => guard = returned,
+            }
+        }
+        Err(guard)
     }
 
     fn change(&self, key: &str, wanted: bool) {

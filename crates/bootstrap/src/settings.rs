@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use adapters_mysql::database::DEFAULT_STATEMENT_TIMEOUT;
 use adapters_redis::connection::{DEFAULT_COMMAND_TIMEOUT, Topology as RedisTopology};
-use adapters_redis::lock::{DEFAULT_LEASE, DEFAULT_MAX_HOLD};
+use adapters_redis::lock::{DEFAULT_HANDOFF_LIMIT, DEFAULT_LEASE, DEFAULT_MAX_HOLD};
 use application::charge_points::DEFAULT_LOCK_WAIT;
 use domain::queue::AdmitPolicy;
 
@@ -80,6 +80,9 @@ pub struct Settings {
     pub lock_wait_mode: LockWaitMode,
     /// `LOCK_MAX_HOLD_MS`: the longest a lock is held; past it the work is abandoned.
     pub lock_max_hold: Duration,
+    /// `LOCK_HANDOFF_LIMIT`: in pub/sub mode, how many times in a row a released lock may
+    /// pass straight to a waiter of the same instance before it is freed in Redis (0: never).
+    pub lock_handoff_limit: u32,
     /// `REDIS_COMMAND_TIMEOUT_MS`: how long one Redis command may take.
     pub redis_command_timeout: Duration,
     /// `DATABASE_STATEMENT_TIMEOUT_MS`: the database cuts a statement (and a row-lock
@@ -266,6 +269,9 @@ impl Settings {
             number(name, millis(default), range).map(Duration::from_millis)
         };
         let lock_max_hold = ms("LOCK_MAX_HOLD_MS", DEFAULT_MAX_HOLD, 500..=600_000)?;
+        let lock_handoff_limit =
+            u32::try_from(number("LOCK_HANDOFF_LIMIT", u64::from(DEFAULT_HANDOFF_LIMIT), 0..=1_000)?)
+                .unwrap_or(DEFAULT_HANDOFF_LIMIT);
         let redis_command_timeout = ms("REDIS_COMMAND_TIMEOUT_MS", DEFAULT_COMMAND_TIMEOUT, 50..=60_000)?;
         let database_statement_timeout =
             ms("DATABASE_STATEMENT_TIMEOUT_MS", DEFAULT_STATEMENT_TIMEOUT, 100..=600_000)?;
@@ -514,6 +520,7 @@ impl Settings {
             queue,
             queue_name,
             lock_max_hold,
+            lock_handoff_limit,
             redis_command_timeout,
             database_statement_timeout,
             shutdown_grace_seconds,
@@ -845,6 +852,10 @@ mod tests {
         assert!(settings(&[("LOCK_LEASE_MS", "10")]).is_err());
         assert!(settings(&[("LOCK_WAIT_STRATEGY", "sleep")]).is_err());
         assert_eq!(settings(&[("LOCK_WAIT_STRATEGY", "SPIN")]).unwrap().lock_wait_mode, LockWaitMode::Spin);
+        assert_eq!(settings(&[]).unwrap().lock_handoff_limit, DEFAULT_HANDOFF_LIMIT);
+        assert_eq!(settings(&[("LOCK_HANDOFF_LIMIT", "0")]).unwrap().lock_handoff_limit, 0);
+        assert!(settings(&[("LOCK_HANDOFF_LIMIT", "-1")]).is_err());
+        assert!(settings(&[("LOCK_HANDOFF_LIMIT", "1001")]).is_err());
     }
 
     #[test]

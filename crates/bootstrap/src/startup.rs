@@ -523,7 +523,10 @@ impl ServerLock {
             renew_every: settings.lock_lease / 3,
             max_hold: settings.lock_max_hold,
             wait: match settings.lock_wait_mode {
-                LockWaitMode::PubSub => WaitStrategy::PubSub { fallback_poll: DEFAULT_FALLBACK_POLL },
+                LockWaitMode::PubSub => WaitStrategy::PubSub {
+                    fallback_poll: DEFAULT_FALLBACK_POLL,
+                    handoff_limit: settings.lock_handoff_limit,
+                },
                 LockWaitMode::Spin => {
                     WaitStrategy::Spin { initial: Duration::from_millis(5), max: Duration::from_millis(100) }
                 }

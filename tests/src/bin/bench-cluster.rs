@@ -66,7 +66,8 @@ async fn main() -> anyhow::Result<()> {
     let mut handoffs = Vec::new();
     for (where_, url) in [("cluster", cluster.url().to_owned()), ("one server", single)] {
         for (name, wait) in [
-            ("pub/sub", WaitStrategy::PubSub { fallback_poll: Duration::from_millis(250) }),
+            // No local hand-off: every hand-off here goes through Redis and its channel.
+            ("pub/sub", WaitStrategy::PubSub { fallback_poll: Duration::from_millis(250), handoff_limit: 0 }),
             (
                 "spin",
                 WaitStrategy::Spin { initial: Duration::from_millis(1), max: Duration::from_millis(50) },

@@ -14,16 +14,20 @@
 //!    its conflicts per charge are read from the instances' `point_charge_conflicts_total`;
 //! 3. `redis-spin`: the Redis lock, waiters retrying the acquire script with backoff
 //!    (`LOCK_WAIT_STRATEGY=spin`);
-//! 4. `redis-pubsub`: the Redis lock, waiters woken by the release's announcement
-//!    (`LOCK_WAIT_STRATEGY=pubsub`, the default);
-//! 5. `quorum`: the quorum lock on three `redis-server` nodes this program starts and kills
+//! 4. `redis-pubsub-no-handoff`: the Redis lock, waiters woken by the release's
+//!    announcement, every release freeing the key in Redis (`LOCK_HANDOFF_LIMIT=0`: the
+//!    pub/sub lock before the local hand-off);
+//! 5. `redis-pubsub`: the same with a release handed straight to a waiter of the same
+//!    instance up to 8 times in a row (`LOCK_WAIT_STRATEGY=pubsub`, `LOCK_HANDOFF_LIMIT=8`,
+//!    the defaults);
+//! 6. `quorum`: the quorum lock on three `redis-server` nodes this program starts and kills
 //!    (`REDIS_LOCK_NODES`, `LOCK_NODE_TIMEOUT_MS=2000`; its waiters retry, pub/sub plays no
 //!    part);
-//! 6. `redis-pubsub-batched`: the product as it runs by default, the pub/sub lock with the
+//! 7. `redis-pubsub-batched`: the product as it runs by default, the pub/sub lock with the
 //!    charges an instance has queued for the account applied in batches
 //!    (`POINT_CHARGE_BATCH_MAX=100`).
 //!
-//! Strategies 1 to 5 run with `POINT_CHARGE_BATCH_MAX=1` (each charge its own lock hold
+//! Strategies 1 to 6 run with `POINT_CHARGE_BATCH_MAX=1` (each charge its own lock hold
 //! and transaction), so that they compare the ways of waiting, not the batches.
 //!
 //! Every cluster runs with [`e2e::PATIENT_LOCKS`] (no charge gives up waiting, however slow
@@ -92,16 +96,18 @@ enum Strategy {
     DbPessimistic,
     DbOptimistic,
     RedisSpin,
+    RedisPubSubNoHandoff,
     RedisPubSub,
     Quorum,
     RedisPubSubBatched,
 }
 
 /// In the order they run.
-const STRATEGIES: [Strategy; 6] = [
+const STRATEGIES: [Strategy; 7] = [
     Strategy::DbPessimistic,
     Strategy::DbOptimistic,
     Strategy::RedisSpin,
+    Strategy::RedisPubSubNoHandoff,
     Strategy::RedisPubSub,
     Strategy::Quorum,
     Strategy::RedisPubSubBatched,
@@ -113,6 +119,7 @@ impl Strategy {
             Self::DbPessimistic => "db-pessimistic",
             Self::DbOptimistic => "db-optimistic",
             Self::RedisSpin => "redis-spin",
+            Self::RedisPubSubNoHandoff => "redis-pubsub-no-handoff",
             Self::RedisPubSub => "redis-pubsub",
             Self::Quorum => "quorum",
             Self::RedisPubSubBatched => "redis-pubsub-batched",
@@ -128,13 +135,16 @@ impl Strategy {
             }
             Self::DbOptimistic => "POINT_CHARGE_STRATEGY=optimistic, POINT_OPTIMISTIC_ATTEMPTS=10",
             Self::RedisSpin => "LOCK_WAIT_STRATEGY=spin, POINT_CHARGE_BATCH_MAX=1",
-            Self::RedisPubSub => "LOCK_WAIT_STRATEGY=pubsub, POINT_CHARGE_BATCH_MAX=1",
+            Self::RedisPubSubNoHandoff => {
+                "LOCK_WAIT_STRATEGY=pubsub, LOCK_HANDOFF_LIMIT=0, POINT_CHARGE_BATCH_MAX=1"
+            }
+            Self::RedisPubSub => "LOCK_WAIT_STRATEGY=pubsub, LOCK_HANDOFF_LIMIT=8, POINT_CHARGE_BATCH_MAX=1",
             Self::Quorum => {
                 "REDIS_LOCK_NODES=<three private redis-server nodes>, LOCK_NODE_TIMEOUT_MS=2000, \
                  POINT_CHARGE_BATCH_MAX=1"
             }
             Self::RedisPubSubBatched => {
-                "LOCK_WAIT_STRATEGY=pubsub, POINT_CHARGE_BATCH_MAX=100 (the defaults)"
+                "LOCK_WAIT_STRATEGY=pubsub, LOCK_HANDOFF_LIMIT=8, POINT_CHARGE_BATCH_MAX=100 (the defaults)"
             }
         }
     }
@@ -171,8 +181,11 @@ impl Strategy {
                 ("POINT_OPTIMISTIC_ATTEMPTS", "10"),
             ])),
             Self::RedisSpin => env.extend(owned(&[("LOCK_WAIT_STRATEGY", "spin")])),
+            Self::RedisPubSubNoHandoff => {
+                env.extend(owned(&[("LOCK_WAIT_STRATEGY", "pubsub"), ("LOCK_HANDOFF_LIMIT", "0")]));
+            }
             Self::RedisPubSub | Self::RedisPubSubBatched => {
-                env.extend(owned(&[("LOCK_WAIT_STRATEGY", "pubsub")]));
+                env.extend(owned(&[("LOCK_WAIT_STRATEGY", "pubsub"), ("LOCK_HANDOFF_LIMIT", "8")]));
             }
             Self::Quorum => {
                 let urls: Vec<String> = nodes.iter().map(PrivateRedis::url).collect();
@@ -281,6 +294,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let ratio = median_throughput(Strategy::RedisPubSub) / median_throughput(Strategy::RedisSpin);
     let batched = median_throughput(Strategy::RedisPubSubBatched) / median_throughput(Strategy::RedisPubSub);
+    let handoff =
+        median_throughput(Strategy::RedisPubSub) / median_throughput(Strategy::RedisPubSubNoHandoff);
 
     let figures = [
         figure(&measured, "throughput", "Charges per second on one account", "charges/s", Run::per_second),
@@ -317,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
         "pubsub_over_spin_median_throughput": ratio,
         "target_pubsub_over_spin": TARGET_RATIO,
         "batched_over_pubsub_median_throughput": batched,
+        "handoff_over_no_handoff_median_throughput": handoff,
         "strategies": measured.iter().map(|m| json!({
             "strategy": m.strategy.name(),
             "settings": m.strategy.settings(),
@@ -340,6 +356,7 @@ async fn main() -> anyhow::Result<()> {
         "pub/sub over spin, median throughput: {ratio:.2}x (target: at least {TARGET_RATIO:.0}x, {})",
         if ratio >= TARGET_RATIO { "met" } else { "NOT met" }
     );
+    println!("pub/sub with the local hand-off over pub/sub without, median throughput: {handoff:.2}x");
     println!("pub/sub with batches over pub/sub one charge per hold, median throughput: {batched:.2}x");
     Ok(())
 }
@@ -563,13 +580,16 @@ fn about(charges: usize) -> String {
          {INSTANCES} release-build instances sharing one MySQL and one Redis), so every charge contends for \
          the same account: `db-pessimistic` takes no distributed lock (`DISABLE_LOCKS_FOR_TESTING`) and the \
          charges queue on MySQL's row lock (`SELECT ... FOR UPDATE` on the account); `redis-spin` waits for \
-         the Redis lock by retrying its acquire script (exponential backoff, full jitter); `redis-pubsub` \
-         (the default) sleeps until the holder's release is announced on the key's channel; `quorum` takes \
+         the Redis lock by retrying its acquire script (exponential backoff, full jitter); \
+         `redis-pubsub-no-handoff` sleeps until the holder's release is announced on the key's channel, \
+         every release freeing the key in Redis (`LOCK_HANDOFF_LIMIT=0`); `redis-pubsub` (the default) does \
+         the same but a release hands the hold straight to a waiter of the same instance, up to 8 times in \
+         a row, before the key is freed in Redis (`LOCK_HANDOFF_LIMIT=8`, docs/locking.md); `quorum` takes \
          the lock on a majority of three independent Redis nodes (`REDIS_LOCK_NODES`), its waiters retrying \
          with backoff; `db-optimistic` takes no lock at all (`POINT_CHARGE_STRATEGY=optimistic`): a plain \
          read, the version's compare-and-set, a conflict retried after a jittered pause (1 ms doubling to 50 \
          ms), 10 attempts, then 429 (its throughput counts the charges applied; its refusals and conflicts \
-         have figures of their own). These five run each charge on its own lock hold and transaction \
+         have figures of their own). These six run each charge on its own lock hold and transaction \
          (`POINT_CHARGE_BATCH_MAX=1`); `redis-pubsub-batched` is the product's default, the pub/sub lock \
          with the charges each instance has queued for the account applied up to 100 per hold and \
          transaction (docs/locking.md). All with `POINT_LOCK_WAIT_MS=60000` (no charge gives up) and \

@@ -9,7 +9,10 @@ use tokio::time::Instant;
 
 use super::connect;
 
-const PUBSUB: WaitStrategy = WaitStrategy::PubSub { fallback_poll: Duration::from_millis(250) };
+const PUBSUB: WaitStrategy = WaitStrategy::PubSub {
+    fallback_poll: Duration::from_millis(250),
+    handoff_limit: adapters_redis::lock::DEFAULT_HANDOFF_LIMIT,
+};
 const SPIN: WaitStrategy =
     WaitStrategy::Spin { initial: Duration::from_millis(2), max: Duration::from_millis(50) };
 
@@ -87,6 +90,11 @@ async fn mutual_exclusion_holds(wait: WaitStrategy) {
 
     assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two holders were inside at once");
     assert_eq!(entered.load(Ordering::SeqCst), 40);
+    if matches!(wait, WaitStrategy::PubSub { .. }) {
+        // Twenty tasks per "instance" queue for one key: releases were handed to local
+        // waiters, so the exclusion above held through hand-offs as well.
+        assert!(locks.iter().map(RedisLock::handoffs).sum::<u64>() > 0, "no hold was handed over");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +186,7 @@ async fn a_pubsub_waiter_is_woken_by_the_release_before_a_sleeping_spin_waiter_r
     let spin =
         lock(WaitStrategy::Spin { initial: Duration::from_secs(4), max: Duration::from_secs(4) }).await;
     // Its fallback poll is as long, so only the release announcement can wake it early.
-    let pubsub = lock(WaitStrategy::PubSub { fallback_poll: Duration::from_secs(4) }).await;
+    let pubsub = lock(WaitStrategy::PubSub { fallback_poll: Duration::from_secs(4), handoff_limit: 8 }).await;
     let key = key();
     let holder = holder_lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
 
@@ -598,7 +606,8 @@ async fn shard_subscribers(pool: &fred::clients::Pool, channel: &str) -> i64 {
 async fn a_release_channel_is_followed_only_while_its_key_has_waiters() {
     let redis = connect().await;
     let options = LockOptions {
-        wait: WaitStrategy::PubSub { fallback_poll: Duration::from_secs(30) },
+        // No hand-off: the release must go through Redis and its channel.
+        wait: WaitStrategy::PubSub { fallback_poll: Duration::from_secs(30), handoff_limit: 0 },
         ..LockOptions::default()
     };
     let lock = RedisLock::new(redis.pool.clone(), Some(&redis.subscriber), options).await.expect("lock");
@@ -651,7 +660,8 @@ async fn release_channels_are_subscribed_again_after_the_subscriber_reconnects()
     .await
     .expect("connected");
     let options = LockOptions {
-        wait: WaitStrategy::PubSub { fallback_poll: Duration::from_secs(60) },
+        // No hand-off: the release must go through Redis and its channel.
+        wait: WaitStrategy::PubSub { fallback_poll: Duration::from_secs(60), handoff_limit: 0 },
         lease: Duration::from_secs(60),
         renew_every: Duration::from_secs(20),
         max_hold: Duration::from_secs(120),
@@ -703,4 +713,195 @@ async fn release_channels_are_subscribed_again_after_the_subscriber_reconnects()
             .expect("ran");
     }
     connections.quit().await;
+}
+
+/// Polls `waiter` (an acquisition not yet spawned) until it has made its attempt and gone to
+/// sleep on `lock`, so that a release can find it registered.
+async fn until_asleep<F: Future + Unpin>(lock: &RedisLock, waiter: &mut F, asleep: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lock.waiting() < asleep {
+        assert!(Instant::now() < deadline, "the waiter never went to sleep");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut *waiter).await.is_err(),
+            "it won a held key"
+        );
+    }
+}
+
+async fn stored(redis: &adapters_redis::connection::RedisConnections, key: &LockKey) -> Option<String> {
+    redis.pool.get(key.as_str()).await.expect("GET")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_hands_the_hold_to_a_local_waiter_without_freeing_the_key() {
+    let redis = connect().await;
+    // A short lease, so that the hold's renewal is seen to go on after the hand-off.
+    let lock = lock_with(LockOptions {
+        lease: Duration::from_millis(1_000),
+        renew_every: Duration::from_millis(200),
+        max_hold: Duration::from_secs(30),
+        wait: PUBSUB,
+    })
+    .await;
+    let key = fenced_key();
+    let holder = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+    let fence = holder.fencing_token();
+    let token = stored(&redis, &key).await.expect("the key is held");
+
+    let mut waiter = Box::pin(lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(20))));
+    until_asleep(&lock, &mut waiter, 1).await;
+    holder.release().await.expect("released");
+    let next =
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("handed over").expect("held");
+
+    assert_eq!(lock.handoffs(), 1);
+    // The key was never free: the same token holds it, with the same fencing number (the
+    // previous holder's work is over, and the SQL guards accept an equal number).
+    assert_eq!(stored(&redis, &key).await.as_deref(), Some(token.as_str()));
+    assert_eq!(next.fencing_token(), fence);
+    // The new holder's watchdog renews the lease: leases later the key is still held and
+    // trusted.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(!next.is_lost(), "the handed-over hold lost its lease");
+    assert_eq!(stored(&redis, &key).await.as_deref(), Some(token.as_str()));
+
+    // With nobody waiting, the release frees the key in Redis.
+    next.release().await.expect("released");
+    assert_eq!(stored(&redis, &key).await, None);
+    assert_eq!(lock.handoffs(), 1);
+    assert!(eventually(Duration::from_secs(2), || async { lock.outstanding() == 0 }).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_handoff_limit_the_key_is_freed_and_won_again_with_a_higher_fence() {
+    const WAITERS: usize = adapters_redis::lock::DEFAULT_HANDOFF_LIMIT as usize + 2;
+    let lock = lock(PUBSUB).await;
+    let key = fenced_key();
+    let first = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+    let (held, mut holders) = tokio::sync::mpsc::unbounded_channel();
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let (lock, key, held) = (lock.clone(), key.clone(), held.clone());
+            tokio::spawn(async move {
+                let guard = lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(60))).await;
+                held.send(guard.expect("acquired")).expect("the test listens");
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || async { lock.waiting() == WAITERS }).await,
+        "the waiters never all went to sleep"
+    );
+
+    let mut fences = vec![first.fencing_token().expect("fenced")];
+    first.release().await.expect("released");
+    for _ in 0..WAITERS {
+        let guard = tokio::time::timeout(Duration::from_secs(10), holders.recv())
+            .await
+            .expect("the next holder came")
+            .expect("a holder");
+        fences.push(guard.fencing_token().expect("fenced"));
+        guard.release().await.expect("released");
+    }
+    for waiter in waiters {
+        waiter.await.expect("waiter ran");
+    }
+
+    // The first hold went through HANDOFF_LIMIT hand-offs, then was released in Redis and
+    // won by a waiter with a new number, whose release was handed to the last waiter.
+    let limit = adapters_redis::lock::DEFAULT_HANDOFF_LIMIT as usize;
+    assert!(fences[..=limit].iter().all(|fence| *fence == fences[0]), "{fences:?}");
+    assert!(fences[limit + 1] > fences[0], "{fences:?}");
+    assert_eq!(fences[limit + 2], fences[limit + 1], "{fences:?}");
+    assert_eq!(lock.handoffs(), u64::try_from(limit + 1).expect("small"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_handed_to_a_waiter_cancelled_meanwhile_frees_the_key() {
+    let (lock, other) = (lock(PUBSUB).await, lock(PUBSUB).await);
+    let key = key();
+    let holder = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+    let mut waiter = Box::pin(lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(20))));
+    until_asleep(&lock, &mut waiter, 1).await;
+
+    // The hold is handed over while the waiter is not being polled, then the waiter is
+    // dropped (its client went away) before it ever looks.
+    holder.release().await.expect("released");
+    assert_eq!(lock.handoffs(), 1);
+    drop(waiter);
+
+    // The dropped hold releases the key in the background, long before its 10 s lease.
+    let freed = eventually(Duration::from_secs(3), || async {
+        match other.acquire(&key, WaitPolicy::FailFast).await {
+            Ok(guard) => guard.release().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(freed, "the key stayed held after its new holder was dropped");
+    assert!(eventually(Duration::from_secs(2), || async { lock.outstanding() == 0 }).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_gets_its_turn_while_local_holders_keep_handing_the_key_over() {
+    let (local, remote) = (lock(PUBSUB).await, lock(PUBSUB).await);
+    let key = key();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Four local tasks take the key again and again: there is always a local waiter to
+    // hand it to.
+    let busy: Vec<_> = (0..4)
+        .map(|_| {
+            let (local, key, stop) = (local.clone(), key.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let guard = local.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(30))).await?;
+                    tokio::task::yield_now().await;
+                    guard.release().await?;
+                }
+                Ok::<_, LockError>(())
+            })
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(10), || async { local.handoffs() > 0 }).await, "no hand-off");
+
+    // Without the limit the local chain would keep the key for up to half the longest hold
+    // (10 s) at a time.
+    let guard = remote.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(8))).await;
+    stop.store(true, Ordering::SeqCst);
+    let guard = guard.unwrap_or_else(|error| panic!("the other instance never got the key: {error}"));
+    guard.release().await.expect("released");
+    for task in busy {
+        task.await.expect("task ran").expect("local holds");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_whose_key_vanished_from_redis_is_not_handed_over() {
+    let redis = connect().await;
+    let lock = lock(PUBSUB).await;
+    let key = fenced_key();
+    let holder = lock.acquire(&key, WaitPolicy::FailFast).await.expect("free key");
+    let fence = holder.fencing_token().expect("fenced");
+    let waiter = {
+        let (lock, key) = (lock.clone(), key.clone());
+        tokio::spawn(async move { lock.acquire(&key, WaitPolicy::WaitUpTo(Duration::from_secs(20))).await })
+    };
+    assert!(eventually(Duration::from_secs(10), || async { lock.waiting() == 1 }).await, "never asleep");
+
+    // What a failover to a replica that never saw the key does, between two renewals.
+    let _: i64 = redis.pool.del(key.as_str()).await.expect("DEL");
+    match holder.release().await {
+        Err(LockError::LeaseLost { .. }) => {}
+        other => panic!("expected the lost lease to be reported, got {other:?}"),
+    }
+    assert_eq!(lock.handoffs(), 0, "a hold that was no longer ours was handed over");
+
+    // The waiter wins the key in Redis, with a new fencing number.
+    let next = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter got the key")
+        .expect("task ran")
+        .expect("acquired");
+    assert!(next.fencing_token().expect("fenced") > fence);
+    next.release().await.expect("released");
 }
