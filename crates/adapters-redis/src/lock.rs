@@ -277,7 +277,8 @@ impl RedisLock {
 
     /// How many holds were handed from a releasing guard straight to a local waiter of the
     /// same key, without a release and an acquire in Redis (also the `lock_handoffs_total`
-    /// counter).
+    /// counter). A hold counts when it is sent, including one whose taker left before
+    /// looking (that hold is then released from `Drop`).
     #[must_use]
     pub fn handoffs(&self) -> u64 {
         self.inner.handed_off.load(Ordering::Relaxed)
@@ -487,17 +488,32 @@ impl RedisLock {
 
     /// A hold a local holder handed over, unless the process began to stop meanwhile: then
     /// it is dropped (which releases the key) and the acquisition refused, as a new one is.
-    fn handed_over(&self, guard: Box<RedisLockGuard>) -> Result<Won, LockError> {
+    fn handed_over(&self, mut guard: Box<RedisLockGuard>) -> Result<Won, LockError> {
         if self.inner.closing.load(Ordering::SeqCst) {
             drop(guard);
             return Err(LockError::Unavailable(anyhow::anyhow!("the process is shutting down")));
         }
+        // The hold time counts from when this waiter took the hold, not from when it was sent.
+        guard.acquired_at = Instant::now();
         Ok(Won::HandedOff(guard))
     }
 }
 
-/// A guard of `acquired`, its lease counted from `acquired.lease_from`, with its watchdog.
+/// A guard of `acquired`, its lease counted from `acquired.lease_from`, with its watchdog
+/// (spawned on the current runtime: the holder's).
 fn new_guard(
+    inner: &Arc<Inner>,
+    key: &LockKey,
+    token: String,
+    acquired: Acquired,
+    report: bool,
+) -> RedisLockGuard {
+    new_guard_on(&tokio::runtime::Handle::current(), inner, key, token, acquired, report)
+}
+
+/// [`new_guard`] with its watchdog spawned on `runtime`.
+fn new_guard_on(
+    runtime: &tokio::runtime::Handle,
     inner: &Arc<Inner>,
     key: &LockKey,
     token: String,
@@ -510,7 +526,7 @@ fn new_guard(
         trusted_until: acquired.lease_from + options.lease - options.margin(),
     });
     let hold_until = acquired.lease_from + options.max_hold;
-    let watchdog = tokio::spawn(watchdog(
+    let watchdog = runtime.spawn(watchdog(
         Arc::clone(inner),
         key.clone(),
         token.clone(),
@@ -914,7 +930,17 @@ impl RedisLockGuard {
         }
         self.released = true;
         let acquired = Acquired { fence: self.fence, lease_from: sent_at, ticket: self.ticket };
-        let mut next = Box::new(new_guard(&self.inner, &self.key, self.token.clone(), acquired, self.report));
+        // The next holder may run on another worker than this releasing one: its watchdog
+        // runs on the lock's own runtime, not on a worker that may stop or stall first.
+        let runtime = self.inner.runtime.clone();
+        let mut next = Box::new(new_guard_on(
+            &runtime,
+            &self.inner,
+            &self.key,
+            self.token.clone(),
+            acquired,
+            self.report,
+        ));
         next.handoffs = self.handoffs + 1;
         match self.inner.waiters.hand_off(self.key.as_str(), next) {
             Ok(()) => {
