@@ -22,6 +22,11 @@
 //!   backoff with full jitter; [`WaitStrategy::PubSub`] sleeps until a release of the key
 //!   is announced, the holder's lease would end, a fallback poll interval passes, or the
 //!   deadline comes, whichever is first.
+//! - **Local hand-off** (pub/sub mode): a release while another acquisition of this process
+//!   waits for the same key passes the hold to it (same token and fencing number, a fresh
+//!   lease after one compare-and-extend that proves the key is still ours) instead of
+//!   freeing the key, up to `handoff_limit` times in a row; then the key is freed in Redis
+//!   for every instance (`docs/locking.md`, "Local hand-off").
 //!
 //! - **Outcomes nobody saw are undone.** Every token is recorded as *outstanding* before its
 //!   acquire script is sent, and stays so until an answer proves the key is not (or no
@@ -483,7 +488,8 @@ impl RedisLock {
     }
 
     fn guard(&self, key: &LockKey, token: String, acquired: Acquired, report: bool) -> RedisLockGuard {
-        new_guard(&self.inner, key, token, acquired, report)
+        // The watchdog runs where the holder does.
+        new_guard(&tokio::runtime::Handle::current(), &self.inner, key, token, acquired, report)
     }
 
     /// A hold a local holder handed over, unless the process began to stop meanwhile: then
@@ -500,19 +506,8 @@ impl RedisLock {
 }
 
 /// A guard of `acquired`, its lease counted from `acquired.lease_from`, with its watchdog
-/// (spawned on the current runtime: the holder's).
+/// spawned on `runtime`.
 fn new_guard(
-    inner: &Arc<Inner>,
-    key: &LockKey,
-    token: String,
-    acquired: Acquired,
-    report: bool,
-) -> RedisLockGuard {
-    new_guard_on(&tokio::runtime::Handle::current(), inner, key, token, acquired, report)
-}
-
-/// [`new_guard`] with its watchdog spawned on `runtime`.
-fn new_guard_on(
     runtime: &tokio::runtime::Handle,
     inner: &Arc<Inner>,
     key: &LockKey,
@@ -933,14 +928,8 @@ impl RedisLockGuard {
         // The next holder may run on another worker than this releasing one: its watchdog
         // runs on the lock's own runtime, not on a worker that may stop or stall first.
         let runtime = self.inner.runtime.clone();
-        let mut next = Box::new(new_guard_on(
-            &runtime,
-            &self.inner,
-            &self.key,
-            self.token.clone(),
-            acquired,
-            self.report,
-        ));
+        let mut next =
+            Box::new(new_guard(&runtime, &self.inner, &self.key, self.token.clone(), acquired, self.report));
         next.handoffs = self.handoffs + 1;
         match self.inner.waiters.hand_off(self.key.as_str(), next) {
             Ok(()) => {

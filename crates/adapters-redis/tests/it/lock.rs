@@ -58,6 +58,17 @@ where
     false
 }
 
+/// Whether `lock` can take `key` (and give it back) at once within `within`.
+async fn freed_within(lock: &RedisLock, key: &LockKey, within: Duration) -> bool {
+    eventually(within, || async {
+        match lock.acquire(key, WaitPolicy::FailFast).await {
+            Ok(guard) => guard.release().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+}
+
 async fn mutual_exclusion_holds(wait: WaitStrategy) {
     // Two locks on two separate sets of connections: two "instances".
     let locks = [lock(wait).await, lock(wait).await];
@@ -303,14 +314,10 @@ async fn a_dropped_guard_is_released_in_the_background() {
 
     drop(guard); // a panic or a cancelled request
 
-    let freed = eventually(Duration::from_secs(2), || async {
-        match other.acquire(&key, WaitPolicy::FailFast).await {
-            Ok(guard) => guard.release().await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
-    assert!(freed, "the key was not released long before its 10 s lease");
+    assert!(
+        freed_within(&other, &key, Duration::from_secs(2)).await,
+        "the key was not released long before its 10 s lease"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -831,14 +838,10 @@ async fn a_hold_handed_to_a_waiter_cancelled_meanwhile_frees_the_key() {
     drop(waiter);
 
     // The dropped hold releases the key in the background, long before its 10 s lease.
-    let freed = eventually(Duration::from_secs(3), || async {
-        match other.acquire(&key, WaitPolicy::FailFast).await {
-            Ok(guard) => guard.release().await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
-    assert!(freed, "the key stayed held after its new holder was dropped");
+    assert!(
+        freed_within(&other, &key, Duration::from_secs(3)).await,
+        "the key stayed held after its new holder was dropped"
+    );
     assert!(eventually(Duration::from_secs(2), || async { lock.outstanding() == 0 }).await);
 }
 
