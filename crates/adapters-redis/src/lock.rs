@@ -1020,7 +1020,8 @@ struct Waiters {
 }
 
 /// The waiters of one key: what wakes them, where a local holder may hand its hold over,
-/// and whether the key's channel was asked for.
+/// and whether the key's channel was asked for. The default has no waiter yet.
+#[derive(Default)]
 struct Entry {
     notify: Weak<Notify>,
     /// One sender per waiting acquisition, in the order they came: a releasing holder
@@ -1075,16 +1076,12 @@ impl Registration {
 
     /// A hold handed over already, if any (checked before each attempt in Redis).
     fn take_baton(&mut self) -> Option<Box<RedisLockGuard>> {
-        let handed = self.baton.as_mut()?.try_recv();
-        match handed {
-            Ok(guard) => {
-                self.baton = None;
-                Some(guard)
-            }
+        match self.baton.as_mut()?.try_recv() {
             Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => {
+            // Handed over, or never to be (the sender is gone): either way the channel is done.
+            handed => {
                 self.baton = None;
-                None
+                handed.ok()
             }
         }
     }
@@ -1147,16 +1144,12 @@ impl Waiters {
 
     fn register(&self, key: &str) -> Registration {
         let mut map = lock_map(&self.map);
-        let entry = map.entry(key.to_owned()).or_insert_with(|| Entry {
-            notify: Weak::new(),
-            batons: VecDeque::new(),
-            followed: false,
-        });
+        let entry = map.entry(key.to_owned()).or_default();
         let notify = match entry.notify.upgrade() {
             Some(notify) => notify,
             None => {
                 let notify = Arc::new(Notify::new());
-                *entry = Entry { notify: Arc::downgrade(&notify), batons: VecDeque::new(), followed: false };
+                *entry = Entry { notify: Arc::downgrade(&notify), ..Entry::default() };
                 notify
             }
         };
