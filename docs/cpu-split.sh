@@ -12,8 +12,10 @@
 # `redis`, `idle`, and `other`; then the busiest threads of the whole run, and, with
 # CPU_SPLIT_FROM/CPU_SPLIT_TO (seconds since the first sample), the server's hottest
 # symbols in that window, kernel time as one line. Needs `perf` (Debian's linux-perf) and
-# perf_event_paranoid <= 1 or root. Writes nothing into the repository; the samples stay
-# in a temporary directory that is removed at the end.
+# the right to sample every CPU (root, CAP_PERFMON, or perf_event_paranoid <= 0). Writes
+# nothing into the repository; the samples stay in a temporary directory that is removed
+# at the end. Exits with the command's status. The first and last rows cover part of a
+# second and read low.
 # Used for docs/report.md 5.2 ("Where a spread charge's CPU goes").
 set -euo pipefail
 
@@ -25,7 +27,17 @@ command -v perf >/dev/null || { echo "$0: perf is not installed (apt-get install
 
 hz=${CPU_SPLIT_HZ:-499}
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+recorder=
+# Whatever ends this script (the command failing, Ctrl-C, a kill) stops the recorder.
+stop_recorder() {
+  if [[ -n "$recorder" ]]; then
+    kill -INT "$recorder" 2>/dev/null || true
+    wait "$recorder" 2>/dev/null || true
+    recorder=
+  fi
+}
+trap 'stop_recorder; rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
 
 perf record -a -e cpu-clock -F "$hz" -o "$work/perf.data" >"$work/perf.log" 2>&1 &
 recorder=$!
@@ -35,13 +47,16 @@ for _ in $(seq 1 100); do
   kill -0 "$recorder" 2>/dev/null || { cat "$work/perf.log" >&2; exit 1; }
   sleep 0.1
 done
+[[ -s "$work/perf.data" ]] || { echo "$0: perf did not start sampling within 10 s" >&2; cat "$work/perf.log" >&2; exit 1; }
 status=0
 "$@" || status=$?
-kill -INT "$recorder"
-wait "$recorder" || true
+stop_recorder
+# The report reads what was sampled; a short pipe (head) must not fail the script.
+set +o pipefail
 
 perf script -i "$work/perf.data" -F comm,tid,time 2>/dev/null >"$work/samples.txt"
-cpus=$(nproc)
+# Every online CPU was sampled, whatever this process's own affinity.
+cpus=$(getconf _NPROCESSORS_ONLN)
 
 echo
 echo "CPU share per second (percent of all $cpus CPUs; $hz samples/s per CPU)"
