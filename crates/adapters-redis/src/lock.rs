@@ -927,9 +927,14 @@ impl RedisLockGuard {
         let acquired = Acquired { fence: self.fence, lease_from: sent_at, ticket: self.ticket };
         // The next holder may run on another worker than this releasing one: its watchdog
         // runs on the lock's own runtime, not on a worker that may stop or stall first.
-        let runtime = self.inner.runtime.clone();
-        let mut next =
-            Box::new(new_guard(&runtime, &self.inner, &self.key, self.token.clone(), acquired, self.report));
+        let mut next = Box::new(new_guard(
+            &self.inner.runtime,
+            &self.inner,
+            &self.key,
+            self.token.clone(),
+            acquired,
+            self.report,
+        ));
         next.handoffs = self.handoffs + 1;
         match self.inner.waiters.hand_off(self.key.as_str(), next) {
             Ok(()) => {

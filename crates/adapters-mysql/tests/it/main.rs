@@ -6,6 +6,7 @@ mod coupons;
 mod erd;
 mod outbox;
 mod points;
+mod pool;
 mod queue;
 mod ranking;
 mod schema;
