@@ -8,9 +8,9 @@ CARGO ?= cargo
 export TEST_DATABASE_URL ?= mysql://root@127.0.0.1:3306
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379
 # make bench QUICK=1: smaller loads, three runs per figure; bench-booking and the query plans
-# (docs/explain.sh) run in a full run only.
+# (docs/explain.sh) run in a full run only. QUICK=0 (or unset) is the full run.
 QUICK ?=
-export BENCH_QUICK = $(if $(QUICK),1,)
+export BENCH_QUICK = $(if $(filter 1,$(QUICK)),1,)
 # How long make soak runs its workload, in seconds (make test runs 120).
 SOAK_SECONDS ?= 600
 
@@ -54,6 +54,7 @@ build: ## Build everything
 	$(CARGO) build --workspace --all-targets --locked
 
 bench: services ## Every benchmark on a release build; figures, JSON and SVG plots into docs/bench/ and docs/report/ (QUICK=1: the reduced run, a few minutes)
+	@case "$(QUICK)" in ""|0|1) ;; *) echo "make bench: QUICK must be 0 or 1, not \"$(QUICK)\"" >&2; exit 2;; esac
 	$(CARGO) build --release --workspace --bins --locked
 	./target/release/bench-locks
 	./target/release/bench-limits
@@ -62,7 +63,7 @@ bench: services ## Every benchmark on a release build; figures, JSON and SVG plo
 	./target/release/bench-stampede
 	./target/release/bench-queue
 	./target/release/bench-coupons
-ifeq ($(QUICK),)
+ifneq ($(QUICK),1)
 	./target/release/bench-booking
 	./docs/explain.sh
 endif

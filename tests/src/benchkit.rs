@@ -122,6 +122,16 @@ impl Figure {
         out
     }
 
+    /// Every run of every series is a finite number.
+    fn check_finite(&self) -> anyhow::Result<()> {
+        for series in &self.series {
+            if let Some(bad) = series.runs.iter().find(|v| !v.is_finite()) {
+                anyhow::bail!("figure {:?}, series {:?}: a run measured {bad}", self.id, series.label);
+            }
+        }
+        Ok(())
+    }
+
     fn json(&self) -> Value {
         json!({
             "id": self.id,
@@ -221,8 +231,12 @@ pub fn fmt(value: f64) -> String {
 /// one SVG per figure; returns the Markdown section to print or include.
 ///
 /// # Errors
-/// When a file cannot be written.
+/// When a run's value is not a finite number (a division by a zero rate, say: JSON would
+/// write it as `null` and the plot's scale would break), or a file cannot be written.
 pub fn write(scenario: &str, about: &str, figures: &[Figure], extra: Value) -> anyhow::Result<String> {
+    for figure in figures {
+        figure.check_finite()?;
+    }
     std::fs::create_dir_all(DIR).with_context(|| format!("create {DIR}"))?;
     let machine = crate::stats::machine();
     let mode = if quick() { "quick" } else { "full" };
@@ -342,5 +356,19 @@ mod tests {
             "{svg}"
         );
         assert!(figure.table().contains("| after | 100 | 110 | 120 |"), "{}", figure.table());
+    }
+
+    #[test]
+    fn a_run_that_is_not_a_finite_number_is_refused_before_anything_is_written() {
+        for bad in [f64::INFINITY, f64::NAN] {
+            let figure =
+                Figure::new("t", "Ratio", "x").with(Series::new("ours / limit", vec![1.0, bad, 2.0]));
+            let error = figure.check_finite().expect_err("refused");
+            assert!(error.to_string().contains("ours / limit"), "{error}");
+        }
+        Figure::new("t", "Ratio", "x")
+            .with(Series::new("fine", vec![0.0, 1.5]))
+            .check_finite()
+            .expect("finite");
     }
 }
