@@ -63,13 +63,14 @@ pub async fn connect(
         .acquire_timeout(Duration::from_secs(5))
         // sqlx pings a connection before handing it out, and again (always) when it comes
         // back: a charge's five statements are seven commands. The ping on hand-out is
-        // kept on purpose. It runs under the acquire timeout, so a connection whose peer
-        // went silent (a partition, a failover that left the old address unanswered) is
-        // dropped after 5 s and replaced; handed out unpinged it would hang its request
-        // until the kernel gives up on the socket (sqlx has no read timeout), about 15
-        // minutes, and with it most of the pool. Skipping it for connections used within
+        // kept on purpose. It runs under the acquire timeout, so an idle connection whose
+        // peer went silent (a partition, a failover that left the old address unanswered)
+        // fails its request after 5 s (503) and is dropped; handed out unpinged it would
+        // hang its request until the kernel gives up on the socket (sqlx has no read
+        // timeout), about 15 minutes. (A statement already in flight hangs that long
+        // either way: docs/report.md section 7.) Skipping it for connections used within
         // the last second was measured (docs/report.md 5.2): pings per commit 2.01 to
-        // 1.03, throughput within the noise. Not worth the wedge.
+        // 1.03, throughput within the noise. Not worth the hang.
         .test_before_acquire(true)
         .sqlx_logging(false);
     Database::connect(options).await.context("failed to connect to MySQL")

@@ -24,8 +24,8 @@
 //!    (`REDIS_LOCK_NODES`, `LOCK_NODE_TIMEOUT_MS=2000`; its waiters retry, pub/sub plays no
 //!    part). Its waiters form no queue: each retries with a jittered backoff, so on a slow
 //!    machine an unlucky charge can wait out even `POINT_LOCK_WAIT_MS=60000` and be refused
-//!    (429 `RESOURCE_BUSY`, nothing changed; seen on 2 cores on 2026-12-07). Refusals are
-//!    allowed as for `db-optimistic`, and counted as its failures;
+//!    (429 `RESOURCE_BUSY`, nothing changed; seen on 2 cores on 2026-12-07). Up to one in a
+//!    hundred such refusals is allowed, and counted as its failures;
 //! 7. `redis-pubsub-batched`: the product as it runs by default, the pub/sub lock with the
 //!    charges an instance has queued for the account applied in batches
 //!    (`POINT_CHARGE_BATCH_MAX=100`).
@@ -157,11 +157,16 @@ impl Strategy {
         !matches!(self, Self::DbPessimistic | Self::DbOptimistic)
     }
 
-    /// Whether a charge may be refused (429, nothing changed) and the run still count: the
-    /// optimistic charge after its last attempt, and the quorum lock's waiter that never won
-    /// a retry within its wait (no queue orders them).
-    fn may_refuse(self) -> bool {
-        matches!(self, Self::DbOptimistic | Self::Quorum)
+    /// How many of `charges` may be refused (429, nothing changed) and the run still count:
+    /// any optimistic charge after its last attempt; for the quorum lock, a waiter that never
+    /// won a retry within its wait (no queue orders them), which is starvation of a few: more
+    /// than one in a hundred says the lock is broken, not slow. None for the others.
+    fn refusals_allowed(self, charges: usize) -> usize {
+        match self {
+            Self::DbOptimistic => charges,
+            Self::Quorum => charges / 100,
+            _ => 0,
+        }
     }
 
     /// Every instance's environment; `nodes` are the quorum's.
@@ -222,8 +227,9 @@ struct Run {
     charges: usize,
     wall: Duration,
     latencies: Vec<Duration>,
-    /// Answers other than 200: 429s of `db-optimistic` (any other strategy's run with one
-    /// is not recorded: the program stops).
+    /// Answers other than 200: 429s of `db-optimistic` and `quorum`, within
+    /// [`Strategy::refusals_allowed`] (any other run with one is not recorded: the program
+    /// stops).
     failures: usize,
     /// Version conflicts the instances counted (`db-optimistic`'s retries and last losses).
     conflicts: u64,
@@ -401,7 +407,9 @@ async fn measure(
 
     let fan = sign_up(http, cluster.url(0), "warm-up").await.context("sign up the warm-up user")?;
     let answers = storm(http, &cluster, &fan, WARMUP, None).await;
-    check(http, &cluster, &db, &fan, &answers, strategy.may_refuse()).await.context("the warm-up storm")?;
+    check(http, &cluster, &db, &fan, &answers, strategy.refusals_allowed(answers.len()))
+        .await
+        .context("the warm-up storm")?;
 
     let progress = Progress::new(format!("locks {}", strategy.name()), u64::try_from(runs * charges)?);
     let mut measured = Vec::with_capacity(runs);
@@ -416,7 +424,7 @@ async fn measure(
         let wall = started.elapsed();
         let scripts_seen = scripts_run(&counted)?.saturating_sub(before);
         let conflicts = conflicts(http, &cluster).await?.saturating_sub(conflicts_before);
-        let balance = check(http, &cluster, &db, &fan, &answers, strategy.may_refuse())
+        let balance = check(http, &cluster, &db, &fan, &answers, strategy.refusals_allowed(answers.len()))
             .await
             .with_context(|| format!("run {run} of {runs} was not exact"))?;
         measured.push(Run {
@@ -488,13 +496,14 @@ async fn check(
     db: &DatabaseConnection,
     fan: &Fan,
     answers: &[Answer],
-    may_refuse: bool,
+    refusals_allowed: usize,
 ) -> anyhow::Result<i64> {
     let failures = answers.iter().filter(|a| a.status != 200).count();
     let refusals_only = answers.iter().all(|a| a.status == 200 || a.status == 429);
     // The charges applied: all of them, or (where refusals are allowed) the 200s.
-    let n = answers.len() - if may_refuse && refusals_only { failures } else { 0 };
-    if failures > 0 && !(may_refuse && refusals_only) {
+    let refused_within = refusals_only && failures <= refusals_allowed;
+    let n = answers.len() - if refused_within { failures } else { 0 };
+    if failures > 0 && !refused_within {
         let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
         for answer in answers {
             *statuses.entry(answer.status).or_default() += 1;
@@ -592,7 +601,7 @@ fn about(charges: usize) -> String {
          a row, before the key is freed in Redis (`LOCK_HANDOFF_LIMIT=8`, docs/locking.md); `quorum` takes \
          the lock on a majority of three independent Redis nodes (`REDIS_LOCK_NODES`), its waiters retrying \
          with backoff in no queue, so an unlucky one may wait out its 60 s and be refused (429, counted as \
-         refused); `db-optimistic` takes no lock at all (`POINT_CHARGE_STRATEGY=optimistic`): a plain \
+         refused; more than 1 in 100 stops the benchmark); `db-optimistic` takes no lock at all (`POINT_CHARGE_STRATEGY=optimistic`): a plain \
          read, the version's compare-and-set, a conflict retried after a jittered pause (1 ms doubling to 50 \
          ms), 10 attempts, then 429 (its throughput counts the charges applied; its refusals and conflicts \
          have figures of their own). These six run each charge on its own lock hold and transaction \
