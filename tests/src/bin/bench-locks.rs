@@ -34,22 +34,23 @@
 //! and transaction), so that they compare the ways of waiting, not the batches.
 //!
 //! Every cluster runs with [`e2e::PATIENT_LOCKS`] (a charge waits up to 60 s for the lock,
-//! so that with a queue to wait in, none gives up however slow the machine). Per cluster: one warm-up storm of 30 charges on a user of its own (checked,
-//! not counted), then [`benchkit::runs`] storms of `benchkit::size(3_000, 600)` charges of
-//! 100 points, each on a newly signed-up user, sent all at once (the shared [`client`] keeps
-//! at most 1,000 requests in flight; the rest wait for a connection, inside their measured
-//! latency) round-robin over the three instances.
+//! so that with a queue to wait in, none gives up however slow the machine). Per cluster:
+//! one warm-up storm of 30 charges on a user of its own (checked, not counted), then
+//! [`benchkit::runs`] storms of `benchkit::size(3_000, 600)` charges of 100 points, each on
+//! a newly signed-up user, sent all at once (the shared [`client`] keeps at most 1,000
+//! requests in flight; the rest wait for a connection, inside their measured latency)
+//! round-robin over the three instances.
 //!
 //! A run counts only if it was exact, otherwise the program stops: every charge answered 200
-//! (but for `db-optimistic` and `quorum`, see above)
-//! with a balance no other answer reported; the balance read back is 100 x charges; the
+//! (but for `db-optimistic` and `quorum`, see above) with a balance no other answer
+//! reported; the balance read back is 100 x charges; the
 //! history API's newest entries (it shows at most 1,000) step down by 100 from there; and
 //! MySQL holds exactly that many CHARGE entries of 100, with balances after 100, 200, ...,
 //! 100 x charges. Per run: wall time, charges/s, client-side p50 and p99 latency, failures
-//! (refusals: always 0 in a run that counts but for the two strategies above), the final balance, and lock scripts per charge: the
-//! `EVALSHA` + `EVAL` calls of Redis's `INFO commandstats` during the storm, on the shared
-//! Redis for the single-Redis strategies and summed over the three nodes for `quorum`
-//! (`db-pessimistic` runs none: 0).
+//! (refusals: always 0 in a run that counts but for the two strategies above), the final
+//! balance, and lock scripts per charge: the `EVALSHA` + `EVAL` calls of Redis's `INFO
+//! commandstats` during the storm, on the shared Redis for the single-Redis strategies and
+//! summed over the three nodes for `quorum` (`db-pessimistic` runs none: 0).
 //!
 //! Writes `docs/bench/lock-strategies.{json,md}` and one SVG per figure through
 //! [`benchkit::write`] (run it from the repository root), prints that Markdown, and prints
