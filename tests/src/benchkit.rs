@@ -227,6 +227,21 @@ pub fn fmt(value: f64) -> String {
     }
 }
 
+/// `numerator / denominator`, refused unless it is a finite number: a ratio over a rate
+/// of zero (a run that did nothing) would otherwise reach the JSON as `null`, since
+/// serde_json writes infinity and NaN that way, and the report would quote nonsense.
+///
+/// # Errors
+/// When the quotient is infinite or NaN; `what` names the ratio in the message.
+pub fn ratio(what: &str, numerator: f64, denominator: f64) -> anyhow::Result<f64> {
+    let quotient = numerator / denominator;
+    anyhow::ensure!(
+        quotient.is_finite(),
+        "the ratio {what} is {numerator} / {denominator}, not a finite number"
+    );
+    Ok(quotient)
+}
+
 /// Writes `docs/bench/<scenario>.json` (the figures, `extra`, the machine and the mode) and
 /// one SVG per figure; returns the Markdown section to print or include.
 ///
@@ -356,6 +371,15 @@ mod tests {
             "{svg}"
         );
         assert!(figure.table().contains("| after | 100 | 110 | 120 |"), "{}", figure.table());
+    }
+
+    #[test]
+    fn a_ratio_over_a_rate_of_zero_is_refused_with_its_name() {
+        assert!((ratio("a / b", 3.0, 2.0).expect("finite") - 1.5).abs() < f64::EPSILON);
+        for (n, d) in [(1.0, 0.0), (0.0, 0.0), (f64::NAN, 1.0)] {
+            let error = ratio("cached / uncached", n, d).expect_err("refused");
+            assert!(error.to_string().contains("cached / uncached"), "{error}");
+        }
     }
 
     #[test]

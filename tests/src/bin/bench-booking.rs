@@ -164,11 +164,14 @@ impl SeatMap {
     }
 
     /// Cached over uncached and cached over `/health/live`, in median requests/s.
-    fn ratios(&self) -> (f64, f64) {
+    fn ratios(&self) -> anyhow::Result<(f64, f64)> {
         let median =
             |rates: &[Rate]| Spread::of(&rates.iter().map(|r| r.per_second).collect::<Vec<_>>()).median;
         let cached = median(self.cached.as_slice());
-        (cached / median(self.uncached.as_slice()), cached / median(self.live.as_slice()))
+        Ok((
+            benchkit::ratio("cached / uncached seat map", cached, median(self.uncached.as_slice()))?,
+            benchkit::ratio("cached seat map / /health/live", cached, median(self.live.as_slice()))?,
+        ))
     }
 
     fn print(&self) {
@@ -187,14 +190,15 @@ impl SeatMap {
         }
     }
 
-    fn print_ratios(&self) {
-        let (over_uncached, over_live) = self.ratios();
+    fn print_ratios(&self) -> anyhow::Result<()> {
+        let (over_uncached, over_live) = self.ratios()?;
         println!(
             "seat map, median req/s: cached / uncached {over_uncached:.1}x (target >= {TARGET_CACHED_OVER_UNCACHED:.0}x, \
              {}); cached / health {over_live:.2} (target >= {TARGET_CACHED_OVER_LIVE:.2}, {})",
             if over_uncached >= TARGET_CACHED_OVER_UNCACHED { "met" } else { "NOT met" },
             if over_live >= TARGET_CACHED_OVER_LIVE { "met" } else { "NOT met" },
         );
+        Ok(())
     }
 
     fn figures(&self) -> Vec<Figure> {
@@ -546,7 +550,7 @@ async fn main() -> anyhow::Result<()> {
 
     let map = seat_map(&http, map_requests, runs).await?;
     map.print();
-    map.print_ratios();
+    map.print_ratios()?;
     let mut figures = map.figures();
     if std::env::var_os("BENCH_SEAT_MAP_ONLY").is_some() {
         for figure in &figures {
@@ -591,7 +595,7 @@ async fn main() -> anyhow::Result<()> {
         println!("peak RSS: not available (no /proc), figure left out");
     }
 
-    let (over_uncached, over_live) = map.ratios();
+    let (over_uncached, over_live) = map.ratios()?;
     let extra = json!({
         "clients": CLIENTS,
         "seat_map_requests_per_run": map_requests,
@@ -611,6 +615,6 @@ async fn main() -> anyhow::Result<()> {
     });
     let markdown = benchkit::write(SCENARIO, &about(map_requests, racers, crowd), &figures, extra)?;
     println!("\n{markdown}");
-    map.print_ratios();
+    map.print_ratios()?;
     Ok(())
 }

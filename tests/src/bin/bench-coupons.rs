@@ -220,9 +220,13 @@ async fn main() -> anyhow::Result<()> {
     // Series 0 is before (`mysql-lock`), 1 after (`redis`).
     let median = |figure: &Figure, i: usize| figure.series[i].spread().median;
     let ratio = Ratio {
-        wall: median(&figures[0], 0) / median(&figures[0], 1),
-        throughput: median(&figures[1], 1) / median(&figures[1], 0),
-        p99: median(&figures[2], 0) / median(&figures[2], 1),
+        wall: benchkit::ratio("wall before / after", median(&figures[0], 0), median(&figures[0], 1))?,
+        throughput: benchkit::ratio(
+            "throughput after / before",
+            median(&figures[1], 1),
+            median(&figures[1], 0),
+        )?,
+        p99: benchkit::ratio("p99 before / after", median(&figures[2], 0), median(&figures[2], 1))?,
     };
     println!(
         "before / after (medians over {runs} runs): wall {:.1}x shorter, throughput {:.1}x, p99 {:.1}x lower",

@@ -118,12 +118,17 @@ async fn main() -> anyhow::Result<()> {
         Figure::new("spread", format!("Charges over {users} accounts, 50 clients"), "charges/s")
             .with(Series::new("MariaDB, the transaction alone", db_spread))
             .with(Series::new("HTTP, three instances", http_spread));
-    let ratio = |figure: &Figure| figure.series[1].spread().median / figure.series[0].spread().median;
+    let ratio = |what: &str, figure: &Figure| {
+        benchkit::ratio(what, figure.series[1].spread().median, figure.series[0].spread().median)
+    };
     let targets = [
-        ("lock cycle / redis-benchmark SET+DEL", ratio(&lock_figure), 0.5),
-        ("hot-account charges over HTTP / MariaDB on one row", ratio(&hot_figure), 0.25),
-        ("spread charges over HTTP / MariaDB on distinct rows", ratio(&spread_figure), 0.5),
-    ];
+        ("lock cycle / redis-benchmark SET+DEL", &lock_figure, 0.5),
+        ("hot-account charges over HTTP / MariaDB on one row", &hot_figure, 0.25),
+        ("spread charges over HTTP / MariaDB on distinct rows", &spread_figure, 0.5),
+    ]
+    .into_iter()
+    .map(|(what, figure, target)| Ok((what, ratio(what, figure)?, target)))
+    .collect::<anyhow::Result<Vec<_>>>()?;
     let about = format!(
         "Our figures beside the limits measured in the same run (`tests/src/bin/bench-limits.rs`): \
          the lock cycle against `redis-benchmark` SET+DEL at {CLIENTS} clients, the charge transaction \

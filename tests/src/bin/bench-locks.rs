@@ -304,10 +304,12 @@ async fn main() -> anyhow::Result<()> {
             .find(|m| m.strategy == strategy)
             .map_or(0.0, |m| Spread::of(&m.runs.iter().map(Run::per_second).collect::<Vec<_>>()).median)
     };
-    let ratio = median_throughput(Strategy::RedisPubSub) / median_throughput(Strategy::RedisSpin);
-    let batched = median_throughput(Strategy::RedisPubSubBatched) / median_throughput(Strategy::RedisPubSub);
-    let handoff =
-        median_throughput(Strategy::RedisPubSub) / median_throughput(Strategy::RedisPubSubNoHandoff);
+    let over = |what: &str, numerator: Strategy, denominator: Strategy| {
+        benchkit::ratio(what, median_throughput(numerator), median_throughput(denominator))
+    };
+    let ratio = over("pub/sub / spin", Strategy::RedisPubSub, Strategy::RedisSpin)?;
+    let batched = over("batched / pub/sub", Strategy::RedisPubSubBatched, Strategy::RedisPubSub)?;
+    let handoff = over("hand-off / no hand-off", Strategy::RedisPubSub, Strategy::RedisPubSubNoHandoff)?;
 
     let figures = [
         figure(&measured, "throughput", "Charges per second on one account", "charges/s", Run::per_second),
