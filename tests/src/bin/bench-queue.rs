@@ -684,8 +684,13 @@ async fn main() -> anyhow::Result<()> {
 
     // The targets, on the medians.
     let median = |figure: &Figure, i: usize| figure.series[i].spread().median;
-    let redis_over_mysql = median(&pair_rate, 0) / median(&pair_rate, 1);
-    let longest_over_shortest = median(&status_p99, status_p99.series.len() - 1) / median(&status_p99, 0);
+    let redis_over_mysql =
+        benchkit::ratio("pairs/s, Redis / MySQL", median(&pair_rate, 0), median(&pair_rate, 1))?;
+    let longest_over_shortest = benchkit::ratio(
+        "status p99, longest / shortest line",
+        median(&status_p99, status_p99.series.len() - 1),
+        median(&status_p99, 0),
+    )?;
     let step_ms = median(&admission_step, 0);
     let targets = [
         (
