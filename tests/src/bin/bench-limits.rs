@@ -12,7 +12,9 @@
 //!    database's serialized rate on one row), and spread over `USERS` accounts.
 //! 3. **Charges over HTTP**, three release-build instances on the same database: a storm on
 //!    one account, and `CLIENTS` connections charging random accounts among `USERS` for a
-//!    fixed time. Each is compared with the matching limit of 2.
+//!    fixed time. Each is compared with the matching limit of 2. `BENCH_SPREAD_INSTANCES=1`
+//!    (or 2) sends the spread charges to that many of the instances only, the others idle:
+//!    an experiment's knob (report 5.2), not what `make bench` runs.
 //!
 //! Every figure is measured `benchkit::runs()` times (min / median / max); the targets of
 //! issue 18 are printed beside the ratios, never asserted. Writes `docs/bench/limits.*`.
@@ -47,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
     let spread_for = Duration::from_secs(if quick { 3 } else { 10 });
     let hot_storm = benchkit::size(3_000, 600);
     let cycles = benchkit::size(100_000, 20_000);
+    let spread_instances = spread_instances()?;
 
     // 1. The lock cycle against redis-benchmark, alternating run by run.
     let redis_url = test_support::redis_url().await;
@@ -104,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
         progress.step(1);
         db_spread.push(transactions(&db, &ids, spread_for).await?);
         progress.step(1);
-        http_spread.push(spread_http(&http, &cluster, &fans, spread_for).await?);
+        http_spread.push(spread_http(&http, &cluster, spread_instances, &fans, spread_for).await?);
         progress.step(1);
     }
     db.close().await.ok();
@@ -117,7 +120,14 @@ async fn main() -> anyhow::Result<()> {
     let spread_figure =
         Figure::new("spread", format!("Charges over {users} accounts, 50 clients"), "charges/s")
             .with(Series::new("MariaDB, the transaction alone", db_spread))
-            .with(Series::new("HTTP, three instances", http_spread));
+            .with(Series::new(
+                match spread_instances {
+                    1 => "HTTP, one instance (two idle)",
+                    2 => "HTTP, two instances (one idle)",
+                    _ => "HTTP, three instances",
+                },
+                http_spread,
+            ));
     let ratio = |what: &str, figure: &Figure| {
         benchkit::ratio(what, figure.series[1].spread().median, figure.series[0].spread().median)
     };
@@ -134,8 +144,13 @@ async fn main() -> anyhow::Result<()> {
          the lock cycle against `redis-benchmark` SET+DEL at {CLIENTS} clients, the charge transaction \
          sent straight to MariaDB ({CLIENTS} connections, on one row and spread over {users} accounts) \
          against charges over HTTP on {INSTANCES} release-build instances ({hot_storm} at once on one \
-         account; {CLIENTS} clients for {} s over {users} accounts). Exactness after all runs: {exact}.",
-        spread_for.as_secs()
+         account; {CLIENTS} clients for {} s over {users} accounts{}). Exactness after all runs: {exact}.",
+        spread_for.as_secs(),
+        if spread_instances == INSTANCES {
+            String::new()
+        } else {
+            format!(", sent to {spread_instances} of the instances (`BENCH_SPREAD_INSTANCES`)")
+        }
     );
     let mut markdown = benchkit::write(
         "limits",
@@ -318,10 +333,25 @@ async fn hot_http(http: &awc::Client, cluster: &Cluster, fan: &Fan, storm: usize
     Ok(rate)
 }
 
-/// `CLIENTS` clients charging random accounts for `duration`.
+/// How many of the instances the spread charges go to: `BENCH_SPREAD_INSTANCES`, 1 to
+/// `INSTANCES`, all of them when unset (an experiment's knob: what three processes on the
+/// same cores cost beside one).
+fn spread_instances() -> anyhow::Result<usize> {
+    match std::env::var("BENCH_SPREAD_INSTANCES") {
+        Err(std::env::VarError::NotPresent) => Ok(INSTANCES),
+        Ok(raw) => match raw.parse::<usize>() {
+            Ok(n) if (1..=INSTANCES).contains(&n) => Ok(n),
+            _ => anyhow::bail!("BENCH_SPREAD_INSTANCES must be 1 to {INSTANCES}, not {raw:?}"),
+        },
+        Err(error) => anyhow::bail!("BENCH_SPREAD_INSTANCES: {error}"),
+    }
+}
+
+/// `CLIENTS` clients charging random accounts for `duration` on the first `instances`.
 async fn spread_http(
     http: &awc::Client,
     cluster: &Cluster,
+    instances: usize,
     fans: &[Fan],
     duration: Duration,
 ) -> anyhow::Result<f64> {
@@ -332,7 +362,7 @@ async fn spread_http(
         let mut i = c;
         while Instant::now() < deadline {
             let fan = &fans[fastrand::usize(..fans.len())];
-            if charge(http, cluster.url(i), fan).await == 200 {
+            if charge(http, cluster.url(i % instances), fan).await == 200 {
                 done += 1;
             } else {
                 refused += 1;
