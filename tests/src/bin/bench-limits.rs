@@ -14,7 +14,8 @@
 //!    one account, and `CLIENTS` connections charging random accounts among `USERS` for a
 //!    fixed time. Each is compared with the matching limit of 2. `BENCH_SPREAD_INSTANCES=1`
 //!    (or 2) sends the spread charges to that many of the instances only, the others idle:
-//!    an experiment's knob (report 5.2), not what `make bench` runs.
+//!    an experiment's knob (report 5.2), not what `make bench` runs; the spread's ratio is
+//!    then printed, and written to the JSON, as not judged against its target.
 //!
 //! Every figure is measured `benchkit::runs()` times (min / median / max); the targets of
 //! issue 18 are printed beside the ratios, never asserted. Writes `docs/bench/limits.*`.
@@ -131,13 +132,23 @@ async fn main() -> anyhow::Result<()> {
     let ratio = |what: &str, figure: &Figure| {
         benchkit::ratio(what, figure.series[1].spread().median, figure.series[0].spread().median)
     };
+    // With the spread sent to fewer instances, its row is an experiment's figure, not the
+    // target's: the target is judged as `make bench` measures it, over all three.
+    let spread_what = if spread_instances == INSTANCES {
+        "spread charges over HTTP / MariaDB on distinct rows".to_owned()
+    } else {
+        format!(
+            "spread charges over HTTP (`BENCH_SPREAD_INSTANCES={spread_instances}`, an experiment: the target \
+             is judged over {INSTANCES}) / MariaDB on distinct rows"
+        )
+    };
     let targets = [
-        ("lock cycle / redis-benchmark SET+DEL", &lock_figure, 0.5),
-        ("hot-account charges over HTTP / MariaDB on one row", &hot_figure, 0.25),
-        ("spread charges over HTTP / MariaDB on distinct rows", &spread_figure, 0.5),
+        ("lock cycle / redis-benchmark SET+DEL", &lock_figure, 0.5, true),
+        ("hot-account charges over HTTP / MariaDB on one row", &hot_figure, 0.25, true),
+        (spread_what.as_str(), &spread_figure, 0.5, spread_instances == INSTANCES),
     ]
     .into_iter()
-    .map(|(what, figure, target)| Ok((what, ratio(what, figure)?, target)))
+    .map(|(what, figure, target, judged)| Ok((what, ratio(what, figure)?, target, judged)))
     .collect::<anyhow::Result<Vec<_>>>()?;
     let about = format!(
         "Our figures beside the limits measured in the same run (`tests/src/bin/bench-limits.rs`): \
@@ -156,11 +167,20 @@ async fn main() -> anyhow::Result<()> {
         "limits",
         &about,
         &[lock_figure, hot_figure, spread_figure],
-        json!({"targets": targets.iter().map(|(what, ratio, target)| json!({"ratio": what, "measured": ratio, "target": target})).collect::<Vec<_>>()}),
+        json!({
+            "spread_instances": spread_instances,
+            "targets": targets.iter().map(|(what, ratio, target, judged)| json!({
+                "ratio": what, "measured": ratio, "target": target, "judged": judged,
+            })).collect::<Vec<_>>(),
+        }),
     )?;
     markdown.push_str("| ratio (medians) | measured | target |\n|---|---:|---:|\n");
-    for (what, measured, target) in targets {
-        let verdict = if measured >= target { "met" } else { "not met" };
+    for (what, measured, target, judged) in targets {
+        let verdict = match (judged, measured >= target) {
+            (false, _) => "not judged",
+            (true, true) => "met",
+            (true, false) => "not met",
+        };
         markdown.push_str(&format!("| {what} | {measured:.2} | {target} ({verdict}) |\n"));
     }
     std::fs::write(format!("{}/limits.md", benchkit::DIR), &markdown)?;
