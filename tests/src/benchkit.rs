@@ -229,7 +229,7 @@ pub fn fmt(value: f64) -> String {
 
 /// `numerator / denominator`, refused unless it is a finite number: a ratio over a rate
 /// of zero (a run that did nothing) would otherwise reach the JSON as `null`, since
-/// serde_json writes infinity and NaN that way, and the report would quote nonsense.
+/// `serde_json` writes infinity and NaN that way, and the report would quote nonsense.
 ///
 /// # Errors
 /// When the quotient is infinite or NaN; `what` names the ratio in the message.
