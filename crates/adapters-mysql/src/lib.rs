@@ -120,8 +120,6 @@ fn retryable(error: &DbErr) -> Option<&'static str> {
     }
 }
 
-/// `.context(...)` for database results that also marks a retryable failure
-/// [`Unavailable`], so that it is answered 503 instead of 500.
 /// Every row of a raw read `sql` with `values`, its failure described as `what` (and
 /// marked retryable where it is, as every read here).
 async fn query_all(
@@ -136,6 +134,8 @@ async fn query_all(
         .db_context(what)
 }
 
+/// `.context(...)` for database results that also marks a retryable failure
+/// [`Unavailable`], so that it is answered 503 instead of 500.
 trait DbContext<T> {
     fn db_context(self, what: &'static str) -> anyhow::Result<T>;
 }
@@ -146,9 +146,6 @@ impl<T> DbContext<T> for Result<T, DbErr> {
     }
 }
 
-/// A failed COMMIT with context `what`: when the connection failed under it, the outcome
-/// is unknown ([`OutcomeUnknown`]), never "nothing changed"; when the server answered with
-/// an error, it rolled back and the error is classified as any other.
 /// The `fence` column of the one row `sql` (a locking read) finds with `values`, 0 when
 /// none: what a write refused by its fencing number is compared with.
 pub(crate) async fn stored_fence(
@@ -165,6 +162,9 @@ pub(crate) async fn stored_fence(
     Ok(row.map(|row| column::<u64>(&row, "fence")).transpose()?.unwrap_or(0))
 }
 
+/// A failed COMMIT with context `what`: when the connection failed under it, the outcome
+/// is unknown ([`OutcomeUnknown`]), never "nothing changed"; when the server answered with
+/// an error, it rolled back and the error is classified as any other.
 pub(crate) fn commit_error(error: DbErr, what: &'static str) -> anyhow::Error {
     if connection_lost(&error) {
         anyhow::Error::new(OutcomeUnknown { source: Box::new(error) }).context(what)

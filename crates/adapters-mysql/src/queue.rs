@@ -15,13 +15,19 @@ use async_trait::async_trait;
 use domain::queue::{Admission, AdmitPolicy, QueueStatus, QueueTokenId, TokenState};
 use domain::user::UserId;
 use futures::{StreamExt as _, TryStreamExt as _};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, SqlErr, Statement, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, ExecResult, SqlErr, Statement, TransactionTrait,
+};
 use time::OffsetDateTime;
 
 use crate::{DbContext as _, column, commit_error, db_error};
 
 /// MySQL's error number for a transaction chosen as a deadlock's victim (rolled back).
 const DEADLOCK: u16 = 1213;
+
+/// How many times one statement of its own (autocommitted) is run when InnoDB keeps
+/// choosing it as a deadlock's victim, before the request is answered 503.
+const DEADLOCK_TRIES: usize = 5;
 
 /// The most expired or abandoned tokens one step deletes (bounds a step's time).
 const CLEANUP_BATCH: u64 = 1_000;
@@ -51,8 +57,30 @@ impl MySqlQueue {
         millis(self.config.waiting_idle)
     }
 
-    /// The state of `token` if live; a waiting one is marked seen.
-    async fn describe(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
+    /// Runs `sql` with `values` as a statement of its own, again when InnoDB chose it as a
+    /// deadlock's victim: it was rolled back whole, so running it again is what a client
+    /// retrying would do, without the 503. Concurrent issues, status reads and every
+    /// instance's admission step lock the same rows and index gaps in different orders
+    /// (a token's row, then its `(status, seen_ms)` entry; the step's cleanup the other
+    /// way round), so a deadlock is an ordinary event under a burst, not a failure.
+    async fn execute_retrying(&self, sql: &str, values: Vec<sea_orm::Value>) -> Result<ExecResult, DbErr> {
+        let mut tries = 1;
+        loop {
+            let statement = Statement::from_sql_and_values(DbBackend::MySql, sql, values.clone());
+            match self.db.execute_raw(statement).await {
+                Err(e) if tries < DEADLOCK_TRIES && crate::server_error_number(&e) == Some(DEADLOCK) => {
+                    tracing::debug!(tries, "a queue statement was a deadlock's victim; running it again");
+                    metrics::counter!("queue_mysql_deadlock_retries_total").increment(1);
+                    tries += 1;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// The state of `token` if live. A waiting one is marked seen when `mark` (a status
+    /// read), not when the token was issued a moment ago (its insert set `seen_ms`).
+    async fn describe(&self, token: QueueTokenId, mark: bool) -> anyhow::Result<Option<TokenState>> {
         let row = self
             .db
             .query_one_raw(Statement::from_sql_and_values(
@@ -91,14 +119,14 @@ impl MySqlQueue {
         if seen < now - self.idle_ms() {
             return Ok(None);
         }
-        self.db
-            .execute_raw(Statement::from_sql_and_values(
-                DbBackend::MySql,
-                format!("UPDATE queue_tokens SET seen_ms = {NOW_MS} WHERE id = ? AND status = 'WAITING'"),
-                [(*token.as_uuid()).into()],
-            ))
+        if mark {
+            self.execute_retrying(
+                &format!("UPDATE queue_tokens SET seen_ms = {NOW_MS} WHERE id = ? AND status = 'WAITING'"),
+                vec![(*token.as_uuid()).into()],
+            )
             .await
             .db_context("failed to mark a queue token seen")?;
+        }
         let position: i64 = column(&row, "position")?;
         Ok(Some(TokenState {
             token,
@@ -125,12 +153,9 @@ impl WaitingQueue for MySqlQueue {
     #[tracing::instrument(name = "queue.mysql.issue", skip(self))]
     async fn issue(&self, user_id: UserId) -> anyhow::Result<Issued> {
         // Two rounds at most: a token found dead is removed, then the insert may meet one
-        // that another instance issued a moment earlier (and that one is returned). A third
-        // for a deadlock: the insert, a statement of its own, was rolled back whole when
-        // InnoDB chose it as a deadlock's victim (concurrent issues and the admission step
-        // lock the same index gaps), so it is simply tried again.
-        let mut deadlocked = None;
-        for _ in 0..3 {
+        // that another instance issued a moment earlier (and that one is returned). Each
+        // write is a statement of its own, run again when it was a deadlock's victim.
+        for _ in 0..2 {
             let existing = self
                 .db
                 .query_one_raw(Statement::from_sql_and_values(
@@ -142,54 +167,41 @@ impl WaitingQueue for MySqlQueue {
                 .db_context("failed to look up a user's queue token")?;
             if let Some(row) = existing {
                 let token = QueueTokenId::from_uuid(column(&row, "id")?);
-                if let Some(state) = self.describe(token).await? {
+                if let Some(state) = self.describe(token, true).await? {
                     return Ok(Issued { state, created: false });
                 }
-                self.db
-                    .execute_raw(Statement::from_sql_and_values(
-                        DbBackend::MySql,
-                        "DELETE FROM queue_tokens WHERE id = ?",
-                        [(*token.as_uuid()).into()],
-                    ))
-                    .await
-                    .db_context("failed to remove a dead queue token")?;
+                self.execute_retrying(
+                    "DELETE FROM queue_tokens WHERE id = ?",
+                    vec![(*token.as_uuid()).into()],
+                )
+                .await
+                .db_context("failed to remove a dead queue token")?;
             }
             let token = QueueTokenId::generate();
             let inserted = self
-                .db
-                .execute_raw(Statement::from_sql_and_values(
-                    DbBackend::MySql,
-                    format!(
+                .execute_retrying(
+                    &format!(
                         "INSERT INTO queue_tokens (id, user_id, status, issued_ms, seen_ms) \
                          VALUES (?, ?, 'WAITING', {NOW_MS}, {NOW_MS})"
                     ),
-                    [(*token.as_uuid()).into(), (*user_id.as_uuid()).into()],
-                ))
+                    vec![(*token.as_uuid()).into(), (*user_id.as_uuid()).into()],
+                )
                 .await;
             match inserted {
                 Ok(_) => {
-                    let state = self.describe(token).await?.context("a token just issued is not live")?;
+                    let state =
+                        self.describe(token, false).await?.context("a token just issued is not live")?;
                     return Ok(Issued { state, created: true });
                 }
-                Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-                    deadlocked = None
-                }
-                Err(e) if crate::server_error_number(&e) == Some(DEADLOCK) => {
-                    tracing::debug!("a queue token's insert was a deadlock's victim; trying again");
-                    deadlocked = Some(e);
-                }
+                Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {}
                 Err(e) => return Err(db_error(e, "failed to issue a queue token")),
             }
-        }
-        // Still a deadlock after three tries: unavailable (503, retry), like any other.
-        if let Some(e) = deadlocked {
-            return Err(db_error(e, "failed to issue a queue token"));
         }
         anyhow::bail!("could not issue a queue token for {user_id}: it kept changing")
     }
 
     async fn state(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
-        self.describe(token).await
+        self.describe(token, true).await
     }
 
     async fn states(&self, tokens: Vec<QueueTokenId>) -> anyhow::Result<Vec<Option<TokenState>>> {
@@ -197,7 +209,7 @@ impl WaitingQueue for MySqlQueue {
         // lookups (`application::queue::QueueReader`, up to 256 tokens) and the event
         // streams (1,000) come here in batches, which must not take the whole pool.
         futures::stream::iter(tokens)
-            .map(|token| self.describe(token))
+            .map(|token| self.describe(token, true))
             .buffered(DESCRIBE_CONCURRENCY)
             .try_collect()
             .await
@@ -343,13 +355,8 @@ impl WaitingQueue for MySqlQueue {
     }
 
     async fn expire(&self, token: QueueTokenId) -> anyhow::Result<bool> {
-        let live = self.describe(token).await?.is_some();
-        self.db
-            .execute_raw(Statement::from_sql_and_values(
-                DbBackend::MySql,
-                "DELETE FROM queue_tokens WHERE id = ?",
-                [(*token.as_uuid()).into()],
-            ))
+        let live = self.describe(token, false).await?.is_some();
+        self.execute_retrying("DELETE FROM queue_tokens WHERE id = ?", vec![(*token.as_uuid()).into()])
             .await
             .db_context("failed to expire a queue token")?;
         Ok(live)
