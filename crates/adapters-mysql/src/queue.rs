@@ -57,12 +57,15 @@ impl MySqlQueue {
         millis(self.config.waiting_idle)
     }
 
-    /// Runs `sql` with `values` as a statement of its own, again when InnoDB chose it as a
-    /// deadlock's victim: it was rolled back whole, so running it again is what a client
-    /// retrying would do, without the 503. Concurrent issues, status reads and every
-    /// instance's admission step lock the same rows and index gaps in different orders
-    /// (a token's row, then its `(status, seen_ms)` entry; the step's cleanup the other
-    /// way round), so a deadlock is an ordinary event under a burst, not a failure.
+    /// Runs `sql` with `values` as a statement of its own (autocommitted), up to
+    /// [`DEADLOCK_TRIES`] times in all while InnoDB chooses it as a deadlock's victim: it
+    /// was rolled back whole, so running it again is what a client retrying would do,
+    /// without the 503. Concurrent issues, status reads and every instance's admission step
+    /// lock the same rows and index entries in different orders (a seen-mark holds a
+    /// token's row and then needs its new `(status, seen_ms)` entry; a step's cleanup locks
+    /// that index range, then its admission wants the row), so a deadlock is an ordinary
+    /// event under a burst, not a failure. A lock-wait timeout is not run again: the
+    /// request has waited long enough.
     async fn execute_retrying(&self, sql: &str, values: Vec<sea_orm::Value>) -> Result<ExecResult, DbErr> {
         let mut tries = 1;
         loop {
@@ -81,6 +84,31 @@ impl MySqlQueue {
     /// The state of `token` if live. A waiting one is marked seen when `mark` (a status
     /// read), not when the token was issued a moment ago (its insert set `seen_ms`).
     async fn describe(&self, token: QueueTokenId, mark: bool) -> anyhow::Result<Option<TokenState>> {
+        let state = self.read(token).await?;
+        let waiting = state.as_ref().is_some_and(|s| s.status == QueueStatus::Waiting);
+        if mark && waiting && !self.mark_seen(token).await? {
+            // Admitted (or removed) by an admission step since the read, typically the step
+            // the mark deadlocked with: read again rather than answer with the state it left.
+            return self.read(token).await;
+        }
+        Ok(state)
+    }
+
+    /// Marks waiting `token` seen now; `false` when it is no longer waiting (the connection
+    /// counts matched rows, so a mark within the same millisecond still counts).
+    async fn mark_seen(&self, token: QueueTokenId) -> anyhow::Result<bool> {
+        let marked = self
+            .execute_retrying(
+                &format!("UPDATE queue_tokens SET seen_ms = {NOW_MS} WHERE id = ? AND status = 'WAITING'"),
+                vec![(*token.as_uuid()).into()],
+            )
+            .await
+            .db_context("failed to mark a queue token seen")?;
+        Ok(marked.rows_affected() > 0)
+    }
+
+    /// The state of `token` if live, as stored now.
+    async fn read(&self, token: QueueTokenId) -> anyhow::Result<Option<TokenState>> {
         let row = self
             .db
             .query_one_raw(Statement::from_sql_and_values(
@@ -118,14 +146,6 @@ impl MySqlQueue {
         let seen: i64 = column(&row, "seen_ms")?;
         if seen < now - self.idle_ms() {
             return Ok(None);
-        }
-        if mark {
-            self.execute_retrying(
-                &format!("UPDATE queue_tokens SET seen_ms = {NOW_MS} WHERE id = ? AND status = 'WAITING'"),
-                vec![(*token.as_uuid()).into()],
-            )
-            .await
-            .db_context("failed to mark a queue token seen")?;
         }
         let position: i64 = column(&row, "position")?;
         Ok(Some(TokenState {

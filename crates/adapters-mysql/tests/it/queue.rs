@@ -69,33 +69,48 @@ async fn heavy_transaction(outside: &sea_orm::DatabaseConnection) -> sea_orm::Da
     blocker
 }
 
-/// Polls until a statement starting with `prefix` runs (waits for a lock) on the test's
-/// database, failing if `task` finished first or a minute passed.
+/// Polls until a statement starting with `prefix` has run for half a second on the test's
+/// database, waiting for a lock (a one-row write takes far less), failing if `task` finished
+/// first or a minute passed. (MariaDB lists no transaction in `innodb_trx` for an
+/// autocommitted statement's wait, so the process list's clock has to tell; a test that
+/// meant to make a deadlock also checks that the server counted one.)
 async fn until_waiting<T>(
     outside: &sea_orm::DatabaseConnection,
     prefix: &str,
     task: &tokio::task::JoinHandle<T>,
 ) {
-    use sea_orm::ConnectionTrait as _;
     let waiting = format!(
-        "SELECT COUNT(*) AS n FROM information_schema.processlist WHERE db = DATABASE() AND info LIKE '{prefix}%'"
+        "SELECT COUNT(*) AS n FROM information_schema.processlist \
+         WHERE db = DATABASE() AND info LIKE '{prefix}%' AND time_ms >= 500"
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let n = outside
-            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, waiting.clone()))
-            .await
-            .expect("query")
-            .expect("a row")
-            .try_get::<i64>("", "n")
-            .expect("a count");
-        if n > 0 {
-            return;
-        }
+    while number(outside, &waiting).await == 0 {
         assert!(!task.is_finished(), "{prefix}... did not wait for the lock");
         assert!(std::time::Instant::now() < deadline, "{prefix}... never waited for the lock");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// The one number `sql` answers, in a column named `n`.
+async fn number(conn: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    use sea_orm::ConnectionTrait as _;
+    conn.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql.to_owned()))
+        .await
+        .expect("query")
+        .expect("a row")
+        .try_get::<i64>("", "n")
+        .expect("a number")
+}
+
+/// How many deadlocks the server has resolved since it started (all databases: it only
+/// grows, so a test compares it before and after its own).
+async fn deadlocks(conn: &sea_orm::DatabaseConnection) -> i64 {
+    number(
+        conn,
+        "SELECT CAST(variable_value AS SIGNED) AS n FROM information_schema.global_status \
+         WHERE variable_name = 'INNODB_DEADLOCKS'",
+    )
+    .await
 }
 
 /// An issue whose insert InnoDB chose as a deadlock's victim (rolled back whole) is tried
@@ -114,6 +129,7 @@ async fn an_issue_a_deadlock_rolled_back_is_tried_again() {
         test_support::queue_contract::config(AdmitPolicy::MaxActive { max_active: 0 }),
     ));
     let outside = sea_orm::Database::connect(&db.url).await.expect("a connection of its own");
+    let deadlocks_before = deadlocks(&outside).await;
     let blocker = heavy_transaction(&outside).await;
     // Every gap of the user index (the table is empty: up to its supremum).
     blocker
@@ -136,19 +152,21 @@ async fn an_issue_a_deadlock_rolled_back_is_tried_again() {
 
     let issued = issued.await.expect("the issue's task").expect("issued once the deadlock was over");
     assert!(issued.created, "a new token");
+    assert!(deadlocks(&outside).await > deadlocks_before, "a deadlock was made and resolved");
     outside.close().await.ok();
     db.drop_now().await;
 }
 
-/// A status read whose seen-mark InnoDB chose as a deadlock's victim runs the mark again
-/// and answers, instead of 503: the order a burst of status reads meets in every
-/// instance's admission step (the token's row, then its `(status, seen_ms)` entry; the
-/// step's cleanup locks that index first). Made from outside as above: a heavier
-/// transaction holds the gap the mark's new index entry goes into, then reads the token's
-/// row, which the mark has locked, for update.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_status_read_whose_mark_a_deadlock_rolled_back_is_tried_again() {
-    use domain::queue::{AdmitPolicy, QueueStatus};
+/// What a status read answered when its seen-mark was made a deadlock's victim, and
+/// whether `seen_ms` moved. The order is the one a burst of status reads meets in every
+/// instance's admission step (a mark holds the token's row and needs its new
+/// `(status, seen_ms)` entry; a step's cleanup locks that index range, then its admission
+/// wants the row). Made from outside as for the insert: a heavier transaction holds the gap
+/// the mark's new index entry goes into, then takes the token's row, which the mark holds:
+/// by a read for update, rolled back after (`admit` false), or by admitting the token and
+/// committing, as a step would (`admit` true).
+async fn a_status_read_with_its_mark_deadlocked(admit: bool) -> (Option<domain::queue::TokenState>, bool) {
+    use domain::queue::AdmitPolicy;
     use domain::user::UserId;
     use sea_orm::ConnectionTrait as _;
 
@@ -165,22 +183,10 @@ async fn a_status_read_whose_mark_a_deadlock_rolled_back_is_tried_again() {
         .execute_unprepared("UPDATE queue_tokens SET seen_ms = seen_ms - 1000")
         .await
         .expect("seen earlier");
-    let seen = |conn: &sea_orm::DatabaseConnection| {
-        let conn = conn.clone();
-        async move {
-            conn.query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::MySql,
-                "SELECT seen_ms FROM queue_tokens",
-            ))
-            .await
-            .expect("query")
-            .expect("the token")
-            .try_get::<i64>("", "seen_ms")
-            .expect("seen_ms")
-        }
-    };
-    let before = seen(&outside).await;
+    let seen = "SELECT seen_ms AS n FROM queue_tokens";
+    let before = number(&outside, seen).await;
 
+    let deadlocks_before = deadlocks(&outside).await;
     let blocker = heavy_transaction(&outside).await;
     // The gap after the token's `(WAITING, seen_ms)` entry, up to the supremum, and not the
     // entry itself or its row.
@@ -199,17 +205,47 @@ async fn a_status_read_whose_mark_a_deadlock_rolled_back_is_tried_again() {
     until_waiting(&outside, "UPDATE queue_tokens SET seen_ms", &read).await;
     // The token's row, which the waiting mark holds: each now waits for the other, and
     // InnoDB rolls back the lighter one, the mark.
-    blocker
-        .execute_unprepared("SELECT id FROM queue_tokens FOR UPDATE")
-        .await
-        .expect("the heavier transaction is not the victim");
-    blocker.rollback().await.expect("rollback");
+    let take_the_row = if admit {
+        "UPDATE queue_tokens SET status = 'ACTIVE', \
+         expires_ms = CAST(UNIX_TIMESTAMP(NOW(6)) * 1000 AS SIGNED) + 600000"
+    } else {
+        "SELECT id FROM queue_tokens FOR UPDATE"
+    };
+    blocker.execute_unprepared(take_the_row).await.expect("the heavier transaction is not the victim");
+    if admit {
+        blocker.commit().await.expect("commit");
+    } else {
+        blocker.rollback().await.expect("rollback");
+    }
 
     let state = read.await.expect("the read's task").expect("answered once the deadlock was over");
-    let state = state.expect("the token is live");
-    assert_eq!(state.status, QueueStatus::Waiting);
-    assert_eq!(state.position, Some(1));
-    assert!(seen(&outside).await > before, "the mark ran again and moved seen_ms");
+    let moved = number(&outside, seen).await > before;
+    assert!(deadlocks(&outside).await > deadlocks_before, "a deadlock was made and resolved");
     outside.close().await.ok();
     db.drop_now().await;
+    (state, moved)
+}
+
+/// A status read whose seen-mark InnoDB chose as a deadlock's victim runs the mark again
+/// and answers, instead of 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_read_whose_mark_a_deadlock_rolled_back_is_tried_again() {
+    let (state, moved) = a_status_read_with_its_mark_deadlocked(false).await;
+    let state = state.expect("the token is live");
+    assert_eq!(state.status, domain::queue::QueueStatus::Waiting);
+    assert_eq!(state.position, Some(1));
+    assert!(moved, "the mark ran again and moved seen_ms");
+}
+
+/// When the side that won the deadlock admitted the token, the mark run again finds it
+/// no longer waiting, and the read answers what is stored now (active), not the waiting
+/// state it read before the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_read_whose_mark_lost_to_an_admission_answers_active() {
+    let (state, moved) = a_status_read_with_its_mark_deadlocked(true).await;
+    let state = state.expect("the token is live");
+    assert_eq!(state.status, domain::queue::QueueStatus::Active);
+    assert_eq!(state.position, None);
+    assert!(state.expires_at.is_some(), "an active token's end");
+    assert!(!moved, "an active token is not marked seen");
 }
