@@ -182,8 +182,8 @@ async fn tokens_are_admitted_in_issue_order_across_instances_never_past_the_cap(
 }
 
 /// A burst of token requests, then of status reads, on the MySQL queue
-/// (`QUEUE_BACKEND=mysql`) over two instances whose admission steps run every 100 ms and
-/// let ten in for a second at a time: each is answered, none with 503. Issues, seen-marks
+/// (`QUEUE_BACKEND=mysql`) over two instances, each running an admission step every 50 ms
+/// (ten let in for two seconds at a time): each is answered, none with 503. Issues, seen-marks
 /// and removals meet the steps on the same rows and index entries, and InnoDB picks one of
 /// them as a deadlock's victim now and then; the adapter runs it again. (Before it did, a
 /// CI run answered one of sixteen issues 503, and this test failed in its reads: one
@@ -192,7 +192,7 @@ async fn tokens_are_admitted_in_issue_order_across_instances_never_past_the_cap(
 async fn a_burst_on_the_mysql_queue_is_answered_without_a_503() {
     const USERS: usize = 100;
     const READS: usize = 10;
-    let mut options = options("10", "1");
+    let mut options = options("10", "2");
     options.env.push(("QUEUE_BACKEND".into(), "mysql".into()));
     let cluster = Cluster::start_with(2, &options).await.expect("cluster");
     let http = client();
@@ -210,7 +210,7 @@ async fn a_burst_on_the_mysql_queue_is_answered_without_a_503() {
     let distinct: std::collections::HashSet<&String> = tokens.iter().collect();
     assert_eq!(distinct.len(), USERS, "a token each");
 
-    // Each read of a waiting token marks it seen; an active one lives 1 s, then is gone.
+    // Each read of a waiting token marks it seen; an active one lives 2 s, then is gone.
     for _ in 0..READS {
         let reads =
             futures::future::join_all(users.iter().zip(&tokens).enumerate().map(|(i, (user, token))| {

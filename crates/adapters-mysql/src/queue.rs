@@ -62,9 +62,9 @@ impl MySqlQueue {
     /// was rolled back whole, so running it again is what a client retrying would do,
     /// without the 503. Concurrent issues, status reads and every instance's admission step
     /// lock the same rows and index entries in different orders (a seen-mark holds a
-    /// token's row and then needs its new `(status, seen_ms)` entry; a step's cleanup locks
-    /// that index range, then its admission wants the row), so a deadlock is an ordinary
-    /// event under a burst, not a failure. A lock-wait timeout is not run again: the
+    /// token's row and then needs its new `(status, seen_ms)` entry; a step's locking count
+    /// and admission lock that index's range, and its admission wants the row), so a
+    /// deadlock is an ordinary event under a burst, not a failure. A lock-wait timeout is not run again: the
     /// request has waited long enough.
     async fn execute_retrying(&self, sql: &str, values: Vec<sea_orm::Value>) -> Result<ExecResult, DbErr> {
         let mut tries = 1;
@@ -173,8 +173,9 @@ impl WaitingQueue for MySqlQueue {
     #[tracing::instrument(name = "queue.mysql.issue", skip(self))]
     async fn issue(&self, user_id: UserId) -> anyhow::Result<Issued> {
         // Two rounds at most: a token found dead is removed, then the insert may meet one
-        // that another instance issued a moment earlier (and that one is returned). Each
-        // write is a statement of its own, run again when it was a deadlock's victim.
+        // that another instance issued a moment earlier (and that one is returned), or the
+        // new token may be gone before it is read. Each write is a statement of its own,
+        // run again when it was a deadlock's victim.
         for _ in 0..2 {
             let existing = self
                 .db
@@ -209,9 +210,12 @@ impl WaitingQueue for MySqlQueue {
                 .await;
             match inserted {
                 Ok(_) => {
-                    let state =
-                        self.describe(token, false).await?.context("a token just issued is not live")?;
-                    return Ok(Issued { state, created: true });
+                    if let Some(state) = self.describe(token, false).await? {
+                        return Ok(Issued { state, created: true });
+                    }
+                    // Admitted and run out before it could be answered (the request stalled
+                    // for longer than a lifetime): the next round removes it and issues
+                    // another, which its user can still use.
                 }
                 Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {}
                 Err(e) => return Err(db_error(e, "failed to issue a queue token")),

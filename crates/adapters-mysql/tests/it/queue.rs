@@ -69,31 +69,39 @@ async fn heavy_transaction(outside: &sea_orm::DatabaseConnection) -> sea_orm::Da
     blocker
 }
 
-/// Polls until a statement starting with `prefix` has run for half a second on the test's
-/// database, waiting for a lock (a one-row write takes far less), failing if `task` finished
-/// first or a minute passed. (MariaDB lists no transaction in `innodb_trx` for an
-/// autocommitted statement's wait, so the process list's clock has to tell; a test that
-/// meant to make a deadlock also checks that the server counted one.)
-async fn until_waiting<T>(
+/// Polls until the row write of a statement waiting for a lock can be seen by a dirty read
+/// (`READ UNCOMMITTED`: `written` holds for the number `dirty` answers), failing if `task`
+/// finished first or a minute passed. InnoDB writes a row before its secondary index
+/// entries, so once the row shows, the statement holds the row's lock while it waits for
+/// the gap its index entry goes into: taking the row from the gap's holder then makes a
+/// deadlock for certain. (`dirty` reads the primary key: a secondary index mid-update has
+/// the old entry marked deleted and the new one not yet written.)
+async fn until_written<T>(
     outside: &sea_orm::DatabaseConnection,
-    prefix: &str,
+    dirty: &str,
+    written: impl Fn(i64) -> bool,
     task: &tokio::task::JoinHandle<T>,
 ) {
-    let waiting = format!(
-        "SELECT COUNT(*) AS n FROM information_schema.processlist \
-         WHERE db = DATABASE() AND info LIKE '{prefix}%' AND time_ms >= 500"
-    );
+    use sea_orm::TransactionTrait as _;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while number(outside, &waiting).await == 0 {
-        assert!(!task.is_finished(), "{prefix}... did not wait for the lock");
-        assert!(std::time::Instant::now() < deadline, "{prefix}... never waited for the lock");
+    loop {
+        let read = outside
+            .begin_with_config(Some(sea_orm::IsolationLevel::ReadUncommitted), None)
+            .await
+            .expect("a dirty read");
+        let n = number(&read, dirty).await;
+        read.rollback().await.expect("rollback");
+        if written(n) {
+            return;
+        }
+        assert!(!task.is_finished(), "the statement did not wait for the lock");
+        assert!(std::time::Instant::now() < deadline, "the statement never wrote its row");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
 /// The one number `sql` answers, in a column named `n`.
-async fn number(conn: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
-    use sea_orm::ConnectionTrait as _;
+async fn number(conn: &impl sea_orm::ConnectionTrait, sql: &str) -> i64 {
     conn.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql.to_owned()))
         .await
         .expect("query")
@@ -141,7 +149,14 @@ async fn an_issue_a_deadlock_rolled_back_is_tried_again() {
         let queue = Arc::clone(&queue);
         tokio::spawn(async move { queue.issue(UserId::from_uuid(uuid::Uuid::now_v7())).await })
     };
-    until_waiting(&outside, "INSERT INTO queue_tokens", &issued).await;
+    // The insert's row written (it waits for the user index's gap).
+    until_written(
+        &outside,
+        "SELECT COUNT(*) AS n FROM queue_tokens FORCE INDEX (PRIMARY)",
+        |n| n == 1,
+        &issued,
+    )
+    .await;
     // The insert's new row, read for update: each now waits for the other, and InnoDB
     // rolls back the lighter one, the insert.
     blocker
@@ -152,7 +167,7 @@ async fn an_issue_a_deadlock_rolled_back_is_tried_again() {
 
     let issued = issued.await.expect("the issue's task").expect("issued once the deadlock was over");
     assert!(issued.created, "a new token");
-    assert!(deadlocks(&outside).await > deadlocks_before, "a deadlock was made and resolved");
+    assert!(deadlocks(&outside).await > deadlocks_before, "the server counted a deadlock");
     outside.close().await.ok();
     db.drop_now().await;
 }
@@ -160,8 +175,8 @@ async fn an_issue_a_deadlock_rolled_back_is_tried_again() {
 /// What a status read answered when its seen-mark was made a deadlock's victim, and
 /// whether `seen_ms` moved. The order is the one a burst of status reads meets in every
 /// instance's admission step (a mark holds the token's row and needs its new
-/// `(status, seen_ms)` entry; a step's cleanup locks that index range, then its admission
-/// wants the row). Made from outside as for the insert: a heavier transaction holds the gap
+/// `(status, seen_ms)` entry; a step's locking count and admission lock that index's
+/// range, and its admission wants the row). Made from outside as for the insert: a heavier transaction holds the gap
 /// the mark's new index entry goes into, then takes the token's row, which the mark holds:
 /// by a read for update, rolled back after (`admit` false), or by admitting the token and
 /// committing, as a step would (`admit` true).
@@ -183,7 +198,7 @@ async fn a_status_read_with_its_mark_deadlocked(admit: bool) -> (Option<domain::
         .execute_unprepared("UPDATE queue_tokens SET seen_ms = seen_ms - 1000")
         .await
         .expect("seen earlier");
-    let seen = "SELECT seen_ms AS n FROM queue_tokens";
+    let seen = "SELECT seen_ms AS n FROM queue_tokens FORCE INDEX (PRIMARY)";
     let before = number(&outside, seen).await;
 
     let deadlocks_before = deadlocks(&outside).await;
@@ -202,7 +217,8 @@ async fn a_status_read_with_its_mark_deadlocked(admit: bool) -> (Option<domain::
         let queue = Arc::clone(&queue);
         tokio::spawn(async move { queue.state(token).await })
     };
-    until_waiting(&outside, "UPDATE queue_tokens SET seen_ms", &read).await;
+    // The mark's row written (it waits for the `(status, seen_ms)` index's gap).
+    until_written(&outside, seen, |n| n != before, &read).await;
     // The token's row, which the waiting mark holds: each now waits for the other, and
     // InnoDB rolls back the lighter one, the mark.
     let take_the_row = if admit {
@@ -220,7 +236,7 @@ async fn a_status_read_with_its_mark_deadlocked(admit: bool) -> (Option<domain::
 
     let state = read.await.expect("the read's task").expect("answered once the deadlock was over");
     let moved = number(&outside, seen).await > before;
-    assert!(deadlocks(&outside).await > deadlocks_before, "a deadlock was made and resolved");
+    assert!(deadlocks(&outside).await > deadlocks_before, "the server counted a deadlock");
     outside.close().await.ok();
     db.drop_now().await;
     (state, moved)
