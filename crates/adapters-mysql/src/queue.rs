@@ -64,8 +64,8 @@ impl MySqlQueue {
     /// lock the same rows and index entries in different orders (a seen-mark holds a
     /// token's row and then needs its new `(status, seen_ms)` entry; a step's locking count
     /// and admission lock that index's range, and its admission wants the row), so a
-    /// deadlock is an ordinary event under a burst, not a failure. A lock-wait timeout is not run again: the
-    /// request has waited long enough.
+    /// deadlock is an ordinary event under a burst, not a failure. A lock-wait timeout is
+    /// not run again: the request has waited long enough.
     async fn execute_retrying(&self, sql: &str, values: Vec<sea_orm::Value>) -> Result<ExecResult, DbErr> {
         let mut tries = 1;
         loop {
