@@ -241,7 +241,7 @@ async fn a_hold_that_runs_out_shows_available_everywhere_at_once_and_the_job_the
     loop {
         let mut expired = 0.0;
         for instance in &cluster.instances {
-            let (_, _, text) = metrics(&http, &instance.ops_url).await;
+            let text = super::metrics_text(&http, &instance.ops_url).await;
             expired += counter(&text, "reservation_holds_expired_total");
         }
         if expired >= 1.0 {
@@ -259,13 +259,6 @@ async fn a_hold_that_runs_out_shows_available_everywhere_at_once_and_the_job_the
 fn now_secs() -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
     i64::try_from(now.as_secs()).unwrap_or(0)
-}
-
-/// `/metrics` of the operations listener at `ops`.
-async fn metrics(http: &awc::Client, ops: &str) -> (u16, (), String) {
-    let mut response = http.get(format!("{ops}/metrics")).send().await.expect("metrics");
-    let body = response.body().limit(10 * 1024 * 1024).await.expect("body");
-    (response.status().as_u16(), (), String::from_utf8_lossy(&body).into_owned())
 }
 
 fn counter(text: &str, name: &str) -> f64 {

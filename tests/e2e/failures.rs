@@ -36,8 +36,7 @@ async fn with_redis_gone_charges_fail_closed_reads_go_on_and_readiness_names_red
     let concerts = send(http.get(format!("{base}/api/v1/concerts")), None).await;
     assert_eq!(concerts.0.as_u16(), 200, "{}", concerts.2);
     assert_eq!(concerts.2.as_array().map(Vec::len), Some(3), "the demo concerts: {}", concerts.2);
-    let mut scrape = http.get(format!("{ops}/metrics")).send().await.expect("metrics");
-    let text = String::from_utf8_lossy(&scrape.body().await.expect("body")).into_owned();
+    let text = super::metrics_text(&http, ops).await;
     assert!(
         text.lines().any(|l| l.starts_with("cache_requests_total{cache=\"concerts\",result=\"bypass\"}")),
         "the bypass is counted"
@@ -60,7 +59,7 @@ async fn with_redis_gone_charges_fail_closed_reads_go_on_and_readiness_names_red
         );
         assert_eq!(send(http.get(format!("{base}/api/v1/concerts")), None).await.0.as_u16(), 200);
     }
-    let metrics = metrics_text(&http, ops).await;
+    let metrics = super::metrics_text(&http, ops).await;
     for dependency in ["lock", "cache"] {
         assert!(
             metrics.lines().any(|l| l == format!("circuit_breaker_state{{dependency=\"{dependency}\"}} 1")),
@@ -83,14 +82,9 @@ async fn with_redis_gone_charges_fail_closed_reads_go_on_and_readiness_names_red
         assert!(std::time::Instant::now() < deadline, "the service never recovered: {}", answer.2);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = metrics_text(&http, ops).await;
+    let metrics = super::metrics_text(&http, ops).await;
     assert!(metrics.lines().any(|l| l == "circuit_breaker_state{dependency=\"lock\"} 0"), "{metrics}");
     cluster.shut_down().await;
-}
-
-async fn metrics_text(http: &awc::Client, ops: &str) -> String {
-    let mut scrape = http.get(format!("{ops}/metrics")).send().await.expect("metrics");
-    String::from_utf8_lossy(&scrape.body().limit(10 << 20).await.expect("body")).into_owned()
 }
 
 #[actix_web::test]

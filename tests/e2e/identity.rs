@@ -367,8 +367,7 @@ async fn a_third_event_stream_ends_the_first_and_a_full_instance_answers_503() {
     // The server counts it closed once it let go of it.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let mut scrape = http.get(format!("{}/metrics", cluster.ops_url(0))).send().await.expect("metrics");
-        let text = String::from_utf8_lossy(&scrape.body().limit(10 << 20).await.expect("body")).into_owned();
+        let text = super::metrics_text(&http, cluster.ops_url(0)).await;
         if text.lines().any(|line| line == "queue_event_streams_open 2") {
             break;
         }

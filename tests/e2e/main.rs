@@ -33,6 +33,14 @@ async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
 }
 
 /// Sends a request and reads its status and JSON body (or `Value::Null`).
+/// The Prometheus text of `/metrics` on the operations listener at `ops` (UTF-8, as the
+/// format requires).
+async fn metrics_text(http: &awc::Client, ops: &str) -> String {
+    let mut scrape = http.get(format!("{ops}/metrics")).send().await.expect("metrics");
+    let body = scrape.body().limit(10 << 20).await.expect("body");
+    String::from_utf8(body.to_vec()).expect("metrics in UTF-8")
+}
+
 async fn send(request: awc::ClientRequest, body: Option<&str>) -> (StatusCode, Option<String>, Value) {
     let mut response = match body {
         Some(body) => {

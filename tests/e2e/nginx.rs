@@ -89,9 +89,9 @@ impl Drop for Nginx {
 
 /// How many requests to the charge route instance `ops` has served.
 async fn charges_served(http: &awc::Client, ops: &str) -> u64 {
-    let mut scrape = http.get(format!("{ops}/metrics")).send().await.expect("metrics");
-    let text = String::from_utf8_lossy(&scrape.body().limit(10 << 20).await.expect("body")).into_owned();
-    text.lines()
+    super::metrics_text(http, ops)
+        .await
+        .lines()
         .filter(|line| line.starts_with("http_requests_total{") && line.contains("points/charge"))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64

@@ -267,8 +267,7 @@ async fn unbatched_storm(wait: &str) -> u64 {
 
     let mut handoffs = 0;
     for i in 0..3 {
-        let mut scrape = http.get(format!("{}/metrics", cluster.ops_url(i))).send().await.expect("metrics");
-        let text = String::from_utf8_lossy(&scrape.body().limit(10 << 20).await.expect("body")).into_owned();
+        let text = super::metrics_text(&http, cluster.ops_url(i)).await;
         handoffs += text
             .lines()
             .filter_map(|line| line.strip_prefix("lock_handoffs_total{kind=\"point\"} "))

@@ -231,9 +231,7 @@ async fn a_burst_on_the_mysql_queue_is_answered_without_a_503() {
     // How often a deadlock was met and run through again: a reading (it depends on timing,
     // so it is printed, not asserted; the answers above are the test).
     for i in 0..2 {
-        let mut scrape = http.get(format!("{}/metrics", cluster.ops_url(i))).send().await.expect("metrics");
-        let text = String::from_utf8_lossy(&scrape.body().limit(10 * 1024 * 1024).await.expect("a body"))
-            .into_owned();
+        let text = super::metrics_text(&http, cluster.ops_url(i)).await;
         let retried = text.lines().find(|l| l.starts_with("queue_mysql_deadlock_retries_total"));
         eprintln!("instance {i}: {}", retried.unwrap_or("no deadlock run again"));
     }

@@ -183,9 +183,7 @@ async fn operations_endpoints_answer() {
     )
     .await;
     assert_eq!(charged.0.as_u16(), 200);
-    let metrics =
-        http.get(format!("{ops}/metrics")).send().await.expect("metrics").body().await.expect("body");
-    let metrics = std::str::from_utf8(&metrics).expect("text");
+    let metrics = super::metrics_text(&http, ops).await;
     for family in [
         "http_requests_total",
         "http_request_duration_seconds_bucket",
@@ -249,9 +247,7 @@ async fn other_methods_are_405_with_allow_and_invented_methods_do_not_grow_the_m
         let response = http.request(method, format!("{base}{path}")).send().await.expect("answered");
         assert!(response.status().is_client_error(), "{}", response.status());
     }
-    let metrics =
-        http.get(format!("{ops}/metrics")).send().await.expect("metrics").body().await.expect("body");
-    let metrics = std::str::from_utf8(&metrics).expect("text");
+    let metrics = super::metrics_text(&http, ops).await;
     let series: Vec<&str> = metrics.lines().filter(|l| l.starts_with("http_requests_total{")).collect();
     assert!(!metrics.contains("FOO"), "a raw method reached a label");
     assert!(!metrics.contains("/nowhere"), "a raw path reached a label");
