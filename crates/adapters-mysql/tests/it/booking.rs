@@ -155,13 +155,7 @@ async fn a_hold_that_ran_out_can_be_taken_over_and_is_expired_on_the_way() {
 }
 
 async fn count(db: &Db, sql: &str) -> i64 {
-    db.conn
-        .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql))
-        .await
-        .expect("count")
-        .expect("row")
-        .try_get("", "n")
-        .expect("n")
+    super::number(&db.conn, sql).await.expect("count")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,15 @@ use adapters_mysql::{DatabaseConnection, database};
 /// The adapter tests' statement and row-lock limit (`DATABASE_STATEMENT_TIMEOUT_MS`).
 const STATEMENT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// One row, one `i64` column `n`, read with `sql` on `conn`.
+async fn number(conn: &impl sea_orm::ConnectionTrait, sql: &str) -> Result<i64, sea_orm::DbErr> {
+    let row = conn
+        .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql))
+        .await?
+        .ok_or_else(|| sea_orm::DbErr::Custom("no row".into()))?;
+    row.try_get::<i64>("", "n")
+}
+
 /// A migrated database of its own, with the adapters on it; dropped by [`Db::drop_now`].
 struct Db {
     url: String,

@@ -7,14 +7,7 @@ use adapters_mysql::{DatabaseConnection, database};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use tokio::time::Instant;
 
-/// One row, one `i64` column `n`, read with `sql` on `conn`.
-async fn number(conn: &impl ConnectionTrait, sql: &str) -> Result<i64, sea_orm::DbErr> {
-    let row = conn
-        .query_one_raw(Statement::from_string(DbBackend::MySql, sql))
-        .await?
-        .ok_or_else(|| sea_orm::DbErr::Custom("no row".into()))?;
-    row.try_get::<i64>("", "n")
-}
+use super::number;
 
 /// A pooled connection the server kills (a restart, `KILL`, a timeout) moments after its
 /// last use costs no request: the pool pings it before handing it out, finds it dead and

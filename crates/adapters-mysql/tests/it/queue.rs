@@ -7,7 +7,7 @@ use application::queue::{QueueConfig, WaitingQueue};
 use async_trait::async_trait;
 use test_support::queue_contract::{self as contract, MakeQueue};
 
-use super::Db;
+use super::{Db, number};
 
 /// Makes queues on fresh databases, and drops them when the test is done.
 #[derive(Default)]
@@ -89,7 +89,7 @@ async fn until_written<T>(
             .begin_with_config(Some(sea_orm::IsolationLevel::ReadUncommitted), None)
             .await
             .expect("a dirty read");
-        let n = number(&read, dirty).await;
+        let n = number(&read, dirty).await.expect("a dirty read");
         read.rollback().await.expect("rollback");
         if written(n) {
             return;
@@ -98,16 +98,6 @@ async fn until_written<T>(
         assert!(std::time::Instant::now() < deadline, "the statement never wrote its row");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-}
-
-/// The one number `sql` answers, in a column named `n`.
-async fn number(conn: &impl sea_orm::ConnectionTrait, sql: &str) -> i64 {
-    conn.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, sql.to_owned()))
-        .await
-        .expect("query")
-        .expect("a row")
-        .try_get::<i64>("", "n")
-        .expect("a number")
 }
 
 /// How many deadlocks the server has resolved since it started (all databases: it only
@@ -119,6 +109,7 @@ async fn deadlocks(conn: &sea_orm::DatabaseConnection) -> i64 {
          WHERE variable_name = 'INNODB_DEADLOCKS'",
     )
     .await
+    .expect("the deadlock count")
 }
 
 /// An issue whose insert InnoDB chose as a deadlock's victim (rolled back whole) is tried
@@ -199,7 +190,7 @@ async fn a_status_read_with_its_mark_deadlocked(admit: bool) -> (Option<domain::
         .await
         .expect("seen earlier");
     let seen = "SELECT seen_ms AS n FROM queue_tokens FORCE INDEX (PRIMARY)";
-    let before = number(&outside, seen).await;
+    let before = number(&outside, seen).await.expect("seen_ms");
 
     let deadlocks_before = deadlocks(&outside).await;
     let blocker = heavy_transaction(&outside).await;
@@ -235,7 +226,7 @@ async fn a_status_read_with_its_mark_deadlocked(admit: bool) -> (Option<domain::
     }
 
     let state = read.await.expect("the read's task").expect("answered once the deadlock was over");
-    let moved = number(&outside, seen).await > before;
+    let moved = number(&outside, seen).await.expect("seen_ms") > before;
     assert!(deadlocks(&outside).await > deadlocks_before, "the server counted a deadlock");
     outside.close().await.ok();
     db.drop_now().await;
