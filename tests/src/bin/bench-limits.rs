@@ -134,18 +134,19 @@ async fn main() -> anyhow::Result<()> {
     };
     // With the spread sent to fewer instances, its row is an experiment's figure, not the
     // target's: the target is judged as `make bench` measures it, over all three.
-    let spread_what = if spread_instances == INSTANCES {
-        "spread charges over HTTP / MariaDB on distinct rows".to_owned()
-    } else {
+    let experiment = spread_instances != INSTANCES;
+    let spread_what = if experiment {
         format!(
             "spread charges over HTTP (`BENCH_SPREAD_INSTANCES={spread_instances}`, an experiment: the target \
              is judged over {INSTANCES}) / MariaDB on distinct rows"
         )
+    } else {
+        "spread charges over HTTP / MariaDB on distinct rows".to_owned()
     };
     let targets = [
         ("lock cycle / redis-benchmark SET+DEL", &lock_figure, 0.5, true),
         ("hot-account charges over HTTP / MariaDB on one row", &hot_figure, 0.25, true),
-        (spread_what.as_str(), &spread_figure, 0.5, spread_instances == INSTANCES),
+        (spread_what.as_str(), &spread_figure, 0.5, !experiment),
     ]
     .into_iter()
     .map(|(what, figure, target, judged)| Ok((what, ratio(what, figure)?, target, judged)))
@@ -157,10 +158,10 @@ async fn main() -> anyhow::Result<()> {
          against charges over HTTP on {INSTANCES} release-build instances ({hot_storm} at once on one \
          account; {CLIENTS} clients for {} s over {users} accounts{}). Exactness after all runs: {exact}.",
         spread_for.as_secs(),
-        if spread_instances == INSTANCES {
-            String::new()
-        } else {
+        if experiment {
             format!(", sent to {spread_instances} of the instances (`BENCH_SPREAD_INSTANCES`)")
+        } else {
+            String::new()
         }
     );
     let mut table = String::from("| ratio (medians) | measured | target |\n|---|---:|---:|\n");
@@ -172,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
         };
         table.push_str(&format!("| {what} | {measured:.2} | {target} ({verdict}) |\n"));
     }
-    if spread_instances != INSTANCES {
+    if experiment {
         // An experiment's figures: printed, never written over `make bench`'s files.
         println!("\n{about}\n");
         for figure in [&lock_figure, &hot_figure, &spread_figure] {
